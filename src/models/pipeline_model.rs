@@ -1,0 +1,171 @@
+//! A whole diffusers pipeline directory (`model_index.json` + component folders) loaded into
+//! memory once and shared read-only by every request.
+
+use super::clip::ClipTextModel;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet2DConditionModel;
+use super::vae::AutoencoderKL;
+use super::{ModelError, Result};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use candle_core::{DType, Device};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    /// SD 1.x / 2.x text-to-image (also serves img2img).
+    StableDiffusion,
+    StableDiffusionXl,
+    InstructPix2Pix,
+}
+
+/// Where a model comes from: a local diffusers directory or a hub repository id.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Local(PathBuf),
+    Hub { repo: String, revision: Option<String> },
+}
+
+impl ModelSource {
+    /// A path that exists is local; `owner/name[@rev]` otherwise is a hub id.
+    pub fn parse(s: &str) -> Self {
+        let p = PathBuf::from(s);
+        if p.exists() || s.starts_with('/') || s.starts_with('.') {
+            return ModelSource::Local(p);
+        }
+        match s.split_once('@') {
+            Some((repo, rev)) => ModelSource::Hub { repo: repo.to_string(), revision: Some(rev.to_string()) },
+            None => ModelSource::Hub { repo: s.to_string(), revision: None },
+        }
+    }
+
+    /// A local directory holding the pipeline, downloading it first for hub ids.
+    pub fn resolve(&self, variant: Option<&str>) -> Result<PathBuf> {
+        match self {
+            ModelSource::Local(p) => {
+                if !p.join("model_index.json").exists() {
+                    return Err(ModelError::MissingFile(p.join("model_index.json")));
+                }
+                Ok(p.clone())
+            }
+            ModelSource::Hub { repo, revision } => super::hub::download_pipeline(repo, revision.as_deref(), variant),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// e.g. `fp16` for `*.fp16.safetensors`
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, variant: None }
+    }
+}
+
+pub struct DiffusionModel {
+    pub dir: PathBuf,
+    pub architecture: Architecture,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_encoder_2: Option<ClipTextModel>,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler_config: SchedulerConfig,
+    /// The scheduler the checkpoint ships with.
+    pub default_scheduler: SchedulerKind,
+    /// SDXL: a missing negative prompt means all-zero negative embeddings.
+    pub force_zeros_for_empty_prompt: bool,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
+        _ => ModelError::Io(path.to_path_buf(), e.to_string()),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
+}
+
+impl DiffusionModel {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let index = read_json(&dir.join("model_index.json"))?;
+        let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("StableDiffusionPipeline");
+        let variant = opts.variant.as_deref();
+        let (dev, dt) = (&opts.device, opts.dtype);
+        let unet = UNet2DConditionModel::load(&dir.join("unet"), variant, dev, dt)?;
+        let architecture = match class {
+            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => Architecture::StableDiffusionXl,
+            "StableDiffusionInstructPix2PixPipeline" => Architecture::InstructPix2Pix,
+            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => {
+                if unet.config.in_channels == 8 {
+                    Architecture::InstructPix2Pix
+                } else {
+                    Architecture::StableDiffusion
+                }
+            }
+            o => return Err(ModelError::Config(format!("model_index.json: pipeline class {o} is not supported"))),
+        };
+        let expected_in = if architecture == Architecture::InstructPix2Pix { 8 } else { 4 };
+        if unet.config.in_channels != expected_in {
+            return Err(ModelError::Config(format!(
+                "unet in_channels is {}, a {class} needs {expected_in}",
+                unet.config.in_channels
+            )));
+        }
+        // The SDXL VAE overflows in f16 (diffusers' force_upcast); keep it in f32 then.
+        let vae_dtype = if dt == DType::F16 && architecture == Architecture::StableDiffusionXl { DType::F32 } else { dt };
+        let vae = AutoencoderKL::load(&dir.join("vae"), variant, dev, vae_dtype)?;
+        let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
+        let text_encoder = ClipTextModel::load(&dir.join("text_encoder"), variant, dev, dt)?;
+        let (tokenizer_2, text_encoder_2) = if architecture == Architecture::StableDiffusionXl {
+            (
+                Some(ClipTokenizer::load(&dir.join("tokenizer_2"))?),
+                Some(ClipTextModel::load(&dir.join("text_encoder_2"), variant, dev, dt)?),
+            )
+        } else {
+            (None, None)
+        };
+        let sched_json = read_json(&dir.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config = SchedulerConfig::from_json(&sched_json).map_err(|e| ModelError::Config(e.to_string()))?;
+        let default_scheduler = scheduler_config
+            .class_name
+            .as_deref()
+            .and_then(|c| SchedulerKind::from_class_name(c, &scheduler_config))
+            .unwrap_or(SchedulerKind::Ddim);
+        let force_zeros_for_empty_prompt = index
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(architecture == Architecture::StableDiffusionXl);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            architecture,
+            tokenizer,
+            text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            unet,
+            vae,
+            scheduler_config,
+            default_scheduler,
+            force_zeros_for_empty_prompt,
+            device: opts.device.clone(),
+            dtype: dt,
+        })
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae.config.block_out_channels.len() - 1)
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.vae.config.latent_channels
+    }
+}

@@ -1,0 +1,178 @@
+//! Loading parameters from safetensors files in diffusers/transformers layouts.
+//!
+//! A `Weights` handle reads tensors lazily from memory-mapped files, converts them to the
+//! requested dtype and device, and checks every shape against what the config implies, so a
+//! wrong config or a truncated file is an error naming the tensor, never a silent mismatch.
+//! In trainable mode each parameter becomes a candle `Var` registered under its full name,
+//! which is how the trainer finds and updates them.
+
+use super::{ModelError, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Default)]
+pub struct VarRegistry {
+    vars: Arc<Mutex<BTreeMap<String, Var>>>,
+}
+
+impl VarRegistry {
+    pub fn insert(&self, name: String, var: Var) {
+        self.vars.lock().unwrap().insert(name, var);
+    }
+    /// All trainable parameters, sorted by name (deterministic order for optimisers).
+    pub fn all(&self) -> Vec<(String, Var)> {
+        self.vars.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+    pub fn len(&self) -> usize {
+        self.vars.lock().unwrap().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    st: Arc<MmapedSafetensors>,
+    files: Arc<Vec<PathBuf>>,
+    prefix: String,
+    device: Device,
+    dtype: DType,
+    trainable: Option<VarRegistry>,
+}
+
+impl Weights {
+    pub fn from_files(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        for f in files {
+            if !f.exists() {
+                return Err(ModelError::MissingFile(f.clone()));
+            }
+        }
+        // Safety: the files are memory-mapped read-only; we never write to them while mapped.
+        let st = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| ModelError::Corrupt(describe(files), e.to_string()))?;
+        Ok(Self {
+            st: Arc::new(st),
+            files: Arc::new(files.to_vec()),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+            trainable: None,
+        })
+    }
+
+    /// Finds the weight files of one component directory: `<stem>[.<variant>].safetensors`
+    /// or a sharded `<stem>[.<variant>].safetensors.index.json`. A missing variant falls back
+    /// to the plain files, as diffusers does with a warning.
+    pub fn resolve_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+        let mut candidates = Vec::new();
+        if let Some(v) = variant {
+            candidates.push(format!("{stem}.{v}.safetensors"));
+        }
+        candidates.push(format!("{stem}.safetensors"));
+        for name in &candidates {
+            let single = dir.join(name);
+            if single.exists() {
+                return Ok(vec![single]);
+            }
+            let index = dir.join(format!("{name}.index.json"));
+            if index.exists() {
+                return shard_files(&index);
+            }
+        }
+        Err(ModelError::MissingFile(dir.join(&candidates[0])))
+    }
+
+    pub fn trainable(mut self, registry: VarRegistry) -> Self {
+        self.trainable = Some(registry);
+        self
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let mut w = self.clone();
+        w.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        w
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// The module path this handle points at (its prefix).
+    pub fn prefix_name(&self) -> String {
+        self.prefix.clone()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.st.get(&self.full(name)).is_ok()
+    }
+
+    /// A parameter of the given shape.
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        let full = self.full(name);
+        let shape = shape.into();
+        let view = self.st.get(&full).map_err(|_| ModelError::MissingTensor {
+            name: full.clone(),
+            file: describe(&self.files),
+        })?;
+        if view.shape() != shape.dims() {
+            return Err(ModelError::ShapeMismatch {
+                name: full,
+                expected: shape.dims().to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let t = self
+            .st
+            .load(&full, &self.device)
+            .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?
+            .to_dtype(self.dtype)?;
+        match &self.trainable {
+            Some(reg) => {
+                let var = Var::from_tensor(&t)?;
+                let tensor = var.as_tensor().clone();
+                reg.insert(full, var);
+                Ok(tensor)
+            }
+            None => Ok(t),
+        }
+    }
+
+    /// Every tensor name in the files (for loaders that map foreign layouts).
+    pub fn names(&self) -> Vec<String> {
+        self.st.tensors().into_iter().map(|(k, _)| k).collect()
+    }
+}
+
+fn describe(files: &[PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| ModelError::Io(index.to_path_buf(), e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(index.display().to_string(), e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Corrupt(index.display().to_string(), "no weight_map".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}

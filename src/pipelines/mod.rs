@@ -1,0 +1,130 @@
+//! Orchestration only: encode prompts, run the denoising loop with a per-request scheduler,
+//! decode. The maths lives in `models` and `schedulers`.
+//!
+//! Every pipeline takes a batch of requests that share shape, steps, scheduler and guidance
+//! (what the server's batcher groups), each with its own prompt and its own noise.
+
+pub mod img2img;
+pub mod instruct_pix2pix;
+pub mod sdxl;
+pub mod txt2img;
+
+use crate::models::{Architecture, DiffusionModel, ModelError};
+use crate::schedulers::{SchedulerError, SchedulerKind};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("this model ({0:?}) does not support {1}")]
+    Unsupported(Architecture, &'static str),
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+/// Called after every denoising step with (steps done, total); returning false cancels.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
+
+/// Parameters shared by every item of a batch.
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    pub height: usize,
+    pub width: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+}
+
+/// One prompt of a batch.
+#[derive(Debug, Clone)]
+pub struct PromptPair {
+    pub prompt: String,
+    /// `None` is diffusers' `negative_prompt=None` (SD: encode ""; SDXL: zeros).
+    pub negative_prompt: Option<String>,
+}
+
+impl SamplingParams {
+    pub fn validate(&self, model: &DiffusionModel) -> Result<(usize, usize)> {
+        let f = model.vae_scale_factor();
+        if self.height == 0 || self.width == 0 || self.height % f != 0 || self.width % f != 0 {
+            return Err(PipelineError::Invalid(format!(
+                "width and height must be positive multiples of {f}, got {}x{}",
+                self.width, self.height
+            )));
+        }
+        if !(self.guidance_scale.is_finite()) {
+            return Err(PipelineError::Invalid("guidance_scale must be finite".into()));
+        }
+        Ok((self.height / f, self.width / f))
+    }
+}
+
+/// Warnings diffusers would log (prompt truncation).
+#[derive(Debug, Default, Clone)]
+pub struct Notes {
+    pub warnings: Vec<String>,
+}
+
+/// CLIP-L style conditioning: `last_hidden_state` of `text_encoder` for each prompt, `[N,77,D]`.
+pub(crate) fn encode_sd(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Result<Tensor> {
+    let mut ids = Vec::new();
+    for p in prompts {
+        let t = model.tokenizer.encode(p)?;
+        if t.truncated > 0 {
+            notes.warnings.push(format!(
+                "prompt truncated: the last {} tokens exceed CLIP's {} token limit",
+                t.truncated,
+                model.tokenizer.max_len()
+            ));
+        }
+        ids.push(t.ids);
+    }
+    let n = ids.len();
+    let l = ids[0].len();
+    let ids = Tensor::from_vec(ids.concat(), (n, l), &model.device)?;
+    Ok(model.text_encoder.forward(&ids)?.last_hidden_state)
+}
+
+/// Final image in [0, 1], `[N, 3, H, W]` f32.
+pub(crate) fn decode_latents(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
+    let sf = model.vae.config.scaling_factor;
+    let mut z = (latents.to_dtype(DType::F32)? / sf)?;
+    if let Some(shift) = model.vae.config.shift_factor {
+        z = (z + shift)?;
+    }
+    let img = model.vae.decode(&z)?.to_dtype(DType::F32)?;
+    Ok(((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// `eps_u + g * (eps_c - eps_u)` for a batch laid out `[uncond..., cond...]`.
+pub(crate) fn cfg_combine(eps: &Tensor, n: usize, g: f64) -> Result<Tensor> {
+    let u = eps.narrow(0, 0, n)?;
+    let c = eps.narrow(0, n, n)?;
+    Ok((&u + ((c - &u)? * g)?)?)
+}
+
+pub(crate) fn timestep_tensor(t: f64, model: &DiffusionModel) -> Result<Tensor> {
+    Ok(Tensor::new(&[t as f32], &model.device)?)
+}
+
+/// Converts `[N, 3, H, W]` images in [0, 1] to 8-bit RGB buffers (row-major HWC).
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
+    let (n, _, h, w) = images.dims4()?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let img = images.get(i)?.permute((1, 2, 0))?.contiguous()?.to_dtype(DType::F32)?;
+        let data: Vec<f32> = img.flatten_all()?.to_vec1()?;
+        // diffusers' numpy_to_pil: (x * 255).round()
+        out.push((w, h, data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,110 @@
+//! Training losses, each a pure function of tensors (as the official DSPO / Diffusion-DPO code
+//! computes them). A preference batch holds `2B` rows: winners `0..B`, losers `B..2B`.
+
+use crate::models::nn::sigmoid;
+use candle_core::{Result, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Official DSPO (SD1.5 branch): score matching toward the preference-tilted score.
+    Dspo,
+    /// Diffusion-DPO: `-log sigmoid(u)`.
+    DiffusionDpo,
+    /// Plain denoising loss on the winners.
+    Sft,
+    /// The paper's energy-based variant (Eq. 45), constant weight, losers unused.
+    DspoE,
+}
+
+impl Method {
+    pub fn needs_reference(&self) -> bool {
+        !matches!(self, Method::Sft)
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Dspo => "dspo",
+            Method::DiffusionDpo => "diffusion_dpo",
+            Method::Sft => "sft",
+            Method::DspoE => "dspo_e",
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dspo" => Ok(Method::Dspo),
+            "diffusion_dpo" | "dpo" => Ok(Method::DiffusionDpo),
+            "sft" => Ok(Method::Sft),
+            "dspo_e" => Ok(Method::DspoE),
+            o => Err(format!("unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e)")),
+        }
+    }
+}
+
+/// Mean over every dimension but the first: `[N, ...] -> [N]`.
+pub fn mean_chw(x: &Tensor) -> Result<Tensor> {
+    x.flatten_from(1)?.mean(1)
+}
+
+/// `softplus(x) = max(x, 0) + log(1 + exp(-|x|))`, stable for large |x|.
+pub fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+pub struct PreferenceLoss {
+    pub loss: Tensor,
+    /// `u = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))`, `[B]`, with gradient.
+    pub u: Tensor,
+}
+
+impl PreferenceLoss {
+    /// Share of pairs with `u > 0`: the model prefers the winner more than the reference does.
+    pub fn implicit_accuracy(&self) -> Result<f64> {
+        let u: Vec<f32> = self.u.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        Ok(u.iter().filter(|&&x| x > 0.0).count() as f64 / u.len().max(1) as f64)
+    }
+}
+
+/// Pair losses (`Dspo`, `DiffusionDpo`, `DspoE`). `gamma` scales the DSPO-E outer coefficient.
+pub fn preference(
+    method: Method,
+    model_pred: &Tensor,
+    ref_pred: &Tensor,
+    target: &Tensor,
+    beta: f64,
+    gamma: f64,
+) -> Result<PreferenceLoss> {
+    let n = model_pred.dim(0)?;
+    if n % 2 != 0 {
+        candle_core::bail!("a preference batch needs an even number of rows, got {n}");
+    }
+    let b = n / 2;
+    let d = (model_pred - target)?;
+    let m = mean_chw(&d.sqr()?)?;
+    let r = mean_chw(&(ref_pred - target)?.sqr()?)?.detach();
+    let (m_w, m_l) = (m.narrow(0, 0, b)?, m.narrow(0, b, b)?);
+    let (r_w, r_l) = (r.narrow(0, 0, b)?, r.narrow(0, b, b)?);
+    let u = (((m_w - m_l)? - (r_w - r_l)?)? * (-0.5 * beta))?;
+    let d_w = d.narrow(0, 0, b)?;
+    let p = (model_pred.narrow(0, 0, b)? - ref_pred.narrow(0, 0, b)?.detach())?;
+    let mut wshape = vec![1usize; model_pred.rank()];
+    wshape[0] = b;
+    let loss = match method {
+        Method::Dspo => {
+            let w = ((sigmoid(&u)?.neg()? + 1.0)? * beta)?.reshape(wshape.as_slice())?;
+            (d_w - p.broadcast_mul(&w)?)?.sqr()?.mean_all()?
+        }
+        Method::DspoE => (d_w - (p * (gamma * beta))?)?.sqr()?.mean_all()?,
+        Method::DiffusionDpo => softplus(&u.neg()?)?.mean_all()?,
+        Method::Sft => candle_core::bail!("sft is not a pair loss; use losses::sft"),
+    };
+    Ok(PreferenceLoss { loss, u })
+}
+
+/// `mean((model_pred - target)^2)` over all elements.
+pub fn sft(model_pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    (model_pred - target)?.sqr()?.mean_all()
+}
