@@ -155,11 +155,15 @@ impl ClipTextModel {
         })
     }
 
-    pub fn load(dir: &Path, variant: Option<&str>, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_config(dir: &Path) -> Result<ClipTextConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
-        let config = ClipTextConfig::from_json(&v)?;
+        ClipTextConfig::from_json(&v)
+    }
+
+    pub fn load(dir: &Path, variant: Option<&str>, device: &Device, dtype: DType) -> Result<Self> {
+        let config = Self::load_config(dir)?;
         let files = Weights::resolve_files(dir, "model", variant)?;
         Self::new(config, &Weights::from_files(&files, device, dtype)?)
     }

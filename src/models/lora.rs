@@ -22,6 +22,10 @@ pub struct LoraModule {
     /// `[out, r]`
     pub up: Tensor,
     pub alpha: f64,
+    /// The keys the matrices had in their file (kept so a trained adapter is written back
+    /// under the same names).
+    pub down_key: String,
+    pub up_key: String,
 }
 
 impl LoraModule {
@@ -95,8 +99,8 @@ impl LoraAdapter {
                 }
             }
         }
-        let mut downs: HashMap<String, Tensor> = HashMap::new();
-        let mut ups: HashMap<String, Tensor> = HashMap::new();
+        let mut downs: HashMap<String, (Tensor, String)> = HashMap::new();
+        let mut ups: HashMap<String, (Tensor, String)> = HashMap::new();
         for (name, view) in st.tensors() {
             if name.starts_with("text_encoder") {
                 continue; // text-encoder LoRA is not applied (SD LoRAs trained here target the UNet)
@@ -107,9 +111,9 @@ impl LoraAdapter {
                 return Err(lerr(format!("{name}: expected a matrix, got shape {:?} (conv LoRA is not supported)", t.dims())));
             }
             if is_down {
-                downs.insert(module, t);
+                downs.insert(module, (t, name.to_string()));
             } else {
-                ups.insert(module, t);
+                ups.insert(module, (t, name.to_string()));
             }
         }
         if downs.is_empty() {
@@ -119,8 +123,8 @@ impl LoraAdapter {
         let alpha_pattern = peft_config.get("alpha_pattern").and_then(|v| v.as_object()).cloned().unwrap_or_default();
         let use_rslora = peft_config.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
         let mut modules = BTreeMap::new();
-        for (module, down) in downs {
-            let up = ups.remove(&module).ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
+        for (module, (down, down_key)) in downs {
+            let (up, up_key) = ups.remove(&module).ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
             let r = down.dims()[0];
             if up.dims()[1] != r {
                 return Err(lerr(format!("{module}: down {:?} and up {:?} ranks differ", down.dims(), up.dims())));
@@ -130,7 +134,7 @@ impl LoraAdapter {
                 .find(|(k, _)| module == **k || module.ends_with(&format!(".{k}")))
                 .and_then(|(_, v)| v.as_f64());
             let alpha = pattern_alpha.or(default_alpha).unwrap_or(r as f64);
-            modules.insert(module, LoraModule { down, up, alpha });
+            modules.insert(module, LoraModule { down, up, alpha, down_key, up_key });
         }
         if let Some(m) = ups.keys().next() {
             return Err(lerr(format!("{m}: up matrix without down matrix")));
@@ -146,6 +150,11 @@ impl LoraAdapter {
         } else {
             m.alpha / r
         }
+    }
+
+    /// diffusers key names for a module we create.
+    pub fn diffusers_keys(module: &str) -> (String, String) {
+        (format!("unet.{module}.lora.down.weight"), format!("unet.{module}.lora.up.weight"))
     }
 
     /// Attaches the adapter to `registry` with user scale `scale`; every other Linear is
@@ -175,17 +184,17 @@ impl LoraAdapter {
         Ok(())
     }
 
-    /// Writes the adapter with diffusers key names (`unet.<module>.lora.down.weight`) and the
+    /// Writes the adapter (new adapters use diffusers key names, `unet.<module>.lora.down.weight`) and the
     /// PEFT config in `lora_adapter_metadata`, so `pipe.load_lora_weights` restores alpha.
     /// The file appears atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (name, m) in &self.modules {
-            for (suffix, t) in [("lora.down.weight", &m.down), ("lora.up.weight", &m.up)] {
+        for m in self.modules.values() {
+            for (key, t) in [(&m.down_key, &m.down), (&m.up_key, &m.up)] {
                 let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
                 let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                data.push((format!("unet.{name}.{suffix}"), t.dims().to_vec(), bytes));
+                data.push((key.clone(), t.dims().to_vec(), bytes));
             }
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data

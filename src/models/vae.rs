@@ -252,11 +252,15 @@ impl AutoencoderKL {
         })
     }
 
-    pub fn load(dir: &Path, variant: Option<&str>, device: &candle_core::Device, dtype: DType) -> Result<Self> {
+    pub fn load_config(dir: &Path) -> Result<VaeConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
-        let config = VaeConfig::from_json(&v)?;
+        VaeConfig::from_json(&v)
+    }
+
+    pub fn load(dir: &Path, variant: Option<&str>, device: &candle_core::Device, dtype: DType) -> Result<Self> {
+        let config = Self::load_config(dir)?;
         let files = Weights::resolve_files(dir, "diffusion_pytorch_model", variant)?;
         Self::new(config, &Weights::from_files(&files, device, dtype)?)
     }

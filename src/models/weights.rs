@@ -9,7 +9,7 @@
 use super::{ModelError, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor, Var};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -35,8 +35,15 @@ impl VarRegistry {
 }
 
 #[derive(Clone)]
+enum Source {
+    Mmap(Arc<MmapedSafetensors>),
+    /// Tensors already in memory (e.g. a training checkpoint or a conformance case's theta0).
+    Map(Arc<HashMap<String, Tensor>>),
+}
+
+#[derive(Clone)]
 pub struct Weights {
-    st: Arc<MmapedSafetensors>,
+    st: Source,
     files: Arc<Vec<PathBuf>>,
     prefix: String,
     device: Device,
@@ -55,7 +62,7 @@ impl Weights {
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| ModelError::Corrupt(describe(files), e.to_string()))?;
         Ok(Self {
-            st: Arc::new(st),
+            st: Source::Mmap(Arc::new(st)),
             files: Arc::new(files.to_vec()),
             prefix: String::new(),
             device: device.clone(),
@@ -84,6 +91,18 @@ impl Weights {
             }
         }
         Err(ModelError::MissingFile(dir.join(&candidates[0])))
+    }
+
+    /// Weights from named in-memory tensors.
+    pub fn from_map(tensors: HashMap<String, Tensor>, device: &Device, dtype: DType) -> Self {
+        Self {
+            st: Source::Map(Arc::new(tensors)),
+            files: Arc::new(vec![PathBuf::from("<memory>")]),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+            trainable: None,
+        }
     }
 
     pub fn trainable(mut self, registry: VarRegistry) -> Self {
@@ -118,29 +137,38 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(&self.full(name)).is_ok()
+        let full = self.full(name);
+        match &self.st {
+            Source::Mmap(st) => st.get(&full).is_ok(),
+            Source::Map(m) => m.contains_key(&full),
+        }
+    }
+
+    fn shape_of(&self, full: &str) -> Option<Vec<usize>> {
+        match &self.st {
+            Source::Mmap(st) => st.get(full).ok().map(|v| v.shape().to_vec()),
+            Source::Map(m) => m.get(full).map(|t| t.dims().to_vec()),
+        }
     }
 
     /// A parameter of the given shape.
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let shape = shape.into();
-        let view = self.st.get(&full).map_err(|_| ModelError::MissingTensor {
+        let found = self.shape_of(&full).ok_or_else(|| ModelError::MissingTensor {
             name: full.clone(),
             file: describe(&self.files),
         })?;
-        if view.shape() != shape.dims() {
-            return Err(ModelError::ShapeMismatch {
-                name: full,
-                expected: shape.dims().to_vec(),
-                found: view.shape().to_vec(),
-            });
+        if found != shape.dims() {
+            return Err(ModelError::ShapeMismatch { name: full, expected: shape.dims().to_vec(), found });
         }
-        let t = self
-            .st
-            .load(&full, &self.device)
-            .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?
-            .to_dtype(self.dtype)?;
+        let t = match &self.st {
+            Source::Mmap(st) => st
+                .load(&full, &self.device)
+                .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?,
+            Source::Map(m) => m[&full].to_device(&self.device)?,
+        }
+        .to_dtype(self.dtype)?;
         match &self.trainable {
             Some(reg) => {
                 let var = Var::from_tensor(&t)?;
@@ -154,7 +182,10 @@ impl Weights {
 
     /// Every tensor name in the files (for loaders that map foreign layouts).
     pub fn names(&self) -> Vec<String> {
-        self.st.tensors().into_iter().map(|(k, _)| k).collect()
+        match &self.st {
+            Source::Mmap(st) => st.tensors().into_iter().map(|(k, _)| k).collect(),
+            Source::Map(m) => m.keys().cloned().collect(),
+        }
     }
 }
 

@@ -3,3 +3,5 @@
 pub mod conformance;
 pub mod losses;
 pub mod noise;
+pub mod optim;
+pub mod step;

@@ -1,0 +1,88 @@
+//! The loss of one training batch, shared by the trainer and the conformance runner.
+
+use super::losses::{self, Method};
+use super::noise::NoiseSchedule;
+use crate::models::unet::UNet2DConditionModel;
+use candle_core::{DType, Result, Tensor};
+
+/// A batch as the official trainers build it: for pair methods `2B` rows (winners, then
+/// losers) sharing noise, timestep and text per pair; for SFT the winner half is used.
+pub struct Batch {
+    pub x0: Tensor,
+    pub noise: Tensor,
+    pub timesteps: Vec<usize>,
+    pub encoder_hidden_states: Tensor,
+}
+
+/// How the frozen reference prediction is obtained.
+pub enum Reference<'a> {
+    /// A separate frozen UNet (full fine-tuning).
+    Model(&'a UNet2DConditionModel),
+    /// The policy UNet with its LoRA adapters detached for the pass (no second model).
+    AdaptersOff,
+}
+
+pub struct StepLoss {
+    pub loss: Tensor,
+    /// Pair methods: the implicit-reward margin `u` per pair.
+    pub u: Option<Tensor>,
+    pub model_pred: Tensor,
+}
+
+fn t_tensor(t: &[usize], like: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = t.iter().map(|&x| x as f32).collect();
+    Tensor::from_vec(v, t.len(), like.device())
+}
+
+pub fn batch_loss(
+    policy: &UNet2DConditionModel,
+    reference: Reference<'_>,
+    schedule: &NoiseSchedule,
+    batch: &Batch,
+    method: Method,
+    beta: f64,
+) -> Result<StepLoss> {
+    let dtype = policy.dtype();
+    let x0 = batch.x0.to_dtype(dtype)?;
+    let noise = batch.noise.to_dtype(dtype)?;
+    let ehs = batch.encoder_hidden_states.to_dtype(dtype)?;
+    let noisy = schedule.add_noise(&x0, &noise, &batch.timesteps)?;
+    let target = schedule.target(&x0, &noise, &batch.timesteps)?.to_dtype(DType::F32)?;
+    if method == Method::Sft {
+        let n = x0.dim(0)?;
+        let b = if n % 2 == 0 { n / 2 } else { n };
+        let pred = policy.forward(
+            &noisy.narrow(0, 0, b)?,
+            &t_tensor(&batch.timesteps[..b], &x0)?,
+            &ehs.narrow(0, 0, b)?,
+            None,
+        )?;
+        let loss = losses::sft(&pred.to_dtype(DType::F32)?, &target.narrow(0, 0, b)?)?;
+        return Ok(StepLoss { loss, u: None, model_pred: pred });
+    }
+    let t = t_tensor(&batch.timesteps, &x0)?;
+    let model_pred = policy.forward(&noisy, &t, &ehs, None)?;
+    let ref_pred = match reference {
+        Reference::Model(r) => r.forward(&noisy, &t, &ehs, None)?.detach(),
+        Reference::AdaptersOff => {
+            let saved: Vec<_> = policy.linears().all().into_iter().map(|(_, s, _, _)| (s.clone(), s.get())).collect();
+            for (s, _) in &saved {
+                s.set(None);
+            }
+            let r = policy.forward(&noisy.detach(), &t, &ehs.detach(), None).map(|r| r.detach());
+            for (s, d) in saved {
+                s.set(d);
+            }
+            r?
+        }
+    };
+    let pl = losses::preference(
+        method,
+        &model_pred.to_dtype(DType::F32)?,
+        &ref_pred.to_dtype(DType::F32)?,
+        &target,
+        beta,
+        1.0,
+    )?;
+    Ok(StepLoss { loss: pl.loss, u: Some(pl.u), model_pred })
+}
