@@ -30,11 +30,14 @@ fn token_content(v: &serde_json::Value) -> Option<String> {
 impl ClipTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("tokenizer.json");
-        if !file.exists() {
+        let inner = if file.exists() {
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| ModelError::Corrupt(file.display().to_string(), e.to_string()))?
+        } else if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+            // Hub repos such as SD1.5 ship only the slow tokenizer's files.
+            from_vocab_merges(dir)?
+        } else {
             return Err(ModelError::MissingFile(file));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| ModelError::Corrupt(file.display().to_string(), e.to_string()))?;
+        };
         let mut pad: Option<String> = None;
         let mut max_len = 77usize;
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
@@ -80,4 +83,50 @@ impl ClipTokenizer {
         ids.resize(self.max_len, self.pad_id);
         Ok(Tokens { ids, truncated })
     }
+}
+
+/// Builds the fast CLIP tokenizer from `vocab.json` + `merges.txt`: the same normalizer,
+/// pre-tokenizer, BPE settings and post-processor that transformers' CLIP converter writes
+/// into `tokenizer.json`.
+fn from_vocab_merges(dir: &Path) -> Result<tokenizers::Tokenizer> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ModelError::Io(p.to_path_buf(), e.to_string()));
+    let vocab: serde_json::Value =
+        serde_json::from_str(&read(&vocab_path)?).map_err(|e| ModelError::Corrupt(vocab_path.display().to_string(), e.to_string()))?;
+    let merges: Vec<String> = read(&merges_path)?
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64());
+    let (bos, eos) = match (id("<|startoftext|>"), id("<|endoftext|>")) {
+        (Some(b), Some(e)) => (b, e),
+        _ => return Err(ModelError::Config(format!("{}: no <|startoftext|>/<|endoftext|> tokens", vocab_path.display()))),
+    };
+    let spec = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": bos, "content": "<|startoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true},
+            {"id": eos, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": true, "special": true}
+        ],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", eos], "cls": ["<|startoftext|>", bos], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>", "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    spec.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| ModelError::Corrupt(vocab_path.display().to_string(), e.to_string()))
 }

@@ -1,10 +1,373 @@
-use super::*;
-pub struct Euler;
-impl Euler { pub fn new(_c: &SchedulerConfig, _n: usize) -> Result<Self> { todo!() } }
+//! EulerDiscreteScheduler, plus the sigma-space schedule it shares with Euler ancestral and the
+//! interpolation / Karras helpers DPM-Solver also uses.
+
+use super::ddim::{lincomb, np_arange_down, np_linspace, np_round, step_out_of_range};
+use super::{PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError, TimestepSpacing};
+use crate::rng::NoiseRng;
+use candle_core::{DType, Tensor};
+
+/// Training sigmas `sqrt((1 - acp) / acp)`, indexed by training timestep.
+pub(super) fn training_sigmas(cfg: &SchedulerConfig) -> Vec<f64> {
+    cfg.alphas_cumprod().iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+}
+
+/// `np.interp(x, arange(len(fp)), fp)`: linear in between, clamped to the end values outside.
+pub(super) fn np_interp(x: f64, fp: &[f64]) -> f64 {
+    let last = fp.len() - 1;
+    if x.is_nan() {
+        return f64::NAN;
+    }
+    if x <= 0.0 {
+        return fp[0];
+    }
+    if x >= last as f64 {
+        return fp[last];
+    }
+    let j = x.floor() as usize;
+    (fp[j + 1] - fp[j]) * (x - j as f64) + fp[j]
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep whose log-sigma (linearly
+/// interpolated between neighbours) equals `ln(sigma)`.
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    // `argmax(cumsum(dists >= 0))` is the last index at or below log_sigma, or 0 if none.
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0)
+        .min(n.saturating_sub(2));
+    let high = (low + 1).min(n - 1);
+    let (lo, hi) = (log_sigmas[low], log_sigmas[high]);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * high as f64
+}
+
+/// Karras et al. (2022) sigmas, rho = 7, from `sigma_max` down to `sigma_min` in `n` steps.
+pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// The float32 values diffusers stores: the UNet sees f32 timesteps, and the sigma
+/// interpolation runs on them, so we round the same way to feed identical inputs.
+fn as_f32(x: f64) -> f64 {
+    x as f32 as f64
+}
+
+/// Half-precision models: diffusers upcasts the sample to float32 for Euler/DPM steps, because
+/// `x + d * dt` with sigmas of order 10 loses visible precision in f16/bf16.
+pub(super) fn upcast(t: &Tensor) -> Result<Tensor> {
+    Ok(match t.dtype() {
+        DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+        _ => t.clone(),
+    })
+}
+
+/// Timesteps and sigmas (one more sigma than timesteps) of the Euler-family schedulers.
+pub(super) struct SigmaSchedule {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f64>,
+    pub init_noise_sigma: f64,
+}
+
+impl SigmaSchedule {
+    pub fn new(cfg: &SchedulerConfig, n: usize, karras: bool, final_zero: bool) -> Result<Self> {
+        let t = cfg.num_train_timesteps;
+        if n == 0 || n > t {
+            return Err(SchedulerError::Steps { got: n, max: t });
+        }
+        let mut timesteps: Vec<f64> = match cfg.timestep_spacing {
+            // Unlike DDIM, Euler does not round linspace timesteps: the UNet gets fractions.
+            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n).into_iter().rev().collect(),
+            TimestepSpacing::Leading => {
+                let ratio = t / n;
+                (0..n).rev().map(|i| (i * ratio) as f64 + cfg.steps_offset as f64).collect()
+            }
+            TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
+                .into_iter()
+                .map(|x| np_round(x) - 1.0)
+                .collect(),
+        };
+        timesteps.iter_mut().for_each(|x| *x = as_f32(*x));
+
+        let train = training_sigmas(cfg);
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&ts| np_interp(ts, &train)).collect();
+        if karras {
+            // diffusers' Euler takes the Karras range from the interpolated inference sigmas
+            // (first and last), not from the full training table as DPM-Solver does.
+            let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
+            sigmas = karras_sigmas(min, max, n);
+            let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+            timesteps = sigmas.iter().map(|&s| as_f32(sigma_to_t(s, &log_sigmas))).collect();
+        }
+        sigmas.push(if final_zero { 0.0 } else { train[0] });
+
+        let max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // "leading" starts from pure noise at a sigma that is not the largest training sigma,
+        // and diffusers scales the initial noise to unit-variance-plus-signal for it.
+        let init_noise_sigma = match cfg.timestep_spacing {
+            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+        };
+        Ok(Self { timesteps, sigmas, init_noise_sigma })
+    }
+
+    /// `(sigma_i, sigma_{i+1})`.
+    pub fn pair(&self, step_index: usize) -> Result<(f64, f64)> {
+        if step_index >= self.timesteps.len() {
+            return Err(step_out_of_range(step_index, self.timesteps.len()));
+        }
+        Ok((self.sigmas[step_index], self.sigmas[step_index + 1]))
+    }
+
+    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (sigma, _) = self.pair(step_index)?;
+        Ok(sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)?)
+    }
+
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (sigma, _) = self.pair(step_index)?;
+        lincomb(&[(original, 1.0), (noise, sigma)])
+    }
+}
+
+/// The ODE derivative `(x - x0) / sigma` as `cx * x + cm * model_output`. For epsilon it is the
+/// model output itself; writing it out avoids the `x - (x - sigma*eps)` cancellation at small
+/// sigma.
+pub(super) fn derivative_coeffs(prediction: PredictionType, sigma: f64) -> (f64, f64) {
+    match prediction {
+        PredictionType::Epsilon => (0.0, 1.0),
+        // x0 = -sigma/sqrt(s2) * v + x / s2 with s2 = sigma^2 + 1.
+        PredictionType::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            (sigma / s2, 1.0 / s2.sqrt())
+        }
+    }
+}
+
+pub struct Euler {
+    schedule: SigmaSchedule,
+    prediction_type: PredictionType,
+}
+
+impl Euler {
+    pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
+        Ok(Self {
+            schedule: SigmaSchedule::new(cfg, n, cfg.use_karras_sigmas, cfg.final_sigmas_type_zero)?,
+            prediction_type: cfg.prediction_type,
+        })
+    }
+
+    pub fn sigmas(&self) -> &[f64] {
+        &self.schedule.sigmas
+    }
+}
+
 impl Scheduler for Euler {
-    fn timesteps(&self) -> &[f64] { todo!() }
-    fn init_noise_sigma(&self) -> f64 { todo!() }
-    fn scale_model_input(&self, _s: &Tensor, _i: usize) -> Result<Tensor> { todo!() }
-    fn step(&mut self, _m: &Tensor, _i: usize, _s: &Tensor, _r: &mut NoiseRng) -> Result<Tensor> { todo!() }
-    fn add_noise(&self, _o: &Tensor, _n: &Tensor, _i: usize) -> Result<Tensor> { todo!() }
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.schedule.scale_model_input(sample, step_index)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _rng: &mut NoiseRng,
+    ) -> Result<Tensor> {
+        let (sigma, sigma_next) = self.schedule.pair(step_index)?;
+        let (x, m) = (upcast(sample)?, upcast(model_output)?);
+        let dt = sigma_next - sigma;
+        let (cx, cm) = derivative_coeffs(self.prediction_type, sigma);
+        let prev = lincomb(&[(&x, 1.0 + dt * cx), (&m, dt * cm)])?;
+        Ok(prev.to_dtype(sample.dtype())?)
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.schedule.add_noise(original, noise, step_index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ddim::test_support::*;
+    use super::*;
+
+    /// diffusers builds the schedule in float32 (README section 4); ours is float64.
+    pub(crate) fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-6 + 5e-5 * b.abs()
+    }
+
+    #[test]
+    fn schedule_matches_reference_cases() {
+        let cases = cases("euler");
+        assert!(!cases.is_empty(), "no euler cases in the conformance suite");
+        for case in &cases {
+            let s = Euler::new(&case.cfg, case.steps).unwrap();
+            assert_eq!(s.timesteps().len(), case.steps, "{}", case.name);
+            assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
+            assert!(
+                close(s.init_noise_sigma(), case.init_noise_sigma),
+                "{}: init_noise_sigma {} vs {}",
+                case.name,
+                s.init_noise_sigma(),
+                case.init_noise_sigma
+            );
+            let reference = case.f64s("debug", "sigmas");
+            assert_eq!(s.sigmas().len(), reference.len(), "{}", case.name);
+            for (k, (a, b)) in s.sigmas().iter().zip(&reference).enumerate() {
+                assert!(close(*a, *b), "{} sigma[{k}]: {a} vs {b}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn add_noise_matches_img2img_reference() {
+        let mut checked = 0;
+        for case in cases("euler").iter().filter(|c| c.json["kind"] == "img2img") {
+            let s = Euler::new(&case.cfg, case.steps).unwrap();
+            let init = case.tensor("debug", "init_latents");
+            let noise = case.tensor("inputs", "noise");
+            let out = s.add_noise(&init, &noise, case.t_start).unwrap();
+            let tol = &case.json["tolerance"];
+            assert_within(
+                &case.name,
+                &values(&out),
+                &case.f64s("debug", "noised_latents"),
+                tol["max_abs"].as_f64().unwrap(),
+                tol["rel_l2"].as_f64().unwrap(),
+            );
+            checked += 1;
+        }
+        assert!(checked > 0);
+    }
+
+    #[test]
+    fn epsilon_step_by_hand() {
+        let cfg = SchedulerConfig::default();
+        let acp = cfg.alphas_cumprod();
+        let sigma = |t: usize| ((1.0 - acp[t]) / acp[t]).sqrt();
+        let mut s = Euler::new(&cfg, 8).unwrap();
+        assert_eq!(&s.timesteps()[..2], &[876.0, 751.0]);
+        let x = scalar_tensor(&[1.0]);
+        let eps = scalar_tensor(&[0.5]);
+        let out = values(&s.step(&eps, 0, &x, &mut NoiseRng::new(0)).unwrap())[0];
+        let want = 1.0 + 0.5 * (sigma(751) - sigma(876));
+        assert!((out - want).abs() < 1e-6, "{out} vs {want}");
+        // Worked out independently in plain Python: sigma(876) = 7.371844, sigma(751) = 4.116696.
+        assert!((out - -0.6275738).abs() < 1e-5);
+        // scale_model_input divides by sqrt(sigma^2 + 1) of the current step.
+        let scaled = values(&s.scale_model_input(&x, 0).unwrap())[0];
+        assert!((scaled - 1.0 / (sigma(876).powi(2) + 1.0).sqrt()).abs() < 1e-7);
+        // Last step goes to sigma 0: the result is the x0 prediction.
+        let out = values(&s.step(&eps, 7, &x, &mut NoiseRng::new(0)).unwrap())[0];
+        assert!((out - (1.0 - sigma(1) * 0.5)).abs() < 1e-6);
+    }
+
+    /// With `x = x0 + sigma * eps` and an exact model, each step lands on `x0 + sigma' * eps`.
+    #[test]
+    fn exact_model_follows_the_forward_process() {
+        for pred in [PredictionType::Epsilon, PredictionType::VPrediction] {
+            for spacing in [TimestepSpacing::Leading, TimestepSpacing::Linspace, TimestepSpacing::Trailing] {
+                let cfg = SchedulerConfig { prediction_type: pred, timestep_spacing: spacing, ..Default::default() };
+                let mut s = Euler::new(&cfg, 7).unwrap();
+                let (x0, eps) = (0.7f64, -0.4f64);
+                for i in 0..7 {
+                    let (sg, next) = (s.sigmas()[i], s.sigmas()[i + 1]);
+                    let x = x0 + sg * eps;
+                    let (alpha, sigma_t) = (1.0 / (sg * sg + 1.0).sqrt(), sg / (sg * sg + 1.0).sqrt());
+                    let out = match pred {
+                        PredictionType::Epsilon => eps,
+                        PredictionType::VPrediction => alpha * eps - sigma_t * x0,
+                    };
+                    let got = values(
+                        &s.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0))
+                            .unwrap(),
+                    )[0];
+                    let want = x0 + next * eps;
+                    assert!((got - want).abs() < 2e-5 * (1.0 + x.abs()), "{pred:?} {spacing:?} {i}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linspace_timesteps_are_not_rounded() {
+        let cfg = SchedulerConfig { timestep_spacing: TimestepSpacing::Linspace, ..Default::default() };
+        let s = Euler::new(&cfg, 4).unwrap();
+        assert_eq!(s.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
+        let s = Euler::new(&cfg, 7).unwrap();
+        assert_eq!(s.timesteps()[1], 832.5);
+        // linspace / trailing start at the largest sigma itself.
+        assert_eq!(s.init_noise_sigma(), s.sigmas()[0]);
+        let train = training_sigmas(&cfg);
+        assert!((s.sigmas()[1] - 0.5 * (train[832] + train[833])).abs() < 1e-12);
+    }
+
+    #[test]
+    fn final_sigma_min() {
+        let cfg = SchedulerConfig { final_sigmas_type_zero: false, ..Default::default() };
+        let s = Euler::new(&cfg, 5).unwrap();
+        assert_eq!(*s.sigmas().last().unwrap(), training_sigmas(&cfg)[0]);
+    }
+
+    #[test]
+    fn karras_schedule() {
+        let cfg = SchedulerConfig { use_karras_sigmas: true, ..Default::default() };
+        let plain = Euler::new(&SchedulerConfig::default(), 10).unwrap();
+        let s = Euler::new(&cfg, 10).unwrap();
+        let (sig, ps) = (s.sigmas(), plain.sigmas());
+        assert_eq!(sig.len(), 11);
+        assert!((sig[0] - ps[0]).abs() < 1e-12 && (sig[9] - ps[9]).abs() < 1e-9);
+        assert!(sig.windows(2).all(|w| w[0] > w[1]));
+        // The Karras ramp is linear in sigma^(1/7).
+        let r: Vec<f64> = sig[..10].iter().map(|x| x.powf(1.0 / 7.0)).collect();
+        for k in 1..9 {
+            assert!(((r[k + 1] - r[k]) - (r[k] - r[k - 1])).abs() < 1e-9);
+        }
+        // Timesteps are where the training sigmas (log-interpolated) reach those sigmas.
+        let train = training_sigmas(&cfg);
+        assert_eq!(s.timesteps()[0], 901.0);
+        for (t, sg) in s.timesteps().iter().zip(sig) {
+            let j = t.floor() as usize;
+            let w = t - j as f64;
+            let ls = (1.0 - w) * train[j].ln() + w * train[(j + 1).min(999)].ln();
+            assert!((ls - sg.ln()).abs() < 1e-4, "t {t}: {} vs {}", ls.exp(), sg);
+        }
+    }
+
+    #[test]
+    fn sigma_to_t_inverts_training_sigmas() {
+        let train = training_sigmas(&SchedulerConfig::default());
+        let logs: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+        for k in [0usize, 1, 17, 500, 998, 999] {
+            assert!((sigma_to_t(train[k], &logs) - k as f64).abs() < 1e-9, "{k}");
+        }
+        assert_eq!(sigma_to_t(1e-3, &logs), 0.0);
+        assert_eq!(sigma_to_t(1e3, &logs), 999.0);
+        assert!((sigma_to_t((train[10] * train[11]).sqrt(), &logs) - 10.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn half_precision_step_keeps_dtype() {
+        let cfg = SchedulerConfig::default();
+        let mut s = Euler::new(&cfg, 8).unwrap();
+        let x = scalar_tensor(&[1.0, 2.0]).to_dtype(DType::F16).unwrap();
+        let out = s.step(&x, 0, &x, &mut NoiseRng::new(0)).unwrap();
+        assert_eq!(out.dtype(), DType::F16);
+    }
 }
