@@ -25,6 +25,12 @@ impl NoiseRng {
         Self { rngs: seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect() }
     }
 
+    /// Joins per-request generators into one batch generator (row `i` continues the stream
+    /// of `parts[i]`), so a request's ancestral noise does not depend on its batch-mates.
+    pub fn merge(parts: Vec<NoiseRng>) -> Self {
+        Self { rngs: parts.into_iter().flat_map(|p| p.rngs).collect() }
+    }
+
     /// Standard normal samples of `shape`, converted to `dtype` on `device`. With several
     /// generators the leading dimension must equal their number.
     pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device, dtype: DType) -> Result<Tensor> {
