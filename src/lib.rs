@@ -6,3 +6,4 @@ pub mod pipelines;
 pub mod rng;
 pub mod schedulers;
 pub mod training;
+pub mod util;

@@ -74,48 +74,9 @@ impl Case {
     }
 }
 
-/// Python's json module writes `Infinity`, `-Infinity` and `NaN` (e.g. DPM-Solver's
-/// `lambda_min_clipped`), which strict JSON parsers refuse; they only occur in informational
-/// fields, so they become null.
 pub fn read_case_json(path: &Path) -> anyhow::Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut clean = String::with_capacity(text.len());
-    let mut in_str = false;
-    let mut escaped = false;
-    let mut rest = text.as_str();
-    while let Some(c) = rest.chars().next() {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_str = false;
-            }
-            clean.push(c);
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        if c == '"' {
-            in_str = true;
-        } else {
-            let mut matched = false;
-            for tok in ["-Infinity", "Infinity", "NaN"] {
-                if rest.starts_with(tok) {
-                    clean.push_str("null");
-                    rest = &rest[tok.len()..];
-                    matched = true;
-                    break;
-                }
-            }
-            if matched {
-                continue;
-            }
-        }
-        clean.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&clean).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    crate::util::parse_lenient_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// The comparison of one expected tensor.

@@ -48,6 +48,10 @@ pub struct SchedulerConfig {
     pub lower_order_final: bool,
     pub euler_at_final: bool,
     pub solver_order: usize,
+    /// Keys present in the file: a scheduler class built `from_config` takes its own default
+    /// for every key the file lacks (SD1.5's PNDM config has no `timestep_spacing`, so
+    /// diffusers runs Euler on it with Euler's default, linspace).
+    pub present: std::collections::BTreeSet<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +75,7 @@ impl Default for SchedulerConfig {
             lower_order_final: true,
             euler_at_final: false,
             solver_order: 2,
+            present: Default::default(),
         }
     }
 }
@@ -83,13 +88,16 @@ impl SchedulerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SchedulerError::Io(format!("{}: {e}", path.display())))?;
-        let v: Value = serde_json::from_str(&text)
+        let v: Value = crate::util::parse_lenient_json(&text)
             .map_err(|e| SchedulerError::Io(format!("{}: {e}", path.display())))?;
         Self::from_json(&v)
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {
         let mut c = SchedulerConfig::default();
+        if let Some(obj) = v.as_object() {
+            c.present = obj.iter().filter(|(_, x)| !x.is_null()).map(|(k, _)| k.clone()).collect();
+        }
         let get = |k: &str| v.get(k).filter(|x| !x.is_null());
         if let Some(x) = get("_class_name") {
             c.class_name = x.as_str().map(str::to_string);
@@ -195,6 +203,12 @@ impl SchedulerConfig {
                 return Err(bad("interpolation_type", x));
             }
         }
+        for field in ["sigma_min", "sigma_max", "lambda_min_clipped", "variance_type"] {
+            // Only their defaults (null / -inf) are implemented.
+            if let Some(x) = get(field) {
+                return Err(bad(field, x));
+            }
+        }
         if let Some(x) = get("timestep_type") {
             if x.as_str() != Some("discrete") {
                 return Err(bad("timestep_type", x));
@@ -204,6 +218,42 @@ impl SchedulerConfig {
             return Err(SchedulerError::Config("num_train_timesteps must be > 0".into()));
         }
         Ok(c)
+    }
+
+    /// The config as diffusers' `<Class>.from_config` would see it: keys absent from the file
+    /// take the defaults of the scheduler class that runs.
+    pub fn for_kind(&self, kind: super::SchedulerKind) -> Self {
+        use super::SchedulerKind as K;
+        let mut c = self.clone();
+        let absent = |k: &str| !self.present.contains(k);
+        if absent("beta_schedule") {
+            c.beta_schedule = BetaSchedule::Linear;
+        }
+        if absent("beta_start") {
+            c.beta_start = 0.0001;
+        }
+        if absent("beta_end") {
+            c.beta_end = 0.02;
+        }
+        if absent("steps_offset") {
+            c.steps_offset = 0;
+        }
+        if absent("timestep_spacing") {
+            c.timestep_spacing = match kind {
+                K::Ddim | K::Pndm => TimestepSpacing::Leading,
+                _ => TimestepSpacing::Linspace,
+            };
+        }
+        if absent("set_alpha_to_one") {
+            c.set_alpha_to_one = matches!(kind, K::Ddim);
+        }
+        if absent("clip_sample") {
+            c.clip_sample = matches!(kind, K::Ddim);
+        }
+        if absent("final_sigmas_type") {
+            c.final_sigmas_type_zero = true;
+        }
+        c
     }
 
     /// The training betas. diffusers computes these in float32; we use f64 (the conformance

@@ -62,11 +62,9 @@ pub(super) fn discrete_timesteps(cfg: &SchedulerConfig, n: usize) -> Vec<i64> {
             .into_iter()
             .map(|x| np_round(x) as i64 - 1)
             .collect(),
-        TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
-            .into_iter()
-            .rev()
-            .map(|x| np_round(x) as i64)
-            .collect(),
+        TimestepSpacing::Linspace => {
+            np_linspace(0.0, (t - 1) as f64, n).into_iter().rev().map(|x| np_round(x) as i64).collect()
+        }
     }
 }
 
@@ -100,12 +98,10 @@ pub(super) fn acp_at(acp: &[f64], t: i64) -> Result<f64> {
 /// `sum(c_i * t_i)` with the coefficients computed on the host, so a scheduler step is a few
 /// scalar-times-tensor kernels and never reads the tensors back.
 pub(super) fn lincomb(terms: &[(&Tensor, f64)]) -> Result<Tensor> {
-    let scaled = |t: &Tensor, c: f64| -> Result<Tensor> {
-        Ok(if c == 1.0 { t.clone() } else { t.affine(c, 0.0)? })
-    };
-    let (first, rest) = terms
-        .split_first()
-        .ok_or_else(|| SchedulerError::Config("empty linear combination".into()))?;
+    let scaled =
+        |t: &Tensor, c: f64| -> Result<Tensor> { Ok(if c == 1.0 { t.clone() } else { t.affine(c, 0.0)? }) };
+    let (first, rest) =
+        terms.split_first().ok_or_else(|| SchedulerError::Config("empty linear combination".into()))?;
     let mut acc = scaled(first.0, first.1)?;
     for (t, c) in rest {
         acc = (acc + scaled(t, *c)?)?;
@@ -182,11 +178,8 @@ impl Scheduler for Ddim {
         let t = self.timestep(step_index)?;
         let prev_t = t - self.step_ratio;
         let a = acp_at(&self.alphas_cumprod, t)?;
-        let a_prev = if prev_t >= 0 {
-            acp_at(&self.alphas_cumprod, prev_t)?
-        } else {
-            self.final_alpha_cumprod
-        };
+        let a_prev =
+            if prev_t >= 0 { acp_at(&self.alphas_cumprod, prev_t)? } else { self.final_alpha_cumprod };
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
         let (pred_x0, pred_eps) = match self.prediction_type {
             PredictionType::Epsilon => {
@@ -245,9 +238,7 @@ pub(crate) mod test_support {
             let name = self.json[role_group][role]
                 .as_str()
                 .unwrap_or_else(|| panic!("{}: no {role_group}.{role}", self.name));
-            self.tensors()
-                .remove(name)
-                .unwrap_or_else(|| panic!("{}: tensor {name} missing", self.name))
+            self.tensors().remove(name).unwrap_or_else(|| panic!("{}: tensor {name} missing", self.name))
         }
 
         pub fn f64s(&self, role_group: &str, role: &str) -> Vec<f64> {
@@ -277,8 +268,8 @@ pub(crate) mod test_support {
                 .replace(": -Infinity", ": null")
                 .replace(": Infinity", ": null")
                 .replace(": NaN", ": null");
-            let json: Value = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let json: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             if json["params"]["scheduler"].as_str() != Some(scheduler) {
                 continue;
             }
@@ -390,10 +381,7 @@ mod tests {
         cfg.timestep_spacing = TimestepSpacing::Linspace;
         assert_eq!(Ddim::new(&cfg, 4).unwrap().timesteps(), &[999.0, 666.0, 333.0, 0.0]);
         // linspace(0, 999, 7) has 166.5, 499.5 and 832.5: numpy rounds half to even.
-        assert_eq!(
-            Ddim::new(&cfg, 7).unwrap().timesteps(),
-            &[999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
-        );
+        assert_eq!(Ddim::new(&cfg, 7).unwrap().timesteps(), &[999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]);
     }
 
     #[test]
@@ -478,7 +466,9 @@ mod tests {
         let acp = cfg.alphas_cumprod();
         let mut s = Ddim::new(&cfg, 10).unwrap();
         let (x, e) = (3.0f64, 0.1f64);
-        let got = values(&s.step(&scalar_tensor(&[e as f32]), 0, &scalar_tensor(&[x as f32]), &mut rng()).unwrap())[0];
+        let got =
+            values(&s.step(&scalar_tensor(&[e as f32]), 0, &scalar_tensor(&[x as f32]), &mut rng()).unwrap())
+                [0];
         let ap = acp[801];
         // x0 = (3 - sqrt(1-a)*0.1)/sqrt(a) is ~29, clipped to 1.
         let want = ap.sqrt() * 1.0 + (1.0 - ap).sqrt() * e;

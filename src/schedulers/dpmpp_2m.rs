@@ -2,9 +2,11 @@
 //! (DPM-Solver++(2M)), optionally with Karras sigmas. `SchedulerConfig::from_json` refuses the
 //! other algorithm/solver types; solver_order 3 is refused here.
 
-use super::ddim::{lincomb, np_linspace, np_round, step_out_of_range};
+use super::ddim::{lincomb, np_arange_down, np_linspace, np_round, step_out_of_range};
 use super::euler::{karras_sigmas, np_interp, sigma_to_t, training_sigmas, upcast};
-use super::{BetaSchedule, PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError, TimestepSpacing};
+use super::{
+    BetaSchedule, PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError, TimestepSpacing,
+};
 use crate::rng::NoiseRng;
 use candle_core::Tensor;
 
@@ -64,12 +66,10 @@ impl DpmPp2M {
                 let ratio = last_timestep / (n + 1);
                 (1..=n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
             }
-            TimestepSpacing::Trailing => {
-                super::ddim::np_arange_down(last_timestep as f64, t as f64 / n as f64)
-                    .into_iter()
-                    .map(|x| np_round(x) - 1.0)
-                    .collect()
-            }
+            TimestepSpacing::Trailing => np_arange_down(last_timestep as f64, t as f64 / n as f64)
+                .into_iter()
+                .map(|x| np_round(x) - 1.0)
+                .collect(),
         };
 
         let train = training_sigmas(cfg);
@@ -83,7 +83,7 @@ impl DpmPp2M {
                     let ft = sigma_to_t(s, &log_sigmas);
                     // diffusers skips the rounding for squaredcos_cap_v2, and the int64 cast
                     // then truncates.
-                    if cfg.beta_schedule == BetaSchedule::SquaredcosCapV2 && cfg.trained_betas.is_none() {
+                    if cfg.beta_schedule == BetaSchedule::SquaredcosCapV2 {
                         ft.trunc()
                     } else {
                         np_round(ft)
@@ -109,7 +109,8 @@ impl DpmPp2M {
         })
     }
 
-    pub fn sigmas(&self) -> &[f64] {
+    #[cfg(test)]
+    pub(super) fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
 
@@ -230,7 +231,7 @@ mod tests {
             let reference = case.f64s("debug", "sigmas");
             assert_eq!(s.sigmas().len(), reference.len(), "{}", case.name);
             for (k, (a, b)) in s.sigmas().iter().zip(&reference).enumerate() {
-                assert!((a - b).abs() <= 1e-6 + 5e-5 * b.abs(), "{} sigma[{k}]: {a} vs {b}", case.name);
+                assert!((a - b).abs() <= 1e-7 + 2e-5 * b.abs(), "{} sigma[{k}]: {a} vs {b}", case.name);
             }
         }
     }
@@ -280,7 +281,12 @@ mod tests {
         let mut x = x;
         for (k, o) in outputs.iter().enumerate() {
             let out = s
-                .step(&scalar_tensor(&[*o as f32]), start + k, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0))
+                .step(
+                    &scalar_tensor(&[*o as f32]),
+                    start + k,
+                    &scalar_tensor(&[x as f32]),
+                    &mut NoiseRng::new(0),
+                )
                 .unwrap();
             x = values(&out)[0];
             xs.push(x);
@@ -349,7 +355,11 @@ mod tests {
         for pred in [PredictionType::Epsilon, PredictionType::VPrediction] {
             for karras in [false, true] {
                 for final_zero in [true, false] {
-                    let cfg = SchedulerConfig { prediction_type: pred, final_sigmas_type_zero: final_zero, ..Default::default() };
+                    let cfg = SchedulerConfig {
+                        prediction_type: pred,
+                        final_sigmas_type_zero: final_zero,
+                        ..Default::default()
+                    };
                     let mut s = DpmPp2M::new(&cfg, 16, karras).unwrap();
                     let (x0, eps) = (0.7f64, -0.4f64);
                     for i in 0..16 {

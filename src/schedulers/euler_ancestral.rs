@@ -20,7 +20,8 @@ impl EulerAncestral {
         Ok(Self { schedule: SigmaSchedule::new(cfg, n, false, true)?, prediction_type: cfg.prediction_type })
     }
 
-    pub fn sigmas(&self) -> &[f64] {
+    #[cfg(test)]
+    pub(super) fn sigmas(&self) -> &[f64] {
         &self.schedule.sigmas
     }
 }
@@ -86,11 +87,11 @@ mod tests {
         for case in &cases {
             let s = EulerAncestral::new(&case.cfg, case.steps).unwrap();
             assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
-            assert!((s.init_noise_sigma() - case.init_noise_sigma).abs() < 1e-5 * case.init_noise_sigma);
+            assert!((s.init_noise_sigma() - case.init_noise_sigma).abs() < 2e-5 * case.init_noise_sigma);
             let reference = case.f64s("debug", "sigmas");
             assert_eq!(s.sigmas().len(), reference.len());
             for (a, b) in s.sigmas().iter().zip(&reference) {
-                assert!((a - b).abs() <= 1e-6 + 5e-5 * b.abs(), "{}: {a} vs {b}", case.name);
+                assert!((a - b).abs() <= 1e-7 + 2e-5 * b.abs(), "{}: {a} vs {b}", case.name);
             }
         }
     }
@@ -114,7 +115,8 @@ mod tests {
         let x = scalar_tensor(&[1.5, -0.25, 0.0]);
         let eps = scalar_tensor(&[0.5, 0.1, -2.0]);
         let out = values(&s.step(&eps, 2, &x, &mut NoiseRng::new(42)).unwrap());
-        let noise = values(&NoiseRng::new(42).randn(3, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
+        let noise =
+            values(&NoiseRng::new(42).randn(3, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         for (k, (xv, ev)) in [(1.5, 0.5), (-0.25, 0.1), (0.0, -2.0)].into_iter().enumerate() {

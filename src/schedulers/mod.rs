@@ -149,6 +149,7 @@ pub fn make_scheduler(
     if num_inference_steps == 0 || num_inference_steps > config.num_train_timesteps {
         return Err(SchedulerError::Steps { got: num_inference_steps, max: config.num_train_timesteps });
     }
+    let config = &config.for_kind(kind);
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),

@@ -61,7 +61,8 @@ impl Pndm {
     /// (combined) noise estimate `eps`.
     fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
         let a = acp_at(&self.alphas_cumprod, t)?;
-        let a_prev = if prev_t >= 0 { acp_at(&self.alphas_cumprod, prev_t)? } else { self.final_alpha_cumprod };
+        let a_prev =
+            if prev_t >= 0 { acp_at(&self.alphas_cumprod, prev_t)? } else { self.final_alpha_cumprod };
         let (b, b_prev) = (1.0 - a, 1.0 - a_prev);
         let sample_coeff = (a_prev / a).sqrt();
         let denom = a * b_prev.sqrt() + (a * b * a_prev).sqrt();
@@ -159,7 +160,10 @@ mod tests {
     use super::*;
 
     fn step(s: &mut Pndm, out: f64, i: usize, x: f64) -> f64 {
-        values(&s.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0)).unwrap())[0]
+        values(
+            &s.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0))
+                .unwrap(),
+        )[0]
     }
 
     /// The suite has no PNDM case; PLMS timesteps are the DDIM ones with the second entry
@@ -205,7 +209,17 @@ mod tests {
             let mut ddim = vec![1.2];
             for i in 0..n {
                 let x = *ddim.last().unwrap();
-                ddim.push(values(&d.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0)).unwrap())[0]);
+                ddim.push(
+                    values(
+                        &d.step(
+                            &scalar_tensor(&[out as f32]),
+                            i,
+                            &scalar_tensor(&[x as f32]),
+                            &mut NoiseRng::new(0),
+                        )
+                        .unwrap(),
+                    )[0],
+                );
             }
             let mut plms = vec![1.2];
             for i in 0..=n {
@@ -215,7 +229,12 @@ mod tests {
             // plms[1] is DDIM's first step, plms[2] redoes it, then one call per DDIM step.
             assert!((plms[1] - ddim[1]).abs() < 1e-5);
             for k in 1..=n {
-                assert!((plms[k + 1] - ddim[k]).abs() < 1e-5 * (1.0 + ddim[k].abs()), "{k}: {} vs {}", plms[k + 1], ddim[k]);
+                assert!(
+                    (plms[k + 1] - ddim[k]).abs() < 1e-5 * (1.0 + ddim[k].abs()),
+                    "{k}: {} vs {}",
+                    plms[k + 1],
+                    ddim[k]
+                );
             }
         }
     }
@@ -227,7 +246,9 @@ mod tests {
         let cfg = SchedulerConfig { prediction_type: PredictionType::VPrediction, ..Default::default() };
         let mut d = Ddim::new(&cfg, 10).unwrap();
         let mut p = Pndm::new(&cfg, 10).unwrap();
-        let want = values(&d.step(&scalar_tensor(&[0.6]), 0, &scalar_tensor(&[-0.8]), &mut NoiseRng::new(0)).unwrap())[0];
+        let want = values(
+            &d.step(&scalar_tensor(&[0.6]), 0, &scalar_tensor(&[-0.8]), &mut NoiseRng::new(0)).unwrap(),
+        )[0];
         let got = step(&mut p, 0.6, 0, -0.8);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }

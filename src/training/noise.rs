@@ -11,6 +11,8 @@ pub struct NoiseSchedule {
 
 impl NoiseSchedule {
     pub fn new(cfg: &SchedulerConfig) -> Self {
+        // DDPMScheduler.from_config: absent keys take the class defaults (same betas as DDIM).
+        let cfg = cfg.for_kind(crate::schedulers::SchedulerKind::Ddim);
         Self { alphas_cumprod: cfg.alphas_cumprod(), prediction_type: cfg.prediction_type }
     }
 
