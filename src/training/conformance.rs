@@ -83,6 +83,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
         noise: case.input("noise")?.to_device(device)?,
         timesteps: ts.iter().map(|&t| t as usize).collect(),
         encoder_hidden_states: case.input("encoder_hidden_states")?.to_device(device)?,
+        added: None,
     };
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
     let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;

@@ -1,7 +1,33 @@
-//! Preference fine-tuning: losses (DSPO, Diffusion-DPO, SFT, DSPO-E), optimiser, trainer.
+//! Preference fine-tuning: losses (DSPO, Diffusion-DPO, SFT, DSPO-E), LoRA and full
+//! fine-tuning, optimiser, checkpoints, the trainer loop.
 
+pub mod cli;
 pub mod conformance;
+pub mod dataset;
+pub mod lora;
 pub mod losses;
 pub mod noise;
 pub mod optim;
 pub mod step;
+pub mod trainer;
+
+pub use losses::Method;
+pub use trainer::{Hyperparameters, StepMetrics, TrainConfig, TrainOutcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid training config: {0}")]
+    Config(String),
+    #[error("dataset: {0}")]
+    Dataset(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("io: {0}")]
+    Io(String),
+}

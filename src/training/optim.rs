@@ -67,15 +67,24 @@ pub struct ClippedGrads {
 }
 
 pub fn collect_and_clip(params: &[(String, Var)], grads: &GradStore, max_norm: Option<f64>) -> Result<ClippedGrads> {
-    let mut raw = Vec::with_capacity(params.len());
+    clip(collect(params, grads)?, max_norm)
+}
+
+/// The f32 gradient of each parameter (zeros where the loss does not reach it).
+pub fn collect(params: &[(String, Var)], grads: &GradStore) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .map(|(_, v)| match grads.get(v.as_tensor()) {
+            Some(g) => g.to_dtype(DType::F32),
+            None => v.as_tensor().zeros_like()?.to_dtype(DType::F32),
+        })
+        .collect()
+}
+
+pub fn clip(raw: Vec<Tensor>, max_norm: Option<f64>) -> Result<ClippedGrads> {
     let mut sq = 0f64;
-    for (_, v) in params {
-        let g = match grads.get(v.as_tensor()) {
-            Some(g) => g.to_dtype(DType::F32)?,
-            None => v.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
-        };
+    for g in &raw {
         sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        raw.push(g);
     }
     let norm = sq.sqrt();
     let clip_coef = match max_norm {

@@ -2,7 +2,7 @@
 
 use super::losses::{self, Method};
 use super::noise::NoiseSchedule;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use candle_core::{DType, Result, Tensor};
 
 /// A batch as the official trainers build it: for pair methods `2B` rows (winners, then
@@ -12,6 +12,8 @@ pub struct Batch {
     pub noise: Tensor,
     pub timesteps: Vec<usize>,
     pub encoder_hidden_states: Tensor,
+    /// SDXL: pooled text embeddings and time ids per row.
+    pub added: Option<(Tensor, Tensor)>,
 }
 
 /// How the frozen reference prediction is obtained.
@@ -48,28 +50,43 @@ pub fn batch_loss(
     let ehs = batch.encoder_hidden_states.to_dtype(dtype)?;
     let noisy = schedule.add_noise(&x0, &noise, &batch.timesteps)?;
     let target = schedule.target(&x0, &noise, &batch.timesteps)?.to_dtype(DType::F32)?;
+    let added = match &batch.added {
+        Some((te, ids)) => Some((te.to_dtype(dtype)?, ids.to_dtype(dtype)?)),
+        None => None,
+    };
+    let cond = |rows: Option<usize>| -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match (&added, rows) {
+            (Some((te, ids)), Some(b)) => Some((te.narrow(0, 0, b)?, ids.narrow(0, 0, b)?)),
+            (Some((te, ids)), None) => Some((te.clone(), ids.clone())),
+            (None, _) => None,
+        })
+    };
     if method == Method::Sft {
+        // Pair batches (2B rows) train on their winner half, as the suite's SFT step does.
         let n = x0.dim(0)?;
         let b = if n % 2 == 0 { n / 2 } else { n };
+        let c = cond(Some(b))?;
         let pred = policy.forward(
             &noisy.narrow(0, 0, b)?,
             &t_tensor(&batch.timesteps[..b], &x0)?,
             &ehs.narrow(0, 0, b)?,
-            None,
+            c.as_ref().map(|(te, ids)| AddedCond { text_embeds: te, time_ids: ids }),
         )?;
         let loss = losses::sft(&pred.to_dtype(DType::F32)?, &target.narrow(0, 0, b)?)?;
         return Ok(StepLoss { loss, u: None, model_pred: pred });
     }
     let t = t_tensor(&batch.timesteps, &x0)?;
-    let model_pred = policy.forward(&noisy, &t, &ehs, None)?;
+    let c = cond(None)?;
+    let ac = || c.as_ref().map(|(te, ids)| AddedCond { text_embeds: te, time_ids: ids });
+    let model_pred = policy.forward(&noisy, &t, &ehs, ac())?;
     let ref_pred = match reference {
-        Reference::Model(r) => r.forward(&noisy, &t, &ehs, None)?.detach(),
+        Reference::Model(r) => r.forward(&noisy, &t, &ehs, ac())?.detach(),
         Reference::AdaptersOff => {
             let saved: Vec<_> = policy.linears().all().into_iter().map(|(_, s, _, _)| (s.clone(), s.get())).collect();
             for (s, _) in &saved {
                 s.set(None);
             }
-            let r = policy.forward(&noisy.detach(), &t, &ehs.detach(), None).map(|r| r.detach());
+            let r = policy.forward(&noisy.detach(), &t, &ehs.detach(), ac()).map(|r| r.detach());
             for (s, d) in saved {
                 s.set(d);
             }

@@ -1,0 +1,92 @@
+//! `dspo-server train --config FILE`: a training run from the command line with a progress
+//! line per step and a final summary (the same Trainer that POST /finetune runs).
+
+use super::trainer::{load_config, Trainer};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
+    let mut cfg = load_config(config)?;
+    for o in overrides {
+        apply_override(&mut cfg, o)?;
+    }
+    let started = Instant::now();
+    let mut trainer = Trainer::new(cfg.clone())?;
+    let stats = trainer.dataset_stats().clone();
+    eprintln!(
+        "dataset {}: {} rows, {} pairs kept, {} ties dropped, {} without a 0/1 label",
+        cfg.dataset.display(),
+        stats.rows,
+        stats.kept,
+        stats.ties_dropped,
+        stats.invalid_labels
+    );
+    eprintln!(
+        "method {} beta {} lr {:.3e} ({} pairs per step), {} steps{}",
+        cfg.method.name(),
+        cfg.beta(),
+        cfg.learning_rate(),
+        cfg.pairs_per_step(),
+        cfg.hyperparameters.max_steps,
+        if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
+    );
+    let first = trainer.step();
+    let loop_start = Instant::now();
+    let outcome = trainer.run(&mut |m| {
+        let done = (m.step - first) as f64;
+        let eta = loop_start.elapsed().as_secs_f64() / done.max(1.0) * (m.total_steps - m.step) as f64;
+        eprint!(
+            "\rstep {}/{}  loss {:.5}  acc {}  lr {:.2e}  |g| {:.3}  eta {:.0}s   ",
+            m.step,
+            m.total_steps,
+            m.loss,
+            m.implicit_accuracy.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
+            m.learning_rate,
+            m.grad_norm,
+            eta
+        );
+        let _ = std::io::stderr().flush();
+        true
+    })?;
+    eprintln!();
+    let n = outcome.metrics.len().max(1);
+    let tail = &outcome.metrics[n.saturating_sub(10).min(outcome.metrics.len())..];
+    let mean = |f: &dyn Fn(&super::StepMetrics) -> Option<f64>| {
+        let v: Vec<f64> = tail.iter().filter_map(f).collect();
+        if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
+    };
+    let summary = serde_json::json!({
+        "artifact": outcome.artifact,
+        "steps": outcome.metrics.len(),
+        "resumed_from": outcome.resumed_from,
+        "final_loss_mean_last10": mean(&|m| Some(m.loss)),
+        "implicit_accuracy_mean_last10": mean(&|m| m.implicit_accuracy),
+        "dataset": outcome.dataset,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(cfg.output_dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `--set key=value` overrides of hyperparameters (e.g. `--set max_steps=10`).
+fn apply_override(cfg: &mut super::TrainConfig, kv: &str) -> anyhow::Result<()> {
+    let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set expects key=value, got {kv}"))?;
+    let mut h = serde_json::to_value(&cfg.hyperparameters)?;
+    let parsed: serde_json::Value = serde_json::from_str(v).unwrap_or(serde_json::Value::String(v.into()));
+    match k {
+        "output_dir" => cfg.output_dir = v.into(),
+        "dataset" => cfg.dataset = v.into(),
+        "model" => cfg.model = v.into(),
+        "method" => cfg.method = v.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        _ => {
+            if h.get(k).is_none() {
+                anyhow::bail!("unknown hyperparameter '{k}'");
+            }
+            h[k] = parsed;
+            cfg.hyperparameters = serde_json::from_value(h)?;
+        }
+    }
+    Ok(())
+}

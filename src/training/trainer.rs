@@ -1,0 +1,612 @@
+//! The training loop: data -> latents and text embeddings (frozen VAE and text encoder) ->
+//! loss -> accumulated gradients -> clipping -> AdamW with linear warmup; metrics every step,
+//! atomic checkpoints, exact resume.
+//!
+//! Every random draw of micro-batch `k` comes from a generator seeded by (seed, k) and the data
+//! order is a pure function of (seed, epoch), so a run resumed from a checkpoint computes the
+//! same weights as an uninterrupted one.
+
+use super::dataset::{ParquetPairs, Preprocess, RawPair};
+use super::lora::{LoraSpec, TrainableLora};
+use super::losses::Method;
+use super::noise::NoiseSchedule;
+use super::optim::{clip, collect, AdamW, AdamWConfig};
+use super::step::{batch_loss, Batch, Reference};
+use super::TrainError;
+use crate::models::lora::LoraAdapter;
+use crate::models::pipeline_model::{Architecture, LoadOptions};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::weights::{VarRegistry, Weights};
+use crate::models::{DiffusionModel, ModelSource};
+use crate::rng::NoiseRng;
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hyperparameters {
+    /// Preference strength. Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
+    /// diffusion_dpo 5000; unused by sft.
+    pub beta: Option<f64>,
+    /// Peak learning rate; default: the official scaling 1e-8 x pairs per optimiser step.
+    pub learning_rate: Option<f64>,
+    /// Optimiser steps.
+    pub max_steps: usize,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Linear warmup from 0 (diffusers' constant_with_warmup).
+    pub warmup_steps: usize,
+    /// Training image side; default: the model's native size.
+    pub resolution: Option<usize>,
+    /// Probability that a pair's caption is replaced by "".
+    pub caption_dropout: f64,
+    pub seed: u64,
+    /// Write a checkpoint every N optimiser steps (0: only at the end).
+    pub checkpoint_every: usize,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub random_crop: bool,
+    /// SDXL: use the real image size as time ids (diffusers' script) instead of the official
+    /// trainer's fixed [res, res, 0, 0, res, res].
+    pub sdxl_real_time_ids: bool,
+    /// Use only the first N usable pairs of the dataset (quick experiments, tests).
+    pub max_pairs: Option<usize>,
+}
+
+impl Default for Hyperparameters {
+    fn default() -> Self {
+        Self {
+            beta: None,
+            learning_rate: None,
+            max_steps: 100,
+            batch_size: 1,
+            gradient_accumulation_steps: 1,
+            warmup_steps: 500,
+            resolution: None,
+            caption_dropout: 0.2,
+            seed: 0,
+            checkpoint_every: 0,
+            max_grad_norm: 1.0,
+            weight_decay: 1e-2,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            random_crop: false,
+            sdxl_real_time_ids: false,
+            max_pairs: None,
+        }
+    }
+}
+
+/// A training run (`dspo-server train --config FILE`, and what POST /finetune builds).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model: a diffusers directory or a hub id.
+    pub model: String,
+    /// A Pick-a-Pic v2 schema parquet file.
+    pub dataset: PathBuf,
+    pub output_dir: PathBuf,
+    pub method: Method,
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+    #[serde(default)]
+    pub full_finetune: bool,
+    #[serde(default)]
+    pub hyperparameters: Hyperparameters,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl TrainConfig {
+    pub fn beta(&self) -> f64 {
+        self.hyperparameters.beta.unwrap_or(match self.method {
+            Method::DiffusionDpo => 5000.0,
+            _ => 0.001,
+        })
+    }
+
+    pub fn pairs_per_step(&self) -> usize {
+        self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.hyperparameters.learning_rate.unwrap_or(1e-8 * self.pairs_per_step() as f64)
+    }
+
+    /// Everything that can be checked without loading the model.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let h = &self.hyperparameters;
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.method != Method::Sft && !(self.beta() > 0.0 && self.beta().is_finite()) {
+            return bad(format!("beta must be a positive number, got {}", self.beta()));
+        }
+        if let Some(lr) = h.learning_rate {
+            if !(lr > 0.0 && lr.is_finite()) {
+                return bad(format!("learning_rate must be positive, got {lr}"));
+            }
+        }
+        if h.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if h.batch_size == 0 || h.gradient_accumulation_steps == 0 {
+            return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&h.caption_dropout) {
+            return bad(format!("caption_dropout must be in [0, 1], got {}", h.caption_dropout));
+        }
+        if !(h.max_grad_norm > 0.0) {
+            return bad("max_grad_norm must be positive".into());
+        }
+        if self.full_finetune && self.lora.is_some() {
+            return bad("choose either lora or full_finetune, not both".into());
+        }
+        if let Some(l) = &self.lora {
+            if l.rank == 0 {
+                return bad("lora rank must be at least 1".into());
+            }
+            if !(l.alpha > 0.0) {
+                return bad("lora alpha must be positive".into());
+            }
+        }
+        if let Some(r) = h.resolution {
+            if r == 0 || r % 8 != 0 {
+                return bad(format!("resolution must be a positive multiple of 8, got {r}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What every optimiser step reports.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    /// Share of pairs with u > 0 (model prefers the winner more than the reference does).
+    pub implicit_accuracy: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOutcome {
+    /// The adapter (LoRA) or UNet directory (full fine-tuning) written.
+    pub artifact: PathBuf,
+    pub metrics: Vec<StepMetrics>,
+    pub dataset: super::dataset::DatasetStats,
+    pub resumed_from: Option<usize>,
+}
+
+/// Where the trainable parameters live.
+enum Params {
+    Lora(TrainableLora),
+    Full { policy: Box<UNet2DConditionModel>, registry: VarRegistry },
+}
+
+impl Params {
+    fn list(&self) -> Vec<(String, Var)> {
+        match self {
+            Params::Lora(l) => l.params(),
+            Params::Full { registry, .. } => registry.all(),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device, TrainError> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ord = s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+            Ok(Device::new_cuda(ord)?)
+        }
+        o => Err(TrainError::Config(format!("unknown device '{o}'"))),
+    }
+}
+
+/// Seeds of independent streams derived from the run seed (splitmix64).
+fn mix(seed: u64, k: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k.wrapping_add(1)));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    model: DiffusionModel,
+    schedule: NoiseSchedule,
+    dataset: ParquetPairs,
+    params: Params,
+    opt: AdamW,
+    resolution: usize,
+    device: Device,
+    pub metrics: Vec<StepMetrics>,
+    step: usize,
+    resumed_from: Option<usize>,
+}
+
+impl Trainer {
+    pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
+        config.validate()?;
+        let device = parse_device(&config.device)?;
+        let dir = ModelSource::parse(&config.model).resolve(None)?;
+        let opts = LoadOptions { device: device.clone(), dtype: DType::F32, variant: None };
+        let model = DiffusionModel::load(&dir, &opts)?;
+        if model.architecture == Architecture::InstructPix2Pix {
+            return Err(TrainError::Config("preference tuning of InstructPix2Pix models is not supported".into()));
+        }
+        let mut dataset = ParquetPairs::open(&config.dataset)?;
+        if let Some(n) = config.hyperparameters.max_pairs {
+            dataset.truncate(n);
+        }
+        let schedule = NoiseSchedule::new(&model.scheduler_config);
+        let factor = model.vae_scale_factor();
+        let resolution = config.hyperparameters.resolution.unwrap_or(model.unet.config.sample_size * factor);
+        if resolution % factor != 0 {
+            return Err(TrainError::Config(format!("resolution must be a multiple of {factor}")));
+        }
+        let mut init_rng = NoiseRng::new(mix(config.hyperparameters.seed, u64::MAX));
+        let params = if config.full_finetune {
+            let unet_dir = dir.join("unet");
+            let registry = VarRegistry::default();
+            let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
+            let w = Weights::from_files(&files, &device, DType::F32)?.trainable(registry.clone());
+            let policy = UNet2DConditionModel::new(UNet2DConditionModel::load_config(&unet_dir)?, &w)?;
+            Params::Full { policy: Box::new(policy), registry }
+        } else {
+            let spec = config.lora.clone().unwrap_or_default();
+            Params::Lora(TrainableLora::new(model.unet.linears(), &spec, &mut init_rng, &device, DType::F32)?)
+        };
+        let h = &config.hyperparameters;
+        let opt = AdamW::new(
+            params.list(),
+            AdamWConfig {
+                lr: config.learning_rate(),
+                beta1: h.adam_beta1,
+                beta2: h.adam_beta2,
+                eps: h.adam_eps,
+                weight_decay: h.weight_decay,
+            },
+        )?;
+        let mut t = Self {
+            config,
+            model,
+            schedule,
+            dataset,
+            params,
+            opt,
+            resolution,
+            device,
+            metrics: Vec::new(),
+            step: 0,
+            resumed_from: None,
+        };
+        t.resume()?;
+        Ok(t)
+    }
+
+    pub fn dataset_stats(&self) -> &super::dataset::DatasetStats {
+        &self.dataset.stats
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.config.output_dir.join("checkpoints")
+    }
+
+    /// Loads the newest complete checkpoint, if any.
+    fn resume(&mut self) -> Result<(), TrainError> {
+        let dir = self.checkpoint_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        let mut steps: Vec<usize> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+            .collect();
+        steps.sort();
+        let Some(&step) = steps.last() else { return Ok(()) };
+        let cdir = dir.join(format!("step-{step:08}"));
+        let read = |name: &str| -> Result<HashMap<String, Tensor>, TrainError> {
+            candle_core::safetensors::load(cdir.join(name), &self.device)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", cdir.join(name).display())))
+        };
+        let params = read("params.safetensors")?;
+        let moments = read("optimizer.safetensors")?;
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(cdir.join("state.json")).map_err(|e| TrainError::Checkpoint(e.to_string()))?,
+        )
+        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        for (i, (name, var)) in self.opt.params.iter().enumerate() {
+            let missing = || TrainError::Checkpoint(format!("{name} missing from checkpoint step {step}"));
+            var.set(&params.get(name).ok_or_else(missing)?.to_dtype(var.dtype())?)?;
+            self.opt.exp_avg[i] = moments.get(&format!("exp_avg.{name}")).ok_or_else(missing)?.clone();
+            self.opt.exp_avg_sq[i] = moments.get(&format!("exp_avg_sq.{name}")).ok_or_else(missing)?.clone();
+        }
+        self.opt.step = state["optimizer_step"].as_u64().unwrap_or(step as u64) as usize;
+        self.metrics = serde_json::from_value(state["metrics"].clone()).unwrap_or_default();
+        self.step = step;
+        self.resumed_from = Some(step);
+        tracing::info!(step, "resumed from checkpoint");
+        Ok(())
+    }
+
+    /// Writes `checkpoints/step-N/` atomically: a temporary directory renamed into place.
+    pub fn checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let dir = self.checkpoint_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(e.to_string()))?;
+        let final_dir = dir.join(format!("step-{:08}", self.step));
+        let tmp = dir.join(format!(".tmp-step-{:08}", self.step));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::Io(e.to_string()))?;
+        let mut params = HashMap::new();
+        let mut moments = HashMap::new();
+        for (i, (name, var)) in self.opt.params.iter().enumerate() {
+            params.insert(name.clone(), var.as_tensor().detach());
+            moments.insert(format!("exp_avg.{name}"), self.opt.exp_avg[i].clone());
+            moments.insert(format!("exp_avg_sq.{name}"), self.opt.exp_avg_sq[i].clone());
+        }
+        candle_core::safetensors::save(&params, tmp.join("params.safetensors"))?;
+        candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
+        let state = serde_json::json!({
+            "step": self.step,
+            "optimizer_step": self.opt.step,
+            "metrics": self.metrics,
+            "method": self.config.method,
+        });
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
+            .map_err(|e| TrainError::Io(e.to_string()))?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::Io(e.to_string()))?;
+        Ok(final_dir)
+    }
+
+    /// `n` usable pairs starting at stream position `start`; a pair whose image does not decode
+    /// is replaced by the pair at the same position of a later epoch.
+    fn pairs(&mut self, start: usize, n: usize) -> Result<Vec<(RawPair, Tensor, Tensor)>, TrainError> {
+        let seed = self.config.hyperparameters.seed;
+        let len = self.dataset.len();
+        let pre = Preprocess { resolution: self.resolution, random_crop: self.config.hyperparameters.random_crop };
+        let mut out = Vec::with_capacity(n);
+        for j in 0..n {
+            let mut got = None;
+            for attempt in 0..8 {
+                let pos = start + j + attempt * len;
+                let mut rng = NoiseRng::new(mix(seed ^ 0xDA7A, pos as u64));
+                let Some(pair) = self.dataset.pair(seed, pos)? else {
+                    self.dataset.stats.undecodable_skipped += 1;
+                    continue;
+                };
+                let (f0, f1) = (rng.uniform() < 0.5, rng.uniform() < 0.5);
+                let (c0, c1) = ((rng.uniform(), rng.uniform()), (rng.uniform(), rng.uniform()));
+                match (pre.apply(&pair.winner, f0, c0, &self.device), pre.apply(&pair.loser, f1, c1, &self.device)) {
+                    (Some(w), Some(l)) => {
+                        got = Some((pair, w?, l?));
+                        break;
+                    }
+                    _ => self.dataset.stats.undecodable_skipped += 1,
+                }
+            }
+            out.push(got.ok_or_else(|| TrainError::Dataset("too many undecodable images in a row".into()))?);
+        }
+        Ok(out)
+    }
+
+    fn encode_text(&self, captions: &[String]) -> Result<(Tensor, Option<Tensor>), TrainError> {
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let mut notes = crate::pipelines::Notes::default();
+        let map = |e: crate::pipelines::PipelineError| TrainError::Config(e.to_string());
+        if self.model.architecture == Architecture::StableDiffusionXl {
+            let e = crate::pipelines::sdxl::encode(&self.model, &refs, &mut notes).map_err(map)?;
+            Ok((e.prompt_embeds.detach(), Some(e.pooled.detach())))
+        } else {
+            let mut ids = Vec::new();
+            for c in &refs {
+                ids.push(self.model.tokenizer.encode(c)?.ids);
+            }
+            let (n, l) = (ids.len(), ids[0].len());
+            let ids = Tensor::from_vec(ids.concat(), (n, l), &self.device)?;
+            Ok((self.model.text_encoder.forward(&ids)?.last_hidden_state.detach(), None))
+        }
+    }
+
+    /// One micro-batch: its loss (already divided by the accumulation count), gradients and u.
+    fn micro_batch(&mut self, k: usize, pair_start: usize) -> Result<(f64, Vec<Tensor>, Vec<f32>), TrainError> {
+        let h = self.config.hyperparameters.clone();
+        let b = h.batch_size;
+        let pairs = self.pairs(pair_start, b)?;
+        let mut rng = NoiseRng::new(mix(h.seed, k as u64));
+        let captions: Vec<String> = pairs
+            .iter()
+            .map(|(p, _, _)| if rng.uniform() < h.caption_dropout { String::new() } else { p.caption.clone() })
+            .collect();
+        let winners: Vec<&Tensor> = pairs.iter().map(|(_, w, _)| w).collect();
+        let losers: Vec<&Tensor> = pairs.iter().map(|(_, _, l)| l).collect();
+        let images = Tensor::cat(&[Tensor::stack(&winners, 0)?, Tensor::stack(&losers, 0)?], 0)?;
+        let post = self.model.vae.encode(&images)?;
+        let vnoise = rng.randn(post.mean.dims(), &self.device, DType::F32)?;
+        let x0 = (post.sample_with(&vnoise)? * self.model.vae.config.scaling_factor)?.detach();
+        let (ehs, pooled) = self.encode_text(&captions)?;
+        let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
+        let (_, c, lh, lw) = x0.dims4()?;
+        let noise = rng.randn((b, c, lh, lw), &self.device, DType::F32)?;
+        let noise = Tensor::cat(&[&noise, &noise], 0)?;
+        let t: Vec<usize> = (0..b).map(|_| rng.below(self.schedule.num_train_timesteps())).collect();
+        let timesteps: Vec<usize> = t.iter().chain(t.iter()).copied().collect();
+        let added = match pooled {
+            Some(p) => {
+                let r = self.resolution as f32;
+                // The official trainer fixes the ids at the training resolution.
+                let ids: Vec<f32> = (0..2 * b).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
+                Some((Tensor::cat(&[&p, &p], 0)?, Tensor::from_vec(ids, (2 * b, 6), &self.device)?))
+            }
+            None => None,
+        };
+        let batch = Batch { x0, noise, timesteps, encoder_hidden_states: ehs, added };
+        let method = self.config.method;
+        let beta = self.config.beta();
+        let out = match &self.params {
+            Params::Lora(_) => batch_loss(&self.model.unet, Reference::AdaptersOff, &self.schedule, &batch, method, beta)?,
+            Params::Full { policy, .. } => batch_loss(policy, Reference::Model(&self.model.unet), &self.schedule, &batch, method, beta)?,
+        };
+        let accum = h.gradient_accumulation_steps as f64;
+        let loss = (out.loss / accum)?;
+        let grads = loss.backward()?;
+        let g = collect(&self.opt.params, &grads)?;
+        let u: Vec<f32> = match &out.u {
+            Some(u) => u.to_dtype(DType::F32)?.to_vec1()?,
+            None => vec![],
+        };
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * accum, g, u))
+    }
+
+    /// One optimiser step (all its micro-batches). Returns its metrics.
+    pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let started = std::time::Instant::now();
+        let h = self.config.hyperparameters.clone();
+        let accum = h.gradient_accumulation_steps;
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0.0;
+        let mut us = Vec::new();
+        for m in 0..accum {
+            let k = self.step * accum + m;
+            let (l, g, u) = self.micro_batch(k, k * h.batch_size)?;
+            loss_sum += l;
+            us.extend(u);
+            sum = Some(match sum {
+                None => g,
+                Some(s) => s.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?,
+            });
+        }
+        let clipped = clip(sum.unwrap_or_default(), Some(h.max_grad_norm))?;
+        // diffusers' constant_with_warmup: the factor of optimiser step k (from 0) is k / warmup.
+        let warm = if h.warmup_steps == 0 { 1.0 } else { (self.step as f64 / h.warmup_steps as f64).min(1.0) };
+        let lr = self.config.learning_rate() * warm;
+        self.opt.update(&clipped.clipped, lr)?;
+        self.step += 1;
+        let metrics = StepMetrics {
+            step: self.step,
+            total_steps: h.max_steps,
+            loss: loss_sum / accum as f64,
+            implicit_accuracy: if us.is_empty() {
+                None
+            } else {
+                Some(us.iter().filter(|&&u| u > 0.0).count() as f64 / us.len() as f64)
+            },
+            learning_rate: lr,
+            grad_norm: clipped.norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.metrics.push(metrics.clone());
+        Ok(metrics)
+    }
+
+    /// Runs to `max_steps`. `control` sees every step's metrics; returning false cancels.
+    pub fn run(&mut self, control: &mut dyn FnMut(&StepMetrics) -> bool) -> Result<TrainOutcome, TrainError> {
+        let h = self.config.hyperparameters.clone();
+        std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::Io(e.to_string()))?;
+        while self.step < h.max_steps {
+            let m = self.train_step()?;
+            if h.checkpoint_every > 0 && self.step % h.checkpoint_every == 0 && self.step < h.max_steps {
+                self.checkpoint()?;
+            }
+            if !control(&m) {
+                return Err(TrainError::Cancelled);
+            }
+        }
+        let artifact = self.save_final()?;
+        Ok(TrainOutcome {
+            artifact,
+            metrics: self.metrics.clone(),
+            dataset: self.dataset.stats.clone(),
+            resumed_from: self.resumed_from,
+        })
+    }
+
+    /// LoRA: `adapter.safetensors` (diffusers format); full: `unet/` in diffusers layout.
+    pub fn save_final(&self) -> Result<PathBuf, TrainError> {
+        let out = &self.config.output_dir;
+        match &self.params {
+            Params::Lora(l) => {
+                let path = out.join("adapter.safetensors");
+                l.to_adapter()?.save(&path)?;
+                Ok(path)
+            }
+            Params::Full { registry, .. } => {
+                let dir = out.join("unet");
+                std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(e.to_string()))?;
+                let tensors: HashMap<String, Tensor> =
+                    registry.all().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+                let tmp = dir.join("diffusion_pytorch_model.safetensors.tmp");
+                candle_core::safetensors::save(&tensors, &tmp)?;
+                std::fs::rename(&tmp, dir.join("diffusion_pytorch_model.safetensors")).map_err(|e| TrainError::Io(e.to_string()))?;
+                std::fs::copy(self.model.dir.join("unet").join("config.json"), dir.join("config.json"))
+                    .map_err(|e| TrainError::Io(e.to_string()))?;
+                Ok(dir)
+            }
+        }
+    }
+
+    /// The adapter as trained so far (LoRA runs only).
+    pub fn adapter(&self) -> Option<Result<LoraAdapter, TrainError>> {
+        match &self.params {
+            Params::Lora(l) => Some(l.to_adapter()),
+            _ => None,
+        }
+    }
+
+    /// Implicit accuracy of the current weights on the `n` pairs at stream positions
+    /// `[start, start + n)`, each under `draws` fixed (noise, timestep) draws: the share of the
+    /// `n * draws` evaluations with u > 0. Many draws matter: one draw is dominated by its
+    /// timestep's noise level. The draws come from an evaluation stream, not the training one.
+    pub fn eval_implicit_accuracy(&mut self, start: usize, n: usize, draws: usize) -> Result<f64, TrainError> {
+        let saved = (self.config.hyperparameters.caption_dropout, self.config.hyperparameters.batch_size, self.config.method);
+        self.config.hyperparameters.caption_dropout = 0.0;
+        self.config.hyperparameters.batch_size = n;
+        if self.config.method == Method::Sft {
+            self.config.method = Method::DiffusionDpo;
+        }
+        let mut positive = 0usize;
+        let mut total = 0usize;
+        let mut result = Ok(());
+        for d in 0..draws.max(1) {
+            match self.micro_batch((1usize << 40) + d, start) {
+                Ok((_, _, u)) => {
+                    positive += u.iter().filter(|&&v| v > 0.0).count();
+                    total += u.len();
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        (self.config.hyperparameters.caption_dropout, self.config.hyperparameters.batch_size, self.config.method) = saved;
+        result?;
+        Ok(positive as f64 / total.max(1) as f64)
+    }
+}
+
+/// Loads a train config from TOML or JSON (by extension).
+pub fn load_config(path: &Path) -> Result<TrainConfig, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        serde_json::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    } else {
+        toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+}
