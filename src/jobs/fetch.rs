@@ -1,0 +1,284 @@
+//! Getting a job's dataset onto local disk as a Pick-a-Pic-schema parquet file.
+//!
+//! Sources: `http(s)://` (parquet, or a JSONL manifest whose images are URLs or paths relative
+//! to it), `hf://datasets/<owner>/<name>[/<file or split>]` through the hub, and `file://`
+//! under configured directories. Downloads are size-limited, time-limited, report progress and
+//! can be cancelled. Addresses that resolve to loopback, private or link-local networks are
+//! refused at connect time (the check runs in the resolver, so a DNS answer cannot change
+//! between check and connect) unless the operator allows them.
+
+use super::types::JobError;
+use crate::training::dataset::write_pairs_parquet;
+use std::io::{BufRead, Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub max_bytes: u64,
+    pub timeout: Duration,
+    pub allow_private_networks: bool,
+    /// Directories `file://` URLs may point into.
+    pub file_roots: Vec<PathBuf>,
+    /// Images referenced by a JSONL manifest: at most this many bytes each.
+    pub max_image_bytes: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 2 << 30,
+            timeout: Duration::from_secs(600),
+            allow_private_networks: false,
+            file_roots: Vec::new(),
+            max_image_bytes: 20 << 20,
+        }
+    }
+}
+
+/// Called with (bytes so far, total if known); returning false cancels.
+pub type FetchProgress<'a> = &'a mut dyn FnMut(u64, Option<u64>) -> bool;
+
+fn derr(m: impl Into<String>) -> JobError {
+    JobError::Dataset(m.into())
+}
+
+/// True for addresses a server-side fetch must not reach by default.
+pub fn is_private(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_broadcast()
+                || v.octets()[0] == 100 && (v.octets()[1] & 0xC0) == 64 // 100.64/10 carrier-grade NAT
+                || v.octets()[0] == 0
+        }
+        IpAddr::V6(v) => {
+            if let Some(m) = v.to_ipv4_mapped() {
+                return is_private(&IpAddr::V4(m));
+            }
+            let s = v.segments()[0];
+            v.is_loopback() || v.is_unspecified() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn agent(cfg: &FetchConfig) -> ureq::Agent {
+    let allow = cfg.allow_private_networks;
+    ureq::AgentBuilder::new()
+        .timeout(cfg.timeout)
+        .timeout_connect(Duration::from_secs(20))
+        .redirects(5)
+        .resolver(move |addr: &str| -> std::io::Result<Vec<SocketAddr>> {
+            let all: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
+            let ok: Vec<SocketAddr> = all.iter().copied().filter(|a| allow || !is_private(&a.ip())).collect();
+            if ok.is_empty() && !all.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{addr} resolves to a loopback/private/link-local address (allow with --allow-private-dataset-urls)"),
+                ));
+            }
+            Ok(ok)
+        })
+        .build()
+}
+
+/// Streams a URL into `dest` with a size limit. Returns the byte count.
+pub fn download(url: &str, dest: &Path, cfg: &FetchConfig, limit: u64, progress: FetchProgress<'_>) -> Result<u64, JobError> {
+    let resp = agent(cfg).get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => derr(format!("GET {url}: HTTP {code}")),
+        ureq::Error::Transport(t) => derr(format!("GET {url}: {t}")),
+    })?;
+    let total = resp.header("content-length").and_then(|v| v.parse::<u64>().ok());
+    if let Some(t) = total {
+        if t > limit {
+            return Err(derr(format!("{url} is {t} bytes, over the {limit} byte limit")));
+        }
+    }
+    let tmp = dest.with_extension("part");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| derr(format!("{}: {e}", tmp.display())))?;
+    let mut reader = resp.into_reader();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n: u64 = 0;
+    let mut last = std::time::Instant::now();
+    loop {
+        let k = reader.read(&mut buf).map_err(|e| derr(format!("reading {url}: {e}")))?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        if n > limit {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(derr(format!("{url} exceeds the {limit} byte limit")));
+        }
+        file.write_all(&buf[..k]).map_err(|e| derr(e.to_string()))?;
+        if last.elapsed() > Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            if !progress(n, total) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(JobError::Dataset("cancelled".into()));
+            }
+        }
+    }
+    progress(n, total);
+    file.flush().map_err(|e| derr(e.to_string()))?;
+    drop(file);
+    std::fs::rename(&tmp, dest).map_err(|e| derr(e.to_string()))?;
+    Ok(n)
+}
+
+fn is_parquet(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && &head == b"PAR1"
+}
+
+/// Where a manifest's relative image references are resolved.
+enum Base {
+    Url(String),
+    Dir(PathBuf),
+}
+
+fn resolve_file_url(url: &str, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
+    let raw = url.strip_prefix("file://").unwrap_or(url);
+    let p = std::fs::canonicalize(raw).map_err(|e| derr(format!("{url}: {e}")))?;
+    let allowed = cfg
+        .file_roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .any(|root| p.starts_with(&root));
+    if !allowed {
+        return Err(JobError::Invalid(format!(
+            "{url} is not under a directory allowed for file:// datasets (config datasets.file_roots)"
+        )));
+    }
+    Ok(p)
+}
+
+/// Fetches `url` into `work_dir` and returns the parquet file to train on.
+pub fn fetch_dataset(url: &str, work_dir: &Path, cfg: &FetchConfig, progress: FetchProgress<'_>) -> Result<PathBuf, JobError> {
+    std::fs::create_dir_all(work_dir).map_err(|e| derr(format!("{}: {e}", work_dir.display())))?;
+    let (local, base) = if url.starts_with("http://") || url.starts_with("https://") {
+        let dest = work_dir.join("download");
+        download(url, &dest, cfg, cfg.max_bytes, progress)?;
+        (dest, Base::Url(url.to_string()))
+    } else if url.starts_with("file://") {
+        let p = resolve_file_url(url, cfg)?;
+        let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+        (p, Base::Dir(dir))
+    } else if let Some(rest) = url.strip_prefix("hf://datasets/") {
+        let p = hub_dataset(rest)?;
+        let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+        (p, Base::Dir(dir))
+    } else {
+        return Err(JobError::Invalid(format!(
+            "dataset_url must start with http://, https://, hf://datasets/ or file://, got {url:?}"
+        )));
+    };
+    if is_parquet(&local) {
+        return Ok(local);
+    }
+    let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        return Err(derr("the dataset file is empty"));
+    }
+    manifest_to_parquet(&local, &base, work_dir, cfg)
+}
+
+/// A JSONL manifest, one `{caption, image_0, image_1, label_0}` per line, becomes a parquet
+/// file. An image that cannot be fetched is stored empty and later skipped (and counted) by
+/// the trainer, like an undecodable JPEG.
+fn manifest_to_parquet(path: &Path, base: &Base, work_dir: &Path, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
+    let f = std::fs::File::open(path).map_err(|e| derr(e.to_string()))?;
+    let mut rows = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|_| derr("the dataset is neither parquet nor a UTF-8 JSONL manifest"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| derr(format!("the dataset is neither parquet nor a JSONL manifest (line {}: {e})", i + 1)))?;
+        let field = |k: &str| v.get(k).ok_or_else(|| derr(format!("manifest line {}: missing field {k}", i + 1)));
+        let caption = field("caption")?.as_str().unwrap_or_default().to_string();
+        let label = field("label_0")?
+            .as_f64()
+            .ok_or_else(|| derr(format!("manifest line {}: label_0 must be a number", i + 1)))?;
+        let img = |k: &str| -> Result<Vec<u8>, JobError> {
+            let r = field(k)?.as_str().ok_or_else(|| derr(format!("manifest line {}: {k} must be a string", i + 1)))?;
+            Ok(fetch_image(r, base, work_dir, cfg).unwrap_or_default())
+        };
+        rows.push((caption, img("image_0")?, img("image_1")?, label));
+    }
+    if rows.is_empty() {
+        return Err(derr("the manifest has no rows"));
+    }
+    let out = work_dir.join("pairs.parquet");
+    write_pairs_parquet(&out, &rows, 500).map_err(|e| derr(e.to_string()))?;
+    Ok(out)
+}
+
+fn fetch_image(r: &str, base: &Base, work_dir: &Path, cfg: &FetchConfig) -> Result<Vec<u8>, JobError> {
+    let tmp = work_dir.join("image.tmp");
+    let url = if r.starts_with("http://") || r.starts_with("https://") {
+        Some(r.to_string())
+    } else if let Base::Url(b) = base {
+        let cut = b.rfind('/').map(|i| &b[..=i]).unwrap_or(b);
+        Some(format!("{cut}{r}"))
+    } else {
+        None
+    };
+    match (url, base) {
+        (Some(u), _) => {
+            download(&u, &tmp, cfg, cfg.max_image_bytes, &mut |_, _| true)?;
+            let bytes = std::fs::read(&tmp).map_err(|e| derr(e.to_string()))?;
+            let _ = std::fs::remove_file(&tmp);
+            Ok(bytes)
+        }
+        (None, Base::Dir(d)) => {
+            let p = std::fs::canonicalize(d.join(r)).map_err(|e| derr(format!("{r}: {e}")))?;
+            // A manifest may not reach outside its own directory tree.
+            let root = std::fs::canonicalize(d).map_err(|e| derr(e.to_string()))?;
+            if !p.starts_with(&root) {
+                return Err(derr(format!("{r} leaves the manifest's directory")));
+            }
+            std::fs::read(&p).map_err(|e| derr(format!("{r}: {e}")))
+        }
+        (None, Base::Url(_)) => unreachable!("relative references under a URL base become URLs"),
+    }
+}
+
+/// `<owner>/<name>[/<file or split>]` on the hub: a named file is downloaded as is; a split
+/// name (or nothing, meaning `train`) takes the split's first parquet shard.
+#[cfg(feature = "hub")]
+fn hub_dataset(rest: &str) -> Result<PathBuf, JobError> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+    let parts: Vec<&str> = rest.splitn(3, '/').collect();
+    if parts.len() < 2 {
+        return Err(JobError::Invalid("hf:// dataset URLs look like hf://datasets/<owner>/<name>[/<file or split>]".into()));
+    }
+    let repo_id = format!("{}/{}", parts[0], parts[1]);
+    let api = ApiBuilder::from_env().with_progress(false).build().map_err(|e| derr(e.to_string()))?;
+    let repo = api.repo(Repo::new(repo_id.clone(), RepoType::Dataset));
+    let target = parts.get(2).copied().unwrap_or("train");
+    if target.ends_with(".parquet") || target.ends_with(".jsonl") {
+        return repo.get(target).map_err(|e| derr(format!("{repo_id}/{target}: {e}")));
+    }
+    let info = repo.info().map_err(|e| derr(format!("{repo_id}: {e}")))?;
+    let mut shards: Vec<String> = info
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .filter(|f| f.ends_with(".parquet") && f.rsplit('/').next().map(|n| n.starts_with(target)).unwrap_or(false))
+        .collect();
+    shards.sort();
+    let first = shards.first().ok_or_else(|| derr(format!("{repo_id} has no parquet shard for split {target}")))?;
+    repo.get(first).map_err(|e| derr(format!("{repo_id}/{first}: {e}")))
+}
+
+#[cfg(not(feature = "hub"))]
+fn hub_dataset(rest: &str) -> Result<PathBuf, JobError> {
+    Err(JobError::Invalid(format!("hf://datasets/{rest}: this build has no hub support")))
+}

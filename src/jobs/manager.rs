@@ -1,0 +1,449 @@
+//! The job manager: a persistent queue of fine-tuning jobs run one at a time on a dedicated
+//! thread, with progress events, cancellation, restart recovery and adapter registration.
+//!
+//! The HTTP layer only calls the methods here; training code knows nothing about jobs.
+
+use super::fetch::{fetch_dataset, FetchConfig};
+use super::store::Store;
+use super::types::{AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress};
+use super::webhook;
+use crate::training::trainer::Trainer;
+use crate::training::{Hyperparameters, StepMetrics, TrainConfig, TrainError};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Resolves a request's `base_model` (None = the default) to (served name, local directory).
+pub type ModelResolver = Arc<dyn Fn(Option<&str>) -> Option<(String, PathBuf)> + Send + Sync>;
+/// True while inference requests are waiting: training then pauses between steps.
+pub type BusyProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub struct JobsConfig {
+    pub data_dir: PathBuf,
+    pub fetch: FetchConfig,
+    /// HMAC-SHA256 key for webhook signatures; webhooks are refused without one.
+    pub webhook_secret: Option<String>,
+    pub webhook_retries: usize,
+    /// Fine-tuning defaults per served model name; `default` for the rest.
+    pub defaults: HashMap<String, FinetuneDefaults>,
+    pub device: String,
+}
+
+impl JobsConfig {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            fetch: FetchConfig::default(),
+            webhook_secret: None,
+            webhook_retries: 5,
+            defaults: HashMap::new(),
+            device: "cpu".into(),
+        }
+    }
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.data_dir.join("adapters")
+    }
+    fn defaults_for(&self, model: &str) -> FinetuneDefaults {
+        self.defaults.get(model).cloned().unwrap_or_default()
+    }
+}
+
+/// One message of GET /finetune/{id}/events.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobEvent {
+    pub job_id: String,
+    /// `status` (the whole job object) or `progress`.
+    pub event: &'static str,
+    pub data: serde_json::Value,
+}
+
+struct Queue {
+    items: Mutex<VecDeque<String>>,
+    cv: Condvar,
+}
+
+pub struct JobManager {
+    cfg: JobsConfig,
+    store: Store,
+    models: ModelResolver,
+    busy: Option<BusyProbe>,
+    queue: Queue,
+    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    events: tokio::sync::broadcast::Sender<JobEvent>,
+    stop: AtomicBool,
+}
+
+fn valid_adapter_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') && !n.starts_with('.')
+}
+
+fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
+    JobErrorBody { code: code.into(), message: message.into() }
+}
+
+fn train_error_body(e: &TrainError) -> JobErrorBody {
+    match e {
+        TrainError::Dataset(m) => err_body("dataset_error", m.clone()),
+        TrainError::Config(m) => err_body("invalid_job", m.clone()),
+        TrainError::Checkpoint(m) => err_body("checkpoint_error", m.clone()),
+        TrainError::Cancelled => err_body("cancelled", "cancelled"),
+        other => err_body("training_error", other.to_string()),
+    }
+}
+
+impl JobManager {
+    /// Opens the store, re-queues what a previous process left unfinished, starts the worker.
+    pub fn start(cfg: JobsConfig, models: ModelResolver, busy: Option<BusyProbe>) -> Result<Arc<Self>, JobError> {
+        let store = Store::open(&cfg.data_dir.join("jobs.sqlite"))?;
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let m = Arc::new(Self {
+            cfg,
+            store,
+            models,
+            busy,
+            queue: Queue { items: Mutex::new(VecDeque::new()), cv: Condvar::new() },
+            cancels: Mutex::new(HashMap::new()),
+            events,
+            stop: AtomicBool::new(false),
+        });
+        for job in m.store.list(None)? {
+            if !job.status.is_terminal() {
+                // Unfinished work resumes: downloads restart, training continues from its
+                // newest checkpoint (the trainer finds it in the job's output directory).
+                m.store.set_status(&job.id, JobStatus::Queued, None)?;
+                m.enqueue(&job.id);
+                tracing::info!(job = %job.id, was = job.status.as_str(), "re-queued after restart");
+            }
+        }
+        let worker = m.clone();
+        std::thread::Builder::new()
+            .name("finetune-jobs".into())
+            .spawn(move || worker.run_worker())
+            .map_err(|e| JobError::Store(e.to_string()))?;
+        Ok(m)
+    }
+
+    /// Stops taking new jobs after the current one (the running job is cancelled and stays
+    /// resumable: it is re-queued at the next start).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for flag in self.cancels.lock().unwrap().values() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        self.queue.cv.notify_all();
+    }
+
+    fn enqueue(&self, id: &str) {
+        self.cancels.lock().unwrap().insert(id.to_string(), Arc::new(AtomicBool::new(false)));
+        self.queue.items.lock().unwrap().push_back(id.to_string());
+        self.queue.cv.notify_one();
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit_status(&self, id: &str) {
+        if let Ok(Some(job)) = self.store.get(id) {
+            let _ = self.events.send(JobEvent {
+                job_id: id.to_string(),
+                event: "status",
+                data: serde_json::to_value(&job).unwrap_or_default(),
+            });
+        }
+    }
+
+    /// Merged hyperparameters: the model's defaults, then the request's fields.
+    fn hyperparameters(&self, model: &str, spec: &JobSpec) -> Result<Hyperparameters, JobError> {
+        let mut base = serde_json::to_value(self.cfg.defaults_for(model).hyperparameters).unwrap_or_default();
+        if let Some(h) = &spec.hyperparameters {
+            let obj = h.as_object().ok_or_else(|| JobError::Invalid("hyperparameters must be an object".into()))?;
+            for (k, v) in obj {
+                if base.get(k).is_none() {
+                    return Err(JobError::Invalid(format!("unknown hyperparameter '{k}'")));
+                }
+                base[k] = v.clone();
+            }
+        }
+        serde_json::from_value(base).map_err(|e| JobError::Invalid(format!("hyperparameters: {e}")))
+    }
+
+    fn train_config(&self, id: &str, spec: &JobSpec, dataset: PathBuf) -> Result<TrainConfig, JobError> {
+        let (name, dir) = (self.models)(spec.base_model.as_deref())
+            .ok_or_else(|| JobError::Invalid(format!("unknown base_model {:?}", spec.base_model)))?;
+        let defaults = self.cfg.defaults_for(&name);
+        Ok(TrainConfig {
+            model: dir.display().to_string(),
+            dataset,
+            output_dir: self.job_dir(id).join("train"),
+            method: spec.method,
+            lora: if spec.full_finetune { None } else { Some(spec.lora.clone().unwrap_or(defaults.lora)) },
+            full_finetune: spec.full_finetune,
+            hyperparameters: self.hyperparameters(&name, spec)?,
+            device: self.cfg.device.clone(),
+        })
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("jobs").join(id)
+    }
+
+    /// Validates and queues a job. Errors here are the client's (422 / 404).
+    pub fn submit(&self, mut spec: JobSpec) -> Result<JobRecord, JobError> {
+        let (model_name, _) = (self.models)(spec.base_model.as_deref())
+            .ok_or_else(|| JobError::Invalid(format!("unknown base_model {:?}", spec.base_model)))?;
+        spec.base_model = Some(model_name.clone());
+        let url = spec.dataset_url.trim();
+        if !["http://", "https://", "hf://datasets/", "file://"].iter().any(|p| url.starts_with(p)) {
+            return Err(JobError::Invalid(format!(
+                "dataset_url must start with http://, https://, hf://datasets/ or file://, got {url:?}"
+            )));
+        }
+        if spec.full_finetune {
+            return Err(JobError::Invalid(
+                "full fine-tuning jobs are not served (their result is a whole UNet, not an adapter); use `dspo-server train` with full_finetune = true".into(),
+            ));
+        }
+        if let Some(w) = &spec.webhook_url {
+            if !(w.starts_with("http://") || w.starts_with("https://")) {
+                return Err(JobError::Invalid("webhook_url must be an http(s) URL".into()));
+            }
+            if self.cfg.webhook_secret.is_none() {
+                return Err(JobError::Invalid("this server has no webhook secret configured (jobs.webhook_secret)".into()));
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let name = match &spec.adapter_name {
+            Some(n) => n.clone(),
+            None => format!("{}-{}", spec.method.name(), &id[..8]),
+        };
+        if !valid_adapter_name(&name) {
+            return Err(JobError::Invalid(format!(
+                "adapter_name {name:?}: use 1-64 characters of letters, digits, '-', '_' and '.'"
+            )));
+        }
+        if self.store.adapters()?.iter().any(|a| a.name == name) || self.cfg.adapters_dir().join(&name).exists() {
+            return Err(JobError::AdapterExists(name));
+        }
+        spec.adapter_name = Some(name);
+        // Validate the whole training config now, so a typo fails the request, not the job.
+        let cfg = self.train_config(&id, &spec, PathBuf::from("<dataset>"))?;
+        cfg.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
+        if let Some(l) = &cfg.lora {
+            if l.rank == 0 || l.target_modules.is_empty() {
+                return Err(JobError::Invalid("lora rank must be >= 1 and target_modules non-empty".into()));
+            }
+        }
+        self.store.insert(&id, &spec)?;
+        self.enqueue(&id);
+        self.emit_status(&id);
+        self.store.get(&id)?.ok_or_else(|| JobError::NotFound(id))
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobRecord, JobError> {
+        self.store.get(id)?.ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    pub fn list(&self, status: Option<JobStatus>) -> Result<Vec<JobRecord>, JobError> {
+        self.store.list(status)
+    }
+
+    pub fn metrics(&self, id: &str) -> Result<Vec<StepMetrics>, JobError> {
+        self.get(id)?;
+        self.store.metrics(id)
+    }
+
+    /// Cancels this job and no other. A queued job ends at once; a running one at its next
+    /// step boundary (or download chunk). Ended jobs are returned unchanged.
+    pub fn cancel(&self, id: &str) -> Result<JobRecord, JobError> {
+        let job = self.get(id)?;
+        if job.status.is_terminal() {
+            return Ok(job);
+        }
+        if let Some(flag) = self.cancels.lock().unwrap().get(id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let was_queued = {
+            let mut q = self.queue.items.lock().unwrap();
+            let before = q.len();
+            q.retain(|j| j != id);
+            q.len() != before
+        };
+        if was_queued {
+            self.finish(id, JobStatus::Cancelled, None);
+        }
+        self.get(id)
+    }
+
+    pub fn adapters(&self) -> Result<Vec<AdapterInfo>, JobError> {
+        self.store.adapters()
+    }
+
+    pub fn adapter_file(&self, name: &str) -> Result<PathBuf, JobError> {
+        let p = self.cfg.adapters_dir().join(name).join("adapter.safetensors");
+        if valid_adapter_name(name) && p.exists() {
+            Ok(p)
+        } else {
+            Err(JobError::AdapterNotFound(name.to_string()))
+        }
+    }
+
+    pub fn delete_adapter(&self, name: &str) -> Result<(), JobError> {
+        let file = self.adapter_file(name)?;
+        self.store.delete_adapter(name)?;
+        if let Some(dir) = file.parent() {
+            std::fs::remove_dir_all(dir).map_err(|e| JobError::Store(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&self, id: &str, status: JobStatus, error: Option<JobErrorBody>) {
+        if let Err(e) = self.store.set_status(id, status, error.as_ref()) {
+            tracing::error!(job = id, "persisting job state: {e}");
+        }
+        self.cancels.lock().unwrap().remove(id);
+        self.emit_status(id);
+        if let Ok(job) = self.get(id) {
+            if let (Some(url), Some(secret)) = (&job.spec.webhook_url, &self.cfg.webhook_secret) {
+                webhook::deliver_in_background(url.clone(), secret.clone(), &job, self.cfg.webhook_retries, self.cfg.fetch.clone());
+            }
+        }
+    }
+
+    fn run_worker(self: Arc<Self>) {
+        loop {
+            let id = {
+                let mut q = self.queue.items.lock().unwrap();
+                loop {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(id) = q.pop_front() {
+                        break id;
+                    }
+                    q = self.queue.cv.wait_timeout(q, Duration::from_millis(500)).unwrap().0;
+                }
+            };
+            let flag = self.cancels.lock().unwrap().get(&id).cloned().unwrap_or_default();
+            // A panic in training must fail this job, not the worker.
+            let me = self.clone();
+            let jid = id.clone();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || me.run_job(&jid, &flag)));
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err((status, body))) => {
+                    if self.stop.load(Ordering::SeqCst) && status == JobStatus::Cancelled {
+                        // Shutdown interrupted it: leave it resumable for the next start.
+                        let _ = self.store.set_status(&id, JobStatus::Queued, None);
+                    } else {
+                        self.finish(&id, status, body);
+                    }
+                }
+                Err(_) => self.finish(&id, JobStatus::Failed, Some(err_body("internal_error", "the training thread panicked"))),
+            }
+        }
+    }
+
+    fn run_job(&self, id: &str, cancel: &AtomicBool) -> Result<(), (JobStatus, Option<JobErrorBody>)> {
+        let fail = |b: JobErrorBody| (JobStatus::Failed, Some(b));
+        let job = self.get(id).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        let spec = job.spec.clone();
+        let cancelled = || (JobStatus::Cancelled, None);
+
+        self.store.set_status(id, JobStatus::Downloading, None).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        self.emit_status(id);
+        let mut last_emit = Instant::now() - Duration::from_secs(1);
+        let dataset = fetch_dataset(&spec.dataset_url, &self.job_dir(id).join("dataset"), &self.cfg.fetch, &mut |n, total| {
+            if last_emit.elapsed() >= Duration::from_millis(500) {
+                last_emit = Instant::now();
+                let p = Progress { downloaded_bytes: Some(n), total_bytes: total, ..Default::default() };
+                let _ = self.store.set_progress(id, &p);
+                let _ = self.events.send(JobEvent { job_id: id.into(), event: "progress", data: serde_json::to_value(&p).unwrap_or_default() });
+            }
+            !cancel.load(Ordering::SeqCst)
+        });
+        if cancel.load(Ordering::SeqCst) {
+            return Err(cancelled());
+        }
+        let dataset = dataset.map_err(|e| fail(err_body(e.code(), e.to_string())))?;
+
+        let cfg = self.train_config(id, &spec, dataset).map_err(|e| fail(err_body(e.code(), e.to_string())))?;
+        let mut trainer = Trainer::new(cfg.clone()).map_err(|e| fail(train_error_body(&e)))?;
+        let stats = serde_json::to_value(trainer.dataset_stats()).unwrap_or_default();
+        let _ = self.store.set_dataset_stats(id, &stats);
+        let _ = self.store.truncate_metrics(id, trainer.step());
+        self.store.set_status(id, JobStatus::Training, None).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        self.emit_status(id);
+
+        let started = Instant::now();
+        let first = trainer.step();
+        let mut last_emit = Instant::now() - Duration::from_secs(1);
+        let result = trainer.run(&mut |m| {
+            let done = (m.step - first).max(1) as f64;
+            let eta = started.elapsed().as_secs_f64() / done * (m.total_steps - m.step) as f64;
+            let p = Progress {
+                step: m.step,
+                total_steps: m.total_steps,
+                loss: Some(m.loss),
+                implicit_accuracy: m.implicit_accuracy,
+                eta_seconds: Some(eta),
+                ..Default::default()
+            };
+            if let Err(e) = self.store.record_step(id, m, &p) {
+                tracing::error!(job = id, "recording metrics: {e}");
+            }
+            if last_emit.elapsed() >= Duration::from_millis(500) || m.step == m.total_steps {
+                last_emit = Instant::now();
+                let _ = self.events.send(JobEvent { job_id: id.into(), event: "progress", data: serde_json::to_value(&p).unwrap_or_default() });
+            }
+            // Inference first: wait (bounded) while requests are queued.
+            if let Some(busy) = &self.busy {
+                let t0 = Instant::now();
+                while busy() && t0.elapsed() < Duration::from_secs(5) && !cancel.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            !cancel.load(Ordering::SeqCst)
+        });
+        let outcome = match result {
+            Ok(o) => o,
+            Err(TrainError::Cancelled) => return Err(cancelled()),
+            Err(e) => return Err(fail(train_error_body(&e))),
+        };
+        let _ = self.store.set_dataset_stats(id, &serde_json::to_value(&outcome.dataset).unwrap_or_default());
+
+        // Register the adapter: copy into the adapters directory, visible only once complete.
+        let name = spec.adapter_name.clone().unwrap_or_else(|| id.to_string());
+        let dir = self.cfg.adapters_dir().join(&name);
+        let io = |e: std::io::Error| fail(err_body("internal_error", format!("saving adapter: {e}")));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let tmp = dir.join(".adapter.safetensors.tmp");
+        std::fs::copy(&outcome.artifact, &tmp).map_err(io)?;
+        std::fs::rename(&tmp, dir.join("adapter.safetensors")).map_err(io)?;
+        let tail = &outcome.metrics[outcome.metrics.len().saturating_sub(10)..];
+        let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
+            let v: Vec<f64> = tail.iter().filter_map(f).collect();
+            if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
+        };
+        let info = AdapterInfo {
+            name: name.clone(),
+            base_model: spec.base_model.clone().unwrap_or_default(),
+            method: spec.method.name().to_string(),
+            hyperparameters: serde_json::to_value(&cfg.hyperparameters).unwrap_or_default(),
+            final_metrics: Some(serde_json::json!({
+                "steps": outcome.metrics.len(),
+                "loss_mean_last10": mean(&|m| Some(m.loss)),
+                "implicit_accuracy_mean_last10": mean(&|m| m.implicit_accuracy),
+            })),
+            job_id: Some(id.to_string()),
+            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        };
+        self.store.register_adapter(&info).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        let _ = self.store.set_adapter(id, &name);
+        self.finish(id, JobStatus::Completed, None);
+        Ok(())
+    }
+}

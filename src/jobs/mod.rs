@@ -1,0 +1,11 @@
+//! Asynchronous fine-tuning jobs: queue, persistence (SQLite), progress, cancellation,
+//! dataset fetching, adapter registry, webhooks.
+
+pub mod fetch;
+pub mod manager;
+pub mod store;
+pub mod types;
+pub mod webhook;
+
+pub use manager::{JobEvent, JobManager, JobsConfig};
+pub use types::{AdapterInfo, FinetuneDefaults, JobError, JobRecord, JobSpec, JobStatus, Progress};

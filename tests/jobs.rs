@@ -1,0 +1,297 @@
+//! Fine-tuning jobs through the JobManager: real HTTP downloads from a file server on
+//! 127.0.0.1, real SQLite, real training of the tiny model, webhooks to a loopback receiver.
+
+use dspo_server::jobs::{JobManager, JobSpec, JobStatus, JobsConfig};
+use dspo_server::training::dataset::{read_all_rows, write_pairs_parquet};
+use dspo_server::training::Method;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dspo-jobs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1: GET serves files under `root`, POST records the
+/// body and headers (webhook receiver).
+struct FileServer {
+    port: u16,
+    posts: Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>>,
+}
+
+impl FileServer {
+    fn start(root: PathBuf) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let posts: Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>> = Arc::default();
+        let p = posts.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let root = root.clone();
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(s.try_clone().unwrap());
+                    let mut line = String::new();
+                    if r.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let parts: Vec<&str> = line.split_whitespace().collect();
+                    let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or("/"));
+                    let mut headers = HashMap::new();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.trim_end().split_once(':') {
+                            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        }
+                    }
+                    if method == "POST" {
+                        let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let mut body = vec![0u8; n];
+                        let _ = r.read_exact(&mut body);
+                        p.lock().unwrap().push((headers, body));
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        return;
+                    }
+                    let file = root.join(path.trim_start_matches('/'));
+                    match std::fs::read(&file) {
+                        Ok(bytes) => {
+                            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", bytes.len());
+                            let _ = s.write_all(&bytes);
+                        }
+                        Err(_) => {
+                            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, posts }
+    }
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+}
+
+fn manager(data: &Path, allow_private: bool) -> Arc<JobManager> {
+    let mut cfg = JobsConfig::new(data);
+    cfg.fetch.allow_private_networks = allow_private;
+    cfg.webhook_secret = Some("s3cret".into());
+    cfg.webhook_retries = 2;
+    let tiny = shared().join("conformance/models/tiny-sd15");
+    JobManager::start(
+        cfg,
+        Arc::new(move |name: Option<&str>| match name {
+            None | Some("tiny") => Some(("tiny".to_string(), tiny.clone())),
+            _ => None,
+        }),
+        None,
+    )
+    .unwrap()
+}
+
+fn spec(url: &str, steps: usize) -> JobSpec {
+    JobSpec {
+        dataset_url: url.to_string(),
+        base_model: None,
+        method: Method::Dspo,
+        adapter_name: None,
+        lora: None,
+        full_finetune: false,
+        hyperparameters: Some(serde_json::json!({
+            "max_steps": steps, "batch_size": 2, "max_pairs": 16, "resolution": 64,
+            "learning_rate": 1e-3, "warmup_steps": 0, "checkpoint_every": 2
+        })),
+        webhook_url: None,
+    }
+}
+
+fn wait_for(m: &JobManager, id: &str, pred: impl Fn(&dspo_server::jobs::JobRecord) -> bool, secs: u64) -> dspo_server::jobs::JobRecord {
+    let t0 = Instant::now();
+    loop {
+        let j = m.get(id).unwrap();
+        if pred(&j) {
+            return j;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting; job is {:?}", j);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn served_dir() -> (PathBuf, FileServer) {
+    let root = tmp("www");
+    std::fs::copy(shared().join("shapes/prefs_centered.parquet"), root.join("prefs.parquet")).unwrap();
+    std::fs::copy(shared().join("shapes/prefs_centered_meta.parquet"), root.join("meta.parquet")).unwrap();
+    std::fs::write(root.join("junk.bin"), b"certainly not a dataset \x00\x01").unwrap();
+    std::fs::write(root.join("empty.parquet"), b"").unwrap();
+    // A JSONL manifest with images as relative paths.
+    let rows = read_all_rows(&shared().join("shapes/prefs_centered.parquet")).unwrap();
+    std::fs::create_dir_all(root.join("img")).unwrap();
+    let mut jsonl = String::new();
+    for (i, (c, a, b, l)) in rows.iter().filter(|r| r.3 != 0.5).take(8).enumerate() {
+        std::fs::write(root.join(format!("img/{i}_0.jpg")), a).unwrap();
+        std::fs::write(root.join(format!("img/{i}_1.jpg")), b).unwrap();
+        jsonl.push_str(&serde_json::json!({"caption": c, "image_0": format!("img/{i}_0.jpg"), "image_1": format!("img/{i}_1.jpg"), "label_0": l}).to_string());
+        jsonl.push('\n');
+    }
+    std::fs::write(root.join("pairs.jsonl"), jsonl).unwrap();
+    // Corrupt JPEG rows only.
+    let bad: Vec<_> = rows.iter().filter(|r| r.3 != 0.5).take(4).map(|(c, _, _, l)| (c.clone(), b"\xff\xd8junk".to_vec(), b"nope".to_vec(), *l)).collect();
+    write_pairs_parquet(&root.join("corrupt.parquet"), &bad, 2).unwrap();
+    let server = FileServer::start(root.clone());
+    (root, server)
+}
+
+#[test]
+fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
+    let (_root, www) = served_dir();
+    let data = tmp("complete");
+    let m = manager(&data, true);
+    let mut s = spec(&www.url("prefs.parquet"), 3);
+    s.adapter_name = Some("centred-v1".into());
+    s.webhook_url = Some(www.url("hook"));
+    let job = m.submit(s).unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+    let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    assert_eq!(done.adapter.as_deref(), Some("centred-v1"));
+    let stats = done.dataset.unwrap();
+    assert_eq!(stats["rows"], 4000);
+    assert_eq!(stats["ties_dropped"], 200);
+    assert_eq!(m.metrics(&job.id).unwrap().len(), 3);
+    let adapters = m.adapters().unwrap();
+    assert_eq!(adapters.len(), 1);
+    assert_eq!(adapters[0].method, "dspo");
+    let file = m.adapter_file("centred-v1").unwrap();
+    dspo_server::models::lora::LoraAdapter::load(&file, &candle_core::Device::Cpu).unwrap();
+    // The same name cannot be taken twice.
+    let mut again = spec(&www.url("prefs.parquet"), 1);
+    again.adapter_name = Some("centred-v1".into());
+    assert!(matches!(m.submit(again), Err(dspo_server::jobs::JobError::AdapterExists(_))));
+
+    let t0 = Instant::now();
+    while www.posts.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let posts = www.posts.lock().unwrap();
+    let (headers, body) = posts.first().expect("webhook delivered");
+    let sig = headers.get("webhook-signature").expect("signature header");
+    assert!(dspo_server::jobs::webhook::verify("s3cret", sig, body), "bad signature {sig}");
+    assert!(!dspo_server::jobs::webhook::verify("other", sig, body));
+    let obj: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(obj["id"], job.id.as_str());
+    assert_eq!(obj["status"], "completed");
+    drop(posts);
+
+    m.delete_adapter("centred-v1").unwrap();
+    assert!(m.adapter_file("centred-v1").is_err());
+    assert!(m.adapters().unwrap().is_empty());
+    m.shutdown();
+}
+
+#[test]
+fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
+    let (_root, www) = served_dir();
+    let data = tmp("cancel");
+    let m = manager(&data, true);
+    let long = m.submit(spec(&www.url("prefs.parquet"), 1000)).unwrap();
+    let queued = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
+    let third = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
+    wait_for(&m, &long.id, |j| j.status == JobStatus::Training && j.progress.as_ref().map(|p| p.step >= 1).unwrap_or(false), 120);
+    // Cancelling a queued job leaves the running one alone.
+    let c = m.cancel(&third.id).unwrap();
+    assert_eq!(c.status, JobStatus::Cancelled);
+    assert_eq!(m.get(&long.id).unwrap().status, JobStatus::Training);
+    let c = m.cancel(&long.id).unwrap();
+    assert!(!c.status.is_terminal() || c.status == JobStatus::Cancelled);
+    let l = wait_for(&m, &long.id, |j| j.status.is_terminal(), 60);
+    assert_eq!(l.status, JobStatus::Cancelled);
+    // The JSONL job then runs to completion.
+    let q = wait_for(&m, &queued.id, |j| j.status.is_terminal(), 300);
+    assert_eq!(q.status, JobStatus::Completed, "{:?}", q.error);
+    assert_eq!(q.dataset.unwrap()["kept"], 8);
+    assert_eq!(m.get(&third.id).unwrap().status, JobStatus::Cancelled);
+    m.shutdown();
+}
+
+#[test]
+fn malformed_datasets_fail_the_job_with_a_clear_error() {
+    let (_root, www) = served_dir();
+    let data = tmp("malformed");
+    let m = manager(&data, true);
+    let cases = [
+        ("meta.parquet", "missing required column"),
+        ("junk.bin", "neither parquet nor"),
+        ("empty.parquet", "empty"),
+        ("missing.parquet", "HTTP 404"),
+        ("corrupt.parquet", "undecodable"),
+    ];
+    let ids: Vec<_> = cases.iter().map(|(f, _)| m.submit(spec(&www.url(f), 1)).unwrap().id).collect();
+    for ((file, needle), id) in cases.iter().zip(&ids) {
+        let j = wait_for(&m, id, |j| j.status.is_terminal(), 120);
+        assert_eq!(j.status, JobStatus::Failed, "{file}");
+        let e = j.error.unwrap();
+        assert!(e.message.contains(needle), "{file}: {}", e.message);
+        assert!(e.code == "dataset_error", "{file}: {}", e.code);
+    }
+    // Bad requests are refused before queueing.
+    let mut s = spec("ftp://example.com/x.parquet", 1);
+    assert!(m.submit(s.clone()).is_err());
+    s.dataset_url = www.url("prefs.parquet");
+    s.hyperparameters = Some(serde_json::json!({"beta": -1}));
+    assert!(m.submit(s.clone()).unwrap_err().to_string().contains("beta"));
+    s.hyperparameters = Some(serde_json::json!({"max_stepz": 3}));
+    assert!(m.submit(s.clone()).unwrap_err().to_string().contains("max_stepz"));
+    s.hyperparameters = None;
+    s.base_model = Some("nope".into());
+    assert!(m.submit(s.clone()).is_err());
+    m.shutdown();
+}
+
+#[test]
+fn private_addresses_are_refused_unless_allowed() {
+    let (_root, www) = served_dir();
+    let data = tmp("ssrf");
+    let m = manager(&data, false);
+    let j = m.submit(spec(&www.url("prefs.parquet"), 1)).unwrap();
+    let j = wait_for(&m, &j.id, |j| j.status.is_terminal(), 60);
+    assert_eq!(j.status, JobStatus::Failed);
+    assert!(j.error.unwrap().message.contains("private"));
+    m.shutdown();
+}
+
+#[test]
+fn a_restart_resumes_training_from_the_last_checkpoint() {
+    let (_root, www) = served_dir();
+    let data = tmp("restart");
+    let m = manager(&data, true);
+    let job = m.submit(spec(&www.url("prefs.parquet"), 6)).unwrap();
+    wait_for(&m, &job.id, |j| j.progress.as_ref().map(|p| p.step >= 3).unwrap_or(false), 120);
+    m.shutdown();
+    // Let the worker notice the shutdown at its next step boundary.
+    std::thread::sleep(Duration::from_secs(2));
+    let j = m.get(&job.id).unwrap();
+    assert!(!j.status.is_terminal(), "an interrupted job stays resumable: {:?}", j.status);
+    drop(m);
+
+    let m2 = manager(&data, true);
+    let done = wait_for(&m2, &job.id, |j| j.status.is_terminal(), 300);
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    let steps: Vec<usize> = m2.metrics(&job.id).unwrap().iter().map(|s| s.step).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert!(data.join(format!("jobs/{}/train/checkpoints/step-00000002", job.id)).exists());
+    m2.shutdown();
+}
