@@ -2,6 +2,7 @@
 //! fine-tuning, optimiser, checkpoints, the trainer loop.
 
 pub mod cli;
+pub mod bench;
 pub mod conformance;
 pub mod dataset;
 pub mod lora;
