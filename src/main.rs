@@ -25,6 +25,28 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time one optimiser step (synthetic latents) and report peak memory, as JSON.
+    BenchTrain(dspo_server::training::bench::TrainBenchArgs),
+    /// Fine-tune a model on preference pairs (DSPO, Diffusion-DPO, SFT, DSPO-E).
+    Train {
+        /// Training config (TOML or JSON); see config/train-example.toml
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a hyperparameter or path: --set max_steps=10 (repeatable)
+        #[arg(long = "set")]
+        overrides: Vec<String>,
+    },
+    /// Latency benchmarks (JSON lines; bench/cpu_txt2img.sh compares them with diffusers).
+    #[command(subcommand)]
+    Bench(dspo_server::bench::BenchCommand),
+    /// Write a random-weight pipeline in diffusers layout from real config files.
+    MakeRandomModel(dspo_server::bench::MakeRandomModelArgs),
+    /// Serve the HTTP API (see config/default.toml for every setting).
+    Serve(dspo_server::api::cli::ServeArgs),
+    /// Print the OpenAPI document (the committed openapi/openapi.json).
+    Openapi,
+    /// Images/s through the HTTP server at several concurrencies, batching off and on.
+    BenchServe(dspo_server::api::loadtest::BenchServeArgs),
 }
 
 fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
@@ -42,10 +64,27 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal; logs captured to files or by supervisors stay plain.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance { suite, kinds, cases, device } => run_conformance(&suite, &kinds, &cases, &device),
+        Command::BenchTrain(args) => dspo_server::training::bench::run(&args).map(|v| {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }),
+        Command::Train { config, overrides } => {
+            dspo_server::training::cli::run_train(&config, &overrides).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Bench(cmd) => dspo_server::bench::run(&cmd).map(|_| ExitCode::SUCCESS),
+        Command::MakeRandomModel(args) => dspo_server::bench::run_make_random_model(&args).map(|_| ExitCode::SUCCESS),
+        Command::Serve(args) => dspo_server::api::cli::run_serve(&args).map(|_| ExitCode::SUCCESS),
+        Command::Openapi => {
+            dspo_server::api::cli::print_openapi();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchServe(args) => dspo_server::api::loadtest::run(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

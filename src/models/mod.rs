@@ -6,6 +6,7 @@ pub mod hub;
 pub mod lora;
 pub mod nn;
 pub mod pipeline_model;
+pub mod random_model;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -85,18 +85,32 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        // One matmul per sample (leading dimension): gemm picks its kernel, and with it the
+        // rounding, from the matrix shape, so one call over every sample's rows made a sample's
+        // result depend on how many samples shared the batch (a server request came out a few
+        // pixels different batched than alone). Per-sample calls have the same shapes at any
+        // batch size; tests/server_concurrency.rs checks batched == alone bit for bit.
+        let lead = if dims.len() > 1 { dims[0] } else { 1 };
+        let rows = x.elem_count() / in_dim / lead.max(1);
+        let x3 = x.reshape((lead, rows, in_dim))?;
+        let wt = self.weight.t()?;
+        let lora = self.lora.get();
+        let mut outs = Vec::with_capacity(lead);
+        for i in 0..lead {
+            let xi = x3.get(i)?.contiguous()?;
+            let mut y = xi.matmul(&wt)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b)?;
+            }
+            if let Some(d) = &lora {
+                let h = xi.matmul(&d.down.t()?)?.matmul(&d.up.t()?)?;
+                y = (y + (h * d.scale)?)?;
+            }
+            outs.push(y);
         }
-        if let Some(d) = self.lora.get() {
-            let h = x2.matmul(&d.down.t()?)?.matmul(&d.up.t()?)?;
-            y = (y + (h * d.scale)?)?;
-        }
+        let y = Tensor::stack(&outs, 0)?;
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = y.dim(1)?;
+        *out_dims.last_mut().unwrap() = y.dim(2)?;
         y.reshape(out_dims)
     }
 }

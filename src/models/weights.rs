@@ -39,6 +39,80 @@ enum Source {
     Mmap(Arc<MmapedSafetensors>),
     /// Tensors already in memory (e.g. a training checkpoint or a conformance case's theta0).
     Map(Arc<HashMap<String, Tensor>>),
+    /// Whatever the model asks for, freshly drawn; see `Weights::random`.
+    Random(Arc<RandomSource>),
+}
+
+/// Parameters made up on request. Each tensor's values depend only on the seed and its full
+/// name, so the order in which a model asks for its parameters cannot change the weights, and
+/// the same seed always writes byte-identical files.
+pub struct RandomSource {
+    seed: u64,
+    std: f64,
+    drawn: Mutex<BTreeMap<String, Tensor>>,
+}
+
+impl RandomSource {
+    fn draw(&self, full: &str, shape: &Shape, device: &Device, dtype: DType) -> Result<Tensor> {
+        if let Some(t) = self.drawn.lock().unwrap().get(full) {
+            if t.dims() == shape.dims() {
+                return Ok(t.clone());
+            }
+            return Err(ModelError::ShapeMismatch {
+                name: full.to_string(),
+                expected: shape.dims().to_vec(),
+                found: t.dims().to_vec(),
+            });
+        }
+        let t = match random_init(full) {
+            RandomInit::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
+            RandomInit::Zeros => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+            RandomInit::Normal => {
+                use rand::SeedableRng;
+                use rand_distr::Distribution;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_for(self.seed, full));
+                let normal = rand_distr::Normal::new(0f32, self.std as f32)
+                    .map_err(|e| ModelError::Config(format!("random weights: std {}: {e}", self.std)))?;
+                let data: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+                Tensor::from_vec(data, shape.clone(), &Device::Cpu)?
+            }
+        }
+        .to_dtype(dtype)?
+        .to_device(device)?;
+        self.drawn.lock().unwrap().insert(full.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomInit {
+    Ones,
+    Zeros,
+    Normal,
+}
+
+/// How a random parameter is initialised, from its name alone: normalisation layers start as
+/// the identity (weight 1, bias 0) and every other bias at 0, as PyTorch's norm layers and
+/// transformers' `_init_weights` do; everything else is a small normal, which keeps
+/// activations finite through dozens of residual blocks.
+pub fn random_init(full_name: &str) -> RandomInit {
+    let (module, leaf) = full_name.rsplit_once('.').unwrap_or(("", full_name));
+    let module_leaf = module.rsplit('.').next().unwrap_or(module);
+    match leaf {
+        "weight" if module_leaf.contains("norm") => RandomInit::Ones,
+        "bias" => RandomInit::Zeros,
+        _ => RandomInit::Normal,
+    }
+}
+
+/// FNV-1a of the name folded into the seed (std's hasher is not stable across releases).
+pub(crate) fn seed_for(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 #[derive(Clone)]
@@ -105,6 +179,28 @@ impl Weights {
         }
     }
 
+    /// Weights that invent every parameter the model asks for (see `random_init` for the
+    /// values) and remember them: build a model from this, then `drawn()` is its complete
+    /// state dict under the exact names the loaders read.
+    pub fn random(seed: u64, std: f64, device: &Device, dtype: DType) -> Self {
+        Self {
+            st: Source::Random(Arc::new(RandomSource { seed, std, drawn: Mutex::new(BTreeMap::new()) })),
+            files: Arc::new(vec![PathBuf::from("<random>")]),
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+            trainable: None,
+        }
+    }
+
+    /// Every tensor handed out so far by random weights (empty for file or map weights).
+    pub fn drawn(&self) -> BTreeMap<String, Tensor> {
+        match &self.st {
+            Source::Random(r) => r.drawn.lock().unwrap().clone(),
+            _ => BTreeMap::new(),
+        }
+    }
+
     pub fn trainable(mut self, registry: VarRegistry) -> Self {
         self.trainable = Some(registry);
         self
@@ -141,6 +237,8 @@ impl Weights {
         match &self.st {
             Source::Mmap(st) => st.get(&full).is_ok(),
             Source::Map(m) => m.contains_key(&full),
+            // Optional parameters stay absent, so a random model has only what it must have.
+            Source::Random(r) => r.drawn.lock().unwrap().contains_key(&full),
         }
     }
 
@@ -148,6 +246,7 @@ impl Weights {
         match &self.st {
             Source::Mmap(st) => st.get(full).ok().map(|v| v.shape().to_vec()),
             Source::Map(m) => m.get(full).map(|t| t.dims().to_vec()),
+            Source::Random(r) => r.drawn.lock().unwrap().get(full).map(|t| t.dims().to_vec()),
         }
     }
 
@@ -155,20 +254,34 @@ impl Weights {
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
         let full = self.full(name);
         let shape = shape.into();
-        let found = self.shape_of(&full).ok_or_else(|| ModelError::MissingTensor {
-            name: full.clone(),
+        let t = match &self.st {
+            Source::Mmap(st) => {
+                self.check_stored_shape(&full, &shape)?;
+                st.load(&full, &self.device)
+                    .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?
+                    .to_dtype(self.dtype)?
+            }
+            Source::Map(m) => {
+                self.check_stored_shape(&full, &shape)?;
+                m[&full].to_device(&self.device)?.to_dtype(self.dtype)?
+            }
+            Source::Random(r) => r.draw(&full, &shape, &self.device, self.dtype)?,
+        };
+        self.register(full, t)
+    }
+
+    fn check_stored_shape(&self, full: &str, shape: &Shape) -> Result<()> {
+        let found = self.shape_of(full).ok_or_else(|| ModelError::MissingTensor {
+            name: full.to_string(),
             file: describe(&self.files),
         })?;
         if found != shape.dims() {
-            return Err(ModelError::ShapeMismatch { name: full, expected: shape.dims().to_vec(), found });
+            return Err(ModelError::ShapeMismatch { name: full.to_string(), expected: shape.dims().to_vec(), found });
         }
-        let t = match &self.st {
-            Source::Mmap(st) => st
-                .load(&full, &self.device)
-                .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?,
-            Source::Map(m) => m[&full].to_device(&self.device)?,
-        }
-        .to_dtype(self.dtype)?;
+        Ok(())
+    }
+
+    fn register(&self, full: String, t: Tensor) -> Result<Tensor> {
         match &self.trainable {
             Some(reg) => {
                 let var = Var::from_tensor(&t)?;
@@ -185,6 +298,7 @@ impl Weights {
         match &self.st {
             Source::Mmap(st) => st.tensors().into_iter().map(|(k, _)| k).collect(),
             Source::Map(m) => m.keys().cloned().collect(),
+            Source::Random(r) => r.drawn.lock().unwrap().keys().cloned().collect(),
         }
     }
 }

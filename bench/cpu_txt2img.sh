@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# CPU txt2img latency: dspo-server vs diffusers, side by side on the same weight files.
+# Writes the raw JSON lines to bench/results/ and the table to bench/RESULTS.md.
+#
+#   bench/cpu_txt2img.sh                                # diffusers column if $PYTHON has torch
+#   PYTHON=.venv/bin/python bench/cpu_txt2img.sh        # after bench/setup_python.sh
+#
+# Models: "tiny" is the conformance suite's tiny-sd15 as it is; "mid" is SD1.5's real config
+# at MID_SCALE width with random weights written by `dspo-server make-random-model`.
+#
+# Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], REPEATS [3],
+# TINY_SIZE [64], TINY_STEPS [20], MID_SCALE [0.25], MID_SIZE [256], MID_STEPS [10],
+# SCHEDULER [ddim], BATCH [1], QUIET_WAIT [300] (seconds to wait for other processes to
+# leave the CPUs before each measurement), WORK [target/bench], SHARED [../shared],
+# SKIP_BUILD [0].
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PYTHON=${PYTHON:-python3}
+THREADS=${THREADS:-$(nproc)}
+REPEATS=${REPEATS:-3}
+TINY_SIZE=${TINY_SIZE:-64}
+TINY_STEPS=${TINY_STEPS:-20}
+MID_SCALE=${MID_SCALE:-0.25}
+MID_SIZE=${MID_SIZE:-256}
+MID_STEPS=${MID_STEPS:-10}
+SCHEDULER=${SCHEDULER:-ddim}
+BATCH=${BATCH:-1}
+QUIET_WAIT=${QUIET_WAIT:-300}
+WORK=${WORK:-$ROOT/target/bench}
+SHARED=${SHARED:-$ROOT/../shared}
+RAW=$ROOT/bench/results
+BIN=$ROOT/target/release/dspo-server
+COMMAND="PYTHON=$PYTHON THREADS=$THREADS REPEATS=$REPEATS TINY_SIZE=$TINY_SIZE TINY_STEPS=$TINY_STEPS MID_SCALE=$MID_SCALE MID_SIZE=$MID_SIZE MID_STEPS=$MID_STEPS SCHEDULER=$SCHEDULER BATCH=$BATCH bench/cpu_txt2img.sh"
+
+log() { echo "[cpu_txt2img] $*" >&2; }
+
+# Busy cores over a 2 s window, from /proc/stat (all time but idle and iowait).
+busy_cores() {
+    local a b
+    a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    sleep 2
+    b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    awk -v a="$a" -v b="$b" -v n="$(nproc)" 'BEGIN{split(a,x," ");split(b,y," ");
+        t=y[2]-x[2]; if (t<=0) {print 0; exit} printf "%.2f", n*(y[1]-x[1])/t}'
+}
+
+# Other processes (builds, tests) on a 2-core machine distort a CPU benchmark badly, and
+# OpenMP's spinning threads suffer most: wait for the CPUs to be idle, up to QUIET_WAIT s.
+wait_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) busy
+    while :; do
+        busy=$(busy_cores)
+        if awk -v b="$busy" 'BEGIN{exit !(b < 0.3)}'; then return 0; fi
+        if ((SECONDS >= deadline)); then
+            log "machine still busy ($busy cores in use by others): measuring anyway; see other_cores in the results"
+            return 0
+        fi
+        log "waiting for an idle machine ($busy cores busy)"
+        sleep 5
+    done
+}
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "cargo build --release"
+    cargo build --release >&2
+fi
+
+TINY=$SHARED/conformance/models/tiny-sd15
+MID=$WORK/sd15-w$MID_SCALE
+mkdir -p "$WORK"
+log "writing the mid model: SD1.5 config at width x$MID_SCALE -> $MID"
+rm -rf "$MID"
+"$BIN" make-random-model --config-dir "$SHARED/configs/stable-diffusion-v1-5" --out "$MID" \
+    --width-scale "$MID_SCALE" --seed 0 --dtype f32 > "$WORK/mid-model.jsonl"
+
+if "$PYTHON" -c 'import torch, diffusers, transformers' 2> "$WORK/python-check.log"; then
+    DIFFUSERS=1
+else
+    DIFFUSERS=0
+    log "diffusers side skipped: $PYTHON cannot import torch/diffusers/transformers ($(tail -1 "$WORK/python-check.log"))"
+fi
+
+mkdir -p "$RAW"
+rm -f "$RAW"/*.jsonl
+cp "$WORK/mid-model.jsonl" "$RAW/mid-model.jsonl"
+
+run_case() {
+    local label=$1 model=$2 size=$3 steps=$4
+    local args=(--model "$model" --steps "$steps" --size "$size" --batch "$BATCH" --repeats "$REPEATS"
+        --scheduler "$SCHEDULER" --label "$label")
+    wait_quiet
+    log "$label: dspo-server ${args[*]}"
+    RAYON_NUM_THREADS=$THREADS "$BIN" bench txt2img "${args[@]}" > "$RAW/$label-dspo-server.jsonl"
+    if [[ $DIFFUSERS == 1 ]]; then
+        wait_quiet
+        log "$label: diffusers ${args[*]}"
+        "$PYTHON" "$ROOT/bench/diffusers_txt2img.py" "${args[@]}" --threads "$THREADS" \
+            > "$RAW/$label-diffusers.jsonl" 2> "$WORK/$label-diffusers.log" ||
+            { log "diffusers failed on $label:"; tail -5 "$WORK/$label-diffusers.log" >&2; }
+    fi
+}
+
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+run_case tiny "$TINY" "$TINY_SIZE" "$TINY_STEPS"
+run_case mid "$MID" "$MID_SIZE" "$MID_STEPS"
+
+python3 "$ROOT/bench/report.py" --results "$RAW" --out "$ROOT/bench/RESULTS.md" --command "$COMMAND" \
+    --started "$START" --diffusers "$DIFFUSERS" --python "$PYTHON"
+log "wrote bench/RESULTS.md"

@@ -1,0 +1,196 @@
+//! /finetune (asynchronous fine-tuning jobs) and /adapters (their results). Handlers only
+//! translate HTTP to `JobManager` calls; the manager owns queueing, training and persistence.
+
+use super::error::ApiError;
+use super::AppState;
+use crate::jobs::{AdapterInfo, JobError, JobRecord, JobSpec, JobStatus};
+use crate::training::StepMetrics;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use utoipa::{IntoParams, ToSchema};
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid(m) => ApiError::InvalidJob(m),
+            JobError::NotFound(id) => ApiError::JobNotFound(format!("job {id} not found")),
+            JobError::AdapterNotFound(n) => ApiError::AdapterNotFound(format!("adapter {n} not found")),
+            JobError::AdapterExists(n) => ApiError::AdapterExists(format!("adapter name {n} is taken")),
+            JobError::Dataset(m) => ApiError::InvalidJob(m),
+            JobError::Store(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+fn jobs(state: &AppState) -> Result<&std::sync::Arc<crate::jobs::JobManager>, ApiError> {
+    state.jobs.as_ref().ok_or_else(|| ApiError::Internal("fine-tuning jobs are not enabled on this server".into()))
+}
+
+/// 202 body of POST /finetune.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobCreated {
+    pub job_id: String,
+    /// GET this URL for status and progress.
+    pub status_url: String,
+    pub job: JobRecord,
+}
+
+/// Start a fine-tuning job.
+#[utoipa::path(
+    post,
+    path = "/finetune",
+    tag = "finetune",
+    request_body = JobSpec,
+    responses(
+        (status = 202, description = "Queued", body = JobCreated),
+        (status = 400, description = "Malformed JSON", body = super::error::ErrorResponse),
+        (status = 409, description = "Adapter name taken", body = super::error::ErrorResponse),
+        (status = 422, description = "Invalid job (method, beta, rank, hyperparameters, dataset_url, base_model)", body = super::error::ErrorResponse),
+    )
+)]
+pub async fn create(State(state): State<AppState>, body: Result<Json<JobSpec>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(spec) = body.map_err(ApiError::from)?;
+    let m = jobs(&state)?.clone();
+    let job = tokio::task::spawn_blocking(move || m.submit(spec)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let status_url = format!("/finetune/{}", job.id);
+    let body = JobCreated { job_id: job.id.clone(), status_url: status_url.clone(), job };
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub status: Option<JobStatus>,
+}
+
+/// List jobs (oldest first), optionally by status.
+#[utoipa::path(get, path = "/finetune", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
+pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<JobRecord>>, ApiError> {
+    Ok(Json(jobs(&state)?.list(q.status)?))
+}
+
+/// A job: status, progress {step, total_steps, loss, implicit_accuracy, eta_seconds}, error, adapter.
+#[utoipa::path(
+    get,
+    path = "/finetune/{id}",
+    tag = "finetune",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+    Ok(Json(jobs(&state)?.get(&id)?))
+}
+
+/// Cancel this job (and no other). A queued job ends at once, a running one at its next step.
+#[utoipa::path(
+    delete,
+    path = "/finetune/{id}",
+    tag = "finetune",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+    Ok(Json(jobs(&state)?.cancel(&id)?))
+}
+
+/// The metrics history: one entry per optimiser step.
+#[utoipa::path(
+    get,
+    path = "/finetune/{id}/metrics",
+    tag = "finetune",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, body = Vec<StepMetrics>), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<StepMetrics>>, ApiError> {
+    Ok(Json(jobs(&state)?.metrics(&id)?))
+}
+
+/// Server-Sent Events: `status` (the job object) on every state change, `progress` at most
+/// every 500 ms; the stream ends after the job's final status.
+#[utoipa::path(
+    get,
+    path = "/finetune/{id}/events",
+    tag = "finetune",
+    params(("id" = String, Path, description = "job id")),
+    responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let m = jobs(&state)?.clone();
+    // Subscribe before reading the current state, so no transition falls in between.
+    let rx = m.subscribe();
+    let current = m.get(&id)?;
+    let first = Event::default().event("status").json_data(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let done = current.status.is_terminal();
+    let stream = futures_util::stream::unfold((Some(first), rx, done, id), |(first, mut rx, done, id)| async move {
+        if let Some(ev) = first {
+            return Some((Ok::<Event, Infallible>(ev), (None, rx, done, id)));
+        }
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.job_id == id => {
+                    let terminal = ev.event == "status"
+                        && ev.data.get("status").and_then(|s| s.as_str()).and_then(JobStatus::parse).map(|s| s.is_terminal()).unwrap_or(false);
+                    let out = Event::default().event(ev.event).data(ev.data.to_string());
+                    return Some((Ok(out), (None, rx, terminal, id)));
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// Registered adapters (name, base model, method, hyperparameters, final metrics, created).
+#[utoipa::path(get, path = "/adapters", tag = "finetune", responses((status = 200, body = Vec<AdapterInfo>)))]
+pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterInfo>>, ApiError> {
+    Ok(Json(jobs(&state)?.adapters()?))
+}
+
+/// The adapter's safetensors file (diffusers LoRA format: `pipe.load_lora_weights` reads it).
+#[utoipa::path(
+    get,
+    path = "/adapters/{name}/weights",
+    tag = "finetune",
+    params(("name" = String, Path, description = "adapter name")),
+    responses((status = 200, description = "safetensors file", content_type = "application/octet-stream"), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn adapter_weights(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let path = jobs(&state)?.adapter_file(&name)?;
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.safetensors\"")),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Delete an adapter (its file and registry entry).
+#[utoipa::path(
+    delete,
+    path = "/adapters/{name}",
+    tag = "finetune",
+    params(("name" = String, Path, description = "adapter name")),
+    responses((status = 204, description = "Deleted"), (status = 404, body = super::error::ErrorResponse))
+)]
+pub async fn delete_adapter(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let m = jobs(&state)?.clone();
+    tokio::task::spawn_blocking(move || m.delete_adapter(&name)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,403 @@
+//! Endpoint handlers: parse, validate, hand the task to the model's worker, await the answer,
+//! encode. They never touch a model.
+
+use super::error::{ApiError, ErrorResponse};
+use super::images;
+use super::types::*;
+use super::validate;
+use super::AppState;
+use crate::schedulers::SchedulerKind;
+use crate::server::task::architecture_name;
+use crate::server::{GenerationTask, LoadStatus, Mode, ModelWorker};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The request id the request-id layer put in the headers (a fresh one if it is missing).
+pub struct RequestId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let id = parts
+            .headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        Ok(RequestId(id))
+    }
+}
+
+fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
+    app.pool.get(name).ok_or_else(|| {
+        let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
+        ApiError::ModelNotFound(format!("no model named '{}'; served: {}", name.unwrap_or_default(), known.join(", ")))
+    })
+}
+
+/// Content negotiation for the response body: PNG bytes when the client prefers `image/png`
+/// over JSON and asked for one image. A client that accepts only PNG but asked for several
+/// images gets 406 before any compute is spent.
+fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(false);
+    };
+    let (mut png, mut json, mut png_first) = (0.0f64, 0.0f64, None);
+    for part in accept.split(',') {
+        let mut it = part.split(';');
+        let media = it.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = it
+            .filter_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f64>().ok()))
+            .next()
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "image/png" | "image/*" => {
+                png = png.max(q);
+                png_first.get_or_insert(true);
+            }
+            "application/json" | "application/*" | "*/*" => {
+                json = json.max(q);
+                png_first.get_or_insert(false);
+            }
+            _ => {}
+        }
+    }
+    let prefers_png = png > json || (png > 0.0 && png == json && png_first == Some(true));
+    if !prefers_png {
+        return Ok(false);
+    }
+    if num_images == 1 {
+        return Ok(true);
+    }
+    if json > 0.0 {
+        return Ok(false);
+    }
+    Err(ApiError::NotAcceptable(format!(
+        "Accept: image/png returns one PNG, but num_images is {num_images}; accept application/json for several images"
+    )))
+}
+
+/// Submits a validated task, awaits it and builds the response. If the client disconnects,
+/// this future is dropped with the reply receiver, which is how the worker learns to skip it.
+async fn run_task(
+    id: String,
+    worker: &ModelWorker,
+    task: GenerationTask,
+    params: Parameters,
+    png: bool,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let sampler = task.scheduler.a1111_name();
+    let seeds = task.seeds.clone();
+    let reply = worker.submit(task, &id)?;
+    let mut output = reply.await.map_err(|_| ApiError::Internal("the worker dropped the request".into()))??;
+    let encode_start = Instant::now();
+    let rgb = std::mem::take(&mut output.images);
+    let p = params.clone();
+    let s = seeds.clone();
+    // Encoding is CPU work; off the async threads so it never stalls other connections.
+    let pngs = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, String> {
+        rgb.iter().zip(&s).map(|(img, &seed)| images::encode_png(img, &images::a1111_parameters(&p, seed, sampler))).collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("PNG encoding panicked: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))?;
+    let encode_ms = encode_start.elapsed().as_secs_f64() * 1e3;
+    if png {
+        let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], pngs.into_iter().next().unwrap_or_default())
+            .into_response();
+        response.headers_mut().insert("x-seed", HeaderValue::from(seeds[0]));
+        return Ok(response);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = GenerateResponse {
+        id,
+        model: params.model.clone(),
+        images: pngs
+            .iter()
+            .zip(&seeds)
+            .map(|(bytes, &seed)| GeneratedImage { seed, png_base64: b64.encode(bytes) })
+            .collect(),
+        parameters: params,
+        timings: Timings {
+            queue_ms: output.queue_ms,
+            inference_ms: output.compute_ms,
+            encode_ms,
+            total_ms: arrived.elapsed().as_secs_f64() * 1e3,
+            batch_size: output.batch_size as u32,
+        },
+        warnings: output.warnings,
+    };
+    Ok(Json(body).into_response())
+}
+
+/// Text to image.
+///
+/// With `Accept: image/png` and one image the body is the PNG itself (seed in `x-seed`).
+/// Every PNG carries AUTOMATIC1111-style `parameters` text.
+#[utoipa::path(
+    post,
+    path = "/generate",
+    tag = "images",
+    request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Generated images", content(
+            (GenerateResponse = "application/json"),
+            (PngFile = "image/png"),
+        )),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter (model_not_found, adapter_not_found)", body = ErrorResponse),
+        (status = 406, description = "Accept: image/png only, with num_images > 1", body = ErrorResponse),
+        (status = 413, description = "Body over the size limit", body = ErrorResponse),
+        (status = 415, description = "Not application/json", body = ErrorResponse),
+        (status = 422, description = "A field is out of range or unknown (invalid_size, invalid_steps, ...)", body = ErrorResponse),
+        (status = 429, description = "The model's queue is full; retry after Retry-After seconds", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Inference failed", body = ErrorResponse),
+        (status = 503, description = "Model still loading (Retry-After) or unavailable", body = ErrorResponse),
+    )
+)]
+pub async fn generate(
+    State(app): State<AppState>,
+    RequestId(id): RequestId,
+    headers: HeaderMap,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let Json(req) = body?;
+    let worker = find_model(&app, req.model.as_deref())?;
+    let info = worker.info()?;
+    let (task, params) = validate::generate(req, &info, &app.config)?;
+    let png = wants_png(&headers, task.num_images())?;
+    run_task(id, worker, task, params, png, arrived).await
+}
+
+/// Reads a multipart /edit body into the JSON request's fields and the raw image file.
+async fn read_multipart(mut form: Multipart) -> Result<(EditRequest, Vec<u8>), ApiError> {
+    let mut image = None;
+    let mut text = std::collections::HashMap::new();
+    loop {
+        let field = form.next_field().await.map_err(multipart_error)?;
+        let Some(field) = field else { break };
+        let name = field.name().unwrap_or_default().to_string();
+        if name == "image" {
+            image = Some(field.bytes().await.map_err(multipart_error)?.to_vec());
+        } else {
+            let value = field.text().await.map_err(multipart_error)?;
+            text.insert(name, value);
+        }
+    }
+    let image = image.ok_or_else(|| ApiError::InvalidRequest("missing field `image` (a file part)".into()))?;
+    let mut take = |k: &str| text.remove(k);
+    fn num<T: std::str::FromStr>(k: &str, v: Option<String>) -> Result<Option<T>, ApiError> {
+        v.map(|v| v.trim().parse::<T>().map_err(|_| ApiError::InvalidRequest(format!("field `{k}`: '{v}' is not a valid number"))))
+            .transpose()
+    }
+    let req = EditRequest {
+        image: String::new(),
+        prompt: take("prompt").ok_or_else(|| ApiError::InvalidRequest("missing field `prompt`".into()))?,
+        mode: take("mode"),
+        image_guidance_scale: num("image_guidance_scale", take("image_guidance_scale"))?,
+        strength: num("strength", take("strength"))?,
+        negative_prompt: take("negative_prompt"),
+        model: take("model"),
+        adapter: take("adapter"),
+        adapter_scale: num("adapter_scale", take("adapter_scale"))?,
+        width: num("width", take("width"))?,
+        height: num("height", take("height"))?,
+        steps: num("steps", take("steps"))?,
+        guidance_scale: num("guidance_scale", take("guidance_scale"))?,
+        scheduler: take("scheduler"),
+        seed: num("seed", take("seed"))?,
+        num_images: num("num_images", take("num_images"))?,
+    };
+    if let Some(k) = text.keys().next() {
+        return Err(ApiError::InvalidRequest(format!("unknown field `{k}`")));
+    }
+    Ok((req, image))
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(e.body_text())
+    } else {
+        ApiError::MalformedMultipart(e.body_text())
+    }
+}
+
+/// Edit an image: InstructPix2Pix instructions or img2img.
+///
+/// JSON with a base64 `image`, or multipart/form-data with an `image` file part and the other
+/// fields as form fields. The output keeps the input's size rounded down to a multiple of 8
+/// unless width/height are given (`parameters.resized` tells).
+#[utoipa::path(
+    post,
+    path = "/edit",
+    tag = "images",
+    request_body(content(
+        (EditRequest = "application/json"),
+        (EditForm = "multipart/form-data"),
+    )),
+    responses(
+        (status = 200, description = "Edited images", content(
+            (GenerateResponse = "application/json"),
+            (PngFile = "image/png"),
+        )),
+        (status = 400, description = "Malformed JSON or multipart body", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
+        (status = 406, description = "Accept: image/png only, with num_images > 1", body = ErrorResponse),
+        (status = 413, description = "Body over the size limit", body = ErrorResponse),
+        (status = 415, description = "Neither JSON nor multipart/form-data", body = ErrorResponse),
+        (status = 422, description = "Invalid field, undecodable or oversized image, or a mode the model lacks (unsupported_mode)", body = ErrorResponse),
+        (status = 429, description = "The model's queue is full", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 500, description = "Inference failed", body = ErrorResponse),
+        (status = 503, description = "Model still loading or unavailable", body = ErrorResponse),
+    )
+)]
+pub async fn edit(State(app): State<AppState>, RequestId(id): RequestId, request: Request) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let headers = request.headers().clone();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let (req, image) = if content_type.starts_with("multipart/form-data") {
+        let form = Multipart::from_request(request, &app)
+            .await
+            .map_err(|e| ApiError::MalformedMultipart(e.body_text()))?;
+        read_multipart(form).await?
+    } else if content_type.starts_with("application/json") || content_type.contains("+json") {
+        let Json(req) = Json::<EditRequest>::from_request(request, &app).await?;
+        let image = images::decode_base64(&req.image)?;
+        (req, image)
+    } else {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{content_type}': /edit takes application/json or multipart/form-data"
+        )));
+    };
+    let worker = find_model(&app, req.model.as_deref())?;
+    let info = worker.info()?;
+    let max = app.config.limits.max_num_images as usize;
+    let png = wants_png(&headers, req.num_images.unwrap_or(1).clamp(1, max as i64) as usize)?;
+    // Decoding and resizing are CPU work proportional to the upload.
+    let config = app.config.clone();
+    let (task, params) = tokio::task::spawn_blocking(move || validate::edit(req, &image, &info, &config))
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    run_task(id, worker, task, params, png, arrived).await
+}
+
+/// The served models, what each can do and its defaults.
+#[utoipa::path(get, path = "/models", tag = "service", responses((status = 200, body = ModelsResponse)))]
+pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
+    let d = &app.config.defaults;
+    let models = app
+        .pool
+        .workers()
+        .iter()
+        .map(|w| {
+            let status = w.status();
+            let (info, error) = match &status {
+                LoadStatus::Ready(i) => (Some(i.clone()), None),
+                LoadStatus::Failed(e) => (None, Some(e.clone())),
+                LoadStatus::Loading => (None, None),
+            };
+            ModelEntry {
+                name: w.name().to_string(),
+                source: w.source().to_string(),
+                architecture: info.as_ref().map(|i| architecture_name(i.architecture).to_string()),
+                loaded: info.is_some(),
+                error,
+                default: w.name() == app.pool.default_model(),
+                modes: info.as_ref().map(|i| i.modes().iter().map(|m| m.name().to_string()).collect()).unwrap_or_default(),
+                schedulers: SchedulerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
+                defaults: info.as_ref().map(|i| ModelDefaults {
+                    width: i.native_size as u32,
+                    height: i.native_size as u32,
+                    steps: d.steps.min(app.config.limits.max_steps),
+                    guidance_scale: d.guidance_scale,
+                    scheduler: i.default_scheduler.name().to_string(),
+                    image_guidance_scale: i.supports(Mode::InstructPix2Pix).then_some(d.image_guidance_scale),
+                    strength: i.supports(Mode::Img2Img).then_some(d.strength),
+                }),
+            }
+        })
+        .collect();
+    Json(ModelsResponse { models })
+}
+
+/// Liveness and counters: queue depth, computed, dropped and refused requests, batch sizes.
+#[utoipa::path(get, path = "/health", tag = "service", responses((status = 200, body = HealthResponse)))]
+pub async fn health(State(app): State<AppState>) -> Json<HealthResponse> {
+    let models = app
+        .pool
+        .workers()
+        .iter()
+        .map(|w| {
+            let s = w.stats().snapshot();
+            ModelHealth {
+                name: w.name().to_string(),
+                loaded: matches!(w.status(), LoadStatus::Ready(_)),
+                queue_depth: w.queue_depth() as u32,
+                requests_computed: s.requests_computed,
+                images_computed: s.images_computed,
+                dropped_disconnected: s.dropped_disconnected,
+                cancelled_in_compute: s.cancelled_in_compute,
+                rejected_queue_full: s.rejected_queue_full,
+                batches: s.batches,
+                failed_batches: s.failed_batches,
+                batch_sizes: s.batch_sizes.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            }
+        })
+        .collect();
+    Json(HealthResponse {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_s: app.started.elapsed().as_secs_f64(),
+        models,
+    })
+}
+
+/// Readiness: 200 once every model is loaded, 503 before (or when one failed).
+#[utoipa::path(get, path = "/ready", tag = "service", responses(
+    (status = 200, body = ReadyResponse), (status = 503, body = ReadyResponse)
+))]
+pub async fn ready(State(app): State<AppState>) -> Response {
+    let models: Vec<ModelReadiness> = app
+        .pool
+        .workers()
+        .iter()
+        .map(|w| {
+            let (status, error) = match w.status() {
+                LoadStatus::Loading => ("loading", None),
+                LoadStatus::Ready(_) => ("ready", None),
+                LoadStatus::Failed(e) => ("failed", Some(e)),
+            };
+            ModelReadiness { name: w.name().to_string(), status: status.into(), error }
+        })
+        .collect();
+    let ready = app.pool.is_ready();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(ReadyResponse { ready, models })).into_response()
+}
+
+/// This API's OpenAPI 3.1 document (the committed `openapi/openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
+pub async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], super::openapi_json()).into_response()
+}
+
+pub async fn not_found(request: Request) -> ApiError {
+    ApiError::RouteNotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+}
+
+pub async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", request.method(), request.uri().path()))
+}

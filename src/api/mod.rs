@@ -1,0 +1,250 @@
+//! The HTTP API: an axum router built by `ApiBuilder`, which another axum app can also nest.
+//!
+//! Layering: handlers (`handlers`) parse and validate (`validate`) into tasks for the model
+//! workers (`crate::server`); every error becomes a response in one place (`error`).
+
+pub mod cli;
+pub mod docs;
+pub mod error;
+pub mod finetune;
+pub mod handlers;
+pub mod images;
+pub mod loadtest;
+pub mod running;
+pub mod types;
+pub mod validate;
+
+use crate::config::{Config, ConfigError};
+use crate::server::{BatchHook, ModelPool};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::routing::{get, post};
+use axum::Router;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "dspo-server",
+        description = "Stable Diffusion serving: text-to-image, InstructPix2Pix and img2img edits, with \
+                       per-model queues and dynamic batching. Every error is \
+                       {\"error\": {\"code\": \"<machine_code>\", \"message\": \"<text>\"}}."
+    ),
+    paths(
+        handlers::generate,
+        handlers::edit,
+        handlers::models,
+        handlers::health,
+        handlers::ready,
+        handlers::openapi_json,
+        finetune::create,
+        finetune::list,
+        finetune::get_job,
+        finetune::cancel,
+        finetune::metrics,
+        finetune::events,
+        finetune::adapters,
+        finetune::adapter_weights,
+        finetune::delete_adapter
+    ),
+    components(schemas(
+        types::Scheduler,
+        types::EditMode,
+        types::EditForm,
+        types::PngFile,
+        error::ErrorResponse,
+        crate::jobs::JobSpec,
+        crate::jobs::JobRecord,
+        crate::jobs::JobStatus,
+        crate::jobs::Progress,
+        crate::jobs::types::JobErrorBody,
+        crate::jobs::AdapterInfo,
+        crate::training::StepMetrics,
+        crate::training::Method,
+        crate::training::lora::LoraSpec,
+        finetune::JobCreated
+    )),
+    tags(
+        (name = "images", description = "Generate and edit images"),
+        (name = "finetune", description = "Preference fine-tuning jobs (DSPO, Diffusion-DPO, SFT) and the adapters they produce"),
+        (name = "service", description = "Models, health and this document")
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document the server describes itself with.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    // /edit's body is marked optional although the server requires one: openapi-python-client
+    // (0.29, issue #1451) generates code that does not import for a *required* body with
+    // several content types. An absent body is answered 415 all the same.
+    if let Some(body) = doc
+        .paths
+        .paths
+        .get_mut("/edit")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|op| op.request_body.as_mut())
+    {
+        body.required = Some(utoipa::openapi::Required::False);
+    }
+    doc
+}
+
+/// The OpenAPI document exactly as served and committed (`openapi/openapi.json`).
+pub fn openapi_json() -> String {
+    let mut s = openapi().to_pretty_json().expect("the OpenAPI document serialises");
+    s.push('\n');
+    s
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Arc<ModelPool>,
+    pub config: Arc<Config>,
+    pub started: Instant,
+    /// None when `jobs.enabled` is false.
+    pub jobs: Option<Arc<crate::jobs::JobManager>>,
+}
+
+pub struct ApiBuilder {
+    config: Config,
+    hook: Option<BatchHook>,
+}
+
+impl ApiBuilder {
+    pub fn new(config: Config) -> Self {
+        Self { config, hook: None }
+    }
+
+    /// Runs on each worker thread before every batch (see `BatchHook`).
+    pub fn batch_hook(mut self, hook: BatchHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Starts the model workers (they load in the background) and builds the API.
+    pub fn build(self) -> Result<Api, ConfigError> {
+        let pool = Arc::new(ModelPool::start(&self.config, self.hook)?);
+        let jobs = if self.config.jobs.enabled { Some(start_jobs(&self.config, &pool)?) } else { None };
+        Ok(Api { state: AppState { pool, config: Arc::new(self.config), started: Instant::now(), jobs } })
+    }
+}
+
+/// The job manager, resolving `base_model` through the served models and pausing training
+/// between steps while any model has queued inference requests.
+fn start_jobs(config: &Config, pool: &Arc<ModelPool>) -> Result<Arc<crate::jobs::JobManager>, ConfigError> {
+    use crate::jobs::{FinetuneDefaults, JobsConfig};
+    let mut jc = JobsConfig::new(&config.server.data_dir);
+    let d = &config.datasets;
+    jc.fetch.allow_private_networks = d.allow_private_networks;
+    jc.fetch.max_bytes = d.max_bytes;
+    jc.fetch.timeout = std::time::Duration::from_secs(d.timeout_s);
+    jc.fetch.file_roots = d.file_roots.clone();
+    jc.webhook_secret = Some(config.jobs.webhook_secret.clone()).filter(|s| !s.is_empty());
+    jc.webhook_retries = config.jobs.webhook_retries;
+    jc.device = config.models.device.clone();
+    let f = &config.finetune;
+    let method: crate::training::Method =
+        f.method.parse().map_err(|e: String| ConfigError::Invalid(format!("finetune.method: {e}")))?;
+    let defaults = FinetuneDefaults {
+        method,
+        hyperparameters: crate::training::Hyperparameters {
+            learning_rate: Some(f.learning_rate),
+            max_steps: f.max_steps,
+            batch_size: f.batch_size,
+            gradient_accumulation_steps: f.gradient_accumulation_steps,
+            warmup_steps: f.warmup_steps,
+            checkpoint_every: f.checkpoint_every,
+            ..Default::default()
+        },
+        lora: crate::training::lora::LoraSpec { rank: f.lora_rank, alpha: f.lora_alpha, ..Default::default() },
+    };
+    for w in pool.workers() {
+        jc.defaults.insert(w.name().to_string(), defaults.clone());
+    }
+    let variant = Some(config.models.variant.clone()).filter(|v| !v.is_empty());
+    let p = pool.clone();
+    let resolver: crate::jobs::manager::ModelResolver = Arc::new(move |name: Option<&str>| {
+        let w = p.get(name)?;
+        let dir = crate::models::ModelSource::parse(w.source()).resolve(variant.as_deref()).ok()?;
+        Some((w.name().to_string(), dir))
+    });
+    let p = pool.clone();
+    let busy: crate::jobs::manager::BusyProbe = Arc::new(move || p.workers().iter().any(|w| w.queue_depth() > 0));
+    crate::jobs::JobManager::start(jc, resolver, Some(busy)).map_err(|e| ConfigError::Invalid(format!("jobs: {e}")))
+}
+
+pub struct Api {
+    state: AppState,
+}
+
+impl Api {
+    pub fn pool(&self) -> &Arc<ModelPool> {
+        &self.state.pool
+    }
+
+    /// The complete router: routes, body limit, request ids and tracing.
+    pub fn router(&self) -> Router {
+        let request_id = HeaderName::from_static(handlers::REQUEST_ID_HEADER);
+        let trace = TraceLayer::new_for_http()
+            .make_span_with(|req: &Request<_>| {
+                let id = req.headers().get(handlers::REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            })
+            .on_response(DefaultOnResponse::new().level(Level::INFO));
+        Router::new()
+            .route("/generate", post(handlers::generate))
+            .route("/edit", post(handlers::edit))
+            .route("/models", get(handlers::models))
+            .route("/health", get(handlers::health))
+            .route("/ready", get(handlers::ready))
+            .route("/openapi.json", get(handlers::openapi_json))
+            .route("/finetune", post(finetune::create).get(finetune::list))
+            .route("/finetune/{id}", get(finetune::get_job).delete(finetune::cancel))
+            .route("/finetune/{id}/metrics", get(finetune::metrics))
+            .route("/finetune/{id}/events", get(finetune::events))
+            .route("/adapters", get(finetune::adapters))
+            .route("/adapters/{name}/weights", get(finetune::adapter_weights))
+            .route("/adapters/{name}", axum::routing::delete(finetune::delete_adapter))
+            .route("/docs", get(docs::index))
+            .route("/docs/", get(docs::index))
+            .route("/docs/{file}", get(docs::file))
+            .fallback(handlers::not_found)
+            .method_not_allowed_fallback(handlers::method_not_allowed)
+            .layer(DefaultBodyLimit::max(self.state.config.limits.max_body_bytes))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                    .layer(trace)
+                    .layer(PropagateRequestIdLayer::new(request_id)),
+            )
+            .with_state(self.state.clone())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish,
+    /// and waits for the workers to drain their queues.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+        tracing::info!("listener closed; waiting for the model workers to finish");
+        if let Some(jobs) = &self.state.jobs {
+            // The running job stops at its next step and is resumed at the next start.
+            jobs.shutdown();
+        }
+        let pool = self.state.pool.clone();
+        tokio::task::spawn_blocking(move || pool.shutdown()).await.map_err(std::io::Error::other)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,181 @@
+//! What a worker computes: a validated request, and what it knows about its model.
+//!
+//! A `GenerationTask` is only built by the HTTP layer's validation, so the worker never
+//! re-checks input: past this type boundary every value is in range for the model.
+
+use crate::models::{Architecture, DiffusionModel};
+use crate::pipelines::PromptPair;
+use crate::schedulers::SchedulerKind;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The ways a request can use a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Txt2Img,
+    Img2Img,
+    InstructPix2Pix,
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Txt2Img => "txt2img",
+            Mode::Img2Img => "img2img",
+            Mode::InstructPix2Pix => "instruct_pix2pix",
+        }
+    }
+
+    /// Which pipelines exist for an architecture: img2img runs on SD 1.x/2.x only (there is no
+    /// SDXL img2img pipeline yet), and an 8-channel InstructPix2Pix UNet only edits.
+    pub fn supported_by(arch: Architecture) -> &'static [Mode] {
+        match arch {
+            Architecture::StableDiffusion => &[Mode::Txt2Img, Mode::Img2Img],
+            Architecture::StableDiffusionXl => &[Mode::Txt2Img],
+            Architecture::InstructPix2Pix => &[Mode::InstructPix2Pix],
+        }
+    }
+}
+
+/// The name clients see (serde's snake_case would split "Pix2Pix" into "pix2_pix").
+pub fn architecture_name(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::StableDiffusion => "stable_diffusion",
+        Architecture::StableDiffusionXl => "stable_diffusion_xl",
+        Architecture::InstructPix2Pix => "instruct_pix2pix",
+    }
+}
+
+/// What a worker publishes once its model is loaded; validation reads it without touching
+/// the weights (which only the worker thread may use).
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub source: String,
+    pub architecture: Architecture,
+    /// The size the UNet was trained at (`sample_size * vae_scale_factor`).
+    pub native_size: usize,
+    pub vae_scale_factor: usize,
+    pub default_scheduler: SchedulerKind,
+    pub num_train_timesteps: usize,
+    /// Kept so validation can build a request's scheduler (cheap, no weights) and refuse a
+    /// step count the schedule cannot produce before it reaches the worker.
+    pub scheduler_config: crate::schedulers::SchedulerConfig,
+}
+
+impl ModelInfo {
+    pub fn from_model(name: &str, source: &str, model: &DiffusionModel) -> Self {
+        Self {
+            name: name.to_string(),
+            source: source.to_string(),
+            architecture: model.architecture,
+            native_size: model.unet.config.sample_size * model.vae_scale_factor(),
+            vae_scale_factor: model.vae_scale_factor(),
+            default_scheduler: model.default_scheduler,
+            num_train_timesteps: model.scheduler_config.num_train_timesteps,
+            scheduler_config: model.scheduler_config.clone(),
+        }
+    }
+
+    pub fn modes(&self) -> &'static [Mode] {
+        Mode::supported_by(self.architecture)
+    }
+
+    pub fn supports(&self, mode: Mode) -> bool {
+        self.modes().contains(&mode)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Task {
+    Txt2Img,
+    Img2Img { strength: f64 },
+    InstructPix2Pix { image_guidance_scale: f64 },
+}
+
+impl Task {
+    pub fn mode(&self) -> Mode {
+        match self {
+            Task::Txt2Img => Mode::Txt2Img,
+            Task::Img2Img { .. } => Mode::Img2Img,
+            Task::InstructPix2Pix { .. } => Mode::InstructPix2Pix,
+        }
+    }
+}
+
+/// A LoRA adapter chosen by a request; the file was seen to exist at validation time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterChoice {
+    pub name: String,
+    pub path: PathBuf,
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationTask {
+    pub task: Task,
+    pub prompt: PromptPair,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: SchedulerKind,
+    pub adapter: Option<AdapterChoice>,
+    /// One image per seed.
+    pub seeds: Vec<u64>,
+    /// Edits: the input, already at `width` x `height`.
+    pub image: Option<Arc<image::RgbImage>>,
+}
+
+/// Requests with equal keys can share one UNet batch: everything the pipelines take once per
+/// batch (and the adapter, which is attached to the model as a whole) must agree. Floats are
+/// compared by bits, so only identical values batch together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchKey {
+    mode: Mode,
+    mode_param: u64,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_bits: u64,
+    scheduler: SchedulerKind,
+    adapter: Option<(String, u64)>,
+}
+
+impl GenerationTask {
+    pub fn batch_key(&self) -> BatchKey {
+        let mode_param = match self.task {
+            Task::Txt2Img => 0,
+            Task::Img2Img { strength } => strength.to_bits(),
+            Task::InstructPix2Pix { image_guidance_scale } => image_guidance_scale.to_bits(),
+        };
+        BatchKey {
+            mode: self.task.mode(),
+            mode_param,
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_bits: self.guidance_scale.to_bits(),
+            scheduler: self.scheduler,
+            adapter: self.adapter.as_ref().map(|a| (a.name.clone(), a.scale.to_bits())),
+        }
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.seeds.len()
+    }
+}
+
+/// A finished request, in the order of its seeds.
+#[derive(Debug, Clone)]
+pub struct TaskOutput {
+    pub images: Vec<image::RgbImage>,
+    pub warnings: Vec<String>,
+    /// From admission to the start of its batch.
+    pub queue_ms: f64,
+    /// The whole batch's compute time (shared by its requests).
+    pub compute_ms: f64,
+    /// Images in the batch this request ran in.
+    pub batch_size: usize,
+}
