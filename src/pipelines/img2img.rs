@@ -1,6 +1,6 @@
 //! StableDiffusionImg2ImgPipeline: noise an encoded image to `strength`, then denoise.
 
-use super::{cfg_combine, decode_latents, encode_sd, timestep_tensor, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
+use super::{decode_latents, denoise, encode_sd_cfg, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -28,16 +28,8 @@ pub fn run(
         return Err(PipelineError::Invalid(format!("strength must be in [0, 1], got {strength}")));
     }
     params.validate(model)?;
-    let n = prompts.len();
     let cfg = params.guidance_scale > 1.0;
-    let pos: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
-    let embeds = if cfg {
-        let neg: Vec<&str> = prompts.iter().map(|p| p.negative_prompt.as_deref().unwrap_or("")).collect();
-        let all: Vec<&str> = neg.iter().chain(pos.iter()).copied().collect();
-        encode_sd(model, &all, notes)?
-    } else {
-        encode_sd(model, &pos, notes)?
-    };
+    let embeds = encode_sd_cfg(model, prompts, cfg, notes)?;
     let mut sched = make_scheduler(params.scheduler, &model.scheduler_config, params.steps)?;
     let steps = params.steps;
     let init_timestep = ((steps as f64 * strength) as usize).min(steps);
@@ -52,18 +44,8 @@ pub fn run(
     let posterior = model.vae.encode(&((image * 2.0)? - 1.0)?)?;
     let init = (posterior.sample_with(&vae_noise.to_dtype(model.vae.dtype())?)? * model.vae.config.scaling_factor)?
         .to_dtype(model.dtype)?;
-    let mut x = sched.add_noise(&init, &noise.to_dtype(model.dtype)?, begin)?;
-    let total = timesteps.len() - begin;
-    for (k, i) in (begin..timesteps.len()).enumerate() {
-        let t = timesteps[i];
-        let x_in = if cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
-        let x_in = sched.scale_model_input(&x_in, i)?;
-        let eps = model.unet.forward(&x_in, &timestep_tensor(t, model)?, &embeds, None)?;
-        let eps = if cfg { cfg_combine(&eps, n, params.guidance_scale)? } else { eps };
-        x = sched.step(&eps, i, &x, rng)?;
-        if !progress(k + 1, total) {
-            return Err(PipelineError::Cancelled);
-        }
-    }
+    let x = sched.add_noise(&init, &noise.to_dtype(model.dtype)?, begin)?;
+    let guidance = cfg.then_some(params.guidance_scale);
+    let x = denoise(model, sched.as_mut(), x, begin, guidance, &embeds, None, rng, progress)?;
     decode_latents(model, &x)
 }

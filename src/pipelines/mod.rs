@@ -94,6 +94,53 @@ pub(crate) fn encode_sd(model: &DiffusionModel, prompts: &[&str], notes: &mut No
     Ok(model.text_encoder.forward(&ids)?.last_hidden_state)
 }
 
+/// Text conditioning for a batch: `[neg..., pos...]` under classifier-free guidance (the
+/// diffusers batch order; a missing negative prompt encodes ""), else the prompts alone.
+pub(crate) fn encode_sd_cfg(model: &DiffusionModel, prompts: &[PromptPair], cfg: bool, notes: &mut Notes) -> Result<Tensor> {
+    let pos = prompts.iter().map(|p| p.prompt.as_str());
+    if cfg {
+        let neg = prompts.iter().map(|p| p.negative_prompt.as_deref().unwrap_or(""));
+        let all: Vec<&str> = neg.chain(pos).collect();
+        encode_sd(model, &all, notes)
+    } else {
+        encode_sd(model, &pos.collect::<Vec<_>>(), notes)
+    }
+}
+
+/// The denoising loop shared by txt2img, img2img and SDXL: steps `begin..` of the scheduler,
+/// each `x_in = scale(cat([x, x]))` under guidance, one UNet call, CFG combine, scheduler step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise(
+    model: &DiffusionModel,
+    sched: &mut dyn crate::schedulers::Scheduler,
+    mut x: Tensor,
+    begin: usize,
+    guidance: Option<f64>,
+    embeds: &Tensor,
+    added: Option<(&Tensor, &Tensor)>,
+    rng: &mut crate::rng::NoiseRng,
+    progress: Progress<'_>,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let timesteps = sched.timesteps().to_vec();
+    let total = timesteps.len().saturating_sub(begin);
+    for (k, i) in (begin..timesteps.len()).enumerate() {
+        let x_in = if guidance.is_some() { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
+        let x_in = sched.scale_model_input(&x_in, i)?;
+        let cond = added.map(|(te, ids)| crate::models::unet::AddedCond { text_embeds: te, time_ids: ids });
+        let eps = model.unet.forward(&x_in, &timestep_tensor(timesteps[i], model)?, embeds, cond)?;
+        let eps = match guidance {
+            Some(g) => cfg_combine(&eps, n, g)?,
+            None => eps,
+        };
+        x = sched.step(&eps, i, &x, rng)?;
+        if !progress(k + 1, total) {
+            return Err(PipelineError::Cancelled);
+        }
+    }
+    Ok(x)
+}
+
 /// Final image in [0, 1], `[N, 3, H, W]` f32.
 pub(crate) fn decode_latents(model: &DiffusionModel, latents: &Tensor) -> Result<Tensor> {
     let sf = model.vae.config.scaling_factor;

@@ -1,8 +1,7 @@
 //! StableDiffusionXLPipeline: two text encoders (penultimate hidden states, pooled
 //! projection) and micro-conditioning time ids.
 
-use super::{cfg_combine, decode_latents, timestep_tensor, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
-use crate::models::unet::AddedCond;
+use super::{decode_latents, denoise, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -91,19 +90,8 @@ pub fn run(
     let time_ids = Tensor::from_vec(ids, (rows, 6), &model.device)?.to_dtype(model.dtype)?;
 
     let mut sched = make_scheduler(params.scheduler, &model.scheduler_config, params.steps)?;
-    let mut x = (noise.to_dtype(model.dtype)? * sched.init_noise_sigma())?;
-    let timesteps = sched.timesteps().to_vec();
-    let total = timesteps.len();
-    for (i, &t) in timesteps.iter().enumerate() {
-        let x_in = if cfg { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
-        let x_in = sched.scale_model_input(&x_in, i)?;
-        let added = AddedCond { text_embeds: &pooled, time_ids: &time_ids };
-        let eps = model.unet.forward(&x_in, &timestep_tensor(t, model)?, &embeds, Some(added))?;
-        let eps = if cfg { cfg_combine(&eps, n, params.guidance_scale)? } else { eps };
-        x = sched.step(&eps, i, &x, rng)?;
-        if !progress(i + 1, total) {
-            return Err(PipelineError::Cancelled);
-        }
-    }
+    let x = (noise.to_dtype(model.dtype)? * sched.init_noise_sigma())?;
+    let guidance = cfg.then_some(params.guidance_scale);
+    let x = denoise(model, sched.as_mut(), x, 0, guidance, &embeds, Some((&pooled, &time_ids)), rng, progress)?;
     decode_latents(model, &x)
 }

@@ -120,13 +120,19 @@ impl FromStr for SchedulerKind {
 pub trait Scheduler: Send {
     /// Timesteps fed to the UNet, in order (floats: Euler-family schedulers interpolate).
     fn timesteps(&self) -> &[f64];
-    /// The factor applied to the initial noise of txt2img.
-    fn init_noise_sigma(&self) -> f64;
+    /// The factor applied to the initial noise of txt2img (1 for schedulers that work in
+    /// alpha space; Euler-family schedulers scale by their largest sigma).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
     /// diffusers' `scheduler.order` (img2img skips `t_start * order` timesteps).
     fn order(&self) -> usize {
         1
     }
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// What the UNet sees at this step; only sigma-space schedulers rescale.
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One update from `sample` at `timesteps()[step_index]` using the model output.
     /// `rng` is only drawn from by ancestral samplers.
     fn step(

@@ -1,0 +1,163 @@
+//! Splits one optimiser step of `dspo-server bench-train` into its parts, to see where our step
+//! is slower than PyTorch's. The step is the one src/training/bench.rs runs (same calls, same
+//! synthetic batch); each part is timed on its own, and the reference pass, which batch_loss
+//! runs inside the forward, is timed again separately on the same inputs.
+//!
+//!   train-phases --model DIR --method dspo|diffusion_dpo|sft [--full] --pairs P --resolution R --steps N
+
+use candle_core::{DType, Device, Tensor};
+use dspo_server::models::unet::UNet2DConditionModel;
+use dspo_server::models::weights::{VarRegistry, Weights};
+use dspo_server::rng::NoiseRng;
+use dspo_server::training::lora::{LoraSpec, TrainableLora};
+use dspo_server::training::noise::NoiseSchedule;
+use dspo_server::training::optim::{clip, collect, AdamW, AdamWConfig};
+use dspo_server::training::step::{batch_loss, Batch, Reference};
+use dspo_server::training::Method;
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn status_mib(key: &str) -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model: PathBuf = arg(&args, "--model", PathBuf::new());
+    let method: Method = arg::<String>(&args, "--method", "dspo".into()).parse().map_err(anyhow::Error::msg)?;
+    let full = args.iter().any(|a| a == "--full");
+    let rank: usize = arg(&args, "--lora-rank", 4);
+    let b: usize = arg(&args, "--pairs", 1);
+    let side = arg::<usize>(&args, "--resolution", 64) / 8;
+    let steps: usize = arg(&args, "--steps", 3);
+
+    let device = Device::Cpu;
+    let unet_dir = model.join("unet");
+    let config = UNet2DConditionModel::load_config(&unet_dir)?;
+    let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
+    let schedule = NoiseSchedule::from_model_dir(&model)?;
+    let base = UNet2DConditionModel::new(config.clone(), &Weights::from_files(&files, &device, DType::F32)?)?;
+    let mut rng = NoiseRng::new(0);
+    let (policy_full, params, _lora) = if full {
+        let reg = VarRegistry::default();
+        let w = Weights::from_files(&files, &device, DType::F32)?.trainable(reg.clone());
+        (Some(UNet2DConditionModel::new(config.clone(), &w)?), reg.all(), None)
+    } else {
+        let spec = LoraSpec { rank, alpha: rank as f64, ..Default::default() };
+        let l = TrainableLora::new(base.linears(), &spec, &mut rng, &device, DType::F32)?;
+        let p = l.params();
+        (None, p, Some(l))
+    };
+    let rss_loaded = status_mib("VmRSS:");
+    let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: 1e-5, ..Default::default() })?;
+    let cross = config.cross_attention_dim[0];
+    let in_c = config.in_channels;
+
+    // Sums over the timed steps: step total, batch_loss, reference alone, backward, collect+clip, AdamW.
+    let mut sum = [0f64; 6];
+    let mut rss_after_loss = 0f64;
+    let mut rss_after_backward = 0f64;
+    for step in 0..steps + 1 {
+        let x0 = rng.randn((2 * b, in_c, side, side), &device, DType::F32)?;
+        let noise = rng.randn((b, in_c, side, side), &device, DType::F32)?;
+        let noise = Tensor::cat(&[&noise, &noise], 0)?;
+        let ehs = rng.randn((b, 77, cross), &device, DType::F32)?;
+        let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
+        let t: Vec<usize> = (0..b).map(|_| rng.below(1000)).collect();
+        let timesteps: Vec<usize> = t.iter().chain(&t).copied().collect();
+        let batch = Batch { x0, noise, timesteps: timesteps.clone(), encoder_hidden_states: ehs.clone(), added: None };
+
+        // The reference pass alone, outside the step, on the inputs the step will use.
+        let r0 = Instant::now();
+        if method != Method::Sft {
+            let noisy = schedule.add_noise(&batch.x0, &batch.noise, &timesteps)?;
+            let tt = Tensor::from_vec(timesteps.iter().map(|&x| x as f32).collect::<Vec<_>>(), timesteps.len(), &device)?;
+            let r = match &policy_full {
+                Some(_) => base.forward(&noisy, &tt, &ehs, None)?,
+                None => {
+                    let saved: Vec<_> = base.linears().all().into_iter().map(|(_, s, _, _)| (s.clone(), s.get())).collect();
+                    for (s, _) in &saved {
+                        s.set(None);
+                    }
+                    let r = base.forward(&noisy, &tt, &ehs, None);
+                    for (s, d) in saved {
+                        s.set(d);
+                    }
+                    r?
+                }
+            };
+            drop(r);
+        }
+        let reference_s = r0.elapsed().as_secs_f64();
+
+        let t0 = Instant::now();
+        let out = match &policy_full {
+            Some(p) => batch_loss(p, Reference::Model(&base), &schedule, &batch, method, 1.0)?,
+            None => batch_loss(&base, Reference::AdaptersOff, &schedule, &batch, method, 1.0)?,
+        };
+        let t1 = Instant::now();
+        let ra = status_mib("VmRSS:");
+        let grads = out.loss.backward()?;
+        let t2 = Instant::now();
+        let rb = status_mib("VmRSS:");
+        let g = clip(collect(&params, &grads)?, Some(1.0))?;
+        let t3 = Instant::now();
+        opt.update(&g.clipped, 1e-5)?;
+        let t4 = Instant::now();
+        drop((out, grads, g));
+        if step > 0 {
+            let parts = [
+                (t4 - t0).as_secs_f64(),
+                (t1 - t0).as_secs_f64(),
+                reference_s,
+                (t2 - t1).as_secs_f64(),
+                (t3 - t2).as_secs_f64(),
+                (t4 - t3).as_secs_f64(),
+            ];
+            for (s, p) in sum.iter_mut().zip(parts) {
+                *s += p;
+            }
+            rss_after_loss = rss_after_loss.max(ra);
+            rss_after_backward = rss_after_backward.max(rb);
+        }
+    }
+    let n = steps as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "dspo-server",
+            "probe": "train-phases",
+            "model": model,
+            "method": method.name(),
+            "mode": if full { "full" } else { "lora" },
+            "pairs": b,
+            "resolution": side * 8,
+            "step_s_mean": sum[0] / n,
+            "loss_fwd_s": sum[1] / n,
+            "reference_s": sum[2] / n,
+            "forward_s": (sum[1] - sum[2]) / n,
+            "backward_s": sum[3] / n,
+            "clip_s": sum[4] / n,
+            "adamw_s": sum[5] / n,
+            "optimizer_s": (sum[4] + sum[5]) / n,
+            "rss_loaded_mib": rss_loaded,
+            "rss_after_forward_mib": rss_after_loss,
+            "rss_after_backward_mib": rss_after_backward,
+            "peak_rss_mib": status_mib("VmHWM:"),
+        })
+    );
+    Ok(())
+}

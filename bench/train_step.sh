@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Training-step cost: dspo-server `bench-train` vs a PyTorch step (bench/torch_train_step.py)
+# on the same weight files, for dspo / diffusion_dpo / sft, LoRA and full fine-tuning, on the
+# tiny and the mid model. Each configuration runs in its own process (peak RSS is per process).
+# Writes the raw JSON to bench/results/train/ and the tables to bench/TRAINING.md.
+#
+#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~10 min on 2 cores
+#
+# Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], STEPS [3] timed
+# steps after one warm-up, LORA_RANK [4], TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25],
+# MID_PAIRS [1], MID_RES [128], METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"],
+# PHASES [1] (also split our step into forward / reference / backward / optimiser with the
+# bench/train_phases probe), QUIET_WAIT [120] (seconds to wait for other processes to leave
+# the CPUs before each run), WORK [target/bench-train], SHARED [../shared], SKIP_BUILD [0].
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PYTHON=${PYTHON:-python3}
+THREADS=${THREADS:-$(nproc)}
+STEPS=${STEPS:-3}
+LORA_RANK=${LORA_RANK:-4}
+TINY_PAIRS=${TINY_PAIRS:-2}
+TINY_RES=${TINY_RES:-128}
+MID_SCALE=${MID_SCALE:-0.25}
+MID_PAIRS=${MID_PAIRS:-1}
+MID_RES=${MID_RES:-128}
+METHODS=${METHODS:-dspo diffusion_dpo sft}
+MODES=${MODES:-lora full}
+PHASES=${PHASES:-1}
+QUIET_WAIT=${QUIET_WAIT:-120}
+# A separate directory from cpu_txt2img.sh's, which deletes and rewrites its mid model.
+WORK=${WORK:-$ROOT/target/bench-train}
+SHARED=${SHARED:-$ROOT/../shared}
+RAW=$ROOT/bench/results/train
+BIN=$ROOT/target/release/dspo-server
+PROBE=$ROOT/target/release/train-phases
+COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
+
+log() { echo "[train_step] $*" >&2; }
+
+# Busy CPU seconds (all but idle and iowait) summed over all cores, from /proc/stat.
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
+
+busy_cores() {
+    local a b
+    a=$(busy_ticks)
+    sleep 2
+    b=$(busy_ticks)
+    awk -v a="$a" -v b="$b" -v hz="$HZ" 'BEGIN{printf "%.2f", (b-a)/hz/2}'
+}
+
+# A build or test run of another engineer on a 2-core machine would be timed with us, and
+# PyTorch's spinning OpenMP threads suffer most: wait for idle CPUs, up to QUIET_WAIT s.
+wait_quiet() {
+    local deadline=$((SECONDS + QUIET_WAIT)) busy
+    while :; do
+        busy=$(busy_cores)
+        if awk -v b="$busy" 'BEGIN{exit !(b < 0.3)}'; then return 0; fi
+        if ((SECONDS >= deadline)); then
+            log "machine still busy ($busy cores in use by others): measuring anyway (see other_cores)"
+            return 0
+        fi
+        log "waiting for an idle machine ($busy cores busy)"
+        sleep 5
+    done
+}
+
+# measure NAME CMD...: runs CMD, keeps its JSON line in $RAW/NAME.json and, in NAME.load,
+# how many cores other processes used on average while it ran (machine busy time minus the
+# command's own user+sys time, over its wall time).
+measure() {
+    local name=$1
+    shift
+    wait_quiet
+    log "$name: $*"
+    local before after
+    before=$(busy_ticks)
+    if ! /usr/bin/time -f "%e %U %S" -o "$WORK/$name.time" "$@" > "$RAW/$name.json" 2> "$WORK/$name.log"; then
+        log "$name failed:"
+        tail -5 "$WORK/$name.log" >&2
+        rm -f "$RAW/$name.json"
+        return 0
+    fi
+    after=$(busy_ticks)
+    read -r wall user sys < <(tail -1 "$WORK/$name.time")
+    awk -v a="$before" -v b="$after" -v hz="$HZ" -v w="$wall" -v u="$user" -v s="$sys" \
+        'BEGIN{o=((b-a)/hz-u-s)/w; if (o<0) o=0; printf "{\"other_cores\": %.2f, \"wall_s\": %s, \"cpu_s\": %.2f}\n", o, w, u+s}' \
+        > "$RAW/$name.load"
+}
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "cargo build --release"
+    cargo build --release >&2
+    if [[ $PHASES == 1 ]]; then
+        # The probe's own lock file starts from ours so that no dependency is re-resolved,
+        # and its target dir is ours so that the already-built dependencies are reused.
+        cp Cargo.lock bench/train_phases/Cargo.lock
+        CARGO_TARGET_DIR=$ROOT/target cargo build --release --manifest-path bench/train_phases/Cargo.toml >&2
+    fi
+fi
+
+TINY=$SHARED/conformance/models/tiny-sd15
+MID=$WORK/sd15-w$MID_SCALE
+mkdir -p "$WORK" "$RAW"
+rm -f "$RAW"/*.json "$RAW"/*.load "$RAW"/*.txt
+log "writing the mid model: SD1.5 config at width x$MID_SCALE -> $MID"
+rm -rf "$MID"
+"$BIN" make-random-model --config-dir "$SHARED/configs/stable-diffusion-v1-5" --out "$MID" \
+    --width-scale "$MID_SCALE" --seed 0 --dtype f32 > "$RAW/mid-model.jsonl"
+
+if "$PYTHON" -c 'import torch, diffusers, peft' 2> "$WORK/python-check.log"; then
+    TORCH=1
+else
+    TORCH=0
+    log "PyTorch side skipped: $PYTHON cannot import torch/diffusers/peft ($(tail -1 "$WORK/python-check.log"))"
+fi
+
+uptime > "$RAW/uptime-start.txt"
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+for model in tiny mid; do
+    if [[ $model == tiny ]]; then dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES; else dir=$MID pairs=$MID_PAIRS res=$MID_RES; fi
+    for mode in $MODES; do
+        full=()
+        [[ $mode == full ]] && full=(--full)
+        for method in $METHODS; do
+            args=(--model "$dir" --method "$method" "${full[@]}" --lora-rank "$LORA_RANK" --pairs "$pairs"
+                --resolution "$res" --steps "$STEPS")
+            key=$model-$method-$mode
+            measure "$key-dspo-server" env RAYON_NUM_THREADS="$THREADS" "$BIN" bench-train "${args[@]}"
+            if [[ $TORCH == 1 ]]; then
+                measure "$key-torch" "$PYTHON" bench/torch_train_step.py "${args[@]}" --threads "$THREADS" --phases
+            fi
+            if [[ $PHASES == 1 ]]; then
+                measure "$key-phases" env RAYON_NUM_THREADS="$THREADS" "$PROBE" "${args[@]}"
+            fi
+        done
+    done
+done
+uptime > "$RAW/uptime-end.txt"
+
+python3 bench/train_report.py --results "$RAW" --out bench/TRAINING.md --command "$COMMAND" \
+    --started "$START" --torch "$TORCH" --python "$PYTHON" --threads "$THREADS"
+log "wrote bench/TRAINING.md"
