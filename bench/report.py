@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--command", required=True)
     ap.add_argument("--started", default="")
+    ap.add_argument("--finished", default="")
     ap.add_argument("--diffusers", default="1")
     ap.add_argument("--python", default="python3")
     args = ap.parse_args()
@@ -105,7 +106,7 @@ def main():
 
     commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
     dirty = sh("git", "status", "--porcelain", "--untracked-files=no")
-    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    finished = args.finished or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     first = next(iter(ours.values()), None) or {}
 
     out = []
@@ -117,6 +118,8 @@ def main():
     w("bench/setup_python.sh            # once: .venv with torch, diffusers, transformers (bench/requirements.txt)")
     w(args.command)
     w("```\n")
+    w(f"(`PYTHON` was a virtualenv with `bench/requirements.txt` installed; `.venv/bin/python` after "
+      "`bench/setup_python.sh`.)\n")
     w("Both sides load the same directory, run txt2img with the "
       f"{first.get('scheduler', 'ddim').upper()} scheduler, guidance {first.get('guidance', '?')}, the same prompt, "
       "float32 on the CPU with the same thread count; each does one untimed warm-up generation, "
@@ -127,7 +130,7 @@ def main():
     w(f"- CPU: {cpu_model()}, `nproc` = {os.cpu_count()}, {mem_gib()} RAM; flags: {cpu_flags()}")
     w(f"- OS: {platform.system()} {platform.release()}")
     w(f"- run: {args.started or '?'} to {finished} (UTC)")
-    w(f"- git commit: `{commit}`" + (" plus uncommitted changes (the benchmark code itself)" if dirty else ""))
+    w(f"- git commit: `{commit}`" + (" plus uncommitted changes in the working tree" if dirty else ""))
     w(f"- dspo-server: candle-core {crate_version('candle-core')}, {sh('rustc', '--version') or 'rustc ?'}, "
       f"release profile, {first.get('threads', '?')} threads")
     if any_theirs:
@@ -152,8 +155,9 @@ def main():
         w(f"| {label} | {o['size']}x{o['size']} | {o['steps']} | {o['batch']} | "
           f"{secs(o['median_s'])} ({secs(o['min_s'])}) | {tcol} | "
           f"{ratio(o['median_s'], t['median_s'] if t else None)} | {load:.2f} |")
-    w("\n`other load`: the most CPU (in cores) other processes used during any timed run of either side; "
-      "near 0 means the numbers are clean.\n")
+    w("\n`other load`: the most CPU (in cores) other processes used during any timed run of either side "
+      "(from /proc/stat, approximate); near 0 means the numbers are clean. The script re-measures a side "
+      "whose runs exceeded `MAX_OTHER`.\n")
 
     w("## Where the time goes\n")
     w("| model | stage | dspo-server | diffusers | ratio | share of a dspo-server generation |")

@@ -11,7 +11,7 @@
 # MID_PAIRS [1], MID_RES [128], METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"],
 # PHASES [1] (also split our step into forward / reference / backward / optimiser with the
 # bench/train_phases probe), QUIET_WAIT [120] (seconds to wait for other processes to leave
-# the CPUs before each run), WORK [target/bench-train], SHARED [../shared], SKIP_BUILD [0].
+# the CPUs before each run), QUIET_BUDGET [600] (all such waits together), WORK [target/bench-train], SHARED [../shared], SKIP_BUILD [0].
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,6 +29,8 @@ METHODS=${METHODS:-dspo diffusion_dpo sft}
 MODES=${MODES:-lora full}
 PHASES=${PHASES:-1}
 QUIET_WAIT=${QUIET_WAIT:-120}
+QUIET_BUDGET=${QUIET_BUDGET:-600}
+WAITED=0
 # A separate directory from cpu_txt2img.sh's, which deletes and rewrites its mid model.
 WORK=${WORK:-$ROOT/target/bench-train}
 SHARED=${SHARED:-$ROOT/../shared}
@@ -54,11 +56,14 @@ busy_cores() {
 # A build or test run of another engineer on a 2-core machine would be timed with us, and
 # PyTorch's spinning OpenMP threads suffer most: wait for idle CPUs, up to QUIET_WAIT s.
 wait_quiet() {
-    local deadline=$((SECONDS + QUIET_WAIT)) busy
+    local start=$SECONDS busy
+    local deadline=$((SECONDS + QUIET_WAIT))
+    ((deadline > SECONDS + QUIET_BUDGET - WAITED)) && deadline=$((SECONDS + QUIET_BUDGET - WAITED))
     while :; do
         busy=$(busy_cores)
-        if awk -v b="$busy" 'BEGIN{exit !(b < 0.3)}'; then return 0; fi
+        if awk -v b="$busy" 'BEGIN{exit !(b < 0.3)}'; then WAITED=$((WAITED + SECONDS - start)); return 0; fi
         if ((SECONDS >= deadline)); then
+            WAITED=$((WAITED + SECONDS - start))
             log "machine still busy ($busy cores in use by others): measuring anyway (see other_cores)"
             return 0
         fi
@@ -141,5 +146,5 @@ done
 uptime > "$RAW/uptime-end.txt"
 
 python3 bench/train_report.py --results "$RAW" --out bench/TRAINING.md --command "$COMMAND" \
-    --started "$START" --torch "$TORCH" --python "$PYTHON" --threads "$THREADS"
+    --started "$START" --torch "$TORCH" --python "$PYTHON" --threads "$THREADS" --lora-rank "$LORA_RANK"
 log "wrote bench/TRAINING.md"

@@ -241,17 +241,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
     const SCORE_BUDGET: usize = 1 << 27; // elements per score chunk (512 MiB in f32)
     let per_query = b * heads * m;
     let chunk = (SCORE_BUDGET / per_query.max(1)).max(1);
+    // The scale goes on q (n*d elements) rather than on the n*m scores.
+    let q = (q * scale)?;
     let run = |q: &Tensor| -> candle_core::Result<Tensor> {
-        let mut s = (q.matmul(&kt)? * scale)?;
+        let mut s = q.matmul(&kt)?;
         if let Some(mask) = mask {
             s = s.broadcast_add(mask)?;
         }
-        let p = if s.dtype() == DType::F32 {
-            softmax_last_dim(&s)?
-        } else {
-            softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(s.dtype())?
-        };
-        p.matmul(&v)
+        let s32 = if s.dtype() == DType::F32 { s } else { s.to_dtype(DType::F32)? };
+        // Inference takes candle-nn's fused kernel (one pass); when gradients are tracked it
+        // has no backward, so training takes the composed version.
+        let p = if s32.track_op() { softmax_last_dim(&s32)? } else { candle_nn::ops::softmax_last_dim(&s32)? };
+        p.to_dtype(v.dtype())?.matmul(&v)
     };
     let out = if n <= chunk || mask.is_some() {
         run(&q)?

@@ -194,7 +194,10 @@ fn scale_config(v: &Value, widths: &[usize], heads: &[usize], scale: f64) -> Res
         })
         .collect();
     let groups = v.get("norm_num_groups").and_then(|x| x.as_u64()).unwrap_or(32) as usize;
-    let new_groups = (1..=groups).rev().find(|g| groups % g == 0 && scaled.iter().all(|w| w % g == 0)).unwrap_or(1);
+    let new_groups = (1..=groups)
+        .rev()
+        .find(|&g| groups.is_multiple_of(g) && scaled.iter().all(|w| w.is_multiple_of(g)))
+        .unwrap_or(1);
     let mut out = v.clone();
     let mut changed = vec![format!("block_out_channels {widths:?} -> {scaled:?}")];
     out["block_out_channels"] = Value::from(scaled);
