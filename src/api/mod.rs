@@ -178,7 +178,8 @@ fn start_jobs(config: &Config, pool: &Arc<ModelPool>) -> Result<Arc<crate::jobs:
         Some((w.name().to_string(), dir))
     });
     let p = pool.clone();
-    let busy: crate::jobs::manager::BusyProbe = Arc::new(move || p.workers().iter().any(|w| w.queue_depth() > 0));
+    let busy: crate::jobs::manager::BusyProbe =
+        Arc::new(move || p.workers().iter().any(|w| w.queue_depth() > 0 || w.stats().recently_busy(250)));
     crate::jobs::JobManager::start(jc, resolver, Some(busy)).map_err(|e| ConfigError::Invalid(format!("jobs: {e}")))
 }
 

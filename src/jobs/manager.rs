@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 /// Resolves a request's `base_model` (None = the default) to (served name, local directory).
 pub type ModelResolver = Arc<dyn Fn(Option<&str>) -> Option<(String, PathBuf)> + Send + Sync>;
-/// True while inference requests are waiting: training then pauses between steps.
+/// True while inference requests are waiting or computing (or just finished): training then
+/// pauses between steps.
 pub type BusyProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 #[derive(Clone)]

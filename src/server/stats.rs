@@ -19,6 +19,14 @@ pub struct WorkerStats {
     pub failed_batches: AtomicU64,
     /// How many batches had each size (in images).
     batch_sizes: Mutex<BTreeMap<usize, u64>>,
+    /// 1 while a batch is being computed (fine-tuning jobs yield to it).
+    pub computing: AtomicU64,
+    /// When the last batch ended, in milliseconds since the Unix epoch.
+    pub last_done_ms: AtomicU64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -36,6 +44,12 @@ pub struct StatsSnapshot {
 impl WorkerStats {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// True while computing, or within `grace_ms` of the last batch: a client sending requests
+    /// one after another leaves only short gaps, which a training step should not fill.
+    pub fn recently_busy(&self, grace_ms: u64) -> bool {
+        self.computing.load(Ordering::SeqCst) > 0 || now_ms().saturating_sub(self.last_done_ms.load(Ordering::SeqCst)) < grace_ms
     }
 
     pub fn record_batch(&self, images: usize) {

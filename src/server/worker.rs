@@ -386,6 +386,7 @@ impl Inner {
             job.slot = None; // computing, no longer queued
         }
         self.stats.record_batch(images);
+        self.stats.computing.store(1, Ordering::SeqCst);
         let ids: Vec<&str> = batch.iter().map(|j| j.request_id.as_str()).collect();
         info!(
             model = %self.name,
@@ -407,6 +408,8 @@ impl Inner {
             }))
         };
         let compute_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.stats.last_done_ms.store(super::stats::now_ms(), Ordering::SeqCst);
+        self.stats.computing.store(0, Ordering::SeqCst);
         let result = match result {
             Ok(r) => r,
             Err(payload) => {
