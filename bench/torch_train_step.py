@@ -17,7 +17,7 @@ of the policy/reference prediction:
   diffusion_dpo: mean(-logsigmoid(u))
   sft:           mean((eps - target)^2) on the winners
 
-`--phases` additionally reports the mean seconds of each part of the step over the timed steps:
+`--phases` additionally reports the median seconds of each part of the step over the timed steps:
 add_noise + policy forward (sft: with its loss), reference forward, pair loss + backward,
 clip + AdamW.
 
@@ -130,7 +130,7 @@ def main():
     side = a.resolution // 8
     b = a.pairs
     times = []
-    phase_sum = {"forward_s": 0.0, "reference_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+    phases = {"forward_s": [], "reference_s": [], "backward_s": [], "optimizer_s": []}
     for step in range(a.steps + 1):
         x0 = torch.randn(2 * b, cfg.in_channels, side, side, device=dev)
         noise = torch.randn(b, cfg.in_channels, side, side, device=dev).repeat(2, 1, 1, 1)
@@ -163,8 +163,8 @@ def main():
         marks.append(time.perf_counter())
         if step > 0:
             times.append(marks[-1] - t0)
-            for k, (s, e) in zip(phase_sum, zip(marks, marks[1:])):
-                phase_sum[k] += e - s
+            for k, (s, e) in zip(phases, zip(marks, marks[1:])):
+                phases[k].append(e - s)
 
     line = {
         "impl": "torch",
@@ -182,7 +182,7 @@ def main():
         "torch": torch.__version__,
     }
     if a.phases:
-        line.update({k: v / len(times) for k, v in phase_sum.items()})
+        line.update({k: statistics.median(v) for k, v in phases.items()})
     print(json.dumps(line), flush=True)
 
 

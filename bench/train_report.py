@@ -163,7 +163,7 @@ def main():
 
     if any(r["phases"] for r in rows.values()):
         w("## Where the time goes\n")
-        w("Mean seconds per step. PyTorch: `torch_train_step.py --phases` (the timed steps above). dspo-server: "
+        w("Median seconds per step for each part. PyTorch: `torch_train_step.py --phases` (the timed steps above). dspo-server: "
           "the `bench/train_phases` probe, which runs the same calls as `bench-train` (`batch_loss`, "
           "`backward`, `clip`, `AdamW::update`) in a separate process and times the reference pass again on "
           "its own (policy forward = `batch_loss` minus that); `add_noise` and the pair loss are counted in "
@@ -171,7 +171,7 @@ def main():
           "AdamW, then after the first step's forward and backward (later readings include buffers the "
           "allocator keeps after a step).\n")
         w("| model | method | mode | " + " | ".join(n for _, n in PHASES) + " | probe step | "
-          "dspo-server RSS: loaded / after 1st forward / after 1st backward / peak | other load |")
+          "dspo-server RSS: loaded / after 1st forward / after 1st backward / after 1st update / peak | other load |")
         w("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|")
         for (model, method, mode), r in rows.items():
             ph, t = r["phases"], r["torch"]
@@ -187,8 +187,9 @@ def main():
                     cells.append(f"{secs(ov)} / {secs(tv)} ({ov / tv:.1f}x)")
                 else:
                     cells.append(secs(ov))
-            w(f"| {model} | {method} | {mode} | " + " | ".join(cells) + f" | {secs(ph['step_s_mean'])} | "
+            w(f"| {model} | {method} | {mode} | " + " | ".join(cells) + f" | {secs(ph['step_s_median'])} | "
               f"{mib(ph['rss_loaded_mib'])} / {mib(ph['rss_first_forward_mib'])} / {mib(ph['rss_first_backward_mib'])} / "
+              f"{mib(ph['rss_first_update_mib'])} / "
               f"{mib(ph['peak_rss_mib'])} | {max(ph.get('other_cores', 0.0), t.get('other_cores', 0.0) if t else 0.0):.2f} |")
         w("")
         worst = []
@@ -206,6 +207,32 @@ def main():
         if worst:
             w("Largest part of our excess over PyTorch, per configuration: " + "; ".join(worst) + ".\n")
 
+    growth = sorted((int(f.stem.split("-")[1][1:]), f.stem.split("-", 2)[2])
+                    for f in res.glob("growth-s*-*.json"))
+    if growth:
+        counts = sorted({n for n, _ in growth})
+        kinds = (("dspo-server", "`bench-train`"), ("detached", "probe, gradients detached before clip + AdamW"),
+                 ("torch", "PyTorch"))
+        w("## Memory over a run (mid, sft, full fine-tuning)\n")
+        w("Peak RSS after 1 warm-up step plus N timed steps, each in its own process.\n")
+        w("| steps (warm-up + timed) | " + " | ".join(n for _, n in kinds) + " |")
+        w("|---|" + "---|" * len(kinds))
+        peaks = {}
+        for n in counts:
+            cells = []
+            for k, _ in kinds:
+                d = load(res, f"growth-s{n}-{k}")
+                peaks[(n, k)] = d["peak_rss_mib"] if d else None
+                cells.append(mib(peaks[(n, k)]))
+            w(f"| 1 + {n} | " + " | ".join(cells) + " |")
+        if len(counts) >= 2:
+            lo, hi = counts[0], counts[-1]
+            per = []
+            for k, name in kinds:
+                if peaks.get((lo, k)) is not None and peaks.get((hi, k)) is not None:
+                    per.append(f"{name}: {(peaks[(hi, k)] - peaks[(lo, k)]) / (hi - lo):+,.0f} MiB")
+            w("\nGrowth per additional step: " + "; ".join(per) + ".\n")
+
     w("## Reading the numbers\n")
     w("- PyTorch's peak RSS includes what `import torch` maps (the CUDA build of the wheel), given in brackets "
       "as \"above import\"; for small models that baseline dominates.")
@@ -218,6 +245,10 @@ def main():
       "every intermediate alive until the backward ends. `AdamW::update` and `clip` are out of place: each "
       "parameter's update allocates about a dozen full-size temporaries where `torch.optim.AdamW` updates "
       "in place.")
+    w("- Memory over a run: candle's backward leaves the gradients of variables attached to the graph (it "
+      "detaches only the gradients of intermediate nodes), and `collect` / `clip` / `AdamW::update` build the "
+      "moments from them, which AdamW keeps to the next step; the table above compares that with the same "
+      "step given detached gradients.")
     w("- Few timed steps on a shared 2-core machine: ratios between methods within about 10% are noise "
       "(compare median and min); runs with `other load` well above 0 are not clean.\n")
     w("## Models\n")

@@ -43,6 +43,9 @@ fn main() -> anyhow::Result<()> {
     let b: usize = arg(&args, "--pairs", 1);
     let side = arg::<usize>(&args, "--resolution", 64) / 8;
     let steps: usize = arg(&args, "--steps", 3);
+    // Diagnostic: hand AdamW detached gradients, to see whether what the optimiser keeps from
+    // one step to the next is what makes memory grow with the number of steps.
+    let detach_grads = args.iter().any(|a| a == "--detach-grads");
 
     let device = Device::Cpu;
     let unet_dir = model.join("unet");
@@ -67,10 +70,11 @@ fn main() -> anyhow::Result<()> {
     let cross = config.cross_attention_dim[0];
     let in_c = config.in_channels;
 
-    // Sums over the timed steps: step total, batch_loss, reference alone, backward, collect+clip, AdamW.
-    let mut sum = [0f64; 6];
+    // Per timed step: step total, batch_loss, reference alone, backward, collect+clip, AdamW.
+    let mut parts_by_step: Vec<[f64; 6]> = Vec::new();
     let mut rss_after_loss = 0f64;
     let mut rss_after_backward = 0f64;
+    let mut rss_after_update = 0f64;
     for step in 0..steps + 1 {
         let x0 = rng.randn((2 * b, in_c, side, side), &device, DType::F32)?;
         let noise = rng.randn((b, in_c, side, side), &device, DType::F32)?;
@@ -114,31 +118,39 @@ fn main() -> anyhow::Result<()> {
         let grads = out.loss.backward()?;
         let t2 = Instant::now();
         let rb = status_mib("VmRSS:");
-        let g = clip(collect(&params, &grads)?, Some(1.0))?;
+        let mut raw = collect(&params, &grads)?;
+        if detach_grads {
+            raw = raw.iter().map(|g| g.detach()).collect();
+        }
+        let g = clip(raw, Some(1.0))?;
         let t3 = Instant::now();
         opt.update(&g.clipped, 1e-5)?;
         let t4 = Instant::now();
+        let ru = status_mib("VmRSS:");
         drop((out, grads, g));
         if step > 0 {
-            let parts = [
+            parts_by_step.push([
                 (t4 - t0).as_secs_f64(),
                 (t1 - t0).as_secs_f64(),
                 reference_s,
                 (t2 - t1).as_secs_f64(),
                 (t3 - t2).as_secs_f64(),
                 (t4 - t3).as_secs_f64(),
-            ];
-            for (s, p) in sum.iter_mut().zip(parts) {
-                *s += p;
-            }
+            ]);
         } else {
             // Only the first step says what the forward graph holds: after a backward, freed
             // buffers stay in the allocator and later VmRSS readings include them.
             rss_after_loss = ra;
             rss_after_backward = rb;
+            rss_after_update = ru;
         }
     }
-    let n = steps as f64;
+    // Medians, as bench-train reports: one step disturbed by another process moves a mean a lot.
+    let med = |i: usize| {
+        let mut v: Vec<f64> = parts_by_step.iter().map(|p| p[i]).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
     println!(
         "{}",
         serde_json::json!({
@@ -147,19 +159,21 @@ fn main() -> anyhow::Result<()> {
             "model": model,
             "method": method.name(),
             "mode": if full { "full" } else { "lora" },
+            "detach_grads": detach_grads,
             "pairs": b,
             "resolution": side * 8,
-            "step_s_mean": sum[0] / n,
-            "loss_fwd_s": sum[1] / n,
-            "reference_s": sum[2] / n,
-            "forward_s": (sum[1] - sum[2]) / n,
-            "backward_s": sum[3] / n,
-            "clip_s": sum[4] / n,
-            "adamw_s": sum[5] / n,
-            "optimizer_s": (sum[4] + sum[5]) / n,
+            "step_s_median": med(0),
+            "loss_fwd_s": med(1),
+            "reference_s": med(2),
+            "forward_s": med(1) - med(2),
+            "backward_s": med(3),
+            "clip_s": med(4),
+            "adamw_s": med(5),
+            "optimizer_s": med(4) + med(5),
             "rss_loaded_mib": rss_loaded,
             "rss_first_forward_mib": rss_after_loss,
             "rss_first_backward_mib": rss_after_backward,
+            "rss_first_update_mib": rss_after_update,
             "peak_rss_mib": status_mib("VmHWM:"),
         })
     );
