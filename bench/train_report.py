@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,17 +24,39 @@ PHASES = (("forward_s", "policy forward"), ("reference_s", "reference forward"),
           ("backward_s", "loss + backward"), ("optimizer_s", "clip + AdamW"))
 
 
-def load(res, name):
-    p = res / f"{name}.json"
+def load_one(res, stem):
+    p = res / f"{stem}.json"
     if not p.exists():
         return None
     lines = [json.loads(x) for x in p.read_text().splitlines() if x.strip().startswith("{")]
     if not lines:
         return None
     d = lines[-1]
-    lp = res / f"{name}.load"
+    lp = res / f"{stem}.load"
     if lp.exists():
         d.update(json.loads(lp.read_text()))
+    return d
+
+
+def load(res, name):
+    """One configuration and side over its rounds (NAME.json, NAME.r2.json, ...): the median of the
+    per-process medians (and of per-part times), the smallest min, the largest peak and load."""
+    stems = [name] + sorted(p.stem for p in res.glob(f"{name}.r*.json"))
+    runs = [d for d in (load_one(res, s) for s in stems) if d]
+    if not runs:
+        return None
+    d = dict(runs[0])
+    for k, v in runs[0].items():
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        if len(vals) != len(runs) or k == "trainable_params":
+            continue
+        if k.endswith("_min"):
+            d[k] = min(vals)
+        elif k.startswith("peak_") or k == "other_cores":
+            d[k] = max(vals)
+        else:
+            d[k] = statistics.median(vals)
+    d["rounds"] = len(runs)
     return d
 
 
@@ -94,7 +117,8 @@ def main():
       f"1e-2). LoRA: rank = alpha = {a.lora_rank} on "
       "`to_q, to_k, to_v, to_out.0`, Gaussian A, zero B. float32 on the CPU with the same number of threads; "
       "each process loads the UNet, runs one untimed warm-up step, then the timed steps (median and min "
-      "wall-clock); the batch is drawn before the clock starts. Peak memory is the process's peak RSS "
+      "wall-clock); the batch is drawn before the clock starts. With several rounds each figure is the median "
+      "over that many processes (min: the smallest; peak RSS: the largest). Peak memory is the process's peak RSS "
       "(VmHWM / `ru_maxrss`), one process per configuration. `ratio` = dspo-server / PyTorch.\n")
 
     w("## Machine\n")

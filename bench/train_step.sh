@@ -4,15 +4,17 @@
 # tiny and the mid model. Each configuration runs in its own process (peak RSS is per process).
 # Writes the raw JSON to bench/results/train/ and the tables to bench/TRAINING.md.
 #
-#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~10 min on 2 cores
+#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~11 min on 2 idle cores
 #
 # Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], STEPS [3] timed
-# steps after one warm-up, LORA_RANK [4], TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25],
-# MID_PAIRS [1], MID_RES [128], METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"],
-# PHASES [1] (also split our step into forward / reference / backward / optimiser with the
-# bench/train_phases probe), QUIET_WAIT [120] (seconds to wait for other processes to leave
-# the CPUs before each run), QUIET_BUDGET [600] (all such waits together), RETRY_LOAD [0.3]
-# (run again once when other processes took more cores than this), WORK [target/bench-train], SHARED [../shared], SKIP_BUILD [0].
+# steps after one warm-up, ROUNDS [2] processes per configuration and side, LORA_RANK [4],
+# TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25], MID_PAIRS [1], MID_RES [128],
+# METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"], PHASES [1] (also split our step into
+# forward / reference / backward / optimiser with the bench/train_phases probe, and check peak
+# RSS over a longer run), QUIET_WAIT [120] (seconds to wait for other processes to leave the
+# CPUs before each run), QUIET_BUDGET [600] (all such waits together), RETRY_LOAD [0.3] (run
+# again once when other processes took more cores than this), WORK [target/bench-train],
+# SHARED [../shared], SKIP_BUILD [0].
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +22,7 @@ cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-$(nproc)}
 STEPS=${STEPS:-3}
+ROUNDS=${ROUNDS:-2}
 LORA_RANK=${LORA_RANK:-4}
 TINY_PAIRS=${TINY_PAIRS:-2}
 TINY_RES=${TINY_RES:-128}
@@ -39,7 +42,7 @@ SHARED=${SHARED:-$ROOT/../shared}
 RAW=$ROOT/bench/results/train
 BIN=$ROOT/target/release/dspo-server
 PROBE=$ROOT/target/release/train-phases
-COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
+COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS ROUNDS=$ROUNDS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
 
 log() { echo "[train_step] $*" >&2; }
 
@@ -136,25 +139,33 @@ fi
 
 uptime > "$RAW/uptime-start.txt"
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-for model in tiny mid; do
-    if [[ $model == tiny ]]; then dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES; else dir=$MID pairs=$MID_PAIRS res=$MID_RES; fi
-    for mode in $MODES; do
-        full=()
-        [[ $mode == full ]] && full=(--full)
-        for method in $METHODS; do
-            args=(--model "$dir" --method "$method" "${full[@]}" --lora-rank "$LORA_RANK" --pairs "$pairs"
-                --resolution "$res" --steps "$STEPS")
-            key=$model-$method-$mode
-            measure "$key-dspo-server" env RAYON_NUM_THREADS="$THREADS" "$BIN" bench-train "${args[@]}"
-            if [[ $TORCH == 1 ]]; then
-                measure "$key-torch" "$PYTHON" bench/torch_train_step.py "${args[@]}" --threads "$THREADS" --phases
-            fi
-            if [[ $PHASES == 1 ]]; then
-                measure "$key-phases" env RAYON_NUM_THREADS="$THREADS" "$PROBE" "${args[@]}"
-            fi
+# Round 1 runs every side (and the phase probe); later rounds run bench-train and PyTorch again,
+# so that each figure is a median over ROUNDS processes (process-to-process drift on a shared
+# machine is larger than the dspo / diffusion_dpo difference).
+for round in $(seq 1 "$ROUNDS"); do
+    suffix=""
+    ((round > 1)) && suffix=".r$round"
+    for model in tiny mid; do
+        if [[ $model == tiny ]]; then dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES; else dir=$MID pairs=$MID_PAIRS res=$MID_RES; fi
+        for mode in $MODES; do
+            full=()
+            [[ $mode == full ]] && full=(--full)
+            for method in $METHODS; do
+                args=(--model "$dir" --method "$method" "${full[@]}" --lora-rank "$LORA_RANK" --pairs "$pairs"
+                    --resolution "$res" --steps "$STEPS")
+                key=$model-$method-$mode
+                measure "$key-dspo-server$suffix" env RAYON_NUM_THREADS="$THREADS" "$BIN" bench-train "${args[@]}"
+                if [[ $TORCH == 1 ]]; then
+                    measure "$key-torch$suffix" "$PYTHON" bench/torch_train_step.py "${args[@]}" --threads "$THREADS" --phases
+                fi
+                if [[ $PHASES == 1 && $round == 1 ]]; then
+                    measure "$key-phases" env RAYON_NUM_THREADS="$THREADS" "$PROBE" "${args[@]}"
+                fi
+            done
         done
     done
 done
+
 # Peak RSS of full fine-tuning after a different number of steps: does memory stay flat over a
 # run, and does it when AdamW gets detached gradients (the probe's --detach-grads)?
 if [[ $PHASES == 1 && " $MODES " == *" full "* ]]; then
