@@ -17,6 +17,10 @@ of the policy/reference prediction:
   diffusion_dpo: mean(-logsigmoid(u))
   sft:           mean((eps - target)^2) on the winners
 
+`--method dspo,diffusion_dpo` alternates the methods step by step in one process (one warm-up step
+each, then `--steps` timed steps each) and reports each under `by_method`: a comparison of their
+costs free of process-to-process drift.
+
 `--phases` additionally reports the median seconds of each part of the step over the timed steps:
 add_noise + policy forward (sft: with its loss), reference forward, pair loss + backward,
 clip + AdamW.
@@ -39,7 +43,9 @@ PAIR_METHODS = ("dspo", "diffusion_dpo", "dspo_e")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers model directory (unet/ and scheduler/ are read)")
-    p.add_argument("--method", default="dspo", choices=PAIR_METHODS + ("sft",))
+    p.add_argument("--method", default="dspo",
+                   help="dspo, diffusion_dpo, dspo_e or sft; a comma list alternates them step by step "
+                        "(one warm-up step each) and reports each one under by_method")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--pairs", type=int, default=1)
@@ -82,6 +88,10 @@ def pair_loss(method, pred, ref, target, beta):
 
 def main():
     a = parse_args()
+    methods = a.method.split(",")
+    for m in methods:
+        if m not in PAIR_METHODS + ("sft",):
+            sys.exit(f"unknown method {m!r} (known: {', '.join(PAIR_METHODS + ('sft',))})")
     if a.resolution % 8:
         sys.exit("--resolution must be a multiple of 8")
     import torch
@@ -104,7 +114,7 @@ def main():
     reference = None
     if a.full:
         unet.requires_grad_(True)
-        if a.method in PAIR_METHODS:
+        if any(m in PAIR_METHODS for m in methods):
             reference = copy.deepcopy(unet).requires_grad_(False).eval()
         policy = unet
         params = [p for p in unet.parameters() if p.requires_grad]
@@ -129,9 +139,10 @@ def main():
 
     side = a.resolution // 8
     b = a.pairs
-    times = []
-    phases = {"forward_s": [], "reference_s": [], "backward_s": [], "optimizer_s": []}
-    for step in range(a.steps + 1):
+    times = {m: [] for m in methods}
+    phases = {m: {"forward_s": [], "reference_s": [], "backward_s": [], "optimizer_s": []} for m in methods}
+    for step in range((a.steps + 1) * len(methods)):
+        method = methods[step % len(methods)]
         x0 = torch.randn(2 * b, cfg.in_channels, side, side, device=dev)
         noise = torch.randn(b, cfg.in_channels, side, side, device=dev).repeat(2, 1, 1, 1)
         ehs = torch.randn(b, 77, cross, device=dev).repeat(2, 1, 1)
@@ -144,7 +155,7 @@ def main():
         else:
             target = noise
         marks = [t0]
-        if a.method == "sft":
+        if method == "sft":
             pred = policy(noisy[:b], t[:b], ehs[:b]).sample
             loss = (pred - target[:b]).pow(2).mean()
             marks.append(time.perf_counter())
@@ -154,17 +165,23 @@ def main():
             marks.append(time.perf_counter())
             ref = reference_pred(noisy, t, ehs)
             marks.append(time.perf_counter())
-            loss = pair_loss(a.method, pred, ref, target, a.beta)
+            loss = pair_loss(method, pred, ref, target, a.beta)
         loss.backward()
         marks.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())
-        if step > 0:
-            times.append(marks[-1] - t0)
-            for k, (s, e) in zip(phases, zip(marks, marks[1:])):
-                phases[k].append(e - s)
+        if step >= len(methods):
+            times[method].append(marks[-1] - t0)
+            for k, (s, e) in zip(phases[method], zip(marks, marks[1:])):
+                phases[method][k].append(e - s)
+
+    def figures(m):
+        f = {"step_s_median": statistics.median(times[m]), "step_s_min": min(times[m])}
+        if a.phases:
+            f.update({k: statistics.median(v) for k, v in phases[m].items()})
+        return f
 
     line = {
         "impl": "torch",
@@ -174,15 +191,14 @@ def main():
         "pairs": b,
         "resolution": a.resolution,
         "trainable_params": n_params,
-        "step_s_median": statistics.median(times),
-        "step_s_min": min(times),
         "peak_rss_mib": rss_mib(),
         "import_rss_mib": baseline_rss,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    if a.phases:
-        line.update({k: statistics.median(v) for k, v in phases.items()})
+    line.update(figures(methods[0]))
+    if len(methods) > 1:
+        line["by_method"] = {m: figures(m) for m in methods}
     print(json.dumps(line), flush=True)
 
 

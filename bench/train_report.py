@@ -47,8 +47,8 @@ def load(res, name):
         return None
     d = dict(runs[0])
     for k, v in runs[0].items():
-        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-        if len(vals) != len(runs) or k == "trainable_params":
+        vals = [r[k] for r in runs if isinstance(r.get(k), float)]
+        if len(vals) != len(runs):
             continue
         if k.endswith("_min"):
             d[k] = min(vals)
@@ -93,7 +93,10 @@ def main():
 
     commit = sh("git", "rev-parse", "--short", "HEAD") or "unknown"
     dirty = sh("git", "status", "--porcelain", "--untracked-files=no")
-    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # The end of the measurements (train_step.sh writes uptime-end.txt then), not of this report.
+    end = res / "uptime-end.txt"
+    finished = (datetime.datetime.fromtimestamp(end.stat().st_mtime, datetime.timezone.utc) if end.exists()
+                else datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
     up = [(res / f).read_text().strip() if (res / f).exists() else "?" for f in ("uptime-start.txt", "uptime-end.txt")]
     loads = [r[i]["other_cores"] for r in rows.values() for i in ("dspo-server", "torch")
              if r[i] and "other_cores" in r[i]]
@@ -162,8 +165,39 @@ def main():
 
     w("## Does DSPO cost the same as Diffusion-DPO?\n")
     w(f"The paper: {PAPER_DSPO_MIN} vs {PAPER_DPO_MIN} min per step on an A100, "
-      f"ratio {PAPER_DSPO_MIN / PAPER_DPO_MIN:.3f}. Here, dspo / diffusion_dpo on the same configuration "
-      "(median; min in brackets):\n")
+      f"ratio {PAPER_DSPO_MIN / PAPER_DPO_MIN:.3f}.\n")
+    ab_rows = []
+    for model in MODELS:
+        for mode in MODES:
+            cells = []
+            for impl in ("dspo-server", "torch"):
+                d = load(res, f"ab-{model}-{mode}-{impl}")
+                bm = d.get("by_method", {}) if d else {}
+                x, y = bm.get("dspo"), bm.get("diffusion_dpo")
+                if x and y:
+                    cells += [f"{secs(x['step_s_median'])} / {secs(y['step_s_median'])}",
+                              f"**{x['step_s_median'] / y['step_s_median']:.3f}** "
+                              f"({x['step_s_min'] / y['step_s_min']:.3f})"]
+                else:
+                    cells += ["-", "-"]
+            ours = load(res, f"ab-{model}-{mode}-dspo-server")
+            label = f"{mode} (ours: gradients detached)" if ours and ours.get("detach_grads") else mode
+            if any(c != "-" for c in cells):
+                ab_rows.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    if ab_rows:
+        w("Both methods alternating step by step in one process (one warm-up step each, then the timed steps "
+          "of each; dspo-server: the `train_phases` probe running `bench-train`'s calls, PyTorch: "
+          "`torch_train_step.py --method dspo,diffusion_dpo`). Time per step, median; the ratio is "
+          "dspo / diffusion_dpo on medians (on mins in brackets). With full fine-tuning our side hands AdamW detached "
+          "gradients here (the probe's `--detach-grads`), for both methods alike: as `bench-train` runs it, memory "
+          "grows with every step (next section) and this many steps of the mid model do not fit in 24 GiB.\n")
+        w("| model | mode | dspo-server dspo / diffusion_dpo | dspo-server ratio | PyTorch dspo / diffusion_dpo | "
+          "PyTorch ratio |")
+        w("|---|---|---|---|---|---|")
+        for line in ab_rows:
+            w(line)
+        w("")
+    w("From the main table (separate processes, so process-to-process drift is included), dspo / diffusion_dpo:\n")
     w("| model | mode | dspo-server time ratio | dspo-server RSS ratio | PyTorch time ratio | PyTorch RSS ratio |")
     w("|---|---|---|---|---|---|")
     for model in MODELS:
@@ -181,9 +215,9 @@ def main():
                 else:
                     cells += ["-", "-"]
             w(f"| {model} | {mode} | " + " | ".join(cells) + " |")
-    w("\nBoth methods run the same two UNet passes (policy with grad, reference without) on the same 2P rows; "
-      "they differ only in the loss, a few element-wise operations on the output, so the expected ratio is 1 "
-      "up to noise (a few timed steps on a shared 2-core machine).\n")
+    w("\nBoth methods run the same two UNet passes (policy with grad, reference without) on the same 2P rows and "
+      "differ only in the loss, a few element-wise operations on the output and their gradient: "
+      "the expected ratio is 1 plus a small fraction.\n")
 
     if any(r["phases"] for r in rows.values()):
         w("## Where the time goes\n")
@@ -192,8 +226,8 @@ def main():
           "`backward`, `clip`, `AdamW::update`) in a separate process and times the reference pass again on "
           "its own (policy forward = `batch_loss` minus that); `add_noise` and the pair loss are counted in "
           "the forward. Each cell: dspo-server / PyTorch (ratio). RSS: after loading the UNet(s) and creating "
-          "AdamW, then after the first step's forward and backward (later readings include buffers the "
-          "allocator keeps after a step).\n")
+          "AdamW, then after the first step's forward, backward and clip + AdamW update (later readings "
+          "include buffers the allocator keeps after a step).\n")
         w("| model | method | mode | " + " | ".join(n for _, n in PHASES) + " | probe step | "
           "dspo-server RSS: loaded / after 1st forward / after 1st backward / after 1st update / peak | other load |")
         w("|---|---|---|" + "---|" * len(PHASES) + "---|---|---|")
@@ -260,6 +294,8 @@ def main():
     w("## Reading the numbers\n")
     w("- PyTorch's peak RSS includes what `import torch` maps (the CUDA build of the wheel), given in brackets "
       "as \"above import\"; for small models that baseline dominates.")
+    w("- Our peak RSS with full fine-tuning depends on how many steps the process ran (see \"Memory over a "
+      "run\"): the main table's figure is after its warm-up plus timed steps.")
     w("- sft with full fine-tuning: the PyTorch step builds no reference (SFT needs none); ours keeps the frozen "
       "base UNet loaded in that case too (`bench.rs` as `trainer.rs`), one extra copy of the weights.")
     w("- What the code does that PyTorch does not (read from the sources at this commit, not measured here): "
@@ -273,7 +309,7 @@ def main():
       "detaches only the gradients of intermediate nodes), and `collect` / `clip` / `AdamW::update` build the "
       "moments from them, which AdamW keeps to the next step; the table above compares that with the same "
       "step given detached gradients.")
-    w("- Few timed steps on a shared 2-core machine: ratios between methods within about 10% are noise "
+    w("- Few timed steps on a shared 2-core machine: between separate processes, ratios within about 20% are noise "
       "(compare median and min); runs with `other load` well above 0 are not clean.\n")
     w("## Models\n")
     w("- **tiny**: `shared/conformance/models/tiny-sd15` as it is (UNet 16/16/32/32, cross-attention 32).")

@@ -4,10 +4,11 @@
 # tiny and the mid model. Each configuration runs in its own process (peak RSS is per process).
 # Writes the raw JSON to bench/results/train/ and the tables to bench/TRAINING.md.
 #
-#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~11 min on 2 idle cores
+#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~9 min on 2 idle cores
 #
 # Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], STEPS [3] timed
-# steps after one warm-up, ROUNDS [2] processes per configuration and side, LORA_RANK [4],
+# steps after one warm-up, ROUNDS [1] processes per configuration and side, AB_STEPS [6] timed
+# steps of each method when dspo and diffusion_dpo alternate in one process, LORA_RANK [4],
 # TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25], MID_PAIRS [1], MID_RES [128],
 # METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"], PHASES [1] (also split our step into
 # forward / reference / backward / optimiser with the bench/train_phases probe, and check peak
@@ -22,7 +23,8 @@ cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 THREADS=${THREADS:-$(nproc)}
 STEPS=${STEPS:-3}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-1}
+AB_STEPS=${AB_STEPS:-6}
 LORA_RANK=${LORA_RANK:-4}
 TINY_PAIRS=${TINY_PAIRS:-2}
 TINY_RES=${TINY_RES:-128}
@@ -42,7 +44,7 @@ SHARED=${SHARED:-$ROOT/../shared}
 RAW=$ROOT/bench/results/train
 BIN=$ROOT/target/release/dspo-server
 PROBE=$ROOT/target/release/train-phases
-COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS ROUNDS=$ROUNDS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
+COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS ROUNDS=$ROUNDS AB_STEPS=$AB_STEPS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
 
 log() { echo "[train_step] $*" >&2; }
 
@@ -165,6 +167,31 @@ for round in $(seq 1 "$ROUNDS"); do
         done
     done
 done
+
+# DSPO vs Diffusion-DPO: both methods alternate step by step in one process, so that the small
+# difference between them is not buried under process-to-process drift.
+if ((AB_STEPS > 0)) && [[ " $METHODS " == *" dspo "* && " $METHODS " == *" diffusion_dpo "* ]]; then
+    for model in tiny mid; do
+        if [[ $model == tiny ]]; then dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES; else dir=$MID pairs=$MID_PAIRS res=$MID_RES; fi
+        for mode in $MODES; do
+            full=()
+            [[ $mode == full ]] && full=(--full)
+            args=(--model "$dir" --method dspo,diffusion_dpo "${full[@]}" --lora-rank "$LORA_RANK" --pairs "$pairs"
+                --resolution "$res" --steps "$AB_STEPS")
+            # Full fine-tuning as bench-train runs it grows with every step (the growth check
+            # below): 2 x (AB_STEPS + 1) steps of the mid model ran out of 24 GiB, so here AdamW
+            # gets detached gradients, for both methods alike.
+            detach=()
+            [[ $mode == full ]] && detach=(--detach-grads)
+            if [[ $PHASES == 1 ]]; then
+                measure "ab-$model-$mode-dspo-server" env RAYON_NUM_THREADS="$THREADS" "$PROBE" "${args[@]}" "${detach[@]}"
+            fi
+            if [[ $TORCH == 1 ]]; then
+                measure "ab-$model-$mode-torch" "$PYTHON" bench/torch_train_step.py "${args[@]}" --threads "$THREADS"
+            fi
+        done
+    done
+fi
 
 # Peak RSS of full fine-tuning after a different number of steps: does memory stay flat over a
 # run, and does it when AdamW gets detached gradients (the probe's --detach-grads)?

@@ -42,7 +42,7 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for (i, (_, var)) in self.params.iter().enumerate() {
-            let g = grads[i].to_dtype(DType::F32)?;
+            let g = grads[i].detach().to_dtype(DType::F32)?;
             let theta = var.as_tensor().detach().to_dtype(DType::F32)?;
             let theta = (theta * (1.0 - lr * c.weight_decay))?;
             let m = ((&self.exp_avg[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
@@ -75,8 +75,10 @@ pub fn collect(params: &[(String, Var)], grads: &GradStore) -> Result<Vec<Tensor
     params
         .iter()
         .map(|(_, v)| match grads.get(v.as_tensor()) {
-            Some(g) => g.to_dtype(DType::F32),
-            None => v.as_tensor().zeros_like()?.to_dtype(DType::F32),
+            // candle returns gradients still attached to the step's graph; AdamW keeps its
+            // moments across steps, so an attached gradient would keep every step's graph alive.
+            Some(g) => Ok(g.detach().to_dtype(DType::F32)?.detach()),
+            None => v.as_tensor().detach().zeros_like()?.to_dtype(DType::F32),
         })
         .collect()
 }

@@ -4,6 +4,11 @@
 //! runs inside the forward, is timed again separately on the same inputs.
 //!
 //!   train-phases --model DIR --method dspo|diffusion_dpo|sft [--full] --pairs P --resolution R --steps N
+//!
+//! `--method dspo,diffusion_dpo` alternates the methods step by step in one process (one warm-up
+//! step each, then N timed steps each), so that their costs are compared on the same model,
+//! allocator state and machine moment; `by_method` then holds each one's figures (without the
+//! separate reference timing, so that steps follow each other as in bench-train).
 
 use candle_core::{DType, Device, Tensor};
 use dspo_server::models::unet::UNet2DConditionModel;
@@ -37,7 +42,10 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let model: PathBuf = arg(&args, "--model", PathBuf::new());
-    let method: Method = arg::<String>(&args, "--method", "dspo".into()).parse().map_err(anyhow::Error::msg)?;
+    let methods: Vec<Method> = arg::<String>(&args, "--method", "dspo".into())
+        .split(',')
+        .map(|m| m.parse().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<_>>()?;
     let full = args.iter().any(|a| a == "--full");
     let rank: usize = arg(&args, "--lora-rank", 4);
     let b: usize = arg(&args, "--pairs", 1);
@@ -70,12 +78,16 @@ fn main() -> anyhow::Result<()> {
     let cross = config.cross_attention_dim[0];
     let in_c = config.in_channels;
 
-    // Per timed step: step total, batch_loss, reference alone, backward, collect+clip, AdamW.
-    let mut parts_by_step: Vec<[f64; 6]> = Vec::new();
+    // Per timed step: its method, then step total, batch_loss, reference alone, backward,
+    // collect+clip, AdamW.
+    let mut parts_by_step: Vec<(usize, [f64; 6])> = Vec::new();
     let mut rss_after_loss = 0f64;
     let mut rss_after_backward = 0f64;
     let mut rss_after_update = 0f64;
-    for step in 0..steps + 1 {
+    let k = methods.len();
+    for step in 0..(steps + 1) * k {
+        let mi = step % k;
+        let method = methods[mi];
         let x0 = rng.randn((2 * b, in_c, side, side), &device, DType::F32)?;
         let noise = rng.randn((b, in_c, side, side), &device, DType::F32)?;
         let noise = Tensor::cat(&[&noise, &noise], 0)?;
@@ -85,9 +97,10 @@ fn main() -> anyhow::Result<()> {
         let timesteps: Vec<usize> = t.iter().chain(&t).copied().collect();
         let batch = Batch { x0, noise, timesteps: timesteps.clone(), encoder_hidden_states: ehs.clone(), added: None };
 
-        // The reference pass alone, outside the step, on the inputs the step will use.
+        // The reference pass alone, outside the step, on the inputs the step will use; not when
+        // comparing methods, where each step should follow the previous one as in bench-train.
         let r0 = Instant::now();
-        if method != Method::Sft {
+        if method != Method::Sft && k == 1 {
             let noisy = schedule.add_noise(&batch.x0, &batch.noise, &timesteps)?;
             let tt = Tensor::from_vec(timesteps.iter().map(|&x| x as f32).collect::<Vec<_>>(), timesteps.len(), &device)?;
             let r = match &policy_full {
@@ -128,16 +141,16 @@ fn main() -> anyhow::Result<()> {
         let t4 = Instant::now();
         let ru = status_mib("VmRSS:");
         drop((out, grads, g));
-        if step > 0 {
-            parts_by_step.push([
+        if step >= k {
+            parts_by_step.push((mi, [
                 (t4 - t0).as_secs_f64(),
                 (t1 - t0).as_secs_f64(),
                 reference_s,
                 (t2 - t1).as_secs_f64(),
                 (t3 - t2).as_secs_f64(),
                 (t4 - t3).as_secs_f64(),
-            ]);
-        } else {
+            ]));
+        } else if step == 0 {
             // Only the first step says what the forward graph holds: after a backward, freed
             // buffers stay in the allocator and later VmRSS readings include them.
             rss_after_loss = ra;
@@ -146,23 +159,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     // Medians, as bench-train reports: one step disturbed by another process moves a mean a lot.
-    let med = |i: usize| {
-        let mut v: Vec<f64> = parts_by_step.iter().map(|p| p[i]).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    println!(
-        "{}",
+    let figures = |m: usize| {
+        let med = |i: usize| {
+            let mut v: Vec<f64> = parts_by_step.iter().filter(|(x, _)| *x == m).map(|(_, p)| p[i]).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let min = parts_by_step.iter().filter(|(x, _)| *x == m).map(|(_, p)| p[0]).fold(f64::INFINITY, f64::min);
         serde_json::json!({
-            "impl": "dspo-server",
-            "probe": "train-phases",
-            "model": model,
-            "method": method.name(),
-            "mode": if full { "full" } else { "lora" },
-            "detach_grads": detach_grads,
-            "pairs": b,
-            "resolution": side * 8,
             "step_s_median": med(0),
+            "step_s_min": min,
             "loss_fwd_s": med(1),
             "reference_s": med(2),
             "forward_s": med(1) - med(2),
@@ -170,12 +176,27 @@ fn main() -> anyhow::Result<()> {
             "clip_s": med(4),
             "adamw_s": med(5),
             "optimizer_s": med(4) + med(5),
-            "rss_loaded_mib": rss_loaded,
-            "rss_first_forward_mib": rss_after_loss,
-            "rss_first_backward_mib": rss_after_backward,
-            "rss_first_update_mib": rss_after_update,
-            "peak_rss_mib": status_mib("VmHWM:"),
         })
-    );
+    };
+    let mut line = serde_json::json!({
+        "impl": "dspo-server",
+        "probe": "train-phases",
+        "model": model,
+        "method": methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
+        "mode": if full { "full" } else { "lora" },
+        "detach_grads": detach_grads,
+        "pairs": b,
+        "resolution": side * 8,
+        "rss_loaded_mib": rss_loaded,
+        "rss_first_forward_mib": rss_after_loss,
+        "rss_first_backward_mib": rss_after_backward,
+        "rss_first_update_mib": rss_after_update,
+        "peak_rss_mib": status_mib("VmHWM:"),
+        "by_method": methods.iter().enumerate().map(|(i, m)| (m.name().to_string(), figures(i))).collect::<serde_json::Map<_, _>>(),
+    });
+    if let (Some(o), serde_json::Value::Object(f)) = (line.as_object_mut(), figures(0)) {
+        o.extend(f);
+    }
+    println!("{line}");
     Ok(())
 }
