@@ -4,7 +4,7 @@
 # tiny and the mid model. Each configuration runs in its own process (peak RSS is per process).
 # Writes the raw JSON to bench/results/train/ and the tables to bench/TRAINING.md.
 #
-#   PYTHON=/work/bench-venv/bin/python bench/train_step.sh      # ~9 min on 2 idle cores
+#   PYTHON=.venv/bin/python bench/train_step.sh      # ~9 min on 2 idle cores
 #
 # Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], STEPS [3] timed
 # steps after one warm-up, ROUNDS [1] processes per configuration and side, AB_STEPS [6] timed
