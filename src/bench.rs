@@ -96,7 +96,11 @@ fn parse_device(s: &str) -> anyhow::Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ord = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(0);
+            let ord = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()?
+                .unwrap_or(0);
             Ok(Device::new_cuda(ord)?)
         }
         o => bail!("unknown device '{o}' (cpu or cuda:N)"),
@@ -116,7 +120,11 @@ pub fn run_make_random_model(args: &MakeRandomModelArgs) -> anyhow::Result<()> {
     for r in &reports {
         println!("{}", serde_json::to_string(r)?);
     }
-    eprintln!("wrote {} in {:.1}s", args.out.display(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} in {:.1}s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -131,7 +139,11 @@ fn median_min(xs: &[f64]) -> (f64, f64) {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
     (median, v[0])
 }
 
@@ -159,10 +171,19 @@ fn cpu_clocks() -> Option<(f64, f64)> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let own_ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal: busy sums the non-idle fields directly,
     // because the idle counters can step backwards under NO_HZ and inflate "total - idle".
-    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().map(|&i| cpu.get(i).copied().unwrap_or(0.0)).sum();
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| cpu.get(i).copied().unwrap_or(0.0))
+        .sum();
     Some((own_ticks / HZ, busy / HZ))
 }
 
@@ -187,11 +208,22 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let t0 = Instant::now();
-    let model = DiffusionModel::load(&args.model, &LoadOptions { device: device.clone(), dtype, variant: None })
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model = DiffusionModel::load(
+        &args.model,
+        &LoadOptions {
+            device: device.clone(),
+            dtype,
+            variant: None,
+        },
+    )
+    .with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     if model.architecture != Architecture::StableDiffusion {
-        bail!("bench txt2img times the SD 1.x/2.x pipeline; {} is {:?}", args.model.display(), model.architecture);
+        bail!(
+            "bench txt2img times the SD 1.x/2.x pipeline; {} is {:?}",
+            args.model.display(),
+            model.architecture
+        );
     }
     let params = SamplingParams {
         height: args.size,
@@ -202,8 +234,12 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
     };
     let (lh, lw) = params.validate(&model)?;
     let b = args.batch;
-    let prompts: Vec<PromptPair> =
-        (0..b).map(|_| PromptPair { prompt: args.prompt.clone(), negative_prompt: None }).collect();
+    let prompts: Vec<PromptPair> = (0..b)
+        .map(|_| PromptPair {
+            prompt: args.prompt.clone(),
+            negative_prompt: None,
+        })
+        .collect();
     let common = json!({
         "impl": "dspo-server",
         "label": args.label,
@@ -232,7 +268,15 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
     }
     if args.stage != "pipeline" {
         let only = (args.stage != "all").then_some(args.stage.as_str());
-        let parts = breakdown(&model, &args.prompt, b, args.guidance > 1.0, (lh, lw), args.repeats, only)?;
+        let parts = breakdown(
+            &model,
+            &args.prompt,
+            b,
+            args.guidance > 1.0,
+            (lh, lw),
+            args.repeats,
+            only,
+        )?;
         extend(&mut summary, parts);
     }
     emit(with(summary));
@@ -261,14 +305,30 @@ fn time_pipeline(
     let seeds: Vec<u64> = (0..b as u64).collect();
     let generate = || -> anyhow::Result<Tensor> {
         let mut rng = NoiseRng::batch(&seeds);
-        let noise = rng.randn((b, model.latent_channels(), lh, lw), &model.device, DType::F32)?;
+        let noise = rng.randn(
+            (b, model.latent_channels(), lh, lw),
+            &model.device,
+            DType::F32,
+        )?;
         let mut notes = Notes::default();
-        let img = pipelines::txt2img::run(model, prompts, params, &noise, &mut rng, &mut |_, _| true, &mut notes)?;
+        let img = pipelines::txt2img::run(
+            model,
+            prompts,
+            params,
+            &noise,
+            &mut rng,
+            &mut |_, _| true,
+            &mut notes,
+        )?;
         sync(&img)?;
         Ok(img)
     };
     let image = generate()?;
-    let finite = image.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+    let finite = image
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|x| x.is_finite());
     let mut runs = Vec::with_capacity(args.repeats);
     let mut others = Vec::with_capacity(args.repeats);
     for i in 0..args.repeats {
@@ -280,11 +340,16 @@ fn time_pipeline(
         let cpu_s = c0.zip(c1).map(|(a, b)| b.0 - a.0);
         let other = other_cores(c0, c1, s);
         others.extend(other);
-        emit(json!({"event": "run", "repeat": i, "seconds": s, "cpu_s": cpu_s, "other_cores": other}));
+        emit(
+            json!({"event": "run", "repeat": i, "seconds": s, "cpu_s": cpu_s, "other_cores": other}),
+        );
         runs.push(s);
     }
     let (median_s, min_s) = median_min(&runs);
-    let other_cores_max = others.iter().copied().fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    let other_cores_max = others
+        .iter()
+        .copied()
+        .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
 
     Ok(json!({
         "median_s": median_s,
@@ -309,7 +374,9 @@ fn breakdown(
     let wanted = |stage: &str| only.is_none_or(|o| o == stage);
     let mut out = json!({});
     let prompts: Vec<&str> = if cfg {
-        std::iter::repeat_n("", b).chain(std::iter::repeat_n(prompt, b)).collect()
+        std::iter::repeat_n("", b)
+            .chain(std::iter::repeat_n(prompt, b))
+            .collect()
     } else {
         std::iter::repeat_n(prompt, b).collect()
     };
@@ -324,7 +391,11 @@ fn breakdown(
     let mut rng = NoiseRng::new(0);
     if wanted("unet") {
         let embeds = pipelines::encode_sd(model, &prompts, &mut notes)?;
-        let x = rng.randn((prompts.len(), model.unet.config.in_channels, lh, lw), &model.device, model.dtype)?;
+        let x = rng.randn(
+            (prompts.len(), model.unet.config.in_channels, lh, lw),
+            &model.device,
+            model.dtype,
+        )?;
         let t = Tensor::new(&[500f32], &model.device)?;
         let unet = timed(repeats, || {
             let y = model.unet.forward(&x, &t, &embeds, None)?;
@@ -333,7 +404,11 @@ fn breakdown(
         out["unet_s"] = median_min(&unet).0.into();
     }
     if wanted("vae_decode") {
-        let z = rng.randn((b, model.latent_channels(), lh, lw), &model.device, DType::F32)?;
+        let z = rng.randn(
+            (b, model.latent_channels(), lh, lw),
+            &model.device,
+            DType::F32,
+        )?;
         let vae = timed(repeats, || {
             let y = pipelines::decode_latents(model, &z)?;
             sync(&y)

@@ -142,13 +142,21 @@ impl ModelSpec {
             None => {
                 let name = Path::new(s.trim_end_matches('/'))
                     .file_name()
-                    .map(|n| n.to_string_lossy().split('@').next().unwrap_or_default().to_string())
+                    .map(|n| {
+                        n.to_string_lossy()
+                            .split('@')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string()
+                    })
                     .unwrap_or_default();
                 (name, s.to_string())
             }
         };
         if source.is_empty() {
-            return Err(ConfigError::Invalid(format!("model '{s}': empty source (expected NAME=DIR_OR_HUB_ID)")));
+            return Err(ConfigError::Invalid(format!(
+                "model '{s}': empty source (expected NAME=DIR_OR_HUB_ID)"
+            )));
         }
         if !valid_name(&name) {
             return Err(ConfigError::Invalid(format!(
@@ -166,7 +174,9 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 64
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Command-line values that override every other layer (None: not given).
@@ -183,8 +193,10 @@ pub struct Overrides {
 
 impl Default for Config {
     fn default() -> Self {
-        let v: toml::Value = toml::from_str(DEFAULT_TOML).expect("built-in config/default.toml parses");
-        v.try_into().expect("built-in config/default.toml matches Config")
+        let v: toml::Value =
+            toml::from_str(DEFAULT_TOML).expect("built-in config/default.toml parses");
+        v.try_into()
+            .expect("built-in config/default.toml matches Config")
     }
 }
 
@@ -196,33 +208,38 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let mut value: toml::Value =
-            toml::from_str(DEFAULT_TOML).map_err(|e| ConfigError::Parse("built-in default.toml".into(), e.to_string()))?;
+        let mut value: toml::Value = toml::from_str(DEFAULT_TOML)
+            .map_err(|e| ConfigError::Parse("built-in default.toml".into(), e.to_string()))?;
         let defaults = value.clone();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io(path.to_path_buf(), e.to_string()))?;
-            let layer: toml::Value =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse(path.display().to_string(), e.to_string()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Io(path.to_path_buf(), e.to_string()))?;
+            let layer: toml::Value = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse(path.display().to_string(), e.to_string()))?;
             merge(&mut value, layer);
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
         for (path, default) in leaves(&defaults) {
             let var = format!("DSPO_{}", path.replace('.', "_").to_ascii_uppercase());
             if let Some(raw) = env.get(&var) {
-                let v = parse_like(raw, &default).map_err(|e| ConfigError::Parse(var.clone(), e))?;
+                let v =
+                    parse_like(raw, &default).map_err(|e| ConfigError::Parse(var.clone(), e))?;
                 set_path(&mut value, &path, v);
             }
         }
         for kv in &overrides.set {
-            let (path, raw) = kv
-                .split_once('=')
-                .ok_or_else(|| ConfigError::Invalid(format!("--set {kv}: expected section.key=value")))?;
+            let (path, raw) = kv.split_once('=').ok_or_else(|| {
+                ConfigError::Invalid(format!("--set {kv}: expected section.key=value"))
+            })?;
             let default = leaves(&defaults)
                 .into_iter()
                 .find(|(p, _)| p == path.trim())
                 .map(|(_, d)| d)
-                .ok_or_else(|| ConfigError::Invalid(format!("--set {kv}: no setting named '{}'", path.trim())))?;
-            let v = parse_like(raw.trim(), &default).map_err(|e| ConfigError::Parse(format!("--set {kv}"), e))?;
+                .ok_or_else(|| {
+                    ConfigError::Invalid(format!("--set {kv}: no setting named '{}'", path.trim()))
+                })?;
+            let v = parse_like(raw.trim(), &default)
+                .map_err(|e| ConfigError::Parse(format!("--set {kv}"), e))?;
             set_path(&mut value, path.trim(), v);
         }
         let str_val = |s: &str| toml::Value::String(s.to_string());
@@ -242,7 +259,9 @@ impl Config {
             let list = overrides.models.iter().map(|m| str_val(m)).collect();
             set_path(&mut value, "models.serve", toml::Value::Array(list));
         }
-        let config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse("configuration".into(), e.to_string()))?;
+        let config: Config = value.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Parse("configuration".into(), e.to_string())
+        })?;
         config.check()?;
         Ok(config)
     }
@@ -251,13 +270,21 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if l.min_size == 0 || !l.min_size.is_multiple_of(8) || !l.max_size.is_multiple_of(8) || l.min_size > l.max_size {
+        if l.min_size == 0
+            || !l.min_size.is_multiple_of(8)
+            || !l.max_size.is_multiple_of(8)
+            || l.min_size > l.max_size
+        {
             return bad(format!(
                 "limits.min_size ({}) and limits.max_size ({}) must be positive multiples of 8 with min <= max",
                 l.min_size, l.max_size
             ));
         }
-        if l.max_steps == 0 || l.max_num_images == 0 || l.max_image_pixels == 0 || l.max_body_bytes == 0 {
+        if l.max_steps == 0
+            || l.max_num_images == 0
+            || l.max_image_pixels == 0
+            || l.max_body_bytes == 0
+        {
             return bad("limits.max_steps, max_num_images, max_image_pixels and max_body_bytes must be positive".into());
         }
         if !(l.max_guidance_scale.is_finite() && l.max_guidance_scale >= 0.0) {
@@ -265,15 +292,26 @@ impl Config {
         }
         let d = &self.defaults;
         if d.steps == 0 || d.steps > l.max_steps {
-            return bad(format!("defaults.steps ({}) must be between 1 and limits.max_steps ({})", d.steps, l.max_steps));
+            return bad(format!(
+                "defaults.steps ({}) must be between 1 and limits.max_steps ({})",
+                d.steps, l.max_steps
+            ));
         }
-        for (k, v) in [("guidance_scale", d.guidance_scale), ("image_guidance_scale", d.image_guidance_scale)] {
+        for (k, v) in [
+            ("guidance_scale", d.guidance_scale),
+            ("image_guidance_scale", d.image_guidance_scale),
+        ] {
             if !(0.0..=l.max_guidance_scale).contains(&v) {
-                return bad(format!("defaults.{k} ({v}) must be in [0, limits.max_guidance_scale]"));
+                return bad(format!(
+                    "defaults.{k} ({v}) must be in [0, limits.max_guidance_scale]"
+                ));
             }
         }
         if !(d.strength > 0.0 && d.strength <= 1.0) {
-            return bad(format!("defaults.strength ({}) must be in (0, 1]", d.strength));
+            return bad(format!(
+                "defaults.strength ({}) must be in (0, 1]",
+                d.strength
+            ));
         }
         if !d.adapter_scale.is_finite() {
             return bad("defaults.adapter_scale must be finite".into());
@@ -294,7 +332,9 @@ impl Config {
             "f32" => Ok(candle_core::DType::F32),
             "f16" => Ok(candle_core::DType::F16),
             "bf16" => Ok(candle_core::DType::BF16),
-            o => Err(ConfigError::Invalid(format!("models.dtype '{o}': expected f32, f16 or bf16"))),
+            o => Err(ConfigError::Invalid(format!(
+                "models.dtype '{o}': expected f32, f16 or bf16"
+            ))),
         }
     }
 
@@ -309,13 +349,19 @@ impl Config {
         for s in &self.models.serve {
             let spec = ModelSpec::parse(s)?;
             if specs.iter().any(|o: &ModelSpec| o.name == spec.name) {
-                return Err(ConfigError::Invalid(format!("model name '{}' is given twice", spec.name)));
+                return Err(ConfigError::Invalid(format!(
+                    "model name '{}' is given twice",
+                    spec.name
+                )));
             }
             specs.push(spec);
         }
         if specs.is_empty() {
             if Path::new(DEMO_MODEL_DIR).join("model_index.json").exists() {
-                specs.push(ModelSpec { name: "shapes".into(), source: DEMO_MODEL_DIR.into() });
+                specs.push(ModelSpec {
+                    name: "shapes".into(),
+                    source: DEMO_MODEL_DIR.into(),
+                });
             } else {
                 return Err(ConfigError::Invalid(format!(
                     "no model to serve: pass --model NAME=DIR_OR_HUB_ID (repeatable), or set models.serve in a \
@@ -327,7 +373,11 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "models.default '{}' is not one of the served models ({})",
                 self.models.default,
-                specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                specs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         Ok(specs)
@@ -361,7 +411,11 @@ fn leaves(v: &toml::Value) -> Vec<(String, toml::Value)> {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     walk(&p, v, out);
                 }
             }
@@ -385,7 +439,9 @@ fn set_path(root: &mut toml::Value, path: &str, value: toml::Value) {
             table.insert(part.to_string(), value);
             return;
         }
-        cur = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
 }
 
@@ -394,13 +450,34 @@ fn set_path(root: &mut toml::Value, path: &str, value: toml::Value) {
 fn parse_like(raw: &str, like: &toml::Value) -> Result<toml::Value, String> {
     Ok(match like {
         toml::Value::String(_) => toml::Value::String(raw.to_string()),
-        toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| format!("'{raw}' is not an integer"))?),
-        toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| format!("'{raw}' is not a number"))?),
-        toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| format!("'{raw}' is not true/false"))?),
-        toml::Value::Array(_) => toml::Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect(),
+        toml::Value::Integer(_) => toml::Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("'{raw}' is not an integer"))?,
         ),
-        other => return Err(format!("cannot override a {} from a string", other.type_str())),
+        toml::Value::Float(_) => toml::Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("'{raw}' is not a number"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim()
+                .parse()
+                .map_err(|_| format!("'{raw}' is not true/false"))?,
+        ),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        other => {
+            return Err(format!(
+                "cannot override a {} from a string",
+                other.type_str()
+            ))
+        }
     })
 }
 
@@ -409,7 +486,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -425,16 +505,39 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dspo-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[batching]\nmax_batch = 2\nqueue_size = 5\n[server]\nlisten = \"0.0.0.0:1\"\n").unwrap();
-        let o = Overrides { listen: Some("127.0.0.1:9".into()), ..Default::default() };
-        let c = Config::load(Some(&file), env(&[("DSPO_BATCHING_MAX_BATCH", "3"), ("DSPO_MODELS_SERVE", "a=/x, b=/y")]), &o).unwrap();
+        std::fs::write(
+            &file,
+            "[batching]\nmax_batch = 2\nqueue_size = 5\n[server]\nlisten = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            listen: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        };
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("DSPO_BATCHING_MAX_BATCH", "3"),
+                ("DSPO_MODELS_SERVE", "a=/x, b=/y"),
+            ]),
+            &o,
+        )
+        .unwrap();
         assert_eq!(c.batching.max_batch, 3, "env beats file");
         assert_eq!(c.batching.queue_size, 5, "file beats default");
         assert_eq!(c.server.listen, "127.0.0.1:9", "flag beats file");
         assert_eq!(c.models.serve, vec!["a=/x".to_string(), "b=/y".to_string()]);
-        let o = Overrides { models: vec!["c=/z".into()], set: vec!["limits.max_size=512".into()], ..Default::default() };
+        let o = Overrides {
+            models: vec!["c=/z".into()],
+            set: vec!["limits.max_size=512".into()],
+            ..Default::default()
+        };
         let c = Config::load(Some(&file), env(&[("DSPO_MODELS_SERVE", "a=/x")]), &o).unwrap();
-        assert_eq!(c.models.serve, vec!["c=/z".to_string()], "--model replaces the list");
+        assert_eq!(
+            c.models.serve,
+            vec!["c=/z".to_string()],
+            "--model replaces the list"
+        );
         assert_eq!(c.limits.max_size, 512);
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -445,22 +548,47 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "[batching]\nmax_bacth = 2\n").unwrap();
-        let e = Config::load(Some(&file), vec![], &Overrides::default()).unwrap_err().to_string();
+        let e = Config::load(Some(&file), vec![], &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_bacth"), "{e}");
-        let e = Config::load(None, env(&[("DSPO_BATCHING_MAX_BATCH", "4x")]), &Overrides::default()).unwrap_err();
+        let e = Config::load(
+            None,
+            env(&[("DSPO_BATCHING_MAX_BATCH", "4x")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("DSPO_BATCHING_MAX_BATCH"), "{e}");
-        let o = Overrides { set: vec!["limits.min_size=12".into()], ..Default::default() };
-        assert!(Config::load(None, vec![], &o).is_err(), "min_size must be a multiple of 8");
-        let o = Overrides { set: vec!["nope.key=1".into()], ..Default::default() };
+        let o = Overrides {
+            set: vec!["limits.min_size=12".into()],
+            ..Default::default()
+        };
+        assert!(
+            Config::load(None, vec![], &o).is_err(),
+            "min_size must be a multiple of 8"
+        );
+        let o = Overrides {
+            set: vec!["nope.key=1".into()],
+            ..Default::default()
+        };
         assert!(Config::load(None, vec![], &o).is_err());
-        let o = Overrides { dtype: Some("f64".into()), ..Default::default() };
+        let o = Overrides {
+            dtype: Some("f64".into()),
+            ..Default::default()
+        };
         assert!(Config::load(None, vec![], &o).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn model_specs() {
-        assert_eq!(ModelSpec::parse("a=/m/x").unwrap(), ModelSpec { name: "a".into(), source: "/m/x".into() });
+        assert_eq!(
+            ModelSpec::parse("a=/m/x").unwrap(),
+            ModelSpec {
+                name: "a".into(),
+                source: "/m/x".into()
+            }
+        );
         assert_eq!(ModelSpec::parse("/m/tiny-sd15/").unwrap().name, "tiny-sd15");
         assert_eq!(ModelSpec::parse("owner/repo@main").unwrap().name, "repo");
         assert!(ModelSpec::parse("a b=/x").is_err());

@@ -1,9 +1,10 @@
 //! dspo-server: Stable Diffusion serving and DSPO preference fine-tuning in one binary.
 
-pub mod bench;
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod conformance;
+pub mod eval;
 pub mod jobs;
 pub mod models;
 pub mod pipelines;

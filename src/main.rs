@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "dspo-server", version, about = "Stable Diffusion serving and DSPO preference fine-tuning")]
+#[command(
+    name = "dspo-server",
+    version,
+    about = "Stable Diffusion serving and DSPO preference fine-tuning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,7 +31,12 @@ enum Command {
     },
     /// Time one optimiser step (synthetic latents) and report peak memory, as JSON.
     BenchTrain(dspo_server::training::bench::TrainBenchArgs),
-    /// Fine-tune a model on preference pairs (DSPO, Diffusion-DPO, SFT, DSPO-E).
+    /// Win rate of model/adapter A over B on a prompt file (fixed seeds, external reward).
+    Eval(dspo_server::eval::EvalArgs),
+    /// VAE round trips of a dataset's last images, for checking an autoencoder with a scorer.
+    Reconstruct(dspo_server::eval::ReconstructArgs),
+    /// Train: preference pairs (DSPO, Diffusion-DPO, SFT, DSPO-E), or with `mode` a
+    /// text-to-image model or its VAE from an image–caption parquet.
     Train {
         /// Training config (TOML or JSON); see config/train-example.toml
         #[arg(long)]
@@ -53,7 +62,11 @@ fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
     match s {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ord = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(0);
+            let ord = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()?
+                .unwrap_or(0);
             Ok(candle_core::Device::new_cuda(ord)?)
         }
         o => anyhow::bail!("unknown device '{o}' (cpu or cuda:N)"),
@@ -62,14 +75,21 @@ fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal; logs captured to files or by supervisors stay plain.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Conformance { suite, kinds, cases, device } => run_conformance(&suite, &kinds, &cases, &device),
+        Command::Conformance {
+            suite,
+            kinds,
+            cases,
+            device,
+        } => run_conformance(&suite, &kinds, &cases, &device),
         Command::BenchTrain(args) => dspo_server::training::bench::run(&args).map(|v| {
             println!("{v}");
             ExitCode::SUCCESS
@@ -77,14 +97,25 @@ fn main() -> ExitCode {
         Command::Train { config, overrides } => {
             dspo_server::training::cli::run_train(&config, &overrides).map(|_| ExitCode::SUCCESS)
         }
+        Command::Eval(args) => dspo_server::eval::run_eval(&args).map(|v| {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }),
+        Command::Reconstruct(args) => {
+            dspo_server::eval::run_reconstruct(&args).map(|_| ExitCode::SUCCESS)
+        }
         Command::Bench(cmd) => dspo_server::bench::run(&cmd).map(|_| ExitCode::SUCCESS),
-        Command::MakeRandomModel(args) => dspo_server::bench::run_make_random_model(&args).map(|_| ExitCode::SUCCESS),
+        Command::MakeRandomModel(args) => {
+            dspo_server::bench::run_make_random_model(&args).map(|_| ExitCode::SUCCESS)
+        }
         Command::Serve(args) => dspo_server::api::cli::run_serve(&args).map(|_| ExitCode::SUCCESS),
         Command::Openapi => {
             dspo_server::api::cli::print_openapi();
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchServe(args) => dspo_server::api::loadtest::run(&args).map(|_| ExitCode::SUCCESS),
+        Command::BenchServe(args) => {
+            dspo_server::api::loadtest::run(&args).map(|_| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -95,7 +126,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_conformance(suite: &PathBuf, kinds: &[String], cases: &[String], device: &str) -> anyhow::Result<ExitCode> {
+fn run_conformance(
+    suite: &PathBuf,
+    kinds: &[String],
+    cases: &[String],
+    device: &str,
+) -> anyhow::Result<ExitCode> {
     let device = parse_device(device)?;
     let mut runner = dspo_server::conformance::Runner::new(suite, device);
     let mut passed = 0;
@@ -119,5 +155,9 @@ fn run_conformance(suite: &PathBuf, kinds: &[String], cases: &[String], device: 
         }
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed == 0 && passed > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 && passed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

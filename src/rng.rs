@@ -17,34 +17,60 @@ pub struct NoiseRng {
 
 impl NoiseRng {
     pub fn new(seed: u64) -> Self {
-        Self { rngs: vec![ChaCha8Rng::seed_from_u64(seed)] }
+        Self {
+            rngs: vec![ChaCha8Rng::seed_from_u64(seed)],
+        }
     }
 
     /// One generator per batch row.
     pub fn batch(seeds: &[u64]) -> Self {
-        Self { rngs: seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect() }
+        Self {
+            rngs: seeds
+                .iter()
+                .map(|&s| ChaCha8Rng::seed_from_u64(s))
+                .collect(),
+        }
     }
 
     /// Joins per-request generators into one batch generator (row `i` continues the stream
     /// of `parts[i]`), so a request's ancestral noise does not depend on its batch-mates.
     pub fn merge(parts: Vec<NoiseRng>) -> Self {
-        Self { rngs: parts.into_iter().flat_map(|p| p.rngs).collect() }
+        Self {
+            rngs: parts.into_iter().flat_map(|p| p.rngs).collect(),
+        }
     }
 
     /// Standard normal samples of `shape`, converted to `dtype` on `device`. With several
     /// generators the leading dimension must equal their number.
-    pub fn randn<S: Into<Shape>>(&mut self, shape: S, device: &Device, dtype: DType) -> Result<Tensor> {
+    pub fn randn<S: Into<Shape>>(
+        &mut self,
+        shape: S,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let data: Vec<f32> = if self.rngs.len() == 1 {
-            (0..n).map(|_| StandardNormal.sample(&mut self.rngs[0])).collect()
+            (0..n)
+                .map(|_| StandardNormal.sample(&mut self.rngs[0]))
+                .collect()
         } else {
             let rows = shape.dims().first().copied().unwrap_or(1);
             if rows != self.rngs.len() {
-                candle_core::bail!("noise for {rows} rows requested from {} generators", self.rngs.len());
+                candle_core::bail!(
+                    "noise for {rows} rows requested from {} generators",
+                    self.rngs.len()
+                );
             }
             let per = n / rows;
-            self.rngs.iter_mut().flat_map(|r| (0..per).map(|_| StandardNormal.sample(r)).collect::<Vec<f32>>()).collect()
+            self.rngs
+                .iter_mut()
+                .flat_map(|r| {
+                    (0..per)
+                        .map(|_| StandardNormal.sample(r))
+                        .collect::<Vec<f32>>()
+                })
+                .collect()
         };
         Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
     }

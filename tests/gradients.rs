@@ -16,14 +16,19 @@ fn models() -> PathBuf {
 fn trainable(dir: &std::path::Path, stem: &str) -> (Weights, VarRegistry) {
     let reg = VarRegistry::default();
     let files = Weights::resolve_files(dir, stem, None).unwrap();
-    let w = Weights::from_files(&files, &Device::Cpu, DType::F32).unwrap().trainable(reg.clone());
+    let w = Weights::from_files(&files, &Device::Cpu, DType::F32)
+        .unwrap()
+        .trainable(reg.clone());
     (w, reg)
 }
 
 fn census(reg: &VarRegistry, loss: &Tensor, what: &str) {
     let grads = loss.backward().unwrap();
     let vars: Vec<(String, Var)> = reg.all();
-    assert!(!vars.is_empty(), "{what}: no trainable parameters were registered");
+    assert!(
+        !vars.is_empty(),
+        "{what}: no trainable parameters were registered"
+    );
     let mut missing = Vec::new();
     for (name, var) in &vars {
         match grads.get(var.as_tensor()) {
@@ -38,17 +43,26 @@ fn census(reg: &VarRegistry, loss: &Tensor, what: &str) {
             }
         }
     }
-    assert!(missing.is_empty(), "{what}: {} of {} parameters lack a gradient:\n{}", missing.len(), vars.len(), missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "{what}: {} of {} parameters lack a gradient:\n{}",
+        missing.len(),
+        vars.len(),
+        missing.join("\n")
+    );
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    dspo_server::rng::NoiseRng::new(seed).randn(shape, &Device::Cpu, DType::F32).unwrap()
+    dspo_server::rng::NoiseRng::new(seed)
+        .randn(shape, &Device::Cpu, DType::F32)
+        .unwrap()
 }
 
 fn unet_census(model: &str, in_channels: usize, sdxl: bool) {
     let dir = models().join(model).join("unet");
     let (w, reg) = trainable(&dir, "diffusion_pytorch_model");
-    let unet = UNet2DConditionModel::new(UNet2DConditionModel::load_config(&dir).unwrap(), &w).unwrap();
+    let unet =
+        UNet2DConditionModel::new(UNet2DConditionModel::load_config(&dir).unwrap(), &w).unwrap();
     let cross = unet.config.cross_attention_dim[0];
     // 16x16 latents: the lowest resolution still has several tokens, so attention q/k get a
     // real (non-structurally-zero) gradient.
@@ -56,10 +70,27 @@ fn unet_census(model: &str, in_channels: usize, sdxl: bool) {
     let t = Tensor::new(&[100f32, 700.0], &Device::Cpu).unwrap();
     let ehs = randn(&[2, 77, cross], 2);
     let out = if sdxl {
-        let proj = unet.config.projection_class_embeddings_input_dim.unwrap() - 6 * unet.config.addition_time_embed_dim.unwrap();
+        let proj = unet.config.projection_class_embeddings_input_dim.unwrap()
+            - 6 * unet.config.addition_time_embed_dim.unwrap();
         let te = randn(&[2, proj], 3);
-        let ids = Tensor::new(&[[128f32, 128., 0., 0., 128., 128.], [64., 96., 0., 0., 64., 96.]], &Device::Cpu).unwrap();
-        unet.forward(&x, &t, &ehs, Some(AddedCond { text_embeds: &te, time_ids: &ids })).unwrap()
+        let ids = Tensor::new(
+            &[
+                [128f32, 128., 0., 0., 128., 128.],
+                [64., 96., 0., 0., 64., 96.],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        unet.forward(
+            &x,
+            &t,
+            &ehs,
+            Some(AddedCond {
+                text_embeds: &te,
+                time_ids: &ids,
+            }),
+        )
+        .unwrap()
     } else {
         unet.forward(&x, &t, &ehs, None).unwrap()
     };
@@ -100,7 +131,11 @@ fn every_vae_parameter_gets_a_gradient() {
 
 #[test]
 fn every_text_encoder_parameter_gets_a_gradient() {
-    for (model, sub) in [("tiny-sd15", "text_encoder"), ("tiny-sdxl", "text_encoder"), ("tiny-sdxl", "text_encoder_2")] {
+    for (model, sub) in [
+        ("tiny-sd15", "text_encoder"),
+        ("tiny-sdxl", "text_encoder"),
+        ("tiny-sdxl", "text_encoder_2"),
+    ] {
         let dir = models().join(model).join(sub);
         let (w, reg) = trainable(&dir, "model");
         let enc = ClipTextModel::new(ClipTextModel::load_config(&dir).unwrap(), &w).unwrap();
@@ -109,7 +144,12 @@ fn every_text_encoder_parameter_gets_a_gradient() {
         let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
         let out = enc.forward(&ids).unwrap();
         let target = randn(out.last_hidden_state.dims(), 7);
-        let mut loss = (out.last_hidden_state - target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let mut loss = (out.last_hidden_state - target)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         loss = (loss + out.pooled.sqr().unwrap().mean_all().unwrap()).unwrap();
         census(&reg, &loss, &format!("{model}/{sub}"));
     }

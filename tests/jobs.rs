@@ -55,22 +55,39 @@ fn spec(url: &str, steps: usize) -> JobSpec {
     }
 }
 
-fn wait_for(m: &JobManager, id: &str, pred: impl Fn(&dspo_server::jobs::JobRecord) -> bool, secs: u64) -> dspo_server::jobs::JobRecord {
+fn wait_for(
+    m: &JobManager,
+    id: &str,
+    pred: impl Fn(&dspo_server::jobs::JobRecord) -> bool,
+    secs: u64,
+) -> dspo_server::jobs::JobRecord {
     let t0 = Instant::now();
     loop {
         let j = m.get(id).unwrap();
         if pred(&j) {
             return j;
         }
-        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting; job is {:?}", j);
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting; job is {:?}",
+            j
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn served_dir() -> (PathBuf, FileServer) {
     let root = tmp("www");
-    std::fs::copy(shared().join("shapes/prefs_centered.parquet"), root.join("prefs.parquet")).unwrap();
-    std::fs::copy(shared().join("shapes/prefs_centered_meta.parquet"), root.join("meta.parquet")).unwrap();
+    std::fs::copy(
+        shared().join("shapes/prefs_centered.parquet"),
+        root.join("prefs.parquet"),
+    )
+    .unwrap();
+    std::fs::copy(
+        shared().join("shapes/prefs_centered_meta.parquet"),
+        root.join("meta.parquet"),
+    )
+    .unwrap();
     std::fs::write(root.join("junk.bin"), b"certainly not a dataset \x00\x01").unwrap();
     std::fs::write(root.join("empty.parquet"), b"").unwrap();
     // A JSONL manifest with images as relative paths.
@@ -85,7 +102,12 @@ fn served_dir() -> (PathBuf, FileServer) {
     }
     std::fs::write(root.join("pairs.jsonl"), jsonl).unwrap();
     // Corrupt JPEG rows only.
-    let bad: Vec<_> = rows.iter().filter(|r| r.3 != 0.5).take(4).map(|(c, _, _, l)| (c.clone(), b"\xff\xd8junk".to_vec(), b"nope".to_vec(), *l)).collect();
+    let bad: Vec<_> = rows
+        .iter()
+        .filter(|r| r.3 != 0.5)
+        .take(4)
+        .map(|(c, _, _, l)| (c.clone(), b"\xff\xd8junk".to_vec(), b"nope".to_vec(), *l))
+        .collect();
     write_pairs_parquet(&root.join("corrupt.parquet"), &bad, 2).unwrap();
     let server = FileServer::start(root.clone());
     (root, server)
@@ -116,7 +138,10 @@ fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
     // The same name cannot be taken twice.
     let mut again = spec(&www.url("prefs.parquet"), 1);
     again.adapter_name = Some("centred-v1".into());
-    assert!(matches!(m.submit(again), Err(dspo_server::jobs::JobError::AdapterExists(_))));
+    assert!(matches!(
+        m.submit(again),
+        Err(dspo_server::jobs::JobError::AdapterExists(_))
+    ));
 
     let t0 = Instant::now();
     while www.posts.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(20) {
@@ -125,7 +150,10 @@ fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
     let posts = www.posts.lock().unwrap();
     let (headers, body) = posts.first().expect("webhook delivered");
     let sig = headers.get("webhook-signature").expect("signature header");
-    assert!(dspo_server::jobs::webhook::verify("s3cret", sig, body), "bad signature {sig}");
+    assert!(
+        dspo_server::jobs::webhook::verify("s3cret", sig, body),
+        "bad signature {sig}"
+    );
     assert!(!dspo_server::jobs::webhook::verify("other", sig, body));
     let obj: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(obj["id"], job.id.as_str());
@@ -146,7 +174,15 @@ fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
     let long = m.submit(spec(&www.url("prefs.parquet"), 1000)).unwrap();
     let queued = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
     let third = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
-    wait_for(&m, &long.id, |j| j.status == JobStatus::Training && j.progress.as_ref().map(|p| p.step >= 1).unwrap_or(false), 120);
+    wait_for(
+        &m,
+        &long.id,
+        |j| {
+            j.status == JobStatus::Training
+                && j.progress.as_ref().map(|p| p.step >= 1).unwrap_or(false)
+        },
+        120,
+    );
     // Cancelling a queued job leaves the running one alone.
     let c = m.cancel(&third.id).unwrap();
     assert_eq!(c.status, JobStatus::Cancelled);
@@ -175,7 +211,10 @@ fn malformed_datasets_fail_the_job_with_a_clear_error() {
         ("missing.parquet", "HTTP 404"),
         ("corrupt.parquet", "undecodable"),
     ];
-    let ids: Vec<_> = cases.iter().map(|(f, _)| m.submit(spec(&www.url(f), 1)).unwrap().id).collect();
+    let ids: Vec<_> = cases
+        .iter()
+        .map(|(f, _)| m.submit(spec(&www.url(f), 1)).unwrap().id)
+        .collect();
     for ((file, needle), id) in cases.iter().zip(&ids) {
         let j = wait_for(&m, id, |j| j.status.is_terminal(), 120);
         assert_eq!(j.status, JobStatus::Failed, "{file}");
@@ -188,9 +227,17 @@ fn malformed_datasets_fail_the_job_with_a_clear_error() {
     assert!(m.submit(s.clone()).is_err());
     s.dataset_url = www.url("prefs.parquet");
     s.hyperparameters = Some(serde_json::json!({"beta": -1}));
-    assert!(m.submit(s.clone()).unwrap_err().to_string().contains("beta"));
+    assert!(m
+        .submit(s.clone())
+        .unwrap_err()
+        .to_string()
+        .contains("beta"));
     s.hyperparameters = Some(serde_json::json!({"max_stepz": 3}));
-    assert!(m.submit(s.clone()).unwrap_err().to_string().contains("max_stepz"));
+    assert!(m
+        .submit(s.clone())
+        .unwrap_err()
+        .to_string()
+        .contains("max_stepz"));
     s.hyperparameters = None;
     s.base_model = Some("nope".into());
     assert!(m.submit(s.clone()).is_err());
@@ -215,19 +262,35 @@ fn a_restart_resumes_training_from_the_last_checkpoint() {
     let data = tmp("restart");
     let m = manager(&data, true);
     let job = m.submit(spec(&www.url("prefs.parquet"), 6)).unwrap();
-    wait_for(&m, &job.id, |j| j.progress.as_ref().map(|p| p.step >= 3).unwrap_or(false), 120);
+    wait_for(
+        &m,
+        &job.id,
+        |j| j.progress.as_ref().map(|p| p.step >= 3).unwrap_or(false),
+        120,
+    );
     m.shutdown();
     // Let the worker notice the shutdown at its next step boundary.
     std::thread::sleep(Duration::from_secs(2));
     let j = m.get(&job.id).unwrap();
-    assert!(!j.status.is_terminal(), "an interrupted job stays resumable: {:?}", j.status);
+    assert!(
+        !j.status.is_terminal(),
+        "an interrupted job stays resumable: {:?}",
+        j.status
+    );
     drop(m);
 
     let m2 = manager(&data, true);
     let done = wait_for(&m2, &job.id, |j| j.status.is_terminal(), 300);
     assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
-    let steps: Vec<usize> = m2.metrics(&job.id).unwrap().iter().map(|s| s.step).collect();
+    let steps: Vec<usize> = m2
+        .metrics(&job.id)
+        .unwrap()
+        .iter()
+        .map(|s| s.step)
+        .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
-    assert!(data.join(format!("jobs/{}/train/checkpoints/step-00000002", job.id)).exists());
+    assert!(data
+        .join(format!("jobs/{}/train/checkpoints/step-00000002", job.id))
+        .exists());
     m2.shutdown();
 }

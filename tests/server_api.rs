@@ -24,12 +24,22 @@ fn service_endpoints() {
     assert_eq!(health.json()["models"].as_array().unwrap().len(), 3);
 
     let models = get(&server, "/models").json();
-    let by_name: BTreeMap<String, serde_json::Value> =
-        models["models"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap().to_string(), m.clone())).collect();
+    let by_name: BTreeMap<String, serde_json::Value> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap().to_string(), m.clone()))
+        .collect();
     assert_eq!(by_name["tiny-sd15"]["architecture"], "stable_diffusion");
     assert_eq!(by_name["tiny-sd15"]["modes"], json!(["txt2img", "img2img"]));
-    assert_eq!(by_name["tiny-sd15"]["default"], true, "the first served model is the default");
-    assert_eq!(by_name["tiny-sd15"]["defaults"]["width"], 64, "native size = sample_size * vae factor");
+    assert_eq!(
+        by_name["tiny-sd15"]["default"], true,
+        "the first served model is the default"
+    );
+    assert_eq!(
+        by_name["tiny-sd15"]["defaults"]["width"], 64,
+        "native size = sample_size * vae factor"
+    );
     assert_eq!(by_name["tiny-ip2p"]["architecture"], "instruct_pix2pix");
     assert_eq!(by_name["tiny-ip2p"]["modes"], json!(["instruct_pix2pix"]));
     assert_eq!(by_name["tiny-sdxl"]["modes"], json!(["txt2img"]));
@@ -49,28 +59,53 @@ fn served_openapi_is_the_committed_file() {
     let server = start(tiny_config());
     let served = get(&server, "/openapi.json");
     assert_eq!(served.status, 200);
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
-        .expect("openapi/openapi.json is committed");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .expect("openapi/openapi.json is committed");
     assert!(
         String::from_utf8_lossy(&served.body) == committed,
         "the served OpenAPI document differs from openapi/openapi.json; regenerate it with \
          `cargo run --release -- openapi > openapi/openapi.json` and review the diff"
     );
     let doc = served.json();
-    for path in ["/generate", "/edit", "/models", "/health", "/ready", "/openapi.json"] {
+    for path in [
+        "/generate",
+        "/edit",
+        "/models",
+        "/health",
+        "/ready",
+        "/openapi.json",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} documented");
     }
     // Every enum value the document offers SDK users is one the server accepts.
     let schemas = &doc["components"]["schemas"];
     for s in schemas["Scheduler"]["enum"].as_array().unwrap() {
-        let r = post_json(&server, "/generate", &json!({"prompt": "x", "steps": 2, "scheduler": s}));
+        let r = post_json(
+            &server,
+            "/generate",
+            &json!({"prompt": "x", "steps": 2, "scheduler": s}),
+        );
         assert_eq!(r.status, 200, "documented scheduler {s} refused");
     }
     let png = test_png(64, 64);
     for m in schemas["EditMode"]["enum"].as_array().unwrap() {
-        let model = if m == "instruct_pix2pix" { "tiny-ip2p" } else { "tiny-sd15" };
-        let r = post_json(&server, "/edit", &json!({"image": b64(&png), "prompt": "x", "steps": 2, "mode": m, "model": model}));
-        assert_eq!(r.status, 200, "documented mode {m} refused: {}", String::from_utf8_lossy(&r.body));
+        let model = if m == "instruct_pix2pix" {
+            "tiny-ip2p"
+        } else {
+            "tiny-sd15"
+        };
+        let r = post_json(
+            &server,
+            "/edit",
+            &json!({"image": b64(&png), "prompt": "x", "steps": 2, "mode": m, "model": model}),
+        );
+        assert_eq!(
+            r.status,
+            200,
+            "documented mode {m} refused: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
 }
 
@@ -87,7 +122,11 @@ fn generate_json_png_metadata_and_determinism() {
     assert_eq!(v["parameters"]["scheduler"], "ddim");
     assert_eq!(v["parameters"]["mode"], "txt2img");
     assert!(v["timings"]["total_ms"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["id"].as_str(), a.header("x-request-id"), "the body id is the request id");
+    assert_eq!(
+        v["id"].as_str(),
+        a.header("x-request-id"),
+        "the body id is the request id"
+    );
     let png_a = &pngs(&a)[0];
     assert_eq!(png_size(png_a), (64, 64));
     let text = read_png_parameters(png_a).expect("parameters chunk");
@@ -96,14 +135,25 @@ fn generate_json_png_metadata_and_determinism() {
         ["a red circle", "Negative prompt: blue"],
         "A1111 layout: prompt, negative prompt, then settings"
     );
-    assert!(text.contains("Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: tiny-sd15"), "{text}");
+    assert!(
+        text.contains(
+            "Steps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: tiny-sd15"
+        ),
+        "{text}"
+    );
 
     // Same seed, same bytes; another seed, other bytes.
     let b = post_json(&server, "/generate", &body);
-    assert!(&pngs(&b)[0] == png_a, "same seed twice must give identical bytes");
+    assert!(
+        &pngs(&b)[0] == png_a,
+        "same seed twice must give identical bytes"
+    );
     let mut other = body.clone();
     other["seed"] = json!(8);
-    assert!(&pngs(&post_json(&server, "/generate", &other))[0] != png_a, "another seed, another image");
+    assert!(
+        &pngs(&post_json(&server, "/generate", &other))[0] != png_a,
+        "another seed, another image"
+    );
 
     // num_images: image i has seed + i and equals a request for that seed alone.
     let mut three = body.clone();
@@ -112,29 +162,50 @@ fn generate_json_png_metadata_and_determinism() {
     let imgs = pngs(&r);
     assert_eq!(imgs.len(), 3);
     assert_eq!(r.json()["images"][2]["seed"], 9);
-    assert!(&imgs[0] == png_a, "image 0 of three equals the single image");
+    assert!(
+        &imgs[0] == png_a,
+        "image 0 of three equals the single image"
+    );
     let mut nine = body.clone();
     nine["seed"] = json!(9);
-    assert!(pngs(&post_json(&server, "/generate", &nine))[0] == imgs[2], "image 2 of three (seed 9) equals seed 9 alone");
+    assert!(
+        pngs(&post_json(&server, "/generate", &nine))[0] == imgs[2],
+        "image 2 of three (seed 9) equals seed 9 alone"
+    );
 
     // Accept: image/png returns the PNG itself, identical to the JSON one.
     let raw = post_raw(
         &server,
         "/generate",
-        &[("content-type", "application/json"), ("accept", "image/png"), ("x-request-id", "my-id-1")],
+        &[
+            ("content-type", "application/json"),
+            ("accept", "image/png"),
+            ("x-request-id", "my-id-1"),
+        ],
         body.to_string().as_bytes(),
     );
     assert_eq!(raw.status, 200);
     assert_eq!(raw.header("content-type"), Some("image/png"));
     assert_eq!(raw.header("x-seed"), Some("7"));
-    assert_eq!(raw.header("x-request-id"), Some("my-id-1"), "a client's request id is kept");
+    assert_eq!(
+        raw.header("x-request-id"),
+        Some("my-id-1"),
+        "a client's request id is kept"
+    );
     assert!(&raw.body == png_a, "the PNG body is the JSON one");
 
     // SDXL and another scheduler through the same endpoint.
-    let xl = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sdxl", "steps": 3, "seed": 1, "scheduler": "euler_a", "width": 72, "height": 64}));
+    let xl = post_json(
+        &server,
+        "/generate",
+        &json!({"prompt": "x", "model": "tiny-sdxl", "steps": 3, "seed": 1, "scheduler": "euler_a", "width": 72, "height": 64}),
+    );
     assert_eq!(png_size(&pngs(&xl)[0]), (72, 64));
     let text = read_png_parameters(&pngs(&xl)[0]).unwrap();
-    assert!(text.contains("Sampler: Euler a") && text.contains("Model: tiny-sdxl"), "{text}");
+    assert!(
+        text.contains("Sampler: Euler a") && text.contains("Model: tiny-sdxl"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -149,16 +220,42 @@ fn edit_json_and_multipart() {
     assert_eq!(v["parameters"]["image_guidance_scale"], 1.5);
     assert_eq!(v["parameters"]["resized"], false);
     let json_png = &pngs(&j)[0];
-    assert_eq!(png_size(json_png), (80, 72), "the output keeps the input's size");
-    assert!(read_png_parameters(json_png).unwrap().contains("Image CFG scale: 1.5"));
+    assert_eq!(
+        png_size(json_png),
+        (80, 72),
+        "the output keeps the input's size"
+    );
+    assert!(read_png_parameters(json_png)
+        .unwrap()
+        .contains("Image CFG scale: 1.5"));
 
-    let (ct, form) = multipart(&[("prompt", "make it blue"), ("model", "tiny-ip2p"), ("steps", "3"), ("seed", "3")], &input);
+    let (ct, form) = multipart(
+        &[
+            ("prompt", "make it blue"),
+            ("model", "tiny-ip2p"),
+            ("steps", "3"),
+            ("seed", "3"),
+        ],
+        &input,
+    );
     let m = post_raw(&server, "/edit", &[("content-type", &ct)], &form);
-    assert!(&pngs(&m)[0] == json_png, "JSON and multipart bodies are the same request");
+    assert!(
+        &pngs(&m)[0] == json_png,
+        "JSON and multipart bodies are the same request"
+    );
 
     // img2img on the SD model; a 70x70 input rounds down to 64x64.
     let odd = test_png(70, 70);
-    let (ct, form) = multipart(&[("prompt", "a circle"), ("mode", "img2img"), ("strength", "0.5"), ("steps", "4"), ("seed", "1")], &odd);
+    let (ct, form) = multipart(
+        &[
+            ("prompt", "a circle"),
+            ("mode", "img2img"),
+            ("strength", "0.5"),
+            ("steps", "4"),
+            ("seed", "1"),
+        ],
+        &odd,
+    );
     let r = post_raw(&server, "/edit", &[("content-type", &ct)], &form);
     let v = r.json();
     assert_eq!(v["parameters"]["width"], 64, "{v}");
@@ -167,10 +264,18 @@ fn edit_json_and_multipart() {
     assert_eq!(v["parameters"]["strength"], 0.5);
     assert_eq!(png_size(&pngs(&r)[0]), (64, 64));
     let again = post_raw(&server, "/edit", &[("content-type", &ct)], &form);
-    assert!(pngs(&again) == pngs(&r), "img2img is deterministic per seed too");
+    assert!(
+        pngs(&again) == pngs(&r),
+        "img2img is deterministic per seed too"
+    );
 
     // Accept: image/png works for edits.
-    let raw = post_raw(&server, "/edit", &[("content-type", &ct), ("accept", "image/png")], &form);
+    let raw = post_raw(
+        &server,
+        "/edit",
+        &[("content-type", &ct), ("accept", "image/png")],
+        &form,
+    );
     assert_eq!(raw.header("content-type"), Some("image/png"));
     assert!(raw.body == pngs(&r)[0], "PNG body equals the JSON image");
 }
@@ -178,7 +283,9 @@ fn edit_json_and_multipart() {
 /// A flat image compresses to almost nothing whatever its size.
 fn black_png(w: u32, h: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    image::GrayImage::new(w, h).write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    image::GrayImage::new(w, h)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -197,39 +304,119 @@ fn error_codes() {
         (json!({"prompt": "x", "width": -8}), 422, "invalid_size"),
         (json!({"prompt": "x", "steps": 0}), 422, "invalid_steps"),
         (json!({"prompt": "x", "steps": 151}), 422, "invalid_steps"),
-        (json!({"prompt": "x", "guidance_scale": 31.0}), 422, "invalid_guidance_scale"),
-        (json!({"prompt": "x", "guidance_scale": -1.0}), 422, "invalid_guidance_scale"),
-        (json!({"prompt": "x", "num_images": 9}), 422, "too_many_images"),
-        (json!({"prompt": "x", "num_images": 0}), 422, "invalid_request"),
-        (json!({"prompt": "x", "scheduler": "k_lms_turbo"}), 422, "unknown_scheduler"),
-        (json!({"prompt": "x", "model": "tiny-ip2p"}), 422, "unsupported_mode"),
-        (json!({"prompt": "x", "model": "nope"}), 404, "model_not_found"),
-        (json!({"prompt": "x", "adapter": "nope"}), 404, "adapter_not_found"),
-        (json!({"prompt": "x", "adapter": "../../etc"}), 404, "adapter_not_found"),
-        (json!({"prompt": "x", "cfg_scale": 7}), 422, "invalid_request"),
+        (
+            json!({"prompt": "x", "guidance_scale": 31.0}),
+            422,
+            "invalid_guidance_scale",
+        ),
+        (
+            json!({"prompt": "x", "guidance_scale": -1.0}),
+            422,
+            "invalid_guidance_scale",
+        ),
+        (
+            json!({"prompt": "x", "num_images": 9}),
+            422,
+            "too_many_images",
+        ),
+        (
+            json!({"prompt": "x", "num_images": 0}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"prompt": "x", "scheduler": "k_lms_turbo"}),
+            422,
+            "unknown_scheduler",
+        ),
+        (
+            json!({"prompt": "x", "model": "tiny-ip2p"}),
+            422,
+            "unsupported_mode",
+        ),
+        (
+            json!({"prompt": "x", "model": "nope"}),
+            404,
+            "model_not_found",
+        ),
+        (
+            json!({"prompt": "x", "adapter": "nope"}),
+            404,
+            "adapter_not_found",
+        ),
+        (
+            json!({"prompt": "x", "adapter": "../../etc"}),
+            404,
+            "adapter_not_found",
+        ),
+        (
+            json!({"prompt": "x", "cfg_scale": 7}),
+            422,
+            "invalid_request",
+        ),
         (json!({"steps": 4}), 422, "invalid_request"),
-        (json!({"prompt": "x", "steps": "four"}), 422, "invalid_request"),
+        (
+            json!({"prompt": "x", "steps": "four"}),
+            422,
+            "invalid_request",
+        ),
     ];
     for (body, status, code) in cases {
         let r = gen(body.clone());
-        assert_eq!((r.status, r.code().as_str()), (status, code), "{body}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         assert!(r.json()["error"]["message"].as_str().unwrap().len() > 5);
     }
 
-    let r = post_raw(&server, "/generate", &[("content-type", "application/json")], b"{\"prompt\": ");
-    assert_eq!((r.status, r.code().as_str()), (400, "malformed_json"));
-    let r = post_raw(&server, "/generate", &[("content-type", "text/plain")], b"{\"prompt\": \"x\"}");
-    assert_eq!((r.status, r.code().as_str()), (415, "unsupported_media_type"));
-    let big = json!({"prompt": "x".repeat(100 * 1024)}).to_string();
-    let (status, body) = post_expect_continue(&server, "/generate", "application/json", big.as_bytes());
-    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{body}");
-    let (status, _) = post_expect_continue(&server, "/generate", "application/json", b"{\"prompt\": \"small enough\", \"steps\": 1}");
-    assert_eq!(status, 200, "a body under the limit is read after 100 Continue");
     let r = post_raw(
         &server,
         "/generate",
-        &[("content-type", "application/json"), ("accept", "image/png")],
-        json!({"prompt": "x", "steps": 2, "num_images": 2}).to_string().as_bytes(),
+        &[("content-type", "application/json")],
+        b"{\"prompt\": ",
+    );
+    assert_eq!((r.status, r.code().as_str()), (400, "malformed_json"));
+    let r = post_raw(
+        &server,
+        "/generate",
+        &[("content-type", "text/plain")],
+        b"{\"prompt\": \"x\"}",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
+    let big = json!({"prompt": "x".repeat(100 * 1024)}).to_string();
+    let (status, body) =
+        post_expect_continue(&server, "/generate", "application/json", big.as_bytes());
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    let (status, _) = post_expect_continue(
+        &server,
+        "/generate",
+        "application/json",
+        b"{\"prompt\": \"small enough\", \"steps\": 1}",
+    );
+    assert_eq!(
+        status, 200,
+        "a body under the limit is read after 100 Continue"
+    );
+    let r = post_raw(
+        &server,
+        "/generate",
+        &[
+            ("content-type", "application/json"),
+            ("accept", "image/png"),
+        ],
+        json!({"prompt": "x", "steps": 2, "num_images": 2})
+            .to_string()
+            .as_bytes(),
     );
     assert_eq!((r.status, r.code().as_str()), (406, "not_acceptable"));
     assert_eq!(get(&server, "/nope").code(), "not_found");
@@ -247,41 +434,102 @@ fn error_codes() {
     };
     let cases: Vec<(serde_json::Value, u16, &str)> = vec![
         (json!({"mode": "instruct_pix2pix"}), 422, "unsupported_mode"),
-        (json!({"mode": "img2img", "model": "tiny-sdxl"}), 422, "unsupported_mode"),
+        (
+            json!({"mode": "img2img", "model": "tiny-sdxl"}),
+            422,
+            "unsupported_mode",
+        ),
         (json!({"mode": "txt2img"}), 422, "unknown_mode"),
-        (json!({"mode": "img2img", "strength": 0.0}), 422, "invalid_strength"),
-        (json!({"mode": "img2img", "strength": 1.5}), 422, "invalid_strength"),
-        (json!({"mode": "img2img", "strength": 0.1}), 422, "invalid_strength"),
-        (json!({"model": "tiny-ip2p", "image_guidance_scale": 40.0}), 422, "invalid_image_guidance_scale"),
+        (
+            json!({"mode": "img2img", "strength": 0.0}),
+            422,
+            "invalid_strength",
+        ),
+        (
+            json!({"mode": "img2img", "strength": 1.5}),
+            422,
+            "invalid_strength",
+        ),
+        (
+            json!({"mode": "img2img", "strength": 0.1}),
+            422,
+            "invalid_strength",
+        ),
+        (
+            json!({"model": "tiny-ip2p", "image_guidance_scale": 40.0}),
+            422,
+            "invalid_image_guidance_scale",
+        ),
         (json!({"image": "not base64 !!"}), 422, "invalid_image"),
-        (json!({"image": b64(b"definitely not an image")}), 422, "invalid_image"),
+        (
+            json!({"image": b64(b"definitely not an image")}),
+            422,
+            "invalid_image",
+        ),
         (json!({"image": b64(&png[..60])}), 422, "invalid_image"),
-        (json!({"image": b64(&black_png(300, 300))}), 422, "image_too_large"),
-        (json!({"image": b64(&test_png(40, 40))}), 422, "invalid_size"),
+        (
+            json!({"image": b64(&black_png(300, 300))}),
+            422,
+            "image_too_large",
+        ),
+        (
+            json!({"image": b64(&test_png(40, 40))}),
+            422,
+            "invalid_size",
+        ),
         (json!({"width": 60}), 422, "invalid_size"),
         (json!({"model": "nope"}), 404, "model_not_found"),
     ];
     for (extra, status, code) in cases {
         let r = edit(extra.clone());
-        assert_eq!((r.status, r.code().as_str()), (status, code), "{extra}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{extra}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     // A tiny file that claims a huge image is refused from its header, before decoding.
     let huge = black_png(2000, 2000);
-    assert!(huge.len() < 40 * 1024, "compressed it is small: {}", huge.len());
+    assert!(
+        huge.len() < 40 * 1024,
+        "compressed it is small: {}",
+        huge.len()
+    );
     assert_eq!(edit(json!({"image": b64(&huge)})).code(), "image_too_large");
 
     let (ct, form) = multipart(&[("prompt", "x"), ("steps", "many")], &png);
     let r = post_raw(&server, "/edit", &[("content-type", &ct)], &form);
     assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"));
     let (ct, form) = multipart(&[("prompt", "x"), ("colour", "red")], &png);
-    assert_eq!(post_raw(&server, "/edit", &[("content-type", &ct)], &form).code(), "invalid_request");
-    let r = post_raw(&server, "/edit", &[("content-type", "multipart/form-data; boundary=zzz")], b"--zzz\r\nbroken");
+    assert_eq!(
+        post_raw(&server, "/edit", &[("content-type", &ct)], &form).code(),
+        "invalid_request"
+    );
+    let r = post_raw(
+        &server,
+        "/edit",
+        &[("content-type", "multipart/form-data; boundary=zzz")],
+        b"--zzz\r\nbroken",
+    );
     assert_eq!((r.status, r.code().as_str()), (400, "malformed_multipart"));
     let (ct, form) = multipart(&[("prompt", "x")], &vec![0u8; 100 * 1024]);
     let (status, body) = post_expect_continue(&server, "/edit", &ct, &form);
-    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{body}");
-    let r = post_raw(&server, "/edit", &[("content-type", "text/plain")], b"hello");
-    assert_eq!((r.status, r.code().as_str()), (415, "unsupported_media_type"));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    let r = post_raw(
+        &server,
+        "/edit",
+        &[("content-type", "text/plain")],
+        b"hello",
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (415, "unsupported_media_type")
+    );
 
     // After all of that, nothing failed on the server's side.
     for m in ["tiny-sd15", "tiny-ip2p", "tiny-sdxl"] {
@@ -290,20 +538,43 @@ fn error_codes() {
 }
 
 /// Writes a random LoRA adapter over `count` of the UNet's linears at data_dir/adapters/name.
-fn write_adapter(data_dir: &std::path::Path, name: &str, model_dir: &std::path::Path, count: usize, rename: bool) {
+fn write_adapter(
+    data_dir: &std::path::Path,
+    name: &str,
+    model_dir: &std::path::Path,
+    count: usize,
+    rename: bool,
+) {
     let model = DiffusionModel::load(model_dir, &LoadOptions::default()).unwrap();
     let dev = candle_core::Device::Cpu;
     let mut modules = BTreeMap::new();
     let mut targets = Vec::new();
     for (module, _, in_dim, out_dim) in model.unet.linears().all().into_iter().take(count) {
-        let module = if rename { format!("{module}_missing") } else { module };
+        let module = if rename {
+            format!("{module}_missing")
+        } else {
+            module
+        };
         let (down_key, up_key) = LoraAdapter::diffusers_keys(&module);
         let down = candle_core::Tensor::randn(0f32, 0.5, (2, in_dim), &dev).unwrap();
         let up = candle_core::Tensor::randn(0f32, 0.5, (out_dim, 2), &dev).unwrap();
         targets.push(module.clone());
-        modules.insert(module, LoraModule { down, up, alpha: 2.0, down_key, up_key });
+        modules.insert(
+            module,
+            LoraModule {
+                down,
+                up,
+                alpha: 2.0,
+                down_key,
+                up_key,
+            },
+        );
     }
-    let adapter = LoraAdapter { modules, use_rslora: false, peft_config: LoraAdapter::peft_config_for(2, 2.0, &targets) };
+    let adapter = LoraAdapter {
+        modules,
+        use_rslora: false,
+        peft_config: LoraAdapter::peft_config_for(2, 2.0, &targets),
+    };
     let dir = data_dir.join("adapters").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     adapter.save(&dir.join("adapter.safetensors")).unwrap();
@@ -327,19 +598,42 @@ fn adapters() {
     };
     let r = with(1.0);
     let lora_png = pngs(&r)[0].clone();
-    assert!(pixels(&lora_png) != pixels(&plain), "the adapter changes the image");
+    assert!(
+        pixels(&lora_png) != pixels(&plain),
+        "the adapter changes the image"
+    );
     assert_eq!(r.json()["parameters"]["adapter"], "shapes-lora");
     let text = read_png_parameters(&lora_png).unwrap();
-    assert!(text.starts_with("a circle <lora:shapes-lora:1>") && text.contains("Lora: shapes-lora"), "{text}");
-    assert!(pixels(&pngs(&with(0.0))[0]) == pixels(&plain), "scale 0 is the base model");
-    assert!(pngs(&with(1.0))[0] == lora_png, "re-attaching gives the same bytes");
-    assert!(pngs(&post_json(&server, "/generate", &base))[0] == plain, "the adapter is detached again");
+    assert!(
+        text.starts_with("a circle <lora:shapes-lora:1>") && text.contains("Lora: shapes-lora"),
+        "{text}"
+    );
+    assert!(
+        pixels(&pngs(&with(0.0))[0]) == pixels(&plain),
+        "scale 0 is the base model"
+    );
+    assert!(
+        pngs(&with(1.0))[0] == lora_png,
+        "re-attaching gives the same bytes"
+    );
+    assert!(
+        pngs(&post_json(&server, "/generate", &base))[0] == plain,
+        "the adapter is detached again"
+    );
     assert_eq!(with(5.0).code(), "invalid_adapter_scale");
     let mut wrong = base.clone();
     wrong["adapter"] = json!("wrong-model");
     let r = post_json(&server, "/generate", &wrong);
-    assert_eq!((r.status, r.code().as_str()), (422, "invalid_adapter"), "{}", String::from_utf8_lossy(&r.body));
-    assert!(pngs(&post_json(&server, "/generate", &base))[0] == plain, "a failed attach leaves the base model");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "invalid_adapter"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        pngs(&post_json(&server, "/generate", &base))[0] == plain,
+        "a failed attach leaves the base model"
+    );
 }
 
 /// A step count inside the configured limit that the model's schedule cannot produce (DDIM with
@@ -351,7 +645,20 @@ fn steps_the_schedule_cannot_make_are_refused_up_front() {
     config.models.serve.truncate(1);
     config.limits.max_steps = 1000;
     let server = start(config);
-    let r = post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1000, "scheduler": "ddim"}));
-    assert_eq!((r.status, r.code().as_str()), (422, "invalid_steps"), "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(health_of(&server, "tiny-sd15")["batches"], 0, "refused before reaching the worker");
+    let r = post_json(
+        &server,
+        "/generate",
+        &json!({"prompt": "x", "steps": 1000, "scheduler": "ddim"}),
+    );
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (422, "invalid_steps"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        health_of(&server, "tiny-sd15")["batches"],
+        0,
+        "refused before reaching the worker"
+    );
 }

@@ -24,12 +24,22 @@ fn twelve_parallel_requests_end_200_or_429_never_5xx() {
     let server = start_with_hook(config, gate.hook());
     let statuses: Vec<(u16, Option<String>, String)> = std::thread::scope(|s| {
         let server = &server;
-        let hold = s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 2, "seed": 0})));
+        let hold = s.spawn(move || {
+            post_json(
+                server,
+                "/generate",
+                &json!({"prompt": "hold", "steps": 2, "seed": 0}),
+            )
+        });
         gate.wait_holding();
         let others: Vec<_> = (1..12)
             .map(|i| {
                 s.spawn(move || {
-                    post_json(server, "/generate", &json!({"prompt": format!("p{i}"), "steps": 2, "seed": i}))
+                    post_json(
+                        server,
+                        "/generate",
+                        &json!({"prompt": format!("p{i}"), "steps": 2, "seed": i}),
+                    )
                 })
             })
             .collect();
@@ -43,7 +53,11 @@ fn twelve_parallel_requests_end_200_or_429_never_5xx() {
             .chain(others)
             .map(|h| {
                 let r = h.join().unwrap();
-                (r.status, r.header("retry-after").map(str::to_string), r.code())
+                (
+                    r.status,
+                    r.header("retry-after").map(str::to_string),
+                    r.code(),
+                )
             })
             .collect()
     });
@@ -65,12 +79,24 @@ fn twelve_parallel_requests_end_200_or_429_never_5xx() {
     let results: Vec<u16> = std::thread::scope(|s| {
         let server = &server;
         let hs: Vec<_> = (0..12)
-            .map(|i| s.spawn(move || post_json(server, "/generate", &json!({"prompt": format!("q{i}"), "steps": 2, "seed": i})).status))
+            .map(|i| {
+                s.spawn(move || {
+                    post_json(
+                        server,
+                        "/generate",
+                        &json!({"prompt": format!("q{i}"), "steps": 2, "seed": i}),
+                    )
+                    .status
+                })
+            })
             .collect();
         // Twelve clients against a queue of three: some may be refused, none may fail.
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(results.iter().all(|s| *s == 200 || *s == 429), "{results:?}");
+    assert!(
+        results.iter().all(|s| *s == 200 || *s == 429),
+        "{results:?}"
+    );
     assert!(results.contains(&200));
 }
 
@@ -88,25 +114,42 @@ fn batched_images_equal_images_computed_alone() {
         .collect();
     let batched: Vec<(u64, Vec<u8>)> = std::thread::scope(|s| {
         let server = &server;
-        let hold = s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 1, "seed": 0})));
+        let hold = s.spawn(move || {
+            post_json(
+                server,
+                "/generate",
+                &json!({"prompt": "hold", "steps": 1, "seed": 0}),
+            )
+        });
         gate.wait_holding();
         let hs: Vec<_> = [("a", 1u64), ("b", 2), ("c", 3)]
             .into_iter()
             .map(|(p, seed)| s.spawn(move || post_json(server, "/generate", &req(p, seed))))
             .collect();
-        wait_until(30, "three queued", || health_of(server, "tiny-sd15")["queue_depth"] == 3);
+        wait_until(30, "three queued", || {
+            health_of(server, "tiny-sd15")["queue_depth"] == 3
+        });
         gate.release();
         assert_eq!(hold.join().unwrap().status, 200);
         hs.into_iter()
             .map(|h| {
                 let r = h.join().unwrap();
-                (r.json()["timings"]["batch_size"].as_u64().unwrap(), pngs(&r)[0].clone())
+                (
+                    r.json()["timings"]["batch_size"].as_u64().unwrap(),
+                    pngs(&r)[0].clone(),
+                )
             })
             .collect()
     });
     for (i, (batch_size, png)) in batched.iter().enumerate() {
-        assert_eq!(*batch_size, 3, "the three compatible requests ran as one batch");
-        assert!(png == &alone[i], "request {i}: batched and alone must be the same bytes");
+        assert_eq!(
+            *batch_size, 3,
+            "the three compatible requests ran as one batch"
+        );
+        assert!(
+            png == &alone[i],
+            "request {i}: batched and alone must be the same bytes"
+        );
     }
 }
 
@@ -118,7 +161,8 @@ fn incompatible_requests_are_not_batched_together() {
     let server = start_with_hook(config, gate.hook());
     let sizes: Vec<u64> = std::thread::scope(|s| {
         let server = &server;
-        let hold = s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 1})));
+        let hold =
+            s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 1})));
         gate.wait_holding();
         let bodies = [
             json!({"prompt": "a", "steps": 2, "seed": 1}),
@@ -126,13 +170,28 @@ fn incompatible_requests_are_not_batched_together() {
             json!({"prompt": "c", "steps": 2, "seed": 1, "guidance_scale": 5.0}),
             json!({"prompt": "d", "steps": 2, "seed": 2}),
         ];
-        let hs: Vec<_> = bodies.into_iter().map(|b| s.spawn(move || post_json(server, "/generate", &b))).collect();
-        wait_until(30, "four queued", || health_of(server, "tiny-sd15")["queue_depth"] == 4);
+        let hs: Vec<_> = bodies
+            .into_iter()
+            .map(|b| s.spawn(move || post_json(server, "/generate", &b)))
+            .collect();
+        wait_until(30, "four queued", || {
+            health_of(server, "tiny-sd15")["queue_depth"] == 4
+        });
         gate.release();
         hold.join().unwrap();
-        hs.into_iter().map(|h| h.join().unwrap().json()["timings"]["batch_size"].as_u64().unwrap()).collect()
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap().json()["timings"]["batch_size"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
     });
-    assert_eq!(sizes, vec![2, 1, 1, 2], "only a and d share steps and guidance");
+    assert_eq!(
+        sizes,
+        vec![2, 1, 1, 2],
+        "only a and d share steps and guidance"
+    );
 }
 
 /// A client that disconnects while its request waits in the queue is never computed.
@@ -144,7 +203,8 @@ fn disconnect_while_queued_is_not_computed() {
     let server = start_with_hook(config, gate.hook());
     std::thread::scope(|s| {
         let server = &server;
-        let hold = s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 1})));
+        let hold =
+            s.spawn(move || post_json(server, "/generate", &json!({"prompt": "hold", "steps": 1})));
         gate.wait_holding();
         let body = json!({"prompt": "nobody waits for me", "steps": 2}).to_string();
         let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
@@ -156,7 +216,9 @@ fn disconnect_while_queued_is_not_computed() {
             body
         )
         .unwrap();
-        wait_until(30, "the request to queue", || health_of(server, "tiny-sd15")["queue_depth"] == 1);
+        wait_until(30, "the request to queue", || {
+            health_of(server, "tiny-sd15")["queue_depth"] == 1
+        });
         drop(sock);
         // The handler is dropped when the connection closes, which closes its reply channel;
         // the worker sees that when it looks at the queue, after the held batch.
@@ -164,21 +226,36 @@ fn disconnect_while_queued_is_not_computed() {
         gate.release();
         assert_eq!(hold.join().unwrap().status, 200);
     });
-    wait_until(30, "the queue to drain", || health_of(&server, "tiny-sd15")["queue_depth"] == 0);
+    wait_until(30, "the queue to drain", || {
+        health_of(&server, "tiny-sd15")["queue_depth"] == 0
+    });
     let h = health_of(&server, "tiny-sd15");
     assert_eq!(h["dropped_disconnected"], 1, "{h}");
-    assert_eq!(h["requests_computed"], 1, "only the held request was computed: {h}");
+    assert_eq!(
+        h["requests_computed"], 1,
+        "only the held request was computed: {h}"
+    );
     assert_eq!(h["batches"], 1, "{h}");
     // The server still answers.
-    assert_eq!(post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status, 200);
+    assert_eq!(
+        post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status,
+        200
+    );
 }
 
 #[test]
 fn a_panicking_batch_is_a_500_and_the_server_goes_on() {
     let server = start_with_hook(only_sd15(tiny_config()), Gate::default().hook());
-    let r = post_json(&server, "/generate", &json!({"prompt": "panic", "steps": 1}));
+    let r = post_json(
+        &server,
+        "/generate",
+        &json!({"prompt": "panic", "steps": 1}),
+    );
     assert_eq!((r.status, r.code().as_str()), (500, "internal_error"));
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("injected failure"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("injected failure"));
     let ok = post_json(&server, "/generate", &json!({"prompt": "fine", "steps": 1}));
     assert_eq!(ok.status, 200);
     let h = health_of(&server, "tiny-sd15");
@@ -194,11 +271,18 @@ fn abandoned_connections_are_harmless() {
     write!(sock, "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"pro").unwrap();
     drop(sock);
     let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
-    write!(sock, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        sock,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut reply = String::new();
     sock.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert_eq!(post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status, 200);
+    assert_eq!(
+        post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status,
+        200
+    );
 }
 
 /// When every client of a running batch has gone, the worker stops between denoising steps
@@ -218,13 +302,25 @@ fn a_batch_whose_clients_all_left_is_abandoned_mid_denoising() {
         body
     )
     .unwrap();
-    wait_until(30, "the batch to start", || health_of(&server, "tiny-sd15")["batches"] == 1);
+    wait_until(30, "the batch to start", || {
+        health_of(&server, "tiny-sd15")["batches"] == 1
+    });
     drop(sock);
     wait_until(60, "the batch to end", || {
         let h = health_of(&server, "tiny-sd15");
         h["cancelled_in_compute"] == 1 || h["requests_computed"] == 1
     });
     let h = health_of(&server, "tiny-sd15");
-    assert_eq!((h["cancelled_in_compute"].as_u64(), h["requests_computed"].as_u64()), (Some(1), Some(0)), "{h}");
-    assert_eq!(post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status, 200);
+    assert_eq!(
+        (
+            h["cancelled_in_compute"].as_u64(),
+            h["requests_computed"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{h}"
+    );
+    assert_eq!(
+        post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status,
+        200
+    );
 }

@@ -14,13 +14,20 @@ use std::time::{Duration, Instant};
 
 fn shapes_server() -> FileServer {
     let root = temp_dir("www");
-    std::fs::copy(common::models_dir().join("../../shapes/prefs_centered.parquet"), root.join("prefs.parquet")).unwrap();
+    std::fs::copy(
+        common::models_dir().join("../../shapes/prefs_centered.parquet"),
+        root.join("prefs.parquet"),
+    )
+    .unwrap();
     FileServer::start(root)
 }
 
 fn config() -> dspo_server::config::Config {
     let mut c = common::tiny_config();
-    c.models.serve = vec![format!("tiny={}", common::models_dir().join("tiny-sd15").display())];
+    c.models.serve = vec![format!(
+        "tiny={}",
+        common::models_dir().join("tiny-sd15").display()
+    )];
     c.datasets.allow_private_networks = true;
     c.jobs.webhook_secret = "k".into();
     c
@@ -41,14 +48,24 @@ fn job_body(url: &str, name: &str, steps: usize) -> Value {
 fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     let www = shapes_server();
     let server = common::start(config());
-    let r = post_json(&server, "/finetune", &job_body(&www.url("prefs.parquet"), "centred", 3));
+    let r = post_json(
+        &server,
+        "/finetune",
+        &job_body(&www.url("prefs.parquet"), "centred", 3),
+    );
     assert_eq!(r.status, 202, "{:?}", r.json());
     let id = r.json()["job_id"].as_str().unwrap().to_string();
     assert_eq!(r.json()["status_url"], format!("/finetune/{id}"));
 
     // Server-Sent Events until the job ends.
-    let resp = common::agent().get(&server.url(&format!("/finetune/{id}/events"))).call().unwrap();
-    assert!(resp.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
+    let resp = common::agent()
+        .get(&server.url(&format!("/finetune/{id}/events")))
+        .call()
+        .unwrap();
+    assert!(resp
+        .header("content-type")
+        .unwrap_or_default()
+        .starts_with("text/event-stream"));
     let mut events = Vec::new();
     for line in std::io::BufReader::new(resp.into_reader()).lines() {
         let line = line.unwrap();
@@ -69,18 +86,41 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     assert_eq!(job["status"], "completed");
     assert_eq!(job["adapter"], "centred");
     assert_eq!(job["progress"]["step"], 3);
-    assert_eq!(get(&server, &format!("/finetune/{id}/metrics")).json().as_array().unwrap().len(), 3);
+    assert_eq!(
+        get(&server, &format!("/finetune/{id}/metrics"))
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     let listed = get(&server, "/finetune?status=completed").json();
-    assert!(listed.as_array().unwrap().iter().any(|j| j["id"] == id.as_str()));
-    assert_eq!(get(&server, "/finetune?status=failed").json().as_array().unwrap().len(), 0);
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|j| j["id"] == id.as_str()));
+    assert_eq!(
+        get(&server, "/finetune?status=failed")
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     let adapters = get(&server, "/adapters").json();
     assert_eq!(adapters[0]["name"], "centred");
     assert_eq!(adapters[0]["method"], "dspo");
 
-    let weights = common::agent().get(&server.url("/adapters/centred/weights")).call().unwrap();
+    let weights = common::agent()
+        .get(&server.url("/adapters/centred/weights"))
+        .call()
+        .unwrap();
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut weights.into_reader(), &mut bytes).unwrap();
-    let adapter = dspo_server::models::lora::LoraAdapter::from_bytes(&bytes, &candle_core::Device::Cpu).unwrap();
+    let adapter =
+        dspo_server::models::lora::LoraAdapter::from_bytes(&bytes, &candle_core::Device::Cpu)
+            .unwrap();
     assert!(!adapter.modules.is_empty());
 
     let gen = |adapter: Option<&str>| {
@@ -94,11 +134,23 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     };
     let base = gen(None);
     let tuned = gen(Some("centred"));
-    assert_ne!(common::pixels(&base), common::pixels(&tuned), "the adapter must change the image");
-    assert_eq!(gen(Some("centred")), tuned, "same seed, same adapter, same bytes");
+    assert_ne!(
+        common::pixels(&base),
+        common::pixels(&tuned),
+        "the adapter must change the image"
+    );
+    assert_eq!(
+        gen(Some("centred")),
+        tuned,
+        "same seed, same adapter, same bytes"
+    );
 
     // Errors.
-    let r = post_json(&server, "/finetune", &job_body(&www.url("prefs.parquet"), "centred", 1));
+    let r = post_json(
+        &server,
+        "/finetune",
+        &job_body(&www.url("prefs.parquet"), "centred", 1),
+    );
     assert_eq!((r.status, r.code()), (409, "adapter_exists".to_string()));
     let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
     bad["hyperparameters"]["beta"] = json!(-1);
@@ -110,24 +162,50 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
     bad["lora"]["rank"] = json!(0);
     assert_eq!(post_json(&server, "/finetune", &bad).code(), "invalid_job");
-    let r = common::post_raw(&server, "/finetune", &[("content-type", "application/json")], b"{not json");
+    let r = common::post_raw(
+        &server,
+        "/finetune",
+        &[("content-type", "application/json")],
+        b"{not json",
+    );
     assert_eq!((r.status, r.code()), (400, "malformed_json".to_string()));
     let r = get(&server, "/finetune/00000000-0000-0000-0000-000000000000");
     assert_eq!((r.status, r.code()), (404, "job_not_found".to_string()));
-    let r = common::agent().delete(&server.url("/adapters/centred")).call().unwrap();
+    let r = common::agent()
+        .delete(&server.url("/adapters/centred"))
+        .call()
+        .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(get(&server, "/adapters/centred/weights").status, 404);
-    let r = post_json(&server, "/generate", &json!({"prompt": "x", "adapter": "centred", "steps": 2}));
+    let r = post_json(
+        &server,
+        "/generate",
+        &json!({"prompt": "x", "adapter": "centred", "steps": 2}),
+    );
     assert_eq!(r.status, 404);
 
     // Cancel a running job: it ends cancelled, the server stays healthy.
-    let r = post_json(&server, "/finetune", &job_body(&www.url("prefs.parquet"), "long", 10_000));
+    let r = post_json(
+        &server,
+        "/finetune",
+        &job_body(&www.url("prefs.parquet"), "long", 10_000),
+    );
     let id2 = r.json()["job_id"].as_str().unwrap().to_string();
-    common::wait_until(60, "job training", || get(&server, &format!("/finetune/{id2}")).json()["status"] == "training");
-    let r = common::agent().delete(&server.url(&format!("/finetune/{id2}"))).call().unwrap();
+    common::wait_until(60, "job training", || {
+        get(&server, &format!("/finetune/{id2}")).json()["status"] == "training"
+    });
+    let r = common::agent()
+        .delete(&server.url(&format!("/finetune/{id2}")))
+        .call()
+        .unwrap();
     assert_eq!(r.status(), 200);
-    common::wait_until(60, "job cancelled", || get(&server, &format!("/finetune/{id2}")).json()["status"] == "cancelled");
-    assert_eq!(get(&server, &format!("/finetune/{id}")).json()["status"], "completed");
+    common::wait_until(60, "job cancelled", || {
+        get(&server, &format!("/finetune/{id2}")).json()["status"] == "cancelled"
+    });
+    assert_eq!(
+        get(&server, &format!("/finetune/{id}")).json()["status"],
+        "completed"
+    );
     assert_eq!(get(&server, "/health").status, 200);
 }
 
@@ -141,9 +219,17 @@ impl Drop for Proc {
 
 fn spawn_server(data: &PathBuf, port: u16) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_dspo-server"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--allow-private-dataset-urls"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--allow-private-dataset-urls",
+        ])
         .arg("--model")
-        .arg(format!("tiny={}", common::models_dir().join("tiny-sd15").display()))
+        .arg(format!(
+            "tiny={}",
+            common::models_dir().join("tiny-sd15").display()
+        ))
         .arg("--data-dir")
         .arg(data)
         .stdout(Stdio::null())
@@ -151,15 +237,26 @@ fn spawn_server(data: &PathBuf, port: u16) -> Proc {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while common::agent().get(&format!("http://127.0.0.1:{port}/ready")).call().is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "server did not become ready");
+    while common::agent()
+        .get(&format!("http://127.0.0.1:{port}/ready"))
+        .call()
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server did not become ready"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     Proc(child)
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -173,9 +270,21 @@ fn a_job_survives_kill_9_and_resumes_from_its_checkpoint() {
         .post(&format!("{base}/finetune"))
         .send_json(job_body(&www.url("prefs.parquet"), "survivor", 8))
         .unwrap();
-    let id = r.into_json::<Value>().unwrap()["job_id"].as_str().unwrap().to_string();
-    let status = |base: &str| -> Value { common::agent().get(&format!("{base}/finetune/{id}")).call().unwrap().into_json().unwrap() };
-    common::wait_until(120, "step 3", || status(&base)["progress"]["step"].as_u64().unwrap_or(0) >= 3);
+    let id = r.into_json::<Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = |base: &str| -> Value {
+        common::agent()
+            .get(&format!("{base}/finetune/{id}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    };
+    common::wait_until(120, "step 3", || {
+        status(&base)["progress"]["step"].as_u64().unwrap_or(0) >= 3
+    });
     // SIGKILL: no graceful anything.
     server.0.kill().unwrap();
     server.0.wait().unwrap();
@@ -189,9 +298,24 @@ fn a_job_survives_kill_9_and_resumes_from_its_checkpoint() {
         assert_ne!(s["status"], "failed", "{s}");
         s["status"] == "completed"
     });
-    let metrics: Value = common::agent().get(&format!("{base2}/finetune/{id}/metrics")).call().unwrap().into_json().unwrap();
-    let steps: Vec<u64> = metrics.as_array().unwrap().iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    let metrics: Value = common::agent()
+        .get(&format!("{base2}/finetune/{id}/metrics"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let steps: Vec<u64> = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
-    let adapters: Value = common::agent().get(&format!("{base2}/adapters")).call().unwrap().into_json().unwrap();
+    let adapters: Value = common::agent()
+        .get(&format!("{base2}/adapters"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
     assert_eq!(adapters[0]["name"], "survivor");
 }

@@ -15,7 +15,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_dspo-server");
 /// Starts `serve` and returns the child and its address, read from the "listening on" line.
 fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, String, mpsc::Receiver<String>) {
     let mut cmd = Command::new(BIN);
-    cmd.arg("serve").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+    cmd.arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env("RUST_LOG", "info");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -28,9 +32,16 @@ fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, String, mpsc::Rec
         }
     });
     let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("a 'listening on' line");
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a 'listening on' line");
         if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().trim_end_matches(|c: char| !c.is_ascii_digit()).to_string();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .to_string();
         }
     };
     (child, addr, rx)
@@ -54,39 +65,70 @@ fn sigterm_finishes_in_flight_work_then_exits_0() {
     let data = temp_dir("proc");
     let model = format!("tiny={}", sd15.display());
     let (mut child, addr, _log) = spawn_serve(
-        &["--listen", "127.0.0.1:0", "--model", &model, "--data-dir", data.to_str().unwrap()],
-        &[("DSPO_LIMITS_MAX_STEPS", "400"), ("DSPO_BATCHING_QUEUE_SIZE", "7")],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            &model,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[
+            ("DSPO_LIMITS_MAX_STEPS", "400"),
+            ("DSPO_BATCHING_QUEUE_SIZE", "7"),
+        ],
     );
     let base = http(&addr);
-    wait_until(60, "ready", || ureq::get(&format!("{base}/ready")).call().is_ok());
+    wait_until(60, "ready", || {
+        ureq::get(&format!("{base}/ready")).call().is_ok()
+    });
     let (status, models) = call(ureq::get(&format!("{base}/models")).call());
     assert_eq!(status, 200);
     assert_eq!(models["models"][0]["name"], "tiny");
     // The environment reached the config: 400 steps are accepted, 401 are not.
-    let (status, err) = call(ureq::post(&format!("{base}/generate")).send_json(json!({"prompt": "x", "steps": 401})));
-    assert_eq!((status, err["error"]["code"].as_str().unwrap()), (422, "invalid_steps"));
+    let (status, err) = call(
+        ureq::post(&format!("{base}/generate")).send_json(json!({"prompt": "x", "steps": 401})),
+    );
+    assert_eq!(
+        (status, err["error"]["code"].as_str().unwrap()),
+        (422, "invalid_steps")
+    );
 
     // A slow request is in flight when SIGTERM arrives; it still completes.
     let url = format!("{base}/generate");
-    let in_flight = std::thread::spawn(move || call(ureq::post(&url).send_json(json!({"prompt": "slow", "steps": 400, "seed": 1}))));
+    let in_flight = std::thread::spawn(move || {
+        call(ureq::post(&url).send_json(json!({"prompt": "slow", "steps": 400, "seed": 1})))
+    });
     wait_until(30, "the slow batch to start", || {
         let (_, h) = call(ureq::get(&format!("{base}/health")).call());
         h["models"][0]["batches"] == 1
     });
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, 200, "the in-flight request finished: {body}");
     assert_eq!(body["images"].as_array().unwrap().len(), 1);
     let exit = child.wait().unwrap();
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
-    assert!(std::net::TcpStream::connect(&addr).is_err(), "no longer listening");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "no longer listening"
+    );
 }
 
 #[test]
 fn serve_without_a_model_says_how_to_name_one() {
     let empty = temp_dir("nomodel");
-    let out = Command::new(BIN).arg("serve").arg("--listen").arg("127.0.0.1:0").current_dir(&empty).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .current_dir(&empty)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--model NAME=DIR_OR_HUB_ID"), "{err}");
@@ -103,13 +145,20 @@ fn a_model_that_fails_to_load_stops_the_server() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken") && err.contains("model_index.json"), "{err}");
+    assert!(
+        err.contains("broken") && err.contains("model_index.json"),
+        "{err}"
+    );
 }
 
 #[test]
 fn openapi_subcommand_prints_the_committed_document() {
     let out = Command::new(BIN).arg("openapi").output().unwrap();
     assert!(out.status.success());
-    let committed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json")).unwrap();
-    assert!(out.stdout == committed, "`dspo-server openapi` differs from openapi/openapi.json: regenerate and review it");
+    let committed =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json")).unwrap();
+    assert!(
+        out.stdout == committed,
+        "`dspo-server openapi` differs from openapi/openapi.json: regenerate and review it"
+    );
 }

@@ -46,7 +46,11 @@ fn generator() -> Command {
 }
 
 fn generator_installed() -> bool {
-    generator().arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    generator()
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -61,7 +65,14 @@ fn generated_python_client_drives_generate_and_edit() {
     let dir = temp_dir("pysdk");
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json");
     let out = generator()
-        .args(["generate", "--path", spec, "--meta", "none", "--output-path"])
+        .args([
+            "generate",
+            "--path",
+            spec,
+            "--meta",
+            "none",
+            "--output-path",
+        ])
         .arg(dir.join("dspo_client"))
         .output()
         .unwrap();

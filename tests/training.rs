@@ -24,11 +24,18 @@ fn tmp(name: &str) -> PathBuf {
 
 fn config(out: &Path, method: Method) -> TrainConfig {
     TrainConfig {
-        model: shared().join("conformance/models/tiny-sd15").display().to_string(),
+        model: shared()
+            .join("conformance/models/tiny-sd15")
+            .display()
+            .to_string(),
         dataset: shared().join("shapes/prefs_centered.parquet"),
         output_dir: out.to_path_buf(),
         method,
-        lora: Some(LoraSpec { rank: 4, alpha: 8.0, ..Default::default() }),
+        lora: Some(LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            ..Default::default()
+        }),
         full_finetune: false,
         hyperparameters: Hyperparameters {
             learning_rate: Some(1e-3),
@@ -41,6 +48,8 @@ fn config(out: &Path, method: Method) -> TrainConfig {
             ..Default::default()
         },
         device: "cpu".into(),
+        mode: Default::default(),
+        pretrain: Default::default(),
     }
 }
 
@@ -51,7 +60,11 @@ fn lora_training_raises_implicit_accuracy_above_one_half() {
     // latents and not the losers', which is what u > 0 measures. On this randomly initialised
     // tiny model the effect is real but small, hence many evaluation draws (seeded, fixed).
     let mut cfg = config(&out, Method::Dspo);
-    cfg.lora = Some(LoraSpec { rank: 4, alpha: 8.0, ..Default::default() });
+    cfg.lora = Some(LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        ..Default::default()
+    });
     cfg.hyperparameters.learning_rate = Some(1e-2);
     cfg.hyperparameters.max_pairs = Some(4);
     cfg.hyperparameters.batch_size = 4;
@@ -91,20 +104,41 @@ fn saved_adapter_applies_exactly_as_its_weights_say() {
     assert_eq!(peft["unet.r"], 4);
     assert_eq!(peft["unet.lora_alpha"], 8.0);
     let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
-    assert!(tensors.keys().all(|k| k.starts_with("unet.") && (k.ends_with(".lora.down.weight") || k.ends_with(".lora.up.weight"))));
+    assert!(tensors.keys().all(|k| k.starts_with("unet.")
+        && (k.ends_with(".lora.down.weight") || k.ends_with(".lora.up.weight"))));
     let ups_nonzero = tensors
         .iter()
         .filter(|(k, _)| k.ends_with("lora.up.weight"))
-        .any(|(_, t)| t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
-    assert!(ups_nonzero, "training must have moved the up matrices off zero");
+        .any(|(_, t)| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        });
+    assert!(
+        ups_nonzero,
+        "training must have moved the up matrices off zero"
+    );
 
     let unet_dir = shared().join("conformance/models/tiny-sd15/unet");
-    let base = candle_core::safetensors::load(unet_dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(
+        unet_dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut merged: HashMap<String, Tensor> = base.clone();
     let scale = 8.0 / 4.0;
     let mut n_merged = 0;
     for (k, down) in &tensors {
-        let Some(module) = k.strip_prefix("unet.").and_then(|k| k.strip_suffix(".lora.down.weight")) else { continue };
+        let Some(module) = k
+            .strip_prefix("unet.")
+            .and_then(|k| k.strip_suffix(".lora.down.weight"))
+        else {
+            continue;
+        };
         let up = &tensors[&format!("unet.{module}.lora.up.weight")];
         let w = format!("{module}.weight");
         let delta = (up.matmul(down).unwrap() * scale).unwrap();
@@ -113,10 +147,17 @@ fn saved_adapter_applies_exactly_as_its_weights_say() {
     }
     assert!(n_merged > 0);
     let cfg = UNet2DConditionModel::load_config(&unet_dir).unwrap();
-    let plain = UNet2DConditionModel::new(cfg.clone(), &Weights::from_map(merged, &Device::Cpu, DType::F32)).unwrap();
-    let with_lora = UNet2DConditionModel::new(cfg, &Weights::from_map(base, &Device::Cpu, DType::F32)).unwrap();
+    let plain = UNet2DConditionModel::new(
+        cfg.clone(),
+        &Weights::from_map(merged, &Device::Cpu, DType::F32),
+    )
+    .unwrap();
+    let with_lora =
+        UNet2DConditionModel::new(cfg, &Weights::from_map(base, &Device::Cpu, DType::F32)).unwrap();
     let adapter = LoraAdapter::load(&file, &Device::Cpu).unwrap();
-    adapter.attach(with_lora.linears(), 1.0, DType::F32).unwrap();
+    adapter
+        .attach(with_lora.linears(), 1.0, DType::F32)
+        .unwrap();
 
     let mut rng = dspo_server::rng::NoiseRng::new(3);
     let x = rng.randn((1, 4, 16, 16), &Device::Cpu, DType::F32).unwrap();
@@ -128,10 +169,30 @@ fn saved_adapter_applies_exactly_as_its_weights_say() {
         with_lora.linears().clear_all();
         with_lora.forward(&x, &t, &ehs, None).unwrap()
     };
-    let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let effect = (&a - &base_out).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(effect > 1e-4, "the adapter must change the output (effect {effect})");
-    assert!(diff < 1e-5 * effect.max(1.0), "merged vs attached differ by {diff} (effect {effect})");
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let effect = (&a - &base_out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        effect > 1e-4,
+        "the adapter must change the output (effect {effect})"
+    );
+    assert!(
+        diff < 1e-5 * effect.max(1.0),
+        "merged vs attached differ by {diff} (effect {effect})"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -150,14 +211,21 @@ fn resuming_from_a_checkpoint_gives_the_same_weights() {
         cfg.hyperparameters.gradient_accumulation_steps = 2;
         cfg.hyperparameters.warmup_steps = 2;
         cfg.hyperparameters.checkpoint_every = 2;
-        let full = Trainer::new(cfg.clone()).unwrap().run(&mut |_| true).unwrap();
+        let full = Trainer::new(cfg.clone())
+            .unwrap()
+            .run(&mut |_| true)
+            .unwrap();
 
         let mut cfg_b = cfg.clone();
         cfg_b.output_dir = b.clone();
         // Stop after step 2 (its checkpoint is written), then start a new trainer.
-        let stopped = Trainer::new(cfg_b.clone()).unwrap().run(&mut |m| m.step < 2);
+        let stopped = Trainer::new(cfg_b.clone())
+            .unwrap()
+            .run(&mut |m| m.step < 2);
         assert!(matches!(stopped, Err(TrainError::Cancelled)));
-        assert!(b.join("checkpoints/step-00000002/params.safetensors").exists());
+        assert!(b
+            .join("checkpoints/step-00000002/params.safetensors")
+            .exists());
         let mut resumed = Trainer::new(cfg_b).unwrap();
         assert_eq!(resumed.step(), 2);
         let outcome = resumed.run(&mut |_| true).unwrap();
@@ -168,8 +236,19 @@ fn resuming_from_a_checkpoint_gives_the_same_weights() {
         let y = adapter_tensors(&outcome.artifact);
         assert_eq!(x.len(), y.len());
         for (k, t) in &x {
-            let d = (t - &y[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(d <= 1e-6, "{}: {k} differs by {d} after resume", method.name());
+            let d = (t - &y[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d <= 1e-6,
+                "{}: {k} differs by {d} after resume",
+                method.name()
+            );
         }
         for (m1, m2) in full.metrics.iter().zip(&outcome.metrics) {
             assert!((m1.loss - m2.loss).abs() < 1e-6, "{:?} vs {:?}", m1, m2);
@@ -189,7 +268,11 @@ fn full_finetuning_updates_the_unet_and_saves_it() {
     cfg.hyperparameters.max_steps = 1;
     cfg.hyperparameters.learning_rate = Some(1e-4);
     let outcome = Trainer::new(cfg).unwrap().run(&mut |_| true).unwrap();
-    let saved = candle_core::safetensors::load(outcome.artifact.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let saved = candle_core::safetensors::load(
+        outcome.artifact.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let base = candle_core::safetensors::load(
         shared().join("conformance/models/tiny-sd15/unet/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
@@ -198,9 +281,23 @@ fn full_finetuning_updates_the_unet_and_saves_it() {
     assert_eq!(saved.len(), base.len());
     let moved = saved
         .iter()
-        .filter(|(k, t)| (*t - &base[*k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+        .filter(|(k, t)| {
+            (*t - &base[*k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
         .count();
-    assert_eq!(moved, base.len(), "every parameter moves in a first AdamW step");
+    assert_eq!(
+        moved,
+        base.len(),
+        "every parameter moves in a first AdamW step"
+    );
     // The saved UNet loads as a diffusers UNet directory.
     UNet2DConditionModel::load(&outcome.artifact, None, &Device::Cpu, DType::F32).unwrap();
     let _ = std::fs::remove_dir_all(&out);
@@ -208,7 +305,10 @@ fn full_finetuning_updates_the_unet_and_saves_it() {
 
 fn expect_config_error(cfg: TrainConfig, needle: &str) {
     match Trainer::new(cfg) {
-        Err(e) => assert!(e.to_string().contains(needle), "expected '{needle}' in: {e}"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "expected '{needle}' in: {e}"
+        ),
         Ok(_) => panic!("expected an error mentioning '{needle}'"),
     }
 }
@@ -223,14 +323,22 @@ fn bad_training_input_is_a_clear_error() {
     c.hyperparameters.beta = Some(-1.0);
     expect_config_error(c, "beta");
     let mut c = config(&out, Method::Dspo);
-    c.lora = Some(LoraSpec { rank: 0, ..Default::default() });
+    c.lora = Some(LoraSpec {
+        rank: 0,
+        ..Default::default()
+    });
     expect_config_error(c, "rank");
     let mut c = config(&out, Method::Dspo);
-    c.lora = Some(LoraSpec { target_modules: vec!["to_qq".into()], ..Default::default() });
+    c.lora = Some(LoraSpec {
+        target_modules: vec!["to_qq".into()],
+        ..Default::default()
+    });
     expect_config_error(c, "to_qq");
     let e = "dpso".parse::<Method>().unwrap_err();
     assert!(e.contains("unknown method"), "{e}");
-    let toml_err = toml::from_str::<TrainConfig>("model='m'\ndataset='d'\noutput_dir='o'\nmethod='dpso'\n").unwrap_err();
+    let toml_err =
+        toml::from_str::<TrainConfig>("model='m'\ndataset='d'\noutput_dir='o'\nmethod='dpso'\n")
+            .unwrap_err();
     assert!(toml_err.to_string().contains("dpso"), "{toml_err}");
 
     // Wrong columns.
@@ -240,7 +348,11 @@ fn bad_training_input_is_a_clear_error() {
 
     // Only ties: no usable pairs.
     let rows = read_all_rows(&shared().join("shapes/prefs_centered.parquet")).unwrap();
-    let ties: Vec<_> = rows.into_iter().take(5).map(|(c, a, b, _)| (c, a, b, 0.5)).collect();
+    let ties: Vec<_> = rows
+        .into_iter()
+        .take(5)
+        .map(|(c, a, b, _)| (c, a, b, 0.5))
+        .collect();
     let p = out.join("ties.parquet");
     write_pairs_parquet(&p, &ties, 2).unwrap();
     let mut c = config(&out, Method::Dspo);
@@ -260,7 +372,11 @@ fn bad_training_input_is_a_clear_error() {
 fn undecodable_images_are_skipped_and_counted() {
     let out = tmp("corrupt");
     let rows = read_all_rows(&shared().join("shapes/prefs_centered.parquet")).unwrap();
-    let mut subset: Vec<_> = rows.into_iter().filter(|r| r.3 == 1.0 || r.3 == 0.0).take(6).collect();
+    let mut subset: Vec<_> = rows
+        .into_iter()
+        .filter(|r| r.3 == 1.0 || r.3 == 0.0)
+        .take(6)
+        .collect();
     subset[1].1 = b"\xff\xd8 truncated jpeg".to_vec();
     let p = out.join("corrupt.parquet");
     write_pairs_parquet(&p, &subset, 3).unwrap();

@@ -88,11 +88,15 @@ pub async fn shutdown_signal() {
 /// server with an error (a server that cannot serve its models should not look healthy).
 pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = args.load_config()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let listen = config.server.listen.clone();
         let api = ApiBuilder::new(config).build()?;
-        let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
         let load_error = Arc::new(Mutex::new(None::<String>));
         let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();

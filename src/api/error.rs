@@ -118,11 +118,24 @@ impl ApiError {
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
-            InvalidRequest(_) | InvalidSize(_) | InvalidSteps(_) | InvalidGuidanceScale(_)
-            | InvalidImageGuidanceScale(_) | InvalidStrength(_) | InvalidAdapterScale(_) | TooManyImages(_)
-            | UnknownScheduler(_) | UnknownMode(_) | UnsupportedMode(_) | InvalidImage(_) | ImageTooLarge(_)
-            | InvalidAdapter(_) | InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ModelNotFound(_) | AdapterNotFound(_) | RouteNotFound(_) | JobNotFound(_) => StatusCode::NOT_FOUND,
+            InvalidRequest(_)
+            | InvalidSize(_)
+            | InvalidSteps(_)
+            | InvalidGuidanceScale(_)
+            | InvalidImageGuidanceScale(_)
+            | InvalidStrength(_)
+            | InvalidAdapterScale(_)
+            | TooManyImages(_)
+            | UnknownScheduler(_)
+            | UnknownMode(_)
+            | UnsupportedMode(_)
+            | InvalidImage(_)
+            | ImageTooLarge(_)
+            | InvalidAdapter(_)
+            | InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ModelNotFound(_) | AdapterNotFound(_) | RouteNotFound(_) | JobNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             AdapterExists(_) => StatusCode::CONFLICT,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -133,7 +146,8 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::QueueFull { retry_after_s, .. } | ApiError::ModelLoading { retry_after_s, .. } => Some(*retry_after_s),
+            ApiError::QueueFull { retry_after_s, .. }
+            | ApiError::ModelLoading { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -167,10 +181,17 @@ impl IntoResponse for ApiError {
             tracing::info!(code = self.code(), status = status.as_u16(), message = %self, "request refused");
         }
         let retry_after = self.retry_after();
-        let body = ErrorResponse { error: ErrorBody { code: self.code().to_string(), message: self.to_string() } };
+        let body = ErrorResponse {
+            error: ErrorBody {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let Some(s) = retry_after {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         response
     }
@@ -185,7 +206,9 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => {
                 ApiError::UnsupportedMediaType("expected Content-Type: application/json".into())
             }
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(text),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(text)
+            }
             _ => ApiError::MalformedJson(text),
         }
     }
@@ -195,8 +218,14 @@ impl From<WorkerError> for ApiError {
     fn from(e: WorkerError) -> Self {
         let message = e.to_string();
         match e {
-            WorkerError::QueueFull { retry_after_s, .. } => ApiError::QueueFull { message, retry_after_s },
-            WorkerError::Loading { retry_after_s, .. } => ApiError::ModelLoading { message, retry_after_s },
+            WorkerError::QueueFull { retry_after_s, .. } => ApiError::QueueFull {
+                message,
+                retry_after_s,
+            },
+            WorkerError::Loading { retry_after_s, .. } => ApiError::ModelLoading {
+                message,
+                retry_after_s,
+            },
             WorkerError::Unavailable { .. } | WorkerError::Stopped(_) | WorkerError::Cancelled => {
                 ApiError::ModelUnavailable(message)
             }

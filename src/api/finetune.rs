@@ -20,8 +20,12 @@ impl From<JobError> for ApiError {
         match e {
             JobError::Invalid(m) => ApiError::InvalidJob(m),
             JobError::NotFound(id) => ApiError::JobNotFound(format!("job {id} not found")),
-            JobError::AdapterNotFound(n) => ApiError::AdapterNotFound(format!("adapter {n} not found")),
-            JobError::AdapterExists(n) => ApiError::AdapterExists(format!("adapter name {n} is taken")),
+            JobError::AdapterNotFound(n) => {
+                ApiError::AdapterNotFound(format!("adapter {n} not found"))
+            }
+            JobError::AdapterExists(n) => {
+                ApiError::AdapterExists(format!("adapter name {n} is taken"))
+            }
             JobError::Dataset(m) => ApiError::InvalidJob(m),
             JobError::Store(m) => ApiError::Internal(m),
         }
@@ -29,7 +33,10 @@ impl From<JobError> for ApiError {
 }
 
 fn jobs(state: &AppState) -> Result<&std::sync::Arc<crate::jobs::JobManager>, ApiError> {
-    state.jobs.as_ref().ok_or_else(|| ApiError::Internal("fine-tuning jobs are not enabled on this server".into()))
+    state
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::Internal("fine-tuning jobs are not enabled on this server".into()))
 }
 
 /// 202 body of POST /finetune.
@@ -54,13 +61,27 @@ pub struct JobCreated {
         (status = 422, description = "Invalid job (method, beta, rank, hyperparameters, dataset_url, base_model)", body = super::error::ErrorResponse),
     )
 )]
-pub async fn create(State(state): State<AppState>, body: Result<Json<JobSpec>, JsonRejection>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    body: Result<Json<JobSpec>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(spec) = body.map_err(ApiError::from)?;
     let m = jobs(&state)?.clone();
-    let job = tokio::task::spawn_blocking(move || m.submit(spec)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let job = tokio::task::spawn_blocking(move || m.submit(spec))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     let status_url = format!("/finetune/{}", job.id);
-    let body = JobCreated { job_id: job.id.clone(), status_url: status_url.clone(), job };
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
+    let body = JobCreated {
+        job_id: job.id.clone(),
+        status_url: status_url.clone(),
+        job,
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url)],
+        Json(body),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -71,7 +92,10 @@ pub struct ListQuery {
 
 /// List jobs (oldest first), optionally by status.
 #[utoipa::path(get, path = "/finetune", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<JobRecord>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<JobRecord>>, ApiError> {
     Ok(Json(jobs(&state)?.list(q.status)?))
 }
 
@@ -83,7 +107,10 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> 
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
     Ok(Json(jobs(&state)?.get(&id)?))
 }
 
@@ -95,7 +122,10 @@ pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> R
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
     Ok(Json(jobs(&state)?.cancel(&id)?))
 }
 
@@ -107,7 +137,10 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Re
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = Vec<StepMetrics>), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<StepMetrics>>, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<StepMetrics>>, ApiError> {
     Ok(Json(jobs(&state)?.metrics(&id)?))
 }
 
@@ -120,35 +153,52 @@ pub async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> R
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let m = jobs(&state)?.clone();
     // Subscribe before reading the current state, so no transition falls in between.
     let rx = m.subscribe();
     let current = m.get(&id)?;
-    let first = Event::default().event("status").json_data(&current).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let first = Event::default()
+        .event("status")
+        .json_data(&current)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let done = current.status.is_terminal();
-    let stream = futures_util::stream::unfold((Some(first), rx, done, id), |(first, mut rx, done, id)| async move {
-        if let Some(ev) = first {
-            return Some((Ok::<Event, Infallible>(ev), (None, rx, done, id)));
-        }
-        if done {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(ev) if ev.job_id == id => {
-                    let terminal = ev.event == "status"
-                        && ev.data.get("status").and_then(|s| s.as_str()).and_then(JobStatus::parse).map(|s| s.is_terminal()).unwrap_or(false);
-                    let out = Event::default().event(ev.event).data(ev.data.to_string());
-                    return Some((Ok(out), (None, rx, terminal, id)));
-                }
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return None,
+    let stream = futures_util::stream::unfold(
+        (Some(first), rx, done, id),
+        |(first, mut rx, done, id)| async move {
+            if let Some(ev) = first {
+                return Some((Ok::<Event, Infallible>(ev), (None, rx, done, id)));
             }
-        }
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+            if done {
+                return None;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.job_id == id => {
+                        let terminal = ev.event == "status"
+                            && ev
+                                .data
+                                .get("status")
+                                .and_then(|s| s.as_str())
+                                .and_then(JobStatus::parse)
+                                .map(|s| s.is_terminal())
+                                .unwrap_or(false);
+                        let out = Event::default().event(ev.event).data(ev.data.to_string());
+                        return Some((Ok(out), (None, rx, terminal, id)));
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// Registered adapters (name, base model, method, hyperparameters, final metrics, created).
@@ -165,7 +215,10 @@ pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterI
     params(("name" = String, Path, description = "adapter name")),
     responses((status = 200, description = "safetensors file", content_type = "application/octet-stream"), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn adapter_weights(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub async fn adapter_weights(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let path = jobs(&state)?.adapter_file(&name)?;
     let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
         .await
@@ -174,7 +227,10 @@ pub async fn adapter_weights(State(state): State<AppState>, Path(name): Path<Str
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.safetensors\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}.safetensors\""),
+            ),
         ],
         bytes,
     )
@@ -189,8 +245,13 @@ pub async fn adapter_weights(State(state): State<AppState>, Path(name): Path<Str
     params(("name" = String, Path, description = "adapter name")),
     responses((status = 204, description = "Deleted"), (status = 404, body = super::error::ErrorResponse))
 )]
-pub async fn delete_adapter(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let m = jobs(&state)?.clone();
-    tokio::task::spawn_blocking(move || m.delete_adapter(&name)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    tokio::task::spawn_blocking(move || m.delete_adapter(&name))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
 }

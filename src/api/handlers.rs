@@ -40,7 +40,11 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
     app.pool.get(name).ok_or_else(|| {
         let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
-        ApiError::ModelNotFound(format!("no model named '{}'; served: {}", name.unwrap_or_default(), known.join(", ")))
+        ApiError::ModelNotFound(format!(
+            "no model named '{}'; served: {}",
+            name.unwrap_or_default(),
+            known.join(", ")
+        ))
     })
 }
 
@@ -56,7 +60,11 @@ fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
         let mut it = part.split(';');
         let media = it.next().unwrap_or("").trim().to_ascii_lowercase();
         let q = it
-            .filter_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f64>().ok()))
+            .filter_map(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f64>().ok())
+            })
             .next()
             .unwrap_or(1.0);
         match media.as_str() {
@@ -99,23 +107,36 @@ async fn run_task(
     let sampler = task.scheduler.a1111_name();
     let seeds = task.seeds.clone();
     let reply = worker.submit(task, &id)?;
-    let mut output = reply.await.map_err(|_| ApiError::Internal("the worker dropped the request".into()))??;
+    let mut output = reply
+        .await
+        .map_err(|_| ApiError::Internal("the worker dropped the request".into()))??;
     let encode_start = Instant::now();
     let rgb = std::mem::take(&mut output.images);
     let p = params.clone();
     let s = seeds.clone();
     // Encoding is CPU work; off the async threads so it never stalls other connections.
     let pngs = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, String> {
-        rgb.iter().zip(&s).map(|(img, &seed)| images::encode_png(img, &images::a1111_parameters(&p, seed, sampler))).collect()
+        rgb.iter()
+            .zip(&s)
+            .map(|(img, &seed)| {
+                images::encode_png(img, &images::a1111_parameters(&p, seed, sampler))
+            })
+            .collect()
     })
     .await
     .map_err(|e| ApiError::Internal(format!("PNG encoding panicked: {e}")))?
     .map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))?;
     let encode_ms = encode_start.elapsed().as_secs_f64() * 1e3;
     if png {
-        let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], pngs.into_iter().next().unwrap_or_default())
+        let mut response = (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "image/png")],
+            pngs.into_iter().next().unwrap_or_default(),
+        )
             .into_response();
-        response.headers_mut().insert("x-seed", HeaderValue::from(seeds[0]));
+        response
+            .headers_mut()
+            .insert("x-seed", HeaderValue::from(seeds[0]));
         return Ok(response);
     }
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -125,7 +146,10 @@ async fn run_task(
         images: pngs
             .iter()
             .zip(&seeds)
-            .map(|(bytes, &seed)| GeneratedImage { seed, png_base64: b64.encode(bytes) })
+            .map(|(bytes, &seed)| GeneratedImage {
+                seed,
+                png_base64: b64.encode(bytes),
+            })
             .collect(),
         parameters: params,
         timings: Timings {
@@ -196,15 +220,21 @@ async fn read_multipart(mut form: Multipart) -> Result<(EditRequest, Vec<u8>), A
             text.insert(name, value);
         }
     }
-    let image = image.ok_or_else(|| ApiError::InvalidRequest("missing field `image` (a file part)".into()))?;
+    let image = image
+        .ok_or_else(|| ApiError::InvalidRequest("missing field `image` (a file part)".into()))?;
     let mut take = |k: &str| text.remove(k);
     fn num<T: std::str::FromStr>(k: &str, v: Option<String>) -> Result<Option<T>, ApiError> {
-        v.map(|v| v.trim().parse::<T>().map_err(|_| ApiError::InvalidRequest(format!("field `{k}`: '{v}' is not a valid number"))))
-            .transpose()
+        v.map(|v| {
+            v.trim().parse::<T>().map_err(|_| {
+                ApiError::InvalidRequest(format!("field `{k}`: '{v}' is not a valid number"))
+            })
+        })
+        .transpose()
     }
     let req = EditRequest {
         image: String::new(),
-        prompt: take("prompt").ok_or_else(|| ApiError::InvalidRequest("missing field `prompt`".into()))?,
+        prompt: take("prompt")
+            .ok_or_else(|| ApiError::InvalidRequest("missing field `prompt`".into()))?,
         mode: take("mode"),
         image_guidance_scale: num("image_guidance_scale", take("image_guidance_scale"))?,
         strength: num("strength", take("strength"))?,
@@ -264,10 +294,18 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
         (status = 503, description = "Model still loading or unavailable", body = ErrorResponse),
     )
 )]
-pub async fn edit(State(app): State<AppState>, RequestId(id): RequestId, request: Request) -> Result<Response, ApiError> {
+pub async fn edit(
+    State(app): State<AppState>,
+    RequestId(id): RequestId,
+    request: Request,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let headers = request.headers().clone();
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let (req, image) = if content_type.starts_with("multipart/form-data") {
         let form = Multipart::from_request(request, &app)
             .await
@@ -285,12 +323,16 @@ pub async fn edit(State(app): State<AppState>, RequestId(id): RequestId, request
     let worker = find_model(&app, req.model.as_deref())?;
     let info = worker.info()?;
     let max = app.config.limits.max_num_images as usize;
-    let png = wants_png(&headers, req.num_images.unwrap_or(1).clamp(1, max as i64) as usize)?;
+    let png = wants_png(
+        &headers,
+        req.num_images.unwrap_or(1).clamp(1, max as i64) as usize,
+    )?;
     // Decoding and resizing are CPU work proportional to the upload.
     let config = app.config.clone();
-    let (task, params) = tokio::task::spawn_blocking(move || validate::edit(req, &image, &info, &config))
-        .await
-        .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    let (task, params) =
+        tokio::task::spawn_blocking(move || validate::edit(req, &image, &info, &config))
+            .await
+            .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
     run_task(id, worker, task, params, png, arrived).await
 }
 
@@ -312,19 +354,29 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
             ModelEntry {
                 name: w.name().to_string(),
                 source: w.source().to_string(),
-                architecture: info.as_ref().map(|i| architecture_name(i.architecture).to_string()),
+                architecture: info
+                    .as_ref()
+                    .map(|i| architecture_name(i.architecture).to_string()),
                 loaded: info.is_some(),
                 error,
                 default: w.name() == app.pool.default_model(),
-                modes: info.as_ref().map(|i| i.modes().iter().map(|m| m.name().to_string()).collect()).unwrap_or_default(),
-                schedulers: SchedulerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
+                modes: info
+                    .as_ref()
+                    .map(|i| i.modes().iter().map(|m| m.name().to_string()).collect())
+                    .unwrap_or_default(),
+                schedulers: SchedulerKind::ALL
+                    .iter()
+                    .map(|k| k.name().to_string())
+                    .collect(),
                 defaults: info.as_ref().map(|i| ModelDefaults {
                     width: i.native_size as u32,
                     height: i.native_size as u32,
                     steps: d.steps.min(app.config.limits.max_steps),
                     guidance_scale: d.guidance_scale,
                     scheduler: i.default_scheduler.name().to_string(),
-                    image_guidance_scale: i.supports(Mode::InstructPix2Pix).then_some(d.image_guidance_scale),
+                    image_guidance_scale: i
+                        .supports(Mode::InstructPix2Pix)
+                        .then_some(d.image_guidance_scale),
                     strength: i.supports(Mode::Img2Img).then_some(d.strength),
                 }),
             }
@@ -353,7 +405,11 @@ pub async fn health(State(app): State<AppState>) -> Json<HealthResponse> {
                 rejected_queue_full: s.rejected_queue_full,
                 batches: s.batches,
                 failed_batches: s.failed_batches,
-                batch_sizes: s.batch_sizes.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                batch_sizes: s
+                    .batch_sizes
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
             }
         })
         .collect();
@@ -380,24 +436,44 @@ pub async fn ready(State(app): State<AppState>) -> Response {
                 LoadStatus::Ready(_) => ("ready", None),
                 LoadStatus::Failed(e) => ("failed", Some(e)),
             };
-            ModelReadiness { name: w.name().to_string(), status: status.into(), error }
+            ModelReadiness {
+                name: w.name().to_string(),
+                status: status.into(),
+                error,
+            }
         })
         .collect();
     let ready = app.pool.is_ready();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(ReadyResponse { ready, models })).into_response()
 }
 
 /// This API's OpenAPI 3.1 document (the committed `openapi/openapi.json`).
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
 pub async fn openapi_json() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], super::openapi_json()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi_json(),
+    )
+        .into_response()
 }
 
 pub async fn not_found(request: Request) -> ApiError {
-    ApiError::RouteNotFound(format!("no route for {} {}", request.method(), request.uri().path()))
+    ApiError::RouteNotFound(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 pub async fn method_not_allowed(request: Request) -> ApiError {
-    ApiError::MethodNotAllowed(format!("{} is not allowed on {}", request.method(), request.uri().path()))
+    ApiError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    ))
 }

@@ -14,10 +14,15 @@ pub fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
         Some(rest) => rest.split_once(',').map(|(_, p)| p).unwrap_or(""),
         None => s,
     };
-    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
     base64::engine::general_purpose::STANDARD
         .decode(compact.as_bytes())
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.trim_end_matches('=')))
+        .or_else(|_| {
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.trim_end_matches('='))
+        })
         .map_err(|e| ApiError::InvalidImage(format!("image is not valid base64: {e}")))
 }
 
@@ -33,8 +38,16 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ApiError>
         .map_err(|e| ApiError::InvalidImage(format!("image could not be read: {e}")))?;
     let format = match reader.format() {
         Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
-        Some(f) => return Err(ApiError::InvalidImage(format!("image format {f:?} is not accepted (PNG, JPEG or WebP)"))),
-        None => return Err(ApiError::InvalidImage("image is not a PNG, JPEG or WebP file".into())),
+        Some(f) => {
+            return Err(ApiError::InvalidImage(format!(
+                "image format {f:?} is not accepted (PNG, JPEG or WebP)"
+            )))
+        }
+        None => {
+            return Err(ApiError::InvalidImage(
+                "image is not a PNG, JPEG or WebP file".into(),
+            ))
+        }
     };
     let (w, h) = reader
         .into_dimensions()
@@ -56,7 +69,9 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ApiError>
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     reader.limits(limits);
     let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => ApiError::ImageTooLarge(format!("image exceeds the decoding limits: {l}")),
+        image::ImageError::Limits(l) => {
+            ApiError::ImageTooLarge(format!("image exceeds the decoding limits: {l}"))
+        }
         e => ApiError::InvalidImage(format!("image could not be decoded: {e}")),
     })?;
     Ok(img.to_rgb8())
@@ -115,8 +130,14 @@ pub fn a1111_parameters(p: &Parameters, seed: u64, sampler: &str) -> String {
     if let Some(name) = &p.adapter {
         fields.push(("Lora", quote(name)));
     }
-    fields.push(("Version", format!("dspo-server {}", env!("CARGO_PKG_VERSION"))));
-    let line: Vec<String> = fields.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    fields.push((
+        "Version",
+        format!("dspo-server {}", env!("CARGO_PKG_VERSION")),
+    ));
+    let line: Vec<String> = fields
+        .into_iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
     out.push('\n');
     out.push_str(&line.join(", "));
     out
@@ -138,7 +159,9 @@ pub fn encode_png(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
         };
         added.map_err(|e| e.to_string())?;
         let mut writer = enc.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(img.as_raw()).map_err(|e| e.to_string())?;
+        writer
+            .write_image_data(img.as_raw())
+            .map_err(|e| e.to_string())?;
         writer.finish().map_err(|e| e.to_string())?;
     }
     Ok(out)
@@ -150,13 +173,24 @@ pub fn read_png_parameters(bytes: &[u8]) -> Option<String> {
     let decoder = png::Decoder::new(Cursor::new(bytes));
     let reader = decoder.read_info().ok()?;
     let info = reader.info();
-    if let Some(t) = info.uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return Some(t.text.clone());
     }
-    if let Some(t) = info.compressed_latin1_text.iter().find(|t| t.keyword == "parameters") {
+    if let Some(t) = info
+        .compressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
         return t.get_text().ok();
     }
-    info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok())
+    info.utf8_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .and_then(|t| t.get_text().ok())
 }
 
 #[cfg(test)]
@@ -214,12 +248,27 @@ mod tests {
     fn decoding_limits() {
         let img = RgbImage::new(100, 100);
         let bytes = encode_png(&img, "x").unwrap();
-        assert!(matches!(decode_image(&bytes, 9_999), Err(ApiError::ImageTooLarge(_))));
+        assert!(matches!(
+            decode_image(&bytes, 9_999),
+            Err(ApiError::ImageTooLarge(_))
+        ));
         assert!(decode_image(&bytes, 10_000).is_ok());
-        assert!(matches!(decode_image(b"GIF89a....", 1 << 20), Err(ApiError::InvalidImage(_))));
-        assert!(matches!(decode_image(&bytes[..40], 1 << 20), Err(ApiError::InvalidImage(_))));
-        assert!(matches!(decode_base64("!!!"), Err(ApiError::InvalidImage(_))));
+        assert!(matches!(
+            decode_image(b"GIF89a....", 1 << 20),
+            Err(ApiError::InvalidImage(_))
+        ));
+        assert!(matches!(
+            decode_image(&bytes[..40], 1 << 20),
+            Err(ApiError::InvalidImage(_))
+        ));
+        assert!(matches!(
+            decode_base64("!!!"),
+            Err(ApiError::InvalidImage(_))
+        ));
         let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
-        assert_eq!(decode_base64(&format!("data:image/png;base64,{b64}")).unwrap(), bytes);
+        assert_eq!(
+            decode_base64(&format!("data:image/png;base64,{b64}")).unwrap(),
+            bytes
+        );
     }
 }

@@ -63,7 +63,9 @@ fn post_generate(agent: &ureq::Agent, url: &str, body: &Value) -> anyhow::Result
             }
             Ok(())
         }
-        Err(ureq::Error::Status(code, r)) => bail!("HTTP {code}: {}", r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => {
+            bail!("HTTP {code}: {}", r.into_string().unwrap_or_default())
+        }
         Err(e) => bail!("{e}"),
     }
 }
@@ -71,10 +73,17 @@ fn post_generate(agent: &ureq::Agent, url: &str, body: &Value) -> anyhow::Result
 fn health_totals(agent: &ureq::Agent, server: &RunningServer) -> anyhow::Result<(u64, u64)> {
     let v: Value = agent.get(&server.url("/health")).call()?.into_json()?;
     let m = &v["models"][0];
-    Ok((m["batches"].as_u64().unwrap_or(0), m["images_computed"].as_u64().unwrap_or(0)))
+    Ok((
+        m["batches"].as_u64().unwrap_or(0),
+        m["images_computed"].as_u64().unwrap_or(0),
+    ))
 }
 
-fn measure(args: &BenchServeArgs, spec: &ModelSpec, batching: bool) -> anyhow::Result<Vec<Measurement>> {
+fn measure(
+    args: &BenchServeArgs,
+    spec: &ModelSpec,
+    batching: bool,
+) -> anyhow::Result<Vec<Measurement>> {
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".into();
     config.models.serve = vec![format!("{}={}", spec.name, spec.source)];
@@ -84,7 +93,9 @@ fn measure(args: &BenchServeArgs, spec: &ModelSpec, batching: bool) -> anyhow::R
     config.batching.queue_size = args.requests.max(64);
     config.limits.max_steps = config.limits.max_steps.max(args.steps);
     let server = RunningServer::start(config, None).context("starting the server")?;
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3600)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(3600))
+        .build();
     let url = server.url("/generate");
     let body = |i: usize| {
         let mut b = json!({
@@ -125,7 +136,10 @@ fn measure(args: &BenchServeArgs, spec: &ModelSpec, batching: bool) -> anyhow::R
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("client thread")).collect::<anyhow::Result<Vec<_>>>()
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect::<anyhow::Result<Vec<_>>>()
         })?;
         let seconds = start.elapsed().as_secs_f64();
         let (b1, i1) = health_totals(&agent, &server)?;
@@ -163,7 +177,11 @@ fn measure(args: &BenchServeArgs, spec: &ModelSpec, batching: bool) -> anyhow::R
 }
 
 pub fn run(args: &BenchServeArgs) -> anyhow::Result<()> {
-    let specs: Vec<ModelSpec> = args.models.iter().map(|m| ModelSpec::parse(m)).collect::<Result<_, _>>()?;
+    let specs: Vec<ModelSpec> = args
+        .models
+        .iter()
+        .map(|m| ModelSpec::parse(m))
+        .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     for spec in &specs {
         for batching in [false, true] {
@@ -181,9 +199,15 @@ pub fn run(args: &BenchServeArgs) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|");
     for spec in &specs {
         for &c in &args.concurrency {
-            let find = |b: bool| rows.iter().find(|m| m.model == spec.name && m.batching == b && m.concurrency == c);
+            let find = |b: bool| {
+                rows.iter()
+                    .find(|m| m.model == spec.name && m.batching == b && m.concurrency == c)
+            };
             if let (Some(off), Some(on)) = (find(false), find(true)) {
-                let (r_off, r_on) = (off.requests as f64 / off.seconds, on.requests as f64 / on.seconds);
+                let (r_off, r_on) = (
+                    off.requests as f64 / off.seconds,
+                    on.requests as f64 / on.seconds,
+                );
                 println!(
                     "| {} | {c} | {r_off:.2} | {r_on:.2} | {:.2}x | {:.2} | {:.0} / {:.0} |",
                     spec.name,

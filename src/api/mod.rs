@@ -99,7 +99,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The OpenAPI document exactly as served and committed (`openapi/openapi.json`).
 pub fn openapi_json() -> String {
-    let mut s = openapi().to_pretty_json().expect("the OpenAPI document serialises");
+    let mut s = openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
     s.push('\n');
     s
 }
@@ -133,14 +135,28 @@ impl ApiBuilder {
     /// Starts the model workers (they load in the background) and builds the API.
     pub fn build(self) -> Result<Api, ConfigError> {
         let pool = Arc::new(ModelPool::start(&self.config, self.hook)?);
-        let jobs = if self.config.jobs.enabled { Some(start_jobs(&self.config, &pool)?) } else { None };
-        Ok(Api { state: AppState { pool, config: Arc::new(self.config), started: Instant::now(), jobs } })
+        let jobs = if self.config.jobs.enabled {
+            Some(start_jobs(&self.config, &pool)?)
+        } else {
+            None
+        };
+        Ok(Api {
+            state: AppState {
+                pool,
+                config: Arc::new(self.config),
+                started: Instant::now(),
+                jobs,
+            },
+        })
     }
 }
 
 /// The job manager, resolving `base_model` through the served models and pausing training
 /// between steps while any model has queued inference requests.
-fn start_jobs(config: &Config, pool: &Arc<ModelPool>) -> Result<Arc<crate::jobs::JobManager>, ConfigError> {
+fn start_jobs(
+    config: &Config,
+    pool: &Arc<ModelPool>,
+) -> Result<Arc<crate::jobs::JobManager>, ConfigError> {
     use crate::jobs::{FinetuneDefaults, JobsConfig};
     let mut jc = JobsConfig::new(&config.server.data_dir);
     let d = &config.datasets;
@@ -152,8 +168,10 @@ fn start_jobs(config: &Config, pool: &Arc<ModelPool>) -> Result<Arc<crate::jobs:
     jc.webhook_retries = config.jobs.webhook_retries;
     jc.device = config.models.device.clone();
     let f = &config.finetune;
-    let method: crate::training::Method =
-        f.method.parse().map_err(|e: String| ConfigError::Invalid(format!("finetune.method: {e}")))?;
+    let method: crate::training::Method = f
+        .method
+        .parse()
+        .map_err(|e: String| ConfigError::Invalid(format!("finetune.method: {e}")))?;
     let defaults = FinetuneDefaults {
         method,
         hyperparameters: crate::training::Hyperparameters {
@@ -165,22 +183,48 @@ fn start_jobs(config: &Config, pool: &Arc<ModelPool>) -> Result<Arc<crate::jobs:
             checkpoint_every: f.checkpoint_every,
             ..Default::default()
         },
-        lora: crate::training::lora::LoraSpec { rank: f.lora_rank, alpha: f.lora_alpha, ..Default::default() },
+        lora: crate::training::lora::LoraSpec {
+            rank: f.lora_rank,
+            alpha: f.lora_alpha,
+            ..Default::default()
+        },
+        beta_by_method: Default::default(),
     };
     for w in pool.workers() {
-        jc.defaults.insert(w.name().to_string(), defaults.clone());
+        let mut d = defaults.clone();
+        if let crate::models::ModelSource::Local(dir) =
+            crate::models::ModelSource::parse(w.source())
+        {
+            let own = crate::models::defaults::ModelDefaults::load(&dir)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if let Some(f) = own.finetune {
+                d = d.merged(&f).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "{}: finetune: {e}",
+                        dir.join(crate::models::defaults::FILE_NAME).display()
+                    ))
+                })?;
+            }
+        }
+        jc.defaults.insert(w.name().to_string(), d);
     }
     let variant = Some(config.models.variant.clone()).filter(|v| !v.is_empty());
     let p = pool.clone();
     let resolver: crate::jobs::manager::ModelResolver = Arc::new(move |name: Option<&str>| {
         let w = p.get(name)?;
-        let dir = crate::models::ModelSource::parse(w.source()).resolve(variant.as_deref()).ok()?;
+        let dir = crate::models::ModelSource::parse(w.source())
+            .resolve(variant.as_deref())
+            .ok()?;
         Some((w.name().to_string(), dir))
     });
     let p = pool.clone();
-    let busy: crate::jobs::manager::BusyProbe =
-        Arc::new(move || p.workers().iter().any(|w| w.queue_depth() > 0 || w.stats().recently_busy(250)));
-    crate::jobs::JobManager::start(jc, resolver, Some(busy)).map_err(|e| ConfigError::Invalid(format!("jobs: {e}")))
+    let busy: crate::jobs::manager::BusyProbe = Arc::new(move || {
+        p.workers()
+            .iter()
+            .any(|w| w.queue_depth() > 0 || w.stats().recently_busy(250))
+    });
+    crate::jobs::JobManager::start(jc, resolver, Some(busy))
+        .map_err(|e| ConfigError::Invalid(format!("jobs: {e}")))
 }
 
 pub struct Api {
@@ -209,18 +253,26 @@ impl Api {
             .route("/ready", get(handlers::ready))
             .route("/openapi.json", get(handlers::openapi_json))
             .route("/finetune", post(finetune::create).get(finetune::list))
-            .route("/finetune/{id}", get(finetune::get_job).delete(finetune::cancel))
+            .route(
+                "/finetune/{id}",
+                get(finetune::get_job).delete(finetune::cancel),
+            )
             .route("/finetune/{id}/metrics", get(finetune::metrics))
             .route("/finetune/{id}/events", get(finetune::events))
             .route("/adapters", get(finetune::adapters))
             .route("/adapters/{name}/weights", get(finetune::adapter_weights))
-            .route("/adapters/{name}", axum::routing::delete(finetune::delete_adapter))
+            .route(
+                "/adapters/{name}",
+                axum::routing::delete(finetune::delete_adapter),
+            )
             .route("/docs", get(docs::index))
             .route("/docs/", get(docs::index))
             .route("/docs/{file}", get(docs::file))
             .fallback(handlers::not_found)
             .method_not_allowed_fallback(handlers::method_not_allowed)
-            .layer(DefaultBodyLimit::max(self.state.config.limits.max_body_bytes))
+            .layer(DefaultBodyLimit::max(
+                self.state.config.limits.max_body_bytes,
+            ))
             .layer(
                 ServiceBuilder::new()
                     .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
@@ -238,14 +290,18 @@ impl Api {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let router = self.router();
-        axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
         tracing::info!("listener closed; waiting for the model workers to finish");
         if let Some(jobs) = &self.state.jobs {
             // The running job stops at its next step and is resumed at the next start.
             jobs.shutdown();
         }
         let pool = self.state.pool.clone();
-        tokio::task::spawn_blocking(move || pool.shutdown()).await.map_err(std::io::Error::other)?;
+        tokio::task::spawn_blocking(move || pool.shutdown())
+            .await
+            .map_err(std::io::Error::other)?;
         Ok(())
     }
 }

@@ -20,7 +20,10 @@ impl RunningServer {
     /// Binds `config.server.listen` (use port 0 for a free port), starts the workers and waits
     /// until every model has loaded.
     pub fn start(config: Config, hook: Option<BatchHook>) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         let listen = config.server.listen.clone();
         let mut builder = ApiBuilder::new(config);
         if let Some(h) = hook {
@@ -31,13 +34,22 @@ impl RunningServer {
         let listener = runtime.block_on(tokio::net::TcpListener::bind(&listen))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name(format!("http-{addr}")).spawn(move || {
-            runtime.block_on(api.serve(listener, async move {
-                let _ = stopped.await;
-            }))
-        })?;
-        let server = Self { addr, pool, stop: Some(stop), thread: Some(thread) };
-        let wait = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new()
+            .name(format!("http-{addr}"))
+            .spawn(move || {
+                runtime.block_on(api.serve(listener, async move {
+                    let _ = stopped.await;
+                }))
+            })?;
+        let server = Self {
+            addr,
+            pool,
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        let wait = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         wait.block_on(async {
             tokio::time::timeout(Duration::from_secs(600), server.pool.wait_loaded())
                 .await
@@ -61,7 +73,9 @@ impl RunningServer {
             let _ = s.send(());
         }
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| std::io::Error::other("server thread panicked"))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| std::io::Error::other("server thread panicked"))?,
             None => Ok(()),
         }
     }

@@ -64,30 +64,54 @@ fn check_guidance(what: &str, v: f64, config: &Config) -> Result<f64, ApiError> 
 
 fn check_common(c: &Common, info: &ModelInfo, config: &Config) -> Result<Checked, ApiError> {
     let max_steps = (config.limits.max_steps as usize).min(info.num_train_timesteps) as i64;
-    let steps = c.steps.unwrap_or(config.defaults.steps as i64);
+    let d = &info.generate_defaults;
+    let steps = c
+        .steps
+        .or(d.steps.map(|s| s as i64))
+        .unwrap_or(config.defaults.steps as i64);
     if steps < 1 || steps > max_steps {
-        return Err(ApiError::InvalidSteps(format!("steps is {steps}; it must be between 1 and {max_steps}")));
+        return Err(ApiError::InvalidSteps(format!(
+            "steps is {steps}; it must be between 1 and {max_steps}"
+        )));
     }
-    let guidance_scale = check_guidance("guidance_scale", c.guidance_scale.unwrap_or(config.defaults.guidance_scale), config)?;
+    let guidance_scale = check_guidance(
+        "guidance_scale",
+        c.guidance_scale
+            .or(d.guidance_scale)
+            .unwrap_or(config.defaults.guidance_scale),
+        config,
+    )?;
     let scheduler = match &c.scheduler {
         None => info.default_scheduler,
         Some(s) => SchedulerKind::from_str(s).map_err(|_| {
             let known: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
-            ApiError::UnknownScheduler(format!("unknown scheduler '{s}'; known: {}", known.join(", ")))
+            ApiError::UnknownScheduler(format!(
+                "unknown scheduler '{s}'; known: {}",
+                known.join(", ")
+            ))
         })?,
     };
     // Some schedules cannot produce every step count (e.g. "leading" spacing with an offset
     // runs past the last training timestep); building the scheduler is cheap and tells.
-    if let Err(e) = crate::schedulers::make_scheduler(scheduler, &info.scheduler_config, steps as usize) {
-        return Err(ApiError::InvalidSteps(format!("{steps} steps with scheduler {}: {e}", scheduler.name())));
+    if let Err(e) =
+        crate::schedulers::make_scheduler(scheduler, &info.scheduler_config, steps as usize)
+    {
+        return Err(ApiError::InvalidSteps(format!(
+            "{steps} steps with scheduler {}: {e}",
+            scheduler.name()
+        )));
     }
     let n = c.num_images.unwrap_or(1);
     let max_n = config.limits.max_num_images as i64;
     if n > max_n {
-        return Err(ApiError::TooManyImages(format!("num_images is {n}; at most {max_n} per request")));
+        return Err(ApiError::TooManyImages(format!(
+            "num_images is {n}; at most {max_n} per request"
+        )));
     }
     if n < 1 {
-        return Err(ApiError::InvalidRequest(format!("num_images is {n}; it must be at least 1")));
+        return Err(ApiError::InvalidRequest(format!(
+            "num_images is {n}; it must be at least 1"
+        )));
     }
     // Random seeds stay below 2^32 so that every client language holds them exactly and
     // A1111-style tools accept them.
@@ -106,15 +130,34 @@ fn check_common(c: &Common, info: &ModelInfo, config: &Config) -> Result<Checked
             let scale = c.adapter_scale.unwrap_or(config.defaults.adapter_scale);
             let (lo, hi) = ADAPTER_SCALE_RANGE;
             if !scale.is_finite() || !(lo..=hi).contains(&scale) {
-                return Err(ApiError::InvalidAdapterScale(format!("adapter_scale is {scale}; it must be between {lo} and {hi}")));
+                return Err(ApiError::InvalidAdapterScale(format!(
+                    "adapter_scale is {scale}; it must be between {lo} and {hi}"
+                )));
             }
-            Some(AdapterChoice { name: name.clone(), path, scale })
+            Some(AdapterChoice {
+                name: name.clone(),
+                path,
+                scale,
+            })
         }
     };
-    Ok(Checked { steps: steps as usize, guidance_scale, scheduler, seeds, adapter })
+    Ok(Checked {
+        steps: steps as usize,
+        guidance_scale,
+        scheduler,
+        seeds,
+        adapter,
+    })
 }
 
-fn parameters(mode: Mode, c: &Common, checked: &Checked, info: &ModelInfo, width: usize, height: usize) -> Parameters {
+fn parameters(
+    mode: Mode,
+    c: &Common,
+    checked: &Checked,
+    info: &ModelInfo,
+    width: usize,
+    height: usize,
+) -> Parameters {
     Parameters {
         mode: mode.name().to_string(),
         prompt: c.prompt.clone(),
@@ -148,12 +191,26 @@ fn unsupported(mode: Mode, info: &ModelInfo) -> ApiError {
     ))
 }
 
-pub fn generate(req: GenerateRequest, info: &ModelInfo, config: &Config) -> Result<(GenerationTask, Parameters), ApiError> {
+pub fn generate(
+    req: GenerateRequest,
+    info: &ModelInfo,
+    config: &Config,
+) -> Result<(GenerationTask, Parameters), ApiError> {
     if !info.supports(Mode::Txt2Img) {
         return Err(unsupported(Mode::Txt2Img, info));
     }
-    let width = check_side("width", req.width.unwrap_or(info.native_size as i64), info, config)?;
-    let height = check_side("height", req.height.unwrap_or(info.native_size as i64), info, config)?;
+    let width = check_side(
+        "width",
+        req.width.unwrap_or(info.native_size as i64),
+        info,
+        config,
+    )?;
+    let height = check_side(
+        "height",
+        req.height.unwrap_or(info.native_size as i64),
+        info,
+        config,
+    )?;
     let common = Common {
         prompt: req.prompt,
         negative_prompt: req.negative_prompt,
@@ -169,7 +226,10 @@ pub fn generate(req: GenerateRequest, info: &ModelInfo, config: &Config) -> Resu
     let params = parameters(Mode::Txt2Img, &common, &checked, info, width, height);
     let task = GenerationTask {
         task: Task::Txt2Img,
-        prompt: PromptPair { prompt: common.prompt, negative_prompt: common.negative_prompt },
+        prompt: PromptPair {
+            prompt: common.prompt,
+            negative_prompt: common.negative_prompt,
+        },
         width,
         height,
         steps: checked.steps,
@@ -184,7 +244,12 @@ pub fn generate(req: GenerateRequest, info: &ModelInfo, config: &Config) -> Resu
 
 /// `image` is the raw file (already base64-decoded for JSON bodies). The image is decoded last,
 /// after every cheap check, so a bad parameter costs no decoding.
-pub fn edit(req: EditRequest, image: &[u8], info: &ModelInfo, config: &Config) -> Result<(GenerationTask, Parameters), ApiError> {
+pub fn edit(
+    req: EditRequest,
+    image: &[u8],
+    info: &ModelInfo,
+    config: &Config,
+) -> Result<(GenerationTask, Parameters), ApiError> {
     let mode = match req.mode.as_deref() {
         None if info.supports(Mode::InstructPix2Pix) => Mode::InstructPix2Pix,
         None => Mode::Img2Img,
@@ -203,14 +268,17 @@ pub fn edit(req: EditRequest, image: &[u8], info: &ModelInfo, config: &Config) -
         Mode::Img2Img => {
             let strength = req.strength.unwrap_or(config.defaults.strength);
             if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-                return Err(ApiError::InvalidStrength(format!("strength is {strength}; it must be in (0, 1]")));
+                return Err(ApiError::InvalidStrength(format!(
+                    "strength is {strength}; it must be in (0, 1]"
+                )));
             }
             Task::Img2Img { strength }
         }
         _ => Task::InstructPix2Pix {
             image_guidance_scale: check_guidance(
                 "image_guidance_scale",
-                req.image_guidance_scale.unwrap_or(config.defaults.image_guidance_scale),
+                req.image_guidance_scale
+                    .unwrap_or(config.defaults.image_guidance_scale),
                 config,
             )?,
         },
@@ -246,11 +314,21 @@ pub fn edit(req: EditRequest, image: &[u8], info: &ModelInfo, config: &Config) -
     let (rw, rh) = images::rounded_size(&decoded);
     let width = match req.width {
         Some(w) => w as usize,
-        None => check_side("the input image's width (rounded down to a multiple of 8)", rw as i64, info, config)?,
+        None => check_side(
+            "the input image's width (rounded down to a multiple of 8)",
+            rw as i64,
+            info,
+            config,
+        )?,
     };
     let height = match req.height {
         Some(h) => h as usize,
-        None => check_side("the input image's height (rounded down to a multiple of 8)", rh as i64, info, config)?,
+        None => check_side(
+            "the input image's height (rounded down to a multiple of 8)",
+            rh as i64,
+            info,
+            config,
+        )?,
     };
     let resized = images::resize(decoded, width as u32, height as u32);
     let mut params = parameters(mode, &common, &checked, info, width, height);
@@ -259,12 +337,17 @@ pub fn edit(req: EditRequest, image: &[u8], info: &ModelInfo, config: &Config) -
     params.resized = Some(input_w as usize != width || input_h as usize != height);
     match task {
         Task::Img2Img { strength } => params.strength = Some(strength),
-        Task::InstructPix2Pix { image_guidance_scale } => params.image_guidance_scale = Some(image_guidance_scale),
+        Task::InstructPix2Pix {
+            image_guidance_scale,
+        } => params.image_guidance_scale = Some(image_guidance_scale),
         Task::Txt2Img => {}
     }
     let task = GenerationTask {
         task,
-        prompt: PromptPair { prompt: common.prompt, negative_prompt: common.negative_prompt },
+        prompt: PromptPair {
+            prompt: common.prompt,
+            negative_prompt: common.negative_prompt,
+        },
         width,
         height,
         steps: checked.steps,

@@ -45,7 +45,11 @@ impl ModelCache {
         if let Some(m) = self.models.get(dir) {
             return Ok(m.clone());
         }
-        let opts = LoadOptions { device: device.clone(), dtype: DType::F32, variant: None };
+        let opts = LoadOptions {
+            device: device.clone(),
+            dtype: DType::F32,
+            variant: None,
+        };
         let m = Arc::new(DiffusionModel::load(dir, &opts)?);
         self.models.insert(dir.clone(), m.clone());
         Ok(m)
@@ -67,7 +71,9 @@ fn prompt_pair(case: &Case) -> PromptPair {
 }
 
 fn sampling(case: &Case) -> Result<SamplingParams> {
-    let name = case.param_str("scheduler").ok_or_else(|| anyhow!("param scheduler missing"))?;
+    let name = case
+        .param_str("scheduler")
+        .ok_or_else(|| anyhow!("param scheduler missing"))?;
     if let Some(eta) = case.params.get("eta").and_then(|v| v.as_f64()) {
         if eta != 0.0 {
             bail!("DDIM eta {eta} is not supported (only eta 0)");
@@ -84,7 +90,11 @@ fn sampling(case: &Case) -> Result<SamplingParams> {
 
 pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outputs> {
     let mut out = Outputs::new();
-    let model = || -> Result<PathBuf> { case.model.clone().ok_or_else(|| anyhow!("case names no model")) };
+    let model = || -> Result<PathBuf> {
+        case.model
+            .clone()
+            .ok_or_else(|| anyhow!("case names no model"))
+    };
     let dev = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
     let mut notes = Notes::default();
     let mut always = |_: usize, _: usize| true;
@@ -92,7 +102,10 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
         "tokenize" => {
             let m = cache.get(&model()?, device)?;
             let prompt = case.param_str("prompt").unwrap_or_default();
-            out.insert("input_ids".into(), ids_tensor(&m.tokenizer.encode(&prompt)?.ids)?);
+            out.insert(
+                "input_ids".into(),
+                ids_tensor(&m.tokenizer.encode(&prompt)?.ids)?,
+            );
             if let Some(t2) = &m.tokenizer_2 {
                 out.insert("input_ids_2".into(), ids_tensor(&t2.encode(&prompt)?.ids)?);
             }
@@ -108,7 +121,10 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
                 let ids = m.tokenizer.encode(&prompt)?.ids;
                 let l = ids.len();
                 let ids = Tensor::from_vec(ids, (1, l), device)?;
-                out.insert("prompt_embeds".into(), m.text_encoder.forward(&ids)?.last_hidden_state);
+                out.insert(
+                    "prompt_embeds".into(),
+                    m.text_encoder.forward(&ids)?.last_hidden_state,
+                );
             }
         }
         "unet" => {
@@ -119,7 +135,15 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
             let pred = if case.has_input("text_embeds") {
                 let te = dev(case.input("text_embeds")?)?;
                 let ids = dev(case.input("time_ids")?)?;
-                m.unet.forward(&sample, &t, &ehs, Some(AddedCond { text_embeds: &te, time_ids: &ids }))?
+                m.unet.forward(
+                    &sample,
+                    &t,
+                    &ehs,
+                    Some(AddedCond {
+                        text_embeds: &te,
+                        time_ids: &ids,
+                    }),
+                )?
             } else {
                 m.unet.forward(&sample, &t, &ehs, None)?
             };
@@ -141,9 +165,25 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
             let latents = dev(case.input("latents")?)?;
             let mut rng = NoiseRng::new(0);
             let img = if case.kind == "txt2img" {
-                pipelines::txt2img::run(&m, &[prompt_pair(case)], &p, &latents, &mut rng, &mut always, &mut notes)?
+                pipelines::txt2img::run(
+                    &m,
+                    &[prompt_pair(case)],
+                    &p,
+                    &latents,
+                    &mut rng,
+                    &mut always,
+                    &mut notes,
+                )?
             } else {
-                pipelines::sdxl::run(&m, &[prompt_pair(case)], &p, &latents, &mut rng, &mut always, &mut notes)?
+                pipelines::sdxl::run(
+                    &m,
+                    &[prompt_pair(case)],
+                    &p,
+                    &latents,
+                    &mut rng,
+                    &mut always,
+                    &mut notes,
+                )?
             };
             out.insert("image".into(), img);
         }

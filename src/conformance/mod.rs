@@ -19,7 +19,10 @@ pub struct Tolerance {
 
 impl Tolerance {
     fn from_json(v: &Value) -> Option<Self> {
-        Some(Self { max_abs: v.get("max_abs")?.as_f64()?, rel_l2: v.get("rel_l2")?.as_f64()? })
+        Some(Self {
+            max_abs: v.get("max_abs")?.as_f64()?,
+            rel_l2: v.get("rel_l2")?.as_f64()?,
+        })
     }
 }
 
@@ -40,7 +43,10 @@ impl Case {
         let name = self.json["inputs"][role]
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("case has no input role {role}"))?;
-        self.tensors.get(name).cloned().ok_or_else(|| anyhow::anyhow!("tensor {name} missing from the case file"))
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("tensor {name} missing from the case file"))
     }
     pub fn has_input(&self, role: &str) -> bool {
         self.json["inputs"].get(role).is_some()
@@ -52,7 +58,10 @@ impl Case {
             for (role, name) in obj {
                 if let Some(rest) = role.strip_prefix(prefix) {
                     let name = name.as_str().unwrap_or_default();
-                    let t = self.tensors.get(name).ok_or_else(|| anyhow::anyhow!("tensor {name} missing"))?;
+                    let t = self
+                        .tensors
+                        .get(name)
+                        .ok_or_else(|| anyhow::anyhow!("tensor {name} missing"))?;
                     out.insert(rest.to_string(), t.clone());
                 }
             }
@@ -60,22 +69,35 @@ impl Case {
         Ok(out)
     }
     pub fn param_str(&self, k: &str) -> Option<String> {
-        self.params.get(k).and_then(|v| v.as_str()).map(str::to_string)
+        self.params
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
     }
     pub fn param_f64(&self, k: &str) -> anyhow::Result<f64> {
-        self.params.get(k).and_then(|v| v.as_f64()).ok_or_else(|| anyhow::anyhow!("param {k} missing or not a number"))
+        self.params
+            .get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| anyhow::anyhow!("param {k} missing or not a number"))
     }
     pub fn param_usize(&self, k: &str) -> anyhow::Result<usize> {
-        self.params.get(k).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| anyhow::anyhow!("param {k} missing or not an integer"))
+        self.params
+            .get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow::anyhow!("param {k} missing or not an integer"))
     }
     pub fn file(&self, section: &str, role: &str) -> anyhow::Result<PathBuf> {
-        let rel = self.json[section][role].as_str().ok_or_else(|| anyhow::anyhow!("case has no {section}.{role}"))?;
+        let rel = self.json[section][role]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("case has no {section}.{role}"))?;
         Ok(self.root.join(rel))
     }
 }
 
 pub fn read_case_json(path: &Path) -> anyhow::Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     crate::util::parse_lenient_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -107,17 +129,36 @@ impl CaseResult {
     pub fn line(&self) -> String {
         let status = if self.passed() { "PASS" } else { "FAIL" };
         let ratio = |r: &RoleResult| {
-            let a = if r.tol.max_abs > 0.0 { r.max_abs / r.tol.max_abs } else if r.max_abs > 0.0 { f64::INFINITY } else { 0.0 };
-            let b = if r.tol.rel_l2 > 0.0 { r.rel_l2 / r.tol.rel_l2 } else if r.rel_l2 > 0.0 { f64::INFINITY } else { 0.0 };
+            let a = if r.tol.max_abs > 0.0 {
+                r.max_abs / r.tol.max_abs
+            } else if r.max_abs > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            };
+            let b = if r.tol.rel_l2 > 0.0 {
+                r.rel_l2 / r.tol.rel_l2
+            } else if r.rel_l2 > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            };
             a.max(b)
         };
-        let worst = self.roles.iter().max_by(|a, b| ratio(a).partial_cmp(&ratio(b)).unwrap_or(std::cmp::Ordering::Equal));
+        let worst = self.roles.iter().max_by(|a, b| {
+            ratio(a)
+                .partial_cmp(&ratio(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         let mut s = match worst {
             Some(w) => format!(
                 "{status} {} {} max_abs={:.3e} rel_l2={:.3e} (worst role {}: tol {:.1e}/{:.1e})",
                 self.name, self.kind, w.max_abs, w.rel_l2, w.role, w.tol.max_abs, w.tol.rel_l2
             ),
-            None => format!("{status} {} {} max_abs=nan rel_l2=nan", self.name, self.kind),
+            None => format!(
+                "{status} {} {} max_abs=nan rel_l2=nan",
+                self.name, self.kind
+            ),
         };
         if let Some(e) = &self.error {
             s.push_str(&format!(" error: {e}"));
@@ -134,10 +175,21 @@ impl CaseResult {
 /// Compares `out` with `reference`: max |out-ref| and ||out-ref|| / ||ref||.
 pub fn compare(out: &Tensor, reference: &Tensor) -> anyhow::Result<(f64, f64)> {
     if out.dims() != reference.dims() {
-        anyhow::bail!("shape {:?} differs from the expected {:?}", out.dims(), reference.dims());
+        anyhow::bail!(
+            "shape {:?} differs from the expected {:?}",
+            out.dims(),
+            reference.dims()
+        );
     }
-    let o = out.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let r = reference.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let o = out
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let r = reference
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     let mut max_abs = 0f64;
     let mut diff2 = 0f64;
     let mut ref2 = 0f64;
@@ -150,7 +202,13 @@ pub fn compare(out: &Tensor, reference: &Tensor) -> anyhow::Result<(f64, f64)> {
         diff2 += d * d;
         ref2 += b * b;
     }
-    let rel = if ref2 > 0.0 { (diff2 / ref2).sqrt() } else if diff2 > 0.0 { f64::INFINITY } else { 0.0 };
+    let rel = if ref2 > 0.0 {
+        (diff2 / ref2).sqrt()
+    } else if diff2 > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    };
     Ok((max_abs, rel))
 }
 
@@ -162,7 +220,11 @@ pub struct Runner {
 
 impl Runner {
     pub fn new(root: &Path, device: Device) -> Self {
-        Self { root: root.to_path_buf(), device, models: cases::ModelCache::default() }
+        Self {
+            root: root.to_path_buf(),
+            device,
+            models: cases::ModelCache::default(),
+        }
     }
 
     /// Case names (file stems) of the suite, sorted.
@@ -189,7 +251,11 @@ impl Runner {
     fn load_case(&self, name: &str) -> anyhow::Result<Case> {
         let json = read_case_json(&self.root.join("cases").join(format!("{name}.json")))?;
         let st = self.root.join("cases").join(format!("{name}.safetensors"));
-        let tensors = if st.exists() { candle_core::safetensors::load(&st, &Device::Cpu)? } else { HashMap::new() };
+        let tensors = if st.exists() {
+            candle_core::safetensors::load(&st, &Device::Cpu)?
+        } else {
+            HashMap::new()
+        };
         Ok(Case {
             name: name.to_string(),
             kind: json["kind"].as_str().unwrap_or("").to_string(),
@@ -204,18 +270,43 @@ impl Runner {
     pub fn run_case(&mut self, name: &str) -> CaseResult {
         let case = match self.load_case(name) {
             Ok(c) => c,
-            Err(e) => return CaseResult { name: name.into(), kind: "?".into(), roles: vec![], error: Some(e.to_string()) },
+            Err(e) => {
+                return CaseResult {
+                    name: name.into(),
+                    kind: "?".into(),
+                    roles: vec![],
+                    error: Some(e.to_string()),
+                }
+            }
         };
         let kind = case.kind.clone();
         let outputs = cases::run(&case, &mut self.models, &self.device);
         let outputs = match outputs {
             Ok(o) => o,
-            Err(e) => return CaseResult { name: name.into(), kind, roles: vec![], error: Some(format!("{e:#}")) },
+            Err(e) => {
+                return CaseResult {
+                    name: name.into(),
+                    kind,
+                    roles: vec![],
+                    error: Some(format!("{e:#}")),
+                }
+            }
         };
         let mut roles = Vec::new();
-        let tol_default = Tolerance::from_json(&case.json["tolerance"]).unwrap_or(Tolerance { max_abs: 0.0, rel_l2: 0.0 });
-        let by_role = case.json.get("tolerance_by_role").and_then(|v| v.as_object()).cloned().unwrap_or_default();
-        let expected = case.json["expected"].as_object().cloned().unwrap_or_default();
+        let tol_default = Tolerance::from_json(&case.json["tolerance"]).unwrap_or(Tolerance {
+            max_abs: 0.0,
+            rel_l2: 0.0,
+        });
+        let by_role = case
+            .json
+            .get("tolerance_by_role")
+            .and_then(|v| v.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let expected = case.json["expected"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let mut error = None;
         for (role, tname) in &expected {
             let tol = by_role
@@ -227,7 +318,9 @@ impl Runner {
                 .and_then(|(_, v)| Tolerance::from_json(v))
                 .unwrap_or(tol_default);
             let Some(reference) = case.tensors.get(tname.as_str().unwrap_or_default()) else {
-                error = Some(format!("expected tensor for role {role} missing from the case file"));
+                error = Some(format!(
+                    "expected tensor for role {role} missing from the case file"
+                ));
                 continue;
             };
             let Some(out) = outputs.get(role) else {
@@ -248,6 +341,11 @@ impl Runner {
                 }
             }
         }
-        CaseResult { name: name.into(), kind, roles, error }
+        CaseResult {
+            name: name.into(),
+            kind,
+            roles,
+            error,
+        }
     }
 }

@@ -61,7 +61,10 @@ pub fn is_private(ip: &IpAddr) -> bool {
                 return is_private(&IpAddr::V4(m));
             }
             let s = v.segments()[0];
-            v.is_loopback() || v.is_unspecified() || (s & 0xfe00) == 0xfc00 || (s & 0xffc0) == 0xfe80
+            v.is_loopback()
+                || v.is_unspecified()
+                || (s & 0xfe00) == 0xfc00
+                || (s & 0xffc0) == 0xfe80
         }
     }
 }
@@ -87,25 +90,38 @@ fn agent(cfg: &FetchConfig) -> ureq::Agent {
 }
 
 /// Streams a URL into `dest` with a size limit. Returns the byte count.
-pub fn download(url: &str, dest: &Path, cfg: &FetchConfig, limit: u64, progress: FetchProgress<'_>) -> Result<u64, JobError> {
+pub fn download(
+    url: &str,
+    dest: &Path,
+    cfg: &FetchConfig,
+    limit: u64,
+    progress: FetchProgress<'_>,
+) -> Result<u64, JobError> {
     let resp = agent(cfg).get(url).call().map_err(|e| match e {
         ureq::Error::Status(code, _) => derr(format!("GET {url}: HTTP {code}")),
         ureq::Error::Transport(t) => derr(format!("GET {url}: {t}")),
     })?;
-    let total = resp.header("content-length").and_then(|v| v.parse::<u64>().ok());
+    let total = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<u64>().ok());
     if let Some(t) = total {
         if t > limit {
-            return Err(derr(format!("{url} is {t} bytes, over the {limit} byte limit")));
+            return Err(derr(format!(
+                "{url} is {t} bytes, over the {limit} byte limit"
+            )));
         }
     }
     let tmp = dest.with_extension("part");
-    let mut file = std::fs::File::create(&tmp).map_err(|e| derr(format!("{}: {e}", tmp.display())))?;
+    let mut file =
+        std::fs::File::create(&tmp).map_err(|e| derr(format!("{}: {e}", tmp.display())))?;
     let mut reader = resp.into_reader();
     let mut buf = vec![0u8; 1 << 16];
     let mut n: u64 = 0;
     let mut last = std::time::Instant::now();
     loop {
-        let k = reader.read(&mut buf).map_err(|e| derr(format!("reading {url}: {e}")))?;
+        let k = reader
+            .read(&mut buf)
+            .map_err(|e| derr(format!("reading {url}: {e}")))?;
         if k == 0 {
             break;
         }
@@ -132,7 +148,10 @@ pub fn download(url: &str, dest: &Path, cfg: &FetchConfig, limit: u64, progress:
 
 fn is_parquet(path: &Path) -> bool {
     let mut head = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && &head == b"PAR1"
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == b"PAR1"
 }
 
 /// Where a manifest's relative image references are resolved.
@@ -158,7 +177,12 @@ fn resolve_file_url(url: &str, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
 }
 
 /// Fetches `url` into `work_dir` and returns the parquet file to train on.
-pub fn fetch_dataset(url: &str, work_dir: &Path, cfg: &FetchConfig, progress: FetchProgress<'_>) -> Result<PathBuf, JobError> {
+pub fn fetch_dataset(
+    url: &str,
+    work_dir: &Path,
+    cfg: &FetchConfig,
+    progress: FetchProgress<'_>,
+) -> Result<PathBuf, JobError> {
     std::fs::create_dir_all(work_dir).map_err(|e| derr(format!("{}: {e}", work_dir.display())))?;
     let (local, base) = if url.starts_with("http://") || url.starts_with("https://") {
         let dest = work_dir.join("download");
@@ -190,23 +214,38 @@ pub fn fetch_dataset(url: &str, work_dir: &Path, cfg: &FetchConfig, progress: Fe
 /// A JSONL manifest, one `{caption, image_0, image_1, label_0}` per line, becomes a parquet
 /// file. An image that cannot be fetched is stored empty and later skipped (and counted) by
 /// the trainer, like an undecodable JPEG.
-fn manifest_to_parquet(path: &Path, base: &Base, work_dir: &Path, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
+fn manifest_to_parquet(
+    path: &Path,
+    base: &Base,
+    work_dir: &Path,
+    cfg: &FetchConfig,
+) -> Result<PathBuf, JobError> {
     let f = std::fs::File::open(path).map_err(|e| derr(e.to_string()))?;
     let mut rows = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|_| derr("the dataset is neither parquet nor a UTF-8 JSONL manifest"))?;
+        let line =
+            line.map_err(|_| derr("the dataset is neither parquet nor a UTF-8 JSONL manifest"))?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| derr(format!("the dataset is neither parquet nor a JSONL manifest (line {}: {e})", i + 1)))?;
-        let field = |k: &str| v.get(k).ok_or_else(|| derr(format!("manifest line {}: missing field {k}", i + 1)));
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
+            derr(format!(
+                "the dataset is neither parquet nor a JSONL manifest (line {}: {e})",
+                i + 1
+            ))
+        })?;
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| derr(format!("manifest line {}: missing field {k}", i + 1)))
+        };
         let caption = field("caption")?.as_str().unwrap_or_default().to_string();
         let label = field("label_0")?
             .as_f64()
             .ok_or_else(|| derr(format!("manifest line {}: label_0 must be a number", i + 1)))?;
         let img = |k: &str| -> Result<Vec<u8>, JobError> {
-            let r = field(k)?.as_str().ok_or_else(|| derr(format!("manifest line {}: {k} must be a string", i + 1)))?;
+            let r = field(k)?
+                .as_str()
+                .ok_or_else(|| derr(format!("manifest line {}: {k} must be a string", i + 1)))?;
             Ok(fetch_image(r, base, work_dir, cfg).unwrap_or_default())
         };
         rows.push((caption, img("image_0")?, img("image_1")?, label));
@@ -219,7 +258,12 @@ fn manifest_to_parquet(path: &Path, base: &Base, work_dir: &Path, cfg: &FetchCon
     Ok(out)
 }
 
-fn fetch_image(r: &str, base: &Base, work_dir: &Path, cfg: &FetchConfig) -> Result<Vec<u8>, JobError> {
+fn fetch_image(
+    r: &str,
+    base: &Base,
+    work_dir: &Path,
+    cfg: &FetchConfig,
+) -> Result<Vec<u8>, JobError> {
     let tmp = work_dir.join("image.tmp");
     let url = if r.starts_with("http://") || r.starts_with("https://") {
         Some(r.to_string())
@@ -257,28 +301,46 @@ fn hub_dataset(rest: &str) -> Result<PathBuf, JobError> {
     use hf_hub::{Repo, RepoType};
     let parts: Vec<&str> = rest.splitn(3, '/').collect();
     if parts.len() < 2 {
-        return Err(JobError::Invalid("hf:// dataset URLs look like hf://datasets/<owner>/<name>[/<file or split>]".into()));
+        return Err(JobError::Invalid(
+            "hf:// dataset URLs look like hf://datasets/<owner>/<name>[/<file or split>]".into(),
+        ));
     }
     let repo_id = format!("{}/{}", parts[0], parts[1]);
-    let api = ApiBuilder::from_env().with_progress(false).build().map_err(|e| derr(e.to_string()))?;
+    let api = ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| derr(e.to_string()))?;
     let repo = api.repo(Repo::new(repo_id.clone(), RepoType::Dataset));
     let target = parts.get(2).copied().unwrap_or("train");
     if target.ends_with(".parquet") || target.ends_with(".jsonl") {
-        return repo.get(target).map_err(|e| derr(format!("{repo_id}/{target}: {e}")));
+        return repo
+            .get(target)
+            .map_err(|e| derr(format!("{repo_id}/{target}: {e}")));
     }
     let info = repo.info().map_err(|e| derr(format!("{repo_id}: {e}")))?;
     let mut shards: Vec<String> = info
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| f.ends_with(".parquet") && f.rsplit('/').next().map(|n| n.starts_with(target)).unwrap_or(false))
+        .filter(|f| {
+            f.ends_with(".parquet")
+                && f.rsplit('/')
+                    .next()
+                    .map(|n| n.starts_with(target))
+                    .unwrap_or(false)
+        })
         .collect();
     shards.sort();
-    let first = shards.first().ok_or_else(|| derr(format!("{repo_id} has no parquet shard for split {target}")))?;
-    repo.get(first).map_err(|e| derr(format!("{repo_id}/{first}: {e}")))
+    let first = shards
+        .first()
+        .ok_or_else(|| derr(format!("{repo_id} has no parquet shard for split {target}")))?;
+    repo.get(first)
+        .map_err(|e| derr(format!("{repo_id}/{first}: {e}")))
 }
 
 #[cfg(not(feature = "hub"))]
 fn hub_dataset(rest: &str) -> Result<PathBuf, JobError> {
-    Err(JobError::Invalid(format!("hf://datasets/{rest}: this build has no hub support")))
+    Err(JobError::Invalid(format!(
+        "hf://datasets/{rest}: this build has no hub support"
+    )))
 }

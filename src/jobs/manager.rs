@@ -5,7 +5,9 @@
 
 use super::fetch::{fetch_dataset, FetchConfig};
 use super::store::Store;
-use super::types::{AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress};
+use super::types::{
+    AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress,
+};
 use super::webhook;
 use crate::training::trainer::Trainer;
 use crate::training::{Hyperparameters, StepMetrics, TrainConfig, TrainError};
@@ -78,11 +80,18 @@ pub struct JobManager {
 }
 
 fn valid_adapter_name(n: &str) -> bool {
-    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') && !n.starts_with('.')
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !n.starts_with('.')
 }
 
 fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
-    JobErrorBody { code: code.into(), message: message.into() }
+    JobErrorBody {
+        code: code.into(),
+        message: message.into(),
+    }
 }
 
 fn train_error_body(e: &TrainError) -> JobErrorBody {
@@ -97,7 +106,11 @@ fn train_error_body(e: &TrainError) -> JobErrorBody {
 
 impl JobManager {
     /// Opens the store, re-queues what a previous process left unfinished, starts the worker.
-    pub fn start(cfg: JobsConfig, models: ModelResolver, busy: Option<BusyProbe>) -> Result<Arc<Self>, JobError> {
+    pub fn start(
+        cfg: JobsConfig,
+        models: ModelResolver,
+        busy: Option<BusyProbe>,
+    ) -> Result<Arc<Self>, JobError> {
         let store = Store::open(&cfg.data_dir.join("jobs.sqlite"))?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let m = Arc::new(Self {
@@ -105,7 +118,10 @@ impl JobManager {
             store,
             models,
             busy,
-            queue: Queue { items: Mutex::new(VecDeque::new()), cv: Condvar::new() },
+            queue: Queue {
+                items: Mutex::new(VecDeque::new()),
+                cv: Condvar::new(),
+            },
             cancels: Mutex::new(HashMap::new()),
             events,
             stop: AtomicBool::new(false),
@@ -138,7 +154,10 @@ impl JobManager {
     }
 
     fn enqueue(&self, id: &str) {
-        self.cancels.lock().unwrap().insert(id.to_string(), Arc::new(AtomicBool::new(false)));
+        self.cancels
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Arc::new(AtomicBool::new(false)));
         self.queue.items.lock().unwrap().push_back(id.to_string());
         self.queue.cv.notify_one();
     }
@@ -159,9 +178,17 @@ impl JobManager {
 
     /// Merged hyperparameters: the model's defaults, then the request's fields.
     fn hyperparameters(&self, model: &str, spec: &JobSpec) -> Result<Hyperparameters, JobError> {
-        let mut base = serde_json::to_value(self.cfg.defaults_for(model).hyperparameters).unwrap_or_default();
+        let defaults = self.cfg.defaults_for(model);
+        let mut base = serde_json::to_value(&defaults.hyperparameters).unwrap_or_default();
+        if defaults.hyperparameters.beta.is_none() {
+            if let Some(b) = defaults.beta_by_method.get(spec.method.name()) {
+                base["beta"] = (*b).into();
+            }
+        }
         if let Some(h) = &spec.hyperparameters {
-            let obj = h.as_object().ok_or_else(|| JobError::Invalid("hyperparameters must be an object".into()))?;
+            let obj = h
+                .as_object()
+                .ok_or_else(|| JobError::Invalid("hyperparameters must be an object".into()))?;
             for (k, v) in obj {
                 if base.get(k).is_none() {
                     return Err(JobError::Invalid(format!("unknown hyperparameter '{k}'")));
@@ -172,19 +199,31 @@ impl JobManager {
         serde_json::from_value(base).map_err(|e| JobError::Invalid(format!("hyperparameters: {e}")))
     }
 
-    fn train_config(&self, id: &str, spec: &JobSpec, dataset: PathBuf) -> Result<TrainConfig, JobError> {
-        let (name, dir) = (self.models)(spec.base_model.as_deref())
-            .ok_or_else(|| JobError::Invalid(format!("unknown base_model {:?}", spec.base_model)))?;
+    fn train_config(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        dataset: PathBuf,
+    ) -> Result<TrainConfig, JobError> {
+        let (name, dir) = (self.models)(spec.base_model.as_deref()).ok_or_else(|| {
+            JobError::Invalid(format!("unknown base_model {:?}", spec.base_model))
+        })?;
         let defaults = self.cfg.defaults_for(&name);
         Ok(TrainConfig {
             model: dir.display().to_string(),
             dataset,
             output_dir: self.job_dir(id).join("train"),
             method: spec.method,
-            lora: if spec.full_finetune { None } else { Some(spec.lora.clone().unwrap_or(defaults.lora)) },
+            lora: if spec.full_finetune {
+                None
+            } else {
+                Some(spec.lora.clone().unwrap_or(defaults.lora))
+            },
             full_finetune: spec.full_finetune,
             hyperparameters: self.hyperparameters(&name, spec)?,
             device: self.cfg.device.clone(),
+            mode: Default::default(),
+            pretrain: Default::default(),
         })
     }
 
@@ -194,11 +233,15 @@ impl JobManager {
 
     /// Validates and queues a job. Errors here are the client's (422 / 404).
     pub fn submit(&self, mut spec: JobSpec) -> Result<JobRecord, JobError> {
-        let (model_name, _) = (self.models)(spec.base_model.as_deref())
-            .ok_or_else(|| JobError::Invalid(format!("unknown base_model {:?}", spec.base_model)))?;
+        let (model_name, _) = (self.models)(spec.base_model.as_deref()).ok_or_else(|| {
+            JobError::Invalid(format!("unknown base_model {:?}", spec.base_model))
+        })?;
         spec.base_model = Some(model_name.clone());
         let url = spec.dataset_url.trim();
-        if !["http://", "https://", "hf://datasets/", "file://"].iter().any(|p| url.starts_with(p)) {
+        if !["http://", "https://", "hf://datasets/", "file://"]
+            .iter()
+            .any(|p| url.starts_with(p))
+        {
             return Err(JobError::Invalid(format!(
                 "dataset_url must start with http://, https://, hf://datasets/ or file://, got {url:?}"
             )));
@@ -210,10 +253,14 @@ impl JobManager {
         }
         if let Some(w) = &spec.webhook_url {
             if !(w.starts_with("http://") || w.starts_with("https://")) {
-                return Err(JobError::Invalid("webhook_url must be an http(s) URL".into()));
+                return Err(JobError::Invalid(
+                    "webhook_url must be an http(s) URL".into(),
+                ));
             }
             if self.cfg.webhook_secret.is_none() {
-                return Err(JobError::Invalid("this server has no webhook secret configured (jobs.webhook_secret)".into()));
+                return Err(JobError::Invalid(
+                    "this server has no webhook secret configured (jobs.webhook_secret)".into(),
+                ));
             }
         }
         let id = uuid::Uuid::new_v4().to_string();
@@ -226,16 +273,21 @@ impl JobManager {
                 "adapter_name {name:?}: use 1-64 characters of letters, digits, '-', '_' and '.'"
             )));
         }
-        if self.store.adapters()?.iter().any(|a| a.name == name) || self.cfg.adapters_dir().join(&name).exists() {
+        if self.store.adapters()?.iter().any(|a| a.name == name)
+            || self.cfg.adapters_dir().join(&name).exists()
+        {
             return Err(JobError::AdapterExists(name));
         }
         spec.adapter_name = Some(name);
         // Validate the whole training config now, so a typo fails the request, not the job.
         let cfg = self.train_config(&id, &spec, PathBuf::from("<dataset>"))?;
-        cfg.validate().map_err(|e| JobError::Invalid(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| JobError::Invalid(e.to_string()))?;
         if let Some(l) = &cfg.lora {
             if l.rank == 0 || l.target_modules.is_empty() {
-                return Err(JobError::Invalid("lora rank must be >= 1 and target_modules non-empty".into()));
+                return Err(JobError::Invalid(
+                    "lora rank must be >= 1 and target_modules non-empty".into(),
+                ));
             }
         }
         self.store.insert(&id, &spec)?;
@@ -245,7 +297,9 @@ impl JobManager {
     }
 
     pub fn get(&self, id: &str) -> Result<JobRecord, JobError> {
-        self.store.get(id)?.ok_or_else(|| JobError::NotFound(id.to_string()))
+        self.store
+            .get(id)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
     }
 
     pub fn list(&self, status: Option<JobStatus>) -> Result<Vec<JobRecord>, JobError> {
@@ -284,7 +338,11 @@ impl JobManager {
     }
 
     pub fn adapter_file(&self, name: &str) -> Result<PathBuf, JobError> {
-        let p = self.cfg.adapters_dir().join(name).join("adapter.safetensors");
+        let p = self
+            .cfg
+            .adapters_dir()
+            .join(name)
+            .join("adapter.safetensors");
         if valid_adapter_name(name) && p.exists() {
             Ok(p)
         } else {
@@ -309,7 +367,13 @@ impl JobManager {
         self.emit_status(id);
         if let Ok(job) = self.get(id) {
             if let (Some(url), Some(secret)) = (&job.spec.webhook_url, &self.cfg.webhook_secret) {
-                webhook::deliver_in_background(url.clone(), secret.clone(), &job, self.cfg.webhook_retries, self.cfg.fetch.clone());
+                webhook::deliver_in_background(
+                    url.clone(),
+                    secret.clone(),
+                    &job,
+                    self.cfg.webhook_retries,
+                    self.cfg.fetch.clone(),
+                );
             }
         }
     }
@@ -325,14 +389,27 @@ impl JobManager {
                     if let Some(id) = q.pop_front() {
                         break id;
                     }
-                    q = self.queue.cv.wait_timeout(q, Duration::from_millis(500)).unwrap().0;
+                    q = self
+                        .queue
+                        .cv
+                        .wait_timeout(q, Duration::from_millis(500))
+                        .unwrap()
+                        .0;
                 }
             };
-            let flag = self.cancels.lock().unwrap().get(&id).cloned().unwrap_or_default();
+            let flag = self
+                .cancels
+                .lock()
+                .unwrap()
+                .get(&id)
+                .cloned()
+                .unwrap_or_default();
             // A panic in training must fail this job, not the worker.
             let me = self.clone();
             let jid = id.clone();
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || me.run_job(&jid, &flag)));
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                me.run_job(&jid, &flag)
+            }));
             match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err((status, body))) => {
@@ -343,40 +420,69 @@ impl JobManager {
                         self.finish(&id, status, body);
                     }
                 }
-                Err(_) => self.finish(&id, JobStatus::Failed, Some(err_body("internal_error", "the training thread panicked"))),
+                Err(_) => self.finish(
+                    &id,
+                    JobStatus::Failed,
+                    Some(err_body("internal_error", "the training thread panicked")),
+                ),
             }
         }
     }
 
-    fn run_job(&self, id: &str, cancel: &AtomicBool) -> Result<(), (JobStatus, Option<JobErrorBody>)> {
+    fn run_job(
+        &self,
+        id: &str,
+        cancel: &AtomicBool,
+    ) -> Result<(), (JobStatus, Option<JobErrorBody>)> {
         let fail = |b: JobErrorBody| (JobStatus::Failed, Some(b));
-        let job = self.get(id).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        let job = self
+            .get(id)
+            .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         let spec = job.spec.clone();
         let cancelled = || (JobStatus::Cancelled, None);
 
-        self.store.set_status(id, JobStatus::Downloading, None).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        self.store
+            .set_status(id, JobStatus::Downloading, None)
+            .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         self.emit_status(id);
         let mut last_emit = Instant::now() - Duration::from_secs(1);
-        let dataset = fetch_dataset(&spec.dataset_url, &self.job_dir(id).join("dataset"), &self.cfg.fetch, &mut |n, total| {
-            if last_emit.elapsed() >= Duration::from_millis(500) {
-                last_emit = Instant::now();
-                let p = Progress { downloaded_bytes: Some(n), total_bytes: total, ..Default::default() };
-                let _ = self.store.set_progress(id, &p);
-                let _ = self.events.send(JobEvent { job_id: id.into(), event: "progress", data: serde_json::to_value(&p).unwrap_or_default() });
-            }
-            !cancel.load(Ordering::SeqCst)
-        });
+        let dataset = fetch_dataset(
+            &spec.dataset_url,
+            &self.job_dir(id).join("dataset"),
+            &self.cfg.fetch,
+            &mut |n, total| {
+                if last_emit.elapsed() >= Duration::from_millis(500) {
+                    last_emit = Instant::now();
+                    let p = Progress {
+                        downloaded_bytes: Some(n),
+                        total_bytes: total,
+                        ..Default::default()
+                    };
+                    let _ = self.store.set_progress(id, &p);
+                    let _ = self.events.send(JobEvent {
+                        job_id: id.into(),
+                        event: "progress",
+                        data: serde_json::to_value(&p).unwrap_or_default(),
+                    });
+                }
+                !cancel.load(Ordering::SeqCst)
+            },
+        );
         if cancel.load(Ordering::SeqCst) {
             return Err(cancelled());
         }
         let dataset = dataset.map_err(|e| fail(err_body(e.code(), e.to_string())))?;
 
-        let cfg = self.train_config(id, &spec, dataset).map_err(|e| fail(err_body(e.code(), e.to_string())))?;
+        let cfg = self
+            .train_config(id, &spec, dataset)
+            .map_err(|e| fail(err_body(e.code(), e.to_string())))?;
         let mut trainer = Trainer::new(cfg.clone()).map_err(|e| fail(train_error_body(&e)))?;
         let stats = serde_json::to_value(trainer.dataset_stats()).unwrap_or_default();
         let _ = self.store.set_dataset_stats(id, &stats);
         let _ = self.store.truncate_metrics(id, trainer.step());
-        self.store.set_status(id, JobStatus::Training, None).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        self.store
+            .set_status(id, JobStatus::Training, None)
+            .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         self.emit_status(id);
 
         let started = Instant::now();
@@ -398,12 +504,19 @@ impl JobManager {
             }
             if last_emit.elapsed() >= Duration::from_millis(500) || m.step == m.total_steps {
                 last_emit = Instant::now();
-                let _ = self.events.send(JobEvent { job_id: id.into(), event: "progress", data: serde_json::to_value(&p).unwrap_or_default() });
+                let _ = self.events.send(JobEvent {
+                    job_id: id.into(),
+                    event: "progress",
+                    data: serde_json::to_value(&p).unwrap_or_default(),
+                });
             }
             // Inference first: wait (bounded) while requests are queued.
             if let Some(busy) = &self.busy {
                 let t0 = Instant::now();
-                while busy() && t0.elapsed() < Duration::from_secs(5) && !cancel.load(Ordering::SeqCst) {
+                while busy()
+                    && t0.elapsed() < Duration::from_secs(5)
+                    && !cancel.load(Ordering::SeqCst)
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
@@ -414,12 +527,16 @@ impl JobManager {
             Err(TrainError::Cancelled) => return Err(cancelled()),
             Err(e) => return Err(fail(train_error_body(&e))),
         };
-        let _ = self.store.set_dataset_stats(id, &serde_json::to_value(&outcome.dataset).unwrap_or_default());
+        let _ = self.store.set_dataset_stats(
+            id,
+            &serde_json::to_value(&outcome.dataset).unwrap_or_default(),
+        );
 
         // Register the adapter: copy into the adapters directory, visible only once complete.
         let name = spec.adapter_name.clone().unwrap_or_else(|| id.to_string());
         let dir = self.cfg.adapters_dir().join(&name);
-        let io = |e: std::io::Error| fail(err_body("internal_error", format!("saving adapter: {e}")));
+        let io =
+            |e: std::io::Error| fail(err_body("internal_error", format!("saving adapter: {e}")));
         std::fs::create_dir_all(&dir).map_err(io)?;
         let tmp = dir.join(".adapter.safetensors.tmp");
         std::fs::copy(&outcome.artifact, &tmp).map_err(io)?;
@@ -427,7 +544,11 @@ impl JobManager {
         let tail = &outcome.metrics[outcome.metrics.len().saturating_sub(10)..];
         let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
             let v: Vec<f64> = tail.iter().filter_map(f).collect();
-            if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
+            if v.is_empty() {
+                None
+            } else {
+                Some(v.iter().sum::<f64>() / v.len() as f64)
+            }
         };
         let info = AdapterInfo {
             name: name.clone(),
@@ -440,9 +561,14 @@ impl JobManager {
                 "implicit_accuracy_mean_last10": mean(&|m| m.implicit_accuracy),
             })),
             job_id: Some(id.to_string()),
-            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
         };
-        self.store.register_adapter(&info).map_err(|e| fail(err_body("internal_error", e.to_string())))?;
+        self.store
+            .register_adapter(&info)
+            .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         let _ = self.store.set_adapter(id, &name);
         self.finish(id, JobStatus::Completed, None);
         Ok(())

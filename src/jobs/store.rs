@@ -12,7 +12,10 @@ pub struct Store {
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn db(e: rusqlite::Error) -> JobError {
@@ -22,7 +25,8 @@ fn db(e: rusqlite::Error) -> JobError {
 impl Store {
     pub fn open(path: &Path) -> Result<Self, JobError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| JobError::Store(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| JobError::Store(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(db)?;
         conn.execute_batch(
@@ -56,7 +60,9 @@ impl Store {
              );",
         )
         .map_err(db)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     pub fn insert(&self, id: &str, spec: &JobSpec) -> Result<(), JobError> {
@@ -73,7 +79,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_status(&self, id: &str, status: JobStatus, error: Option<&JobErrorBody>) -> Result<(), JobError> {
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: JobStatus,
+        error: Option<&JobErrorBody>,
+    ) -> Result<(), JobError> {
         let err = error.map(|e| serde_json::to_string(e).unwrap_or_default());
         self.conn
             .lock()
@@ -91,7 +102,10 @@ impl Store {
         self.conn
             .lock()
             .unwrap()
-            .execute("UPDATE jobs SET progress = ?2, updated_at = ?3 WHERE id = ?1", params![id, s, now()])
+            .execute(
+                "UPDATE jobs SET progress = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, s, now()],
+            )
             .map_err(db)?;
         Ok(())
     }
@@ -100,7 +114,10 @@ impl Store {
         self.conn
             .lock()
             .unwrap()
-            .execute("UPDATE jobs SET dataset_stats = ?2 WHERE id = ?1", params![id, stats.to_string()])
+            .execute(
+                "UPDATE jobs SET dataset_stats = ?2 WHERE id = ?1",
+                params![id, stats.to_string()],
+            )
             .map_err(db)?;
         Ok(())
     }
@@ -111,7 +128,11 @@ impl Store {
         let tx = conn.transaction().map_err(db)?;
         tx.execute(
             "INSERT OR REPLACE INTO metrics (job_id, step, data) VALUES (?1, ?2, ?3)",
-            params![id, m.step as i64, serde_json::to_string(m).unwrap_or_default()],
+            params![
+                id,
+                m.step as i64,
+                serde_json::to_string(m).unwrap_or_default()
+            ],
         )
         .map_err(db)?;
         tx.execute(
@@ -127,15 +148,22 @@ impl Store {
         self.conn
             .lock()
             .unwrap()
-            .execute("DELETE FROM metrics WHERE job_id = ?1 AND step > ?2", params![id, step as i64])
+            .execute(
+                "DELETE FROM metrics WHERE job_id = ?1 AND step > ?2",
+                params![id, step as i64],
+            )
             .map_err(db)?;
         Ok(())
     }
 
     pub fn metrics(&self, id: &str) -> Result<Vec<StepMetrics>, JobError> {
         let conn = self.conn.lock().unwrap();
-        let mut st = conn.prepare("SELECT data FROM metrics WHERE job_id = ?1 ORDER BY step").map_err(db)?;
-        let rows = st.query_map(params![id], |r| r.get::<_, String>(0)).map_err(db)?;
+        let mut st = conn
+            .prepare("SELECT data FROM metrics WHERE job_id = ?1 ORDER BY step")
+            .map_err(db)?;
+        let rows = st
+            .query_map(params![id], |r| r.get::<_, String>(0))
+            .map_err(db)?;
         let mut out = Vec::new();
         for r in rows {
             if let Ok(m) = serde_json::from_str(&r.map_err(db)?) {
@@ -149,7 +177,10 @@ impl Store {
         self.conn
             .lock()
             .unwrap()
-            .execute("UPDATE jobs SET adapter = ?2 WHERE id = ?1", params![id, name])
+            .execute(
+                "UPDATE jobs SET adapter = ?2 WHERE id = ?1",
+                params![id, name],
+            )
             .map_err(db)?;
         Ok(())
     }
@@ -163,7 +194,13 @@ impl Store {
         Ok(JobRecord {
             id: r.get(0)?,
             status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
-            spec: serde_json::from_str(&spec).map_err(|e| rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e)))?,
+            spec: serde_json::from_str(&spec).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    2,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
             created_at: r.get(3)?,
             updated_at: r.get(4)?,
             progress: progress.and_then(|p| serde_json::from_str(&p).ok()),
@@ -192,7 +229,9 @@ impl Store {
                  WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at, id",
             )
             .map_err(db)?;
-        let rows = st.query_map(params![status.map(|s| s.as_str())], Self::row_to_job).map_err(db)?;
+        let rows = st
+            .query_map(params![status.map(|s| s.as_str())], Self::row_to_job)
+            .map_err(db)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
     }
 
@@ -241,7 +280,12 @@ impl Store {
     }
 
     pub fn delete_adapter(&self, name: &str) -> Result<bool, JobError> {
-        let n = self.conn.lock().unwrap().execute("DELETE FROM adapters WHERE name = ?1", params![name]).map_err(db)?;
+        let n = self
+            .conn
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM adapters WHERE name = ?1", params![name])
+            .map_err(db)?;
         Ok(n > 0)
     }
 }

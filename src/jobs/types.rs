@@ -96,7 +96,10 @@ impl JobStatus {
         })
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 }
 
@@ -155,6 +158,59 @@ pub struct FinetuneDefaults {
     pub method: Method,
     pub hyperparameters: Hyperparameters,
     pub lora: LoraSpec,
+    /// β per method where `hyperparameters.beta` is unset: a model's good β depends on the
+    /// method (Diffusion-DPO's scale is ~10^6 times DSPO's), so one number cannot serve all.
+    #[serde(default)]
+    pub beta_by_method: std::collections::BTreeMap<String, f64>,
+}
+
+impl FinetuneDefaults {
+    /// These defaults with a model's own `finetune` section (any subset of `method`,
+    /// `hyperparameters` and `lora`) laid over them.
+    pub fn merged(&self, own: &serde_json::Value) -> Result<Self, String> {
+        let obj = own.as_object().ok_or("must be a JSON object")?;
+        let mut out = self.clone();
+        for (k, v) in obj {
+            match k.as_str() {
+                "method" => out.method = v.as_str().ok_or("method must be a string")?.parse()?,
+                "beta_by_method" => {
+                    for (m, b) in v.as_object().ok_or("beta_by_method must be an object")? {
+                        let method: Method = m.parse()?;
+                        let b = b.as_f64().filter(|b| *b > 0.0).ok_or_else(|| {
+                            format!("beta_by_method.{m} must be a positive number")
+                        })?;
+                        out.beta_by_method.insert(method.name().to_string(), b);
+                    }
+                }
+                "hyperparameters" | "lora" => {
+                    let mut base = if k == "lora" {
+                        serde_json::to_value(&out.lora).map_err(|e| e.to_string())?
+                    } else {
+                        serde_json::to_value(&out.hyperparameters).map_err(|e| e.to_string())?
+                    };
+                    for (hk, hv) in v
+                        .as_object()
+                        .ok_or_else(|| format!("{k} must be an object"))?
+                    {
+                        base[hk] = hv.clone();
+                    }
+                    if k == "lora" {
+                        out.lora =
+                            serde_json::from_value(base).map_err(|e| format!("lora: {e}"))?;
+                    } else {
+                        out.hyperparameters = serde_json::from_value(base)
+                            .map_err(|e| format!("hyperparameters: {e}"))?;
+                    }
+                }
+                o => {
+                    return Err(format!(
+                        "unknown key '{o}' (method, hyperparameters, lora, beta_by_method)"
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Default for FinetuneDefaults {
@@ -173,6 +229,7 @@ impl Default for FinetuneDefaults {
                 ..Default::default()
             },
             lora: LoraSpec::default(),
+            beta_by_method: Default::default(),
         }
     }
 }

@@ -34,16 +34,28 @@ impl ClipTextConfig {
         let req = |k: &str| -> Result<usize> {
             f(k).and_then(|x| x.as_u64())
                 .map(|x| x as usize)
-                .ok_or_else(|| ModelError::Config(format!("text encoder config: missing or invalid {k}")))
+                .ok_or_else(|| {
+                    ModelError::Config(format!("text encoder config: missing or invalid {k}"))
+                })
         };
-        let hidden_act = match f("hidden_act").and_then(|x| x.as_str()).unwrap_or("quick_gelu") {
+        let hidden_act = match f("hidden_act")
+            .and_then(|x| x.as_str())
+            .unwrap_or("quick_gelu")
+        {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,
-            o => return Err(ModelError::Config(format!("text encoder config: hidden_act = {o} is not supported"))),
+            o => {
+                return Err(ModelError::Config(format!(
+                    "text encoder config: hidden_act = {o} is not supported"
+                )))
+            }
         };
         let with_projection = f("architectures")
             .and_then(|x| x.as_array())
-            .map(|a| a.iter().any(|e| e.as_str() == Some("CLIPTextModelWithProjection")))
+            .map(|a| {
+                a.iter()
+                    .any(|e| e.as_str() == Some("CLIPTextModelWithProjection"))
+            })
             .unwrap_or(false);
         let cfg = Self {
             vocab_size: req("vocab_size")?,
@@ -51,11 +63,15 @@ impl ClipTextConfig {
             intermediate_size: req("intermediate_size")?,
             num_hidden_layers: req("num_hidden_layers")?,
             num_attention_heads: req("num_attention_heads")?,
-            max_position_embeddings: f("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(77) as usize,
+            max_position_embeddings: f("max_position_embeddings")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(77) as usize,
             layer_norm_eps: f("layer_norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
             hidden_act,
             eos_token_id: f("eos_token_id").and_then(|x| x.as_i64()).unwrap_or(2),
-            projection_dim: f("projection_dim").and_then(|x| x.as_u64()).map(|x| x as usize),
+            projection_dim: f("projection_dim")
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize),
             with_projection,
         };
         if cfg.hidden_size % cfg.num_attention_heads != 0 {
@@ -101,7 +117,13 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
-        let a = attention(&self.q.forward(&h)?, &self.k.forward(&h)?, &self.v.forward(&h)?, self.heads, Some(mask))?;
+        let a = attention(
+            &self.q.forward(&h)?,
+            &self.k.forward(&h)?,
+            &self.v.forward(&h)?,
+            self.heads,
+            Some(mask),
+        )?;
         let x = (x + self.out.forward(&a)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.act {
@@ -140,16 +162,28 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(&t.pp(format!("encoder.layers.{i}")), c))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if c.with_projection {
-            let p = c.projection_dim.ok_or_else(|| ModelError::Config("text encoder config: projection_dim missing".into()))?;
+            let p = c.projection_dim.ok_or_else(|| {
+                ModelError::Config("text encoder config: projection_dim missing".into())
+            })?;
             Some(w.get((p, c.hidden_size), "text_projection.weight")?)
         } else {
             None
         };
         Ok(Self {
-            token_embedding: t.get((c.vocab_size, c.hidden_size), "embeddings.token_embedding.weight")?,
-            position_embedding: t.get((c.max_position_embeddings, c.hidden_size), "embeddings.position_embedding.weight")?,
+            token_embedding: t.get(
+                (c.vocab_size, c.hidden_size),
+                "embeddings.token_embedding.weight",
+            )?,
+            position_embedding: t.get(
+                (c.max_position_embeddings, c.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
             layers,
-            final_layer_norm: LayerNorm::new(&t.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?,
+            final_layer_norm: LayerNorm::new(
+                &t.pp("final_layer_norm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
             text_projection,
             config,
         })
@@ -157,8 +191,10 @@ impl ClipTextModel {
 
     pub fn load_config(dir: &Path) -> Result<ClipTextConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
         ClipTextConfig::from_json(&v)
     }
 
@@ -172,11 +208,15 @@ impl ClipTextModel {
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<ClipOutput> {
         let (b, l) = ids.dims2()?;
         let dev = ids.device();
-        let tok = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, ()))?;
+        let tok = self
+            .token_embedding
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, ()))?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
         let mut x = tok.broadcast_add(&pos)?;
-        let mask: Vec<f32> =
-            (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
         let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?.to_dtype(x.dtype())?;
         let n = self.layers.len();
         let mut penultimate = x.clone();
@@ -200,7 +240,9 @@ impl ClipTextModel {
                     let max = *row.iter().max().unwrap_or(&0);
                     row.iter().position(|&t| t == max).unwrap_or(0) as u32
                 } else {
-                    row.iter().position(|&t| t as i64 == self.config.eos_token_id).unwrap_or(0) as u32
+                    row.iter()
+                        .position(|&t| t as i64 == self.config.eos_token_id)
+                        .unwrap_or(0) as u32
                 }
             })
             .collect();
@@ -212,6 +254,10 @@ impl ClipTextModel {
         if let Some(p) = &self.text_projection {
             pooled = pooled.matmul(&p.t()?)?;
         }
-        Ok(ClipOutput { last_hidden_state: last, penultimate, pooled })
+        Ok(ClipOutput {
+            last_hidden_state: last,
+            penultimate,
+            pooled,
+        })
     }
 }

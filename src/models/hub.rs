@@ -7,32 +7,77 @@ use std::path::PathBuf;
 /// Components of a diffusers pipeline and the files each needs.
 #[cfg(feature = "hub")]
 const COMPONENT_FILES: &[(&str, &[&str])] = &[
-    ("unet", &["config.json", "diffusion_pytorch_model.safetensors"]),
-    ("vae", &["config.json", "diffusion_pytorch_model.safetensors"]),
+    (
+        "unet",
+        &["config.json", "diffusion_pytorch_model.safetensors"],
+    ),
+    (
+        "vae",
+        &["config.json", "diffusion_pytorch_model.safetensors"],
+    ),
     ("text_encoder", &["config.json", "model.safetensors"]),
     ("text_encoder_2", &["config.json", "model.safetensors"]),
-    ("tokenizer", &["tokenizer.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.json", "merges.txt"]),
-    ("tokenizer_2", &["tokenizer.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.json", "merges.txt"]),
+    (
+        "tokenizer",
+        &[
+            "tokenizer.json",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+        ],
+    ),
+    (
+        "tokenizer_2",
+        &[
+            "tokenizer.json",
+            "special_tokens_map.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+        ],
+    ),
     ("scheduler", &["scheduler_config.json"]),
 ];
 
 #[cfg(feature = "hub")]
-pub fn download_pipeline(repo: &str, revision: Option<&str>, variant: Option<&str>) -> Result<PathBuf> {
+pub fn download_pipeline(
+    repo: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
-    let api = ApiBuilder::from_env().with_progress(true).build().map_err(|e| ModelError::Hub(e.to_string()))?;
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| ModelError::Hub(e.to_string()))?;
     let repo = match revision {
-        Some(r) => api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, r.to_string())),
+        Some(r) => api.repo(Repo::with_revision(
+            repo.to_string(),
+            RepoType::Model,
+            r.to_string(),
+        )),
         None => api.repo(Repo::new(repo.to_string(), RepoType::Model)),
     };
-    let index = repo.get("model_index.json").map_err(|e| ModelError::Hub(format!("model_index.json: {e}")))?;
-    let root = index.parent().map(PathBuf::from).ok_or_else(|| ModelError::Hub("bad cache path".into()))?;
+    let index = repo
+        .get("model_index.json")
+        .map_err(|e| ModelError::Hub(format!("model_index.json: {e}")))?;
+    let root = index
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| ModelError::Hub("bad cache path".into()))?;
     let index_json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&index).map_err(|e| ModelError::Io(index.clone(), e.to_string()))?,
+        &std::fs::read_to_string(&index)
+            .map_err(|e| ModelError::Io(index.clone(), e.to_string()))?,
     )
     .map_err(|e| ModelError::Corrupt(index.display().to_string(), e.to_string()))?;
     for (component, files) in COMPONENT_FILES {
-        if index_json.get(*component).map(|v| v.is_array() && !v[0].is_null()) != Some(true) {
+        if index_json
+            .get(*component)
+            .map(|v| v.is_array() && !v[0].is_null())
+            != Some(true)
+        {
             continue;
         }
         for file in *files {
@@ -51,7 +96,10 @@ pub fn download_pipeline(repo: &str, revision: Option<&str>, variant: Option<&st
             // The slow-tokenizer files are optional when tokenizer.json exists, and vice versa.
             let optional = component.starts_with("tokenizer") && *file != "tokenizer.json";
             if !got && !optional {
-                return Err(ModelError::Hub(format!("{} not found in the repository", names.join(" or "))));
+                return Err(ModelError::Hub(format!(
+                    "{} not found in the repository",
+                    names.join(" or ")
+                )));
             }
         }
     }
@@ -59,6 +107,12 @@ pub fn download_pipeline(repo: &str, revision: Option<&str>, variant: Option<&st
 }
 
 #[cfg(not(feature = "hub"))]
-pub fn download_pipeline(repo: &str, _revision: Option<&str>, _variant: Option<&str>) -> Result<PathBuf> {
-    Err(ModelError::Hub(format!("{repo}: this build has no hub support (build with --features hub)")))
+pub fn download_pipeline(
+    repo: &str,
+    _revision: Option<&str>,
+    _variant: Option<&str>,
+) -> Result<PathBuf> {
+    Err(ModelError::Hub(format!(
+        "{repo}: this build has no hub support (build with --features hub)"
+    )))
 }

@@ -62,7 +62,12 @@ fn parse_key(key: &str) -> Option<(String, bool)> {
         }
     }
     // Attention-processor layout: `attn1.processor.to_q_lora.down.weight`.
-    for (proc_name, module) in [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")] {
+    for (proc_name, module) in [
+        ("to_q_lora", "to_q"),
+        ("to_k_lora", "to_k"),
+        ("to_v_lora", "to_v"),
+        ("to_out_lora", "to_out.0"),
+    ] {
         for (suffix, down) in [(".down.weight", true), (".up.weight", false)] {
             let pat = format!(".processor.{proc_name}{suffix}");
             if let Some(m) = k.strip_suffix(&pat) {
@@ -86,15 +91,21 @@ impl LoraAdapter {
     }
 
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
         let mut peft_config = serde_json::Map::new();
         if let Some(m) = meta.metadata() {
             if let Some(s) = m.get("lora_adapter_metadata") {
-                let v: serde_json::Value = serde_json::from_str(s).map_err(|e| lerr(format!("lora_adapter_metadata: {e}")))?;
+                let v: serde_json::Value = serde_json::from_str(s)
+                    .map_err(|e| lerr(format!("lora_adapter_metadata: {e}")))?;
                 if let Some(obj) = v.as_object() {
                     for (k, val) in obj {
-                        peft_config.insert(k.strip_prefix("unet.").unwrap_or(k).to_string(), val.clone());
+                        peft_config.insert(
+                            k.strip_prefix("unet.").unwrap_or(k).to_string(),
+                            val.clone(),
+                        );
                     }
                 }
             }
@@ -105,10 +116,15 @@ impl LoraAdapter {
             if name.starts_with("text_encoder") {
                 continue; // text-encoder LoRA is not applied (SD LoRAs trained here target the UNet)
             }
-            let Some((module, is_down)) = parse_key(&name) else { continue };
+            let Some((module, is_down)) = parse_key(&name) else {
+                continue;
+            };
             let t = candle_core::safetensors::Load::load(&view, device)?.to_dtype(DType::F32)?;
             if t.rank() != 2 {
-                return Err(lerr(format!("{name}: expected a matrix, got shape {:?} (conv LoRA is not supported)", t.dims())));
+                return Err(lerr(format!(
+                    "{name}: expected a matrix, got shape {:?} (conv LoRA is not supported)",
+                    t.dims()
+                )));
             }
             if is_down {
                 downs.insert(module, (t, name.to_string()));
@@ -117,29 +133,57 @@ impl LoraAdapter {
             }
         }
         if downs.is_empty() {
-            return Err(lerr("no UNet LoRA tensors found (expected keys like unet.<module>.lora.down.weight)"));
+            return Err(lerr(
+                "no UNet LoRA tensors found (expected keys like unet.<module>.lora.down.weight)",
+            ));
         }
         let default_alpha = peft_config.get("lora_alpha").and_then(|v| v.as_f64());
-        let alpha_pattern = peft_config.get("alpha_pattern").and_then(|v| v.as_object()).cloned().unwrap_or_default();
-        let use_rslora = peft_config.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let alpha_pattern = peft_config
+            .get("alpha_pattern")
+            .and_then(|v| v.as_object())
+            .cloned()
+            .unwrap_or_default();
+        let use_rslora = peft_config
+            .get("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let mut modules = BTreeMap::new();
         for (module, (down, down_key)) in downs {
-            let (up, up_key) = ups.remove(&module).ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
+            let (up, up_key) = ups
+                .remove(&module)
+                .ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
             let r = down.dims()[0];
             if up.dims()[1] != r {
-                return Err(lerr(format!("{module}: down {:?} and up {:?} ranks differ", down.dims(), up.dims())));
+                return Err(lerr(format!(
+                    "{module}: down {:?} and up {:?} ranks differ",
+                    down.dims(),
+                    up.dims()
+                )));
             }
             let pattern_alpha = alpha_pattern
                 .iter()
                 .find(|(k, _)| module == **k || module.ends_with(&format!(".{k}")))
                 .and_then(|(_, v)| v.as_f64());
             let alpha = pattern_alpha.or(default_alpha).unwrap_or(r as f64);
-            modules.insert(module, LoraModule { down, up, alpha, down_key, up_key });
+            modules.insert(
+                module,
+                LoraModule {
+                    down,
+                    up,
+                    alpha,
+                    down_key,
+                    up_key,
+                },
+            );
         }
         if let Some(m) = ups.keys().next() {
             return Err(lerr(format!("{m}: up matrix without down matrix")));
         }
-        Ok(Self { modules, use_rslora, peft_config })
+        Ok(Self {
+            modules,
+            use_rslora,
+            peft_config,
+        })
     }
 
     /// The per-module factor `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
@@ -154,7 +198,10 @@ impl LoraAdapter {
 
     /// diffusers key names for a module we create.
     pub fn diffusers_keys(module: &str) -> (String, String) {
-        (format!("unet.{module}.lora.down.weight"), format!("unet.{module}.lora.up.weight"))
+        (
+            format!("unet.{module}.lora.down.weight"),
+            format!("unet.{module}.lora.up.weight"),
+        )
     }
 
     /// Attaches the adapter to `registry` with user scale `scale`; every other Linear is
@@ -162,8 +209,9 @@ impl LoraAdapter {
     pub fn attach(&self, registry: &LinearRegistry, scale: f64, dtype: DType) -> Result<()> {
         let mut plan = Vec::new();
         for (name, m) in &self.modules {
-            let (slot, in_dim, out_dim) =
-                registry.get(name).ok_or_else(|| lerr(format!("module {name} does not exist in this UNet")))?;
+            let (slot, in_dim, out_dim) = registry
+                .get(name)
+                .ok_or_else(|| lerr(format!("module {name} does not exist in this UNet")))?;
             if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
                 return Err(lerr(format!(
                     "{name}: adapter shapes down {:?} up {:?} do not fit a {in_dim}->{out_dim} layer",
@@ -199,7 +247,13 @@ impl LoraAdapter {
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
             .iter()
-            .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map_err(|e| lerr(e.to_string()))?)))
+            .map(|(n, s, b)| {
+                Ok((
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .map_err(|e| lerr(e.to_string()))?,
+                ))
+            })
             .collect::<Result<_>>()?;
         let mut cfg = serde_json::Map::new();
         for (k, v) in &self.peft_config {
@@ -207,15 +261,24 @@ impl LoraAdapter {
         }
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        meta.insert("lora_adapter_metadata".to_string(), serde_json::Value::Object(cfg).to_string());
+        meta.insert(
+            "lora_adapter_metadata".to_string(),
+            serde_json::Value::Object(cfg).to_string(),
+        );
         let tmp = path.with_extension("safetensors.tmp");
-        safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| ModelError::Io(tmp.clone(), e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
+        safetensors::serialize_to_file(views, Some(meta), &tmp)
+            .map_err(|e| ModelError::Io(tmp.clone(), e.to_string()))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
         Ok(())
     }
 
     /// A PEFT `LoraConfig` dict for an adapter we create.
-    pub fn peft_config_for(rank: usize, alpha: f64, target_modules: &[String]) -> serde_json::Map<String, serde_json::Value> {
+    pub fn peft_config_for(
+        rank: usize,
+        alpha: f64,
+        target_modules: &[String],
+    ) -> serde_json::Map<String, serde_json::Value> {
         let v = serde_json::json!({
             "r": rank,
             "lora_alpha": alpha,

@@ -2,6 +2,7 @@
 //! Nothing here knows about HTTP or jobs.
 
 pub mod clip;
+pub mod defaults;
 pub mod hub;
 pub mod lora;
 pub mod nn;
@@ -27,7 +28,11 @@ pub enum ModelError {
     #[error("tensor {name} not found in {file}")]
     MissingTensor { name: String, file: String },
     #[error("tensor {name} has shape {found:?}, the config implies {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("{0}")]
     Config(String),
     #[error("tokenizer: {0}")]

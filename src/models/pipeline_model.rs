@@ -24,7 +24,10 @@ pub enum Architecture {
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Local(PathBuf),
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
 }
 
 impl ModelSource {
@@ -35,8 +38,14 @@ impl ModelSource {
             return ModelSource::Local(p);
         }
         match s.split_once('@') {
-            Some((repo, rev)) => ModelSource::Hub { repo: repo.to_string(), revision: Some(rev.to_string()) },
-            None => ModelSource::Hub { repo: s.to_string(), revision: None },
+            Some((repo, rev)) => ModelSource::Hub {
+                repo: repo.to_string(),
+                revision: Some(rev.to_string()),
+            },
+            None => ModelSource::Hub {
+                repo: s.to_string(),
+                revision: None,
+            },
         }
     }
 
@@ -49,7 +58,9 @@ impl ModelSource {
                 }
                 Ok(p.clone())
             }
-            ModelSource::Hub { repo, revision } => super::hub::download_pipeline(repo, revision.as_deref(), variant),
+            ModelSource::Hub { repo, revision } => {
+                super::hub::download_pipeline(repo, revision.as_deref(), variant)
+            }
         }
     }
 }
@@ -64,7 +75,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, variant: None }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        }
     }
 }
 
@@ -82,6 +97,8 @@ pub struct DiffusionModel {
     pub default_scheduler: SchedulerKind,
     /// SDXL: a missing negative prompt means all-zero negative embeddings.
     pub force_zeros_for_empty_prompt: bool,
+    /// The model directory's own defaults (`dspo_server.json`), if it ships them.
+    pub defaults: super::defaults::ModelDefaults,
     pub device: Device,
     pub dtype: DType,
 }
@@ -91,29 +108,45 @@ fn read_json(path: &Path) -> Result<Value> {
         std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
         _ => ModelError::Io(path.to_path_buf(), e.to_string()),
     })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
 }
 
 impl DiffusionModel {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index = read_json(&dir.join("model_index.json"))?;
-        let class = index.get("_class_name").and_then(|c| c.as_str()).unwrap_or("StableDiffusionPipeline");
+        let class = index
+            .get("_class_name")
+            .and_then(|c| c.as_str())
+            .unwrap_or("StableDiffusionPipeline");
         let variant = opts.variant.as_deref();
         let (dev, dt) = (&opts.device, opts.dtype);
         let unet = UNet2DConditionModel::load(&dir.join("unet"), variant, dev, dt)?;
+        let latent_channels = AutoencoderKL::load_config(&dir.join("vae"))?.latent_channels;
         let architecture = match class {
-            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => Architecture::StableDiffusionXl,
+            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
+                Architecture::StableDiffusionXl
+            }
             "StableDiffusionInstructPix2PixPipeline" => Architecture::InstructPix2Pix,
             "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => {
-                if unet.config.in_channels == 8 {
+                if unet.config.in_channels == 2 * latent_channels {
                     Architecture::InstructPix2Pix
                 } else {
                     Architecture::StableDiffusion
                 }
             }
-            o => return Err(ModelError::Config(format!("model_index.json: pipeline class {o} is not supported"))),
+            o => {
+                return Err(ModelError::Config(format!(
+                    "model_index.json: pipeline class {o} is not supported"
+                )))
+            }
         };
-        let expected_in = if architecture == Architecture::InstructPix2Pix { 8 } else { 4 };
+        // The UNet reads latents (InstructPix2Pix: latents and the encoded input image).
+        let expected_in = if architecture == Architecture::InstructPix2Pix {
+            2 * latent_channels
+        } else {
+            latent_channels
+        };
         if unet.config.in_channels != expected_in {
             return Err(ModelError::Config(format!(
                 "unet in_channels is {}, a {class} needs {expected_in}",
@@ -121,25 +154,42 @@ impl DiffusionModel {
             )));
         }
         // The SDXL VAE overflows in f16 (diffusers' force_upcast); keep it in f32 then.
-        let vae_dtype = if dt == DType::F16 && architecture == Architecture::StableDiffusionXl { DType::F32 } else { dt };
+        let vae_dtype = if dt == DType::F16 && architecture == Architecture::StableDiffusionXl {
+            DType::F32
+        } else {
+            dt
+        };
         let vae = AutoencoderKL::load(&dir.join("vae"), variant, dev, vae_dtype)?;
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
         let text_encoder = ClipTextModel::load(&dir.join("text_encoder"), variant, dev, dt)?;
         let (tokenizer_2, text_encoder_2) = if architecture == Architecture::StableDiffusionXl {
             (
                 Some(ClipTokenizer::load(&dir.join("tokenizer_2"))?),
-                Some(ClipTextModel::load(&dir.join("text_encoder_2"), variant, dev, dt)?),
+                Some(ClipTextModel::load(
+                    &dir.join("text_encoder_2"),
+                    variant,
+                    dev,
+                    dt,
+                )?),
             )
         } else {
             (None, None)
         };
         let sched_json = read_json(&dir.join("scheduler").join("scheduler_config.json"))?;
-        let scheduler_config = SchedulerConfig::from_json(&sched_json).map_err(|e| ModelError::Config(e.to_string()))?;
+        let scheduler_config = SchedulerConfig::from_json(&sched_json)
+            .map_err(|e| ModelError::Config(e.to_string()))?;
         let default_scheduler = scheduler_config
             .class_name
             .as_deref()
             .and_then(|c| SchedulerKind::from_class_name(c, &scheduler_config))
             .unwrap_or(SchedulerKind::Ddim);
+        let defaults = super::defaults::ModelDefaults::load(dir)?;
+        let default_scheduler = match &defaults.generate.scheduler {
+            Some(s) => s.parse().map_err(|e| {
+                ModelError::Config(format!("{}: scheduler: {e}", super::defaults::FILE_NAME))
+            })?,
+            None => default_scheduler,
+        };
         let force_zeros_for_empty_prompt = index
             .get("force_zeros_for_empty_prompt")
             .and_then(|v| v.as_bool())
@@ -156,6 +206,7 @@ impl DiffusionModel {
             scheduler_config,
             default_scheduler,
             force_zeros_for_empty_prompt,
+            defaults,
             device: opts.device.clone(),
             dtype: dt,
         })

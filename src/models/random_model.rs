@@ -33,7 +33,12 @@ pub struct RandomModelOptions {
 
 impl Default for RandomModelOptions {
     fn default() -> Self {
-        Self { width_scale: 1.0, seed: 0, dtype: DType::F32, std: 0.02 }
+        Self {
+            width_scale: 1.0,
+            seed: 0,
+            dtype: DType::F32,
+            std: 0.02,
+        }
     }
 }
 
@@ -52,18 +57,28 @@ pub struct ComponentReport {
 }
 
 /// Writes a full pipeline directory at `out` from the configs in `config_dir`.
-pub fn make_random_model(config_dir: &Path, out: &Path, opts: &RandomModelOptions) -> Result<Vec<ComponentReport>> {
+pub fn make_random_model(
+    config_dir: &Path,
+    out: &Path,
+    opts: &RandomModelOptions,
+) -> Result<Vec<ComponentReport>> {
     if !(opts.width_scale.is_finite() && opts.width_scale > 0.0) {
-        return Err(ModelError::Config(format!("width scale must be positive, got {}", opts.width_scale)));
+        return Err(ModelError::Config(format!(
+            "width scale must be positive, got {}",
+            opts.width_scale
+        )));
     }
     if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ModelError::Config(format!("random weights can be written as f32, f16 or bf16, not {:?}", opts.dtype)));
+        return Err(ModelError::Config(format!(
+            "random weights can be written as f32, f16 or bf16, not {:?}",
+            opts.dtype
+        )));
     }
     let index_path = config_dir.join("model_index.json");
     let index = read_json(&index_path)?;
-    let components = index
-        .as_object()
-        .ok_or_else(|| ModelError::Corrupt(index_path.display().to_string(), "not a JSON object".into()))?;
+    let components = index.as_object().ok_or_else(|| {
+        ModelError::Corrupt(index_path.display().to_string(), "not a JSON object".into())
+    })?;
     create_dir(out)?;
     let mut out_index = index.clone();
 
@@ -73,7 +88,10 @@ pub fn make_random_model(config_dir: &Path, out: &Path, opts: &RandomModelOption
             continue;
         }
         // model_index.json entries are `[library, class]`; `[null, null]` means "not used".
-        let class = spec.as_array().and_then(|a| a.get(1)).and_then(|c| c.as_str());
+        let class = spec
+            .as_array()
+            .and_then(|a| a.get(1))
+            .and_then(|c| c.as_str());
         let Some(class) = class else { continue };
         let src = config_dir.join(name);
         let dst = out.join(name);
@@ -96,22 +114,36 @@ pub fn make_random_model(config_dir: &Path, out: &Path, opts: &RandomModelOption
         let seed = seed_for(opts.seed, name);
         let report = match class {
             "UNet2DConditionModel" => {
-                let (config, changed) = scale_unet_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
+                let (config, changed) =
+                    scale_unet_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
                 create_dir(&dst)?;
                 write_json(&dst.join("config.json"), &config)?;
                 let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
                 UNet2DConditionModel::new(UNetConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("diffusion_pytorch_model.safetensors"))?;
-                ComponentReport { component: name.clone(), class: class.into(), action: "weights", parameters, changed }
+                ComponentReport {
+                    component: name.clone(),
+                    class: class.into(),
+                    action: "weights",
+                    parameters,
+                    changed,
+                }
             }
             "AutoencoderKL" => {
-                let (config, changed) = scale_vae_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
+                let (config, changed) =
+                    scale_vae_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
                 create_dir(&dst)?;
                 write_json(&dst.join("config.json"), &config)?;
                 let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
                 AutoencoderKL::new(VaeConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("diffusion_pytorch_model.safetensors"))?;
-                ComponentReport { component: name.clone(), class: class.into(), action: "weights", parameters, changed }
+                ComponentReport {
+                    component: name.clone(),
+                    class: class.into(),
+                    action: "weights",
+                    parameters,
+                    changed,
+                }
             }
             "CLIPTextModel" | "CLIPTextModelWithProjection" => {
                 // The text encoder keeps its width: the UNet's cross-attention reads its hidden
@@ -122,11 +154,23 @@ pub fn make_random_model(config_dir: &Path, out: &Path, opts: &RandomModelOption
                 let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
                 ClipTextModel::new(ClipTextConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("model.safetensors"))?;
-                ComponentReport { component: name.clone(), class: class.into(), action: "weights", parameters, changed: vec![] }
+                ComponentReport {
+                    component: name.clone(),
+                    class: class.into(),
+                    action: "weights",
+                    parameters,
+                    changed: vec![],
+                }
             }
             _ => {
                 copy_dir_files(&src, &dst)?;
-                ComponentReport { component: name.clone(), class: class.into(), action: "copied", parameters: 0, changed: vec![] }
+                ComponentReport {
+                    component: name.clone(),
+                    class: class.into(),
+                    action: "copied",
+                    parameters: 0,
+                    changed: vec![],
+                }
             }
         };
         reports.push(report);
@@ -164,9 +208,17 @@ pub fn scale_vae_config(v: &Value, scale: f64) -> Result<(Value, Vec<String>)> {
 fn block_widths(v: &Value, what: &str) -> Result<Vec<usize>> {
     v.get("block_out_channels")
         .and_then(|x| x.as_array())
-        .and_then(|a| a.iter().map(|e| e.as_u64().map(|i| i as usize)).collect::<Option<Vec<_>>>())
+        .and_then(|a| {
+            a.iter()
+                .map(|e| e.as_u64().map(|i| i as usize))
+                .collect::<Option<Vec<_>>>()
+        })
         .filter(|w| !w.is_empty())
-        .ok_or_else(|| ModelError::Config(format!("{what} config: block_out_channels missing or invalid")))
+        .ok_or_else(|| {
+            ModelError::Config(format!(
+                "{what} config: block_out_channels missing or invalid"
+            ))
+        })
 }
 
 /// The reduction rule: each width becomes `width * scale` rounded to the nearest multiple of
@@ -175,7 +227,12 @@ fn block_widths(v: &Value, what: &str) -> Result<Vec<usize>> {
 /// divisor of the original group count that divides every new width (GroupNorm needs that).
 /// SD1.5 at 0.25: UNet 320/640/1280/1280 -> 80/160/320/320 with 16 groups (80 is not a
 /// multiple of 32), VAE 128/256/512/512 -> 32/64/128/128 keeping 32 groups.
-fn scale_config(v: &Value, widths: &[usize], heads: &[usize], scale: f64) -> Result<(Value, Vec<String>)> {
+fn scale_config(
+    v: &Value,
+    widths: &[usize],
+    heads: &[usize],
+    scale: f64,
+) -> Result<(Value, Vec<String>)> {
     if scale == 1.0 {
         return Ok((v.clone(), vec![]));
     }
@@ -193,7 +250,10 @@ fn scale_config(v: &Value, widths: &[usize], heads: &[usize], scale: f64) -> Res
             multiples * q
         })
         .collect();
-    let groups = v.get("norm_num_groups").and_then(|x| x.as_u64()).unwrap_or(32) as usize;
+    let groups = v
+        .get("norm_num_groups")
+        .and_then(|x| x.as_u64())
+        .unwrap_or(32) as usize;
     let new_groups = (1..=groups)
         .rev()
         .find(|&g| groups.is_multiple_of(g) && scaled.iter().all(|w| w.is_multiple_of(g)))
@@ -223,7 +283,8 @@ fn lcm(a: usize, b: usize) -> usize {
 fn save_drawn(w: &Weights, path: &Path) -> Result<usize> {
     let tensors: HashMap<String, Tensor> = w.drawn().into_iter().collect();
     let parameters = tensors.values().map(|t| t.elem_count()).sum();
-    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
+    candle_core::safetensors::save(&tensors, path)
+        .map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
     Ok(parameters)
 }
 
@@ -232,11 +293,13 @@ fn read_json(path: &Path) -> Result<Value> {
         std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_path_buf()),
         _ => ModelError::Io(path.to_path_buf(), e.to_string()),
     })?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| ModelError::Io(path.to_path_buf(), e.to_string()))
 }
 
@@ -253,9 +316,12 @@ fn copy_file(src: &Path, dst: &Path) -> Result<()> {
 
 fn copy_dir_files(src: &Path, dst: &Path) -> Result<()> {
     create_dir(dst)?;
-    let entries = std::fs::read_dir(src).map_err(|e| ModelError::Io(src.to_path_buf(), e.to_string()))?;
+    let entries =
+        std::fs::read_dir(src).map_err(|e| ModelError::Io(src.to_path_buf(), e.to_string()))?;
     for entry in entries {
-        let path: PathBuf = entry.map_err(|e| ModelError::Io(src.to_path_buf(), e.to_string()))?.path();
+        let path: PathBuf = entry
+            .map_err(|e| ModelError::Io(src.to_path_buf(), e.to_string()))?
+            .path();
         if path.is_file() {
             if let Some(name) = path.file_name() {
                 copy_file(&path, &dst.join(name))?;
@@ -270,18 +336,33 @@ mod tests {
     use super::*;
 
     fn config(model: &str, component: &str) -> Value {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/configs").join(model).join(component).join("config.json");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/configs")
+            .join(model)
+            .join(component)
+            .join("config.json");
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     }
 
     fn widths_and_groups(v: &Value) -> (Vec<u64>, u64) {
-        let w = v["block_out_channels"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
-        (w, v.get("norm_num_groups").and_then(|g| g.as_u64()).unwrap_or(32))
+        let w = v["block_out_channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        (
+            w,
+            v.get("norm_num_groups")
+                .and_then(|g| g.as_u64())
+                .unwrap_or(32),
+        )
     }
 
     #[test]
     fn sd15_at_a_quarter_width() {
-        let (unet, changed) = scale_unet_config(&config("stable-diffusion-v1-5", "unet"), 0.25).unwrap();
+        let (unet, changed) =
+            scale_unet_config(&config("stable-diffusion-v1-5", "unet"), 0.25).unwrap();
         assert_eq!(widths_and_groups(&unet), (vec![80, 160, 320, 320], 16));
         assert_eq!(changed.len(), 2);
         UNetConfig::from_json(&unet).unwrap();
@@ -294,7 +375,8 @@ mod tests {
     fn sdxl_heads_stay_integral() {
         // 5/10/20 heads: each width must stay a multiple of its head count and of 8.
         for scale in [0.1, 0.25, 0.3, 0.5] {
-            let (unet, _) = scale_unet_config(&config("stable-diffusion-xl-base-1.0", "unet"), scale).unwrap();
+            let (unet, _) =
+                scale_unet_config(&config("stable-diffusion-xl-base-1.0", "unet"), scale).unwrap();
             UNetConfig::from_json(&unet).unwrap_or_else(|e| panic!("scale {scale}: {e}"));
         }
     }
@@ -309,7 +391,9 @@ mod tests {
 
     #[test]
     fn weights_depend_on_seed_and_name_only() {
-        let cfg = scale_unet_config(&config("stable-diffusion-v1-5", "unet"), 0.05).unwrap().0;
+        let cfg = scale_unet_config(&config("stable-diffusion-v1-5", "unet"), 0.05)
+            .unwrap()
+            .0;
         let draw = |seed| {
             let w = Weights::random(seed, 0.02, &Device::Cpu, DType::F32);
             UNet2DConditionModel::new(UNetConfig::from_json(&cfg).unwrap(), &w).unwrap();
@@ -317,12 +401,22 @@ mod tests {
         };
         let (a, b, c) = (draw(1), draw(1), draw(2));
         let name = "down_blocks.0.resnets.0.conv1.weight";
-        let vals = |m: &std::collections::BTreeMap<String, Tensor>| m[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vals = |m: &std::collections::BTreeMap<String, Tensor>| {
+            m[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
         assert_eq!(vals(&a), vals(&b));
         assert_ne!(vals(&a), vals(&c));
-        let norm = a["down_blocks.0.resnets.0.norm1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let norm = a["down_blocks.0.resnets.0.norm1.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(norm.iter().all(|&x| x == 1.0));
-        let bias = a["down_blocks.0.resnets.0.conv1.bias"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bias = a["down_blocks.0.resnets.0.conv1.bias"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(bias.iter().all(|&x| x == 0.0));
     }
 }

@@ -22,7 +22,10 @@ pub struct Tokens {
 fn token_content(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -31,7 +34,8 @@ impl ClipTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("tokenizer.json");
         let inner = if file.exists() {
-            tokenizers::Tokenizer::from_file(&file).map_err(|e| ModelError::Corrupt(file.display().to_string(), e.to_string()))?
+            tokenizers::Tokenizer::from_file(&file)
+                .map_err(|e| ModelError::Corrupt(file.display().to_string(), e.to_string()))?
         } else if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
             // Hub repos such as SD1.5 ship only the slow tokenizer's files.
             from_vocab_merges(dir)?
@@ -43,8 +47,8 @@ impl ClipTokenizer {
         for name in ["special_tokens_map.json", "tokenizer_config.json"] {
             let p = dir.join(name);
             if let Ok(text) = std::fs::read_to_string(&p) {
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(p.display().to_string(), e.to_string()))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| ModelError::Corrupt(p.display().to_string(), e.to_string()))?;
                 if pad.is_none() {
                     pad = v.get("pad_token").and_then(token_content);
                 }
@@ -59,12 +63,19 @@ impl ClipTokenizer {
             .token_to_id("<|endoftext|>")
             .ok_or_else(|| ModelError::Config("tokenizer has no <|endoftext|> token".into()))?;
         let pad_id = match pad {
-            Some(p) => inner
-                .token_to_id(&p)
-                .ok_or_else(|| ModelError::Config(format!("tokenizer pad token {p:?} is not in the vocabulary")))?,
+            Some(p) => inner.token_to_id(&p).ok_or_else(|| {
+                ModelError::Config(format!(
+                    "tokenizer pad token {p:?} is not in the vocabulary"
+                ))
+            })?,
             None => eos_id,
         };
-        Ok(Self { inner, pad_id, eos_id, max_len })
+        Ok(Self {
+            inner,
+            pad_id,
+            eos_id,
+            max_len,
+        })
     }
 
     pub fn max_len(&self) -> usize {
@@ -72,7 +83,10 @@ impl ClipTokenizer {
     }
 
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
-        let enc = self.inner.encode(prompt, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         let mut truncated = 0;
         if ids.len() > self.max_len {
@@ -91,9 +105,11 @@ impl ClipTokenizer {
 fn from_vocab_merges(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ModelError::Io(p.to_path_buf(), e.to_string()));
-    let vocab: serde_json::Value =
-        serde_json::from_str(&read(&vocab_path)?).map_err(|e| ModelError::Corrupt(vocab_path.display().to_string(), e.to_string()))?;
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| ModelError::Io(p.to_path_buf(), e.to_string()))
+    };
+    let vocab: serde_json::Value = serde_json::from_str(&read(&vocab_path)?)
+        .map_err(|e| ModelError::Corrupt(vocab_path.display().to_string(), e.to_string()))?;
     let merges: Vec<String> = read(&merges_path)?
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -102,7 +118,12 @@ fn from_vocab_merges(dir: &Path) -> Result<tokenizers::Tokenizer> {
     let id = |t: &str| vocab.get(t).and_then(|v| v.as_u64());
     let (bos, eos) = match (id("<|startoftext|>"), id("<|endoftext|>")) {
         (Some(b), Some(e)) => (b, e),
-        _ => return Err(ModelError::Config(format!("{}: no <|startoftext|>/<|endoftext|> tokens", vocab_path.display()))),
+        _ => {
+            return Err(ModelError::Config(format!(
+                "{}: no <|startoftext|>/<|endoftext|> tokens",
+                vocab_path.display()
+            )))
+        }
     };
     let spec = serde_json::json!({
         "version": "1.0",

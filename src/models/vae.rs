@@ -28,28 +28,48 @@ pub struct VaeConfig {
 impl VaeConfig {
     pub fn from_json(v: &Value) -> Result<Self> {
         let f = |k: &str| v.get(k).filter(|x| !x.is_null());
-        let us = |k: &str, d: usize| f(k).and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(d);
+        let us = |k: &str, d: usize| {
+            f(k).and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .unwrap_or(d)
+        };
         let block_out_channels: Vec<usize> = f("block_out_channels")
             .and_then(|x| x.as_array())
             .and_then(|a| a.iter().map(|e| e.as_u64().map(|i| i as usize)).collect())
-            .ok_or_else(|| ModelError::Config("vae config: block_out_channels missing or invalid".into()))?;
+            .ok_or_else(|| {
+                ModelError::Config("vae config: block_out_channels missing or invalid".into())
+            })?;
         if block_out_channels.is_empty() {
-            return Err(ModelError::Config("vae config: block_out_channels is empty".into()));
+            return Err(ModelError::Config(
+                "vae config: block_out_channels is empty".into(),
+            ));
         }
-        for (k, ok) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+        for (k, ok) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
             if let Some(arr) = f(k).and_then(|x| x.as_array()) {
-                if arr.len() != block_out_channels.len() || arr.iter().any(|e| e.as_str() != Some(ok)) {
-                    return Err(ModelError::Config(format!("vae config: {k} must be {} x {ok}", block_out_channels.len())));
+                if arr.len() != block_out_channels.len()
+                    || arr.iter().any(|e| e.as_str() != Some(ok))
+                {
+                    return Err(ModelError::Config(format!(
+                        "vae config: {k} must be {} x {ok}",
+                        block_out_channels.len()
+                    )));
                 }
             }
         }
         if let Some(x) = f("act_fn") {
             if x.as_str() != Some("silu") {
-                return Err(ModelError::Config(format!("vae config: act_fn = {x} is not supported")));
+                return Err(ModelError::Config(format!(
+                    "vae config: act_fn = {x} is not supported"
+                )));
             }
         }
         if f("latents_mean").is_some() || f("latents_std").is_some() {
-            return Err(ModelError::Config("vae config: latents_mean/latents_std are not supported".into()));
+            return Err(ModelError::Config(
+                "vae config: latents_mean/latents_std are not supported".into(),
+            ));
         }
         Ok(Self {
             in_channels: us("in_channels", 3),
@@ -58,11 +78,19 @@ impl VaeConfig {
             block_out_channels,
             layers_per_block: us("layers_per_block", 1),
             norm_num_groups: us("norm_num_groups", 32),
-            scaling_factor: f("scaling_factor").and_then(|x| x.as_f64()).unwrap_or(0.18215),
+            scaling_factor: f("scaling_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.18215),
             shift_factor: f("shift_factor").and_then(|x| x.as_f64()),
-            use_quant_conv: f("use_quant_conv").and_then(|x| x.as_bool()).unwrap_or(true),
-            use_post_quant_conv: f("use_post_quant_conv").and_then(|x| x.as_bool()).unwrap_or(true),
-            mid_block_add_attention: f("mid_block_add_attention").and_then(|x| x.as_bool()).unwrap_or(true),
+            use_quant_conv: f("use_quant_conv")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true),
+            use_post_quant_conv: f("use_post_quant_conv")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true),
+            mid_block_add_attention: f("mid_block_add_attention")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true),
             force_upcast: f("force_upcast").and_then(|x| x.as_bool()).unwrap_or(true),
         })
     }
@@ -85,7 +113,11 @@ impl VaeResnet {
             conv1: Conv2d::new(&w.pp("conv1"), in_c, out_c, 3, 1, 1)?,
             norm2: GroupNorm::new(&w.pp("norm2"), groups, out_c, VAE_EPS)?,
             conv2: Conv2d::new(&w.pp("conv2"), out_c, out_c, 3, 1, 1)?,
-            shortcut: if in_c != out_c { Some(Conv2d::new(&w.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?) } else { None },
+            shortcut: if in_c != out_c {
+                Some(Conv2d::new(&w.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?)
+            } else {
+                None
+            },
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -120,7 +152,11 @@ impl VaeAttention {
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let t = self
+            .group_norm
+            .forward(x)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?;
         let q = self.to_q.forward(&t)?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
@@ -140,7 +176,11 @@ impl VaeMid {
     fn new(w: &Weights, c: usize, groups: usize, attn: bool) -> Result<Self> {
         Ok(Self {
             resnet_0: VaeResnet::new(&w.pp("resnets.0"), c, c, groups)?,
-            attention: if attn { Some(VaeAttention::new(&w.pp("attentions.0"), c, groups)?) } else { None },
+            attention: if attn {
+                Some(VaeAttention::new(&w.pp("attentions.0"), c, groups)?)
+            } else {
+                None
+            },
             resnet_1: VaeResnet::new(&w.pp("resnets.1"), c, c, groups)?,
         })
     }
@@ -214,10 +254,31 @@ impl AutoencoderKL {
             out_c = ch[i];
             let wb = we.pp(format!("down_blocks.{i}"));
             let resnets = (0..lpb)
-                .map(|j| VaeResnet::new(&wb.pp(format!("resnets.{j}")), if j == 0 { in_c } else { out_c }, out_c, g))
+                .map(|j| {
+                    VaeResnet::new(
+                        &wb.pp(format!("resnets.{j}")),
+                        if j == 0 { in_c } else { out_c },
+                        out_c,
+                        g,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let downsample = if i + 1 < n { Some(Conv2d::new(&wb.pp("downsamplers.0.conv"), out_c, out_c, 3, 2, 0)?) } else { None };
-            enc_blocks.push(EncoderBlock { resnets, downsample });
+            let downsample = if i + 1 < n {
+                Some(Conv2d::new(
+                    &wb.pp("downsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    2,
+                    0,
+                )?)
+            } else {
+                None
+            };
+            enc_blocks.push(EncoderBlock {
+                resnets,
+                downsample,
+            });
         }
         let last = ch[n - 1];
         let lc = c.latent_channels;
@@ -228,9 +289,27 @@ impl AutoencoderKL {
         for (i, &out_c) in rev.iter().enumerate() {
             let wb = wd.pp(format!("up_blocks.{i}"));
             let resnets = (0..lpb + 1)
-                .map(|j| VaeResnet::new(&wb.pp(format!("resnets.{j}")), if j == 0 { prev } else { out_c }, out_c, g))
+                .map(|j| {
+                    VaeResnet::new(
+                        &wb.pp(format!("resnets.{j}")),
+                        if j == 0 { prev } else { out_c },
+                        out_c,
+                        g,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let upsample = if i + 1 < n { Some(Conv2d::new(&wb.pp("upsamplers.0.conv"), out_c, out_c, 3, 1, 1)?) } else { None };
+            let upsample = if i + 1 < n {
+                Some(Conv2d::new(
+                    &wb.pp("upsamplers.0.conv"),
+                    out_c,
+                    out_c,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
             dec_blocks.push(DecoderBlock { resnets, upsample });
             prev = out_c;
         }
@@ -240,8 +319,16 @@ impl AutoencoderKL {
             enc_mid: VaeMid::new(&we.pp("mid_block"), last, g, c.mid_block_add_attention)?,
             enc_norm_out: GroupNorm::new(&we.pp("conv_norm_out"), g, last, VAE_EPS)?,
             enc_conv_out: Conv2d::new(&we.pp("conv_out"), last, 2 * lc, 3, 1, 1)?,
-            quant_conv: if c.use_quant_conv { Some(Conv2d::new(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)?) } else { None },
-            post_quant_conv: if c.use_post_quant_conv { Some(Conv2d::new(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0)?) } else { None },
+            quant_conv: if c.use_quant_conv {
+                Some(Conv2d::new(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)?)
+            } else {
+                None
+            },
+            post_quant_conv: if c.use_post_quant_conv {
+                Some(Conv2d::new(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0)?)
+            } else {
+                None
+            },
             dec_conv_in: Conv2d::new(&wd.pp("conv_in"), lc, last, 3, 1, 1)?,
             dec_mid: VaeMid::new(&wd.pp("mid_block"), last, g, c.mid_block_add_attention)?,
             dec_blocks,
@@ -254,12 +341,19 @@ impl AutoencoderKL {
 
     pub fn load_config(dir: &Path) -> Result<VaeConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
         VaeConfig::from_json(&v)
     }
 
-    pub fn load(dir: &Path, variant: Option<&str>, device: &candle_core::Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &candle_core::Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let config = Self::load_config(dir)?;
         let files = Weights::resolve_files(dir, "diffusion_pytorch_model", variant)?;
         Self::new(config, &Weights::from_files(&files, device, dtype)?)
@@ -282,7 +376,9 @@ impl AutoencoderKL {
             }
         }
         h = self.enc_mid.forward(&h)?;
-        h = self.enc_conv_out.forward(&self.enc_norm_out.forward(&h)?.silu()?)?;
+        h = self
+            .enc_conv_out
+            .forward(&self.enc_norm_out.forward(&h)?.silu()?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -309,6 +405,7 @@ impl AutoencoderKL {
                 h = u.forward(&nearest_resize(&h, hh * 2, ww * 2)?)?;
             }
         }
-        self.dec_conv_out.forward(&self.dec_norm_out.forward(&h)?.silu()?)
+        self.dec_conv_out
+            .forward(&self.dec_norm_out.forward(&h)?.silu()?)
     }
 }

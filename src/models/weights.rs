@@ -24,7 +24,12 @@ impl VarRegistry {
     }
     /// All trainable parameters, sorted by name (deterministic order for optimisers).
     pub fn all(&self) -> Vec<(String, Var)> {
-        self.vars.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.vars
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
     pub fn len(&self) -> usize {
         self.vars.lock().unwrap().len()
@@ -71,15 +76,21 @@ impl RandomSource {
                 use rand::SeedableRng;
                 use rand_distr::Distribution;
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_for(self.seed, full));
-                let normal = rand_distr::Normal::new(0f32, self.std as f32)
-                    .map_err(|e| ModelError::Config(format!("random weights: std {}: {e}", self.std)))?;
-                let data: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+                let normal = rand_distr::Normal::new(0f32, self.std as f32).map_err(|e| {
+                    ModelError::Config(format!("random weights: std {}: {e}", self.std))
+                })?;
+                let data: Vec<f32> = (0..shape.elem_count())
+                    .map(|_| normal.sample(&mut rng))
+                    .collect();
                 Tensor::from_vec(data, shape.clone(), &Device::Cpu)?
             }
         }
         .to_dtype(dtype)?
         .to_device(device)?;
-        self.drawn.lock().unwrap().insert(full.to_string(), t.clone());
+        self.drawn
+            .lock()
+            .unwrap()
+            .insert(full.to_string(), t.clone());
         Ok(t)
     }
 }
@@ -184,7 +195,11 @@ impl Weights {
     /// state dict under the exact names the loaders read.
     pub fn random(seed: u64, std: f64, device: &Device, dtype: DType) -> Self {
         Self {
-            st: Source::Random(Arc::new(RandomSource { seed, std, drawn: Mutex::new(BTreeMap::new()) })),
+            st: Source::Random(Arc::new(RandomSource {
+                seed,
+                std,
+                drawn: Mutex::new(BTreeMap::new()),
+            })),
             files: Arc::new(vec![PathBuf::from("<random>")]),
             prefix: String::new(),
             device: device.clone(),
@@ -215,7 +230,11 @@ impl Weights {
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let mut w = self.clone();
-        w.prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        w.prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
         w
     }
 
@@ -258,7 +277,9 @@ impl Weights {
             Source::Mmap(st) => {
                 self.check_stored_shape(&full, &shape)?;
                 st.load(&full, &self.device)
-                    .map_err(|e| ModelError::Corrupt(describe(&self.files), format!("{full}: {e}")))?
+                    .map_err(|e| {
+                        ModelError::Corrupt(describe(&self.files), format!("{full}: {e}"))
+                    })?
                     .to_dtype(self.dtype)?
             }
             Source::Map(m) => {
@@ -271,12 +292,18 @@ impl Weights {
     }
 
     fn check_stored_shape(&self, full: &str, shape: &Shape) -> Result<()> {
-        let found = self.shape_of(full).ok_or_else(|| ModelError::MissingTensor {
-            name: full.to_string(),
-            file: describe(&self.files),
-        })?;
+        let found = self
+            .shape_of(full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: full.to_string(),
+                file: describe(&self.files),
+            })?;
         if found != shape.dims() {
-            return Err(ModelError::ShapeMismatch { name: full.to_string(), expected: shape.dims().to_vec(), found });
+            return Err(ModelError::ShapeMismatch {
+                name: full.to_string(),
+                expected: shape.dims().to_vec(),
+                found,
+            });
         }
         Ok(())
     }
@@ -304,19 +331,28 @@ impl Weights {
 }
 
 fn describe(files: &[PathBuf]) -> String {
-    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| ModelError::Io(index.to_path_buf(), e.to_string()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(index.display().to_string(), e.to_string()))?;
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| ModelError::Io(index.to_path_buf(), e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::Corrupt(index.display().to_string(), e.to_string()))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| ModelError::Corrupt(index.display().to_string(), "no weight_map".into()))?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
     files.sort();
     files.dedup();
     Ok(files)

@@ -1,6 +1,9 @@
 //! StableDiffusionImg2ImgPipeline: noise an encoded image to `strength`, then denoise.
 
-use super::{decode_latents, denoise, encode_sd_cfg, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
+use super::{
+    decode_latents, denoise, encode_sd_cfg, Notes, PipelineError, Progress, PromptPair, Result,
+    SamplingParams,
+};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -25,7 +28,9 @@ pub fn run(
         return Err(PipelineError::Unsupported(model.architecture, "img2img"));
     }
     if !(0.0..=1.0).contains(&strength) {
-        return Err(PipelineError::Invalid(format!("strength must be in [0, 1], got {strength}")));
+        return Err(PipelineError::Invalid(format!(
+            "strength must be in [0, 1], got {strength}"
+        )));
     }
     params.validate(model)?;
     let cfg = params.guidance_scale > 1.0;
@@ -42,10 +47,21 @@ pub fn run(
         )));
     }
     let posterior = model.vae.encode(&((image * 2.0)? - 1.0)?)?;
-    let init = (posterior.sample_with(&vae_noise.to_dtype(model.vae.dtype())?)? * model.vae.config.scaling_factor)?
+    let init = (posterior.sample_with(&vae_noise.to_dtype(model.vae.dtype())?)?
+        * model.vae.config.scaling_factor)?
         .to_dtype(model.dtype)?;
     let x = sched.add_noise(&init, &noise.to_dtype(model.dtype)?, begin)?;
     let guidance = cfg.then_some(params.guidance_scale);
-    let x = denoise(model, sched.as_mut(), x, begin, guidance, &embeds, None, rng, progress)?;
+    let x = denoise(
+        model,
+        sched.as_mut(),
+        x,
+        begin,
+        guidance,
+        &embeds,
+        None,
+        rng,
+        progress,
+    )?;
     decode_latents(model, &x)
 }

@@ -1,7 +1,10 @@
 //! StableDiffusionInstructPix2PixPipeline: an 8-channel UNet conditioned on the input image's
 //! latents, with text and image guidance.
 
-use super::{decode_latents, encode_sd, timestep_tensor, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
+use super::{
+    decode_latents, encode_sd, timestep_tensor, Notes, PipelineError, Progress, PromptPair, Result,
+    SamplingParams,
+};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -20,10 +23,15 @@ pub fn run(
     notes: &mut Notes,
 ) -> Result<Tensor> {
     if model.architecture != Architecture::InstructPix2Pix {
-        return Err(PipelineError::Unsupported(model.architecture, "instruct_pix2pix (it needs an 8-channel UNet)"));
+        return Err(PipelineError::Unsupported(
+            model.architecture,
+            "instruct_pix2pix (it needs an 8-channel UNet)",
+        ));
     }
     if !image_guidance_scale.is_finite() {
-        return Err(PipelineError::Invalid("image_guidance_scale must be finite".into()));
+        return Err(PipelineError::Invalid(
+            "image_guidance_scale must be finite".into(),
+        ));
     }
     params.validate(model)?;
     let n = prompts.len();
@@ -33,15 +41,30 @@ pub fn run(
     let pos: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
     // Batch layout under guidance: [text, uncond, uncond] x image latents [img, img, 0].
     let embeds = if cfg {
-        let neg: Vec<&str> = prompts.iter().map(|p| p.negative_prompt.as_deref().unwrap_or("")).collect();
-        let all: Vec<&str> = pos.iter().chain(neg.iter()).chain(neg.iter()).copied().collect();
+        let neg: Vec<&str> = prompts
+            .iter()
+            .map(|p| p.negative_prompt.as_deref().unwrap_or(""))
+            .collect();
+        let all: Vec<&str> = pos
+            .iter()
+            .chain(neg.iter())
+            .chain(neg.iter())
+            .copied()
+            .collect();
         encode_sd(model, &all, notes)?
     } else {
         encode_sd(model, &pos, notes)?
     };
-    let image_latents = model.vae.encode(&((image * 2.0)? - 1.0)?)?.mode().to_dtype(model.dtype)?;
+    let image_latents = model
+        .vae
+        .encode(&((image * 2.0)? - 1.0)?)?
+        .mode()
+        .to_dtype(model.dtype)?;
     let image_latents = if cfg {
-        Tensor::cat(&[&image_latents, &image_latents, &image_latents.zeros_like()?], 0)?
+        Tensor::cat(
+            &[&image_latents, &image_latents, &image_latents.zeros_like()?],
+            0,
+        )?
     } else {
         image_latents
     };
@@ -50,10 +73,16 @@ pub fn run(
     let timesteps = sched.timesteps().to_vec();
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
-        let x_in = if cfg { Tensor::cat(&[&x, &x, &x], 0)? } else { x.clone() };
+        let x_in = if cfg {
+            Tensor::cat(&[&x, &x, &x], 0)?
+        } else {
+            x.clone()
+        };
         let x_in = sched.scale_model_input(&x_in, i)?;
         let x_in = Tensor::cat(&[&x_in, &image_latents], 1)?;
-        let eps = model.unet.forward(&x_in, &timestep_tensor(t, model)?, &embeds, None)?;
+        let eps = model
+            .unet
+            .forward(&x_in, &timestep_tensor(t, model)?, &embeds, None)?;
         let eps = if cfg {
             let e_text = eps.narrow(0, 0, n)?;
             let e_img = eps.narrow(0, n, n)?;

@@ -62,7 +62,9 @@ impl SamplingParams {
             )));
         }
         if !(self.guidance_scale.is_finite()) {
-            return Err(PipelineError::Invalid("guidance_scale must be finite".into()));
+            return Err(PipelineError::Invalid(
+                "guidance_scale must be finite".into(),
+            ));
         }
         Ok((self.height / f, self.width / f))
     }
@@ -75,7 +77,11 @@ pub struct Notes {
 }
 
 /// CLIP-L style conditioning: `last_hidden_state` of `text_encoder` for each prompt, `[N,77,D]`.
-pub(crate) fn encode_sd(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Result<Tensor> {
+pub(crate) fn encode_sd(
+    model: &DiffusionModel,
+    prompts: &[&str],
+    notes: &mut Notes,
+) -> Result<Tensor> {
     let mut ids = Vec::new();
     for p in prompts {
         let t = model.tokenizer.encode(p)?;
@@ -96,10 +102,17 @@ pub(crate) fn encode_sd(model: &DiffusionModel, prompts: &[&str], notes: &mut No
 
 /// Text conditioning for a batch: `[neg..., pos...]` under classifier-free guidance (the
 /// diffusers batch order; a missing negative prompt encodes ""), else the prompts alone.
-pub(crate) fn encode_sd_cfg(model: &DiffusionModel, prompts: &[PromptPair], cfg: bool, notes: &mut Notes) -> Result<Tensor> {
+pub(crate) fn encode_sd_cfg(
+    model: &DiffusionModel,
+    prompts: &[PromptPair],
+    cfg: bool,
+    notes: &mut Notes,
+) -> Result<Tensor> {
     let pos = prompts.iter().map(|p| p.prompt.as_str());
     if cfg {
-        let neg = prompts.iter().map(|p| p.negative_prompt.as_deref().unwrap_or(""));
+        let neg = prompts
+            .iter()
+            .map(|p| p.negative_prompt.as_deref().unwrap_or(""));
         let all: Vec<&str> = neg.chain(pos).collect();
         encode_sd(model, &all, notes)
     } else {
@@ -125,10 +138,20 @@ pub(crate) fn denoise(
     let timesteps = sched.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(begin);
     for (k, i) in (begin..timesteps.len()).enumerate() {
-        let x_in = if guidance.is_some() { Tensor::cat(&[&x, &x], 0)? } else { x.clone() };
+        let x_in = if guidance.is_some() {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
         let x_in = sched.scale_model_input(&x_in, i)?;
-        let cond = added.map(|(te, ids)| crate::models::unet::AddedCond { text_embeds: te, time_ids: ids });
-        let eps = model.unet.forward(&x_in, &timestep_tensor(timesteps[i], model)?, embeds, cond)?;
+        let cond = added.map(|(te, ids)| crate::models::unet::AddedCond {
+            text_embeds: te,
+            time_ids: ids,
+        });
+        let eps =
+            model
+                .unet
+                .forward(&x_in, &timestep_tensor(timesteps[i], model)?, embeds, cond)?;
         let eps = match guidance {
             Some(g) => cfg_combine(&eps, n, g)?,
             None => eps,
@@ -168,10 +191,20 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
     let (n, _, h, w) = images.dims4()?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let img = images.get(i)?.permute((1, 2, 0))?.contiguous()?.to_dtype(DType::F32)?;
+        let img = images
+            .get(i)?
+            .permute((1, 2, 0))?
+            .contiguous()?
+            .to_dtype(DType::F32)?;
         let data: Vec<f32> = img.flatten_all()?.to_vec1()?;
         // diffusers' numpy_to_pil: (x * 255).round()
-        out.push((w, h, data.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect()));
+        out.push((
+            w,
+            h,
+            data.iter()
+                .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect(),
+        ));
     }
     Ok(out)
 }

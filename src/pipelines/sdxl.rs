@@ -1,7 +1,9 @@
 //! StableDiffusionXLPipeline: two text encoders (penultimate hidden states, pooled
 //! projection) and micro-conditioning time ids.
 
-use super::{decode_latents, denoise, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
+use super::{
+    decode_latents, denoise, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams,
+};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -18,16 +20,27 @@ pub struct SdxlEmbeds {
 pub fn encode(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Result<SdxlEmbeds> {
     let (tok2, enc2) = match (&model.tokenizer_2, &model.text_encoder_2) {
         (Some(t), Some(e)) => (t, e),
-        _ => return Err(PipelineError::Unsupported(model.architecture, "SDXL text encoding")),
+        _ => {
+            return Err(PipelineError::Unsupported(
+                model.architecture,
+                "SDXL text encoding",
+            ))
+        }
     };
     let mut hidden = Vec::new();
     let mut pooled = None;
-    for (tok, enc, second) in [(&model.tokenizer, &model.text_encoder, false), (tok2, enc2, true)] {
+    for (tok, enc, second) in [
+        (&model.tokenizer, &model.text_encoder, false),
+        (tok2, enc2, true),
+    ] {
         let mut ids = Vec::new();
         for p in prompts {
             let t = tok.encode(p)?;
             if t.truncated > 0 && !second {
-                notes.warnings.push(format!("prompt truncated: the last {} tokens exceed CLIP's token limit", t.truncated));
+                notes.warnings.push(format!(
+                    "prompt truncated: the last {} tokens exceed CLIP's token limit",
+                    t.truncated
+                ));
             }
             ids.push(t.ids);
         }
@@ -54,7 +67,10 @@ pub fn run(
     notes: &mut Notes,
 ) -> Result<Tensor> {
     if model.architecture != Architecture::StableDiffusionXl {
-        return Err(PipelineError::Unsupported(model.architecture, "the SDXL pipeline"));
+        return Err(PipelineError::Unsupported(
+            model.architecture,
+            "the SDXL pipeline",
+        ));
     }
     params.validate(model)?;
     let n = prompts.len();
@@ -80,7 +96,10 @@ pub fn run(
         }
         let neg_e = Tensor::stack(&neg_e, 0)?;
         let neg_p = Tensor::stack(&neg_p, 0)?;
-        (Tensor::cat(&[&neg_e, &pos_e.prompt_embeds], 0)?, Tensor::cat(&[&neg_p, &pos_e.pooled], 0)?)
+        (
+            Tensor::cat(&[&neg_e, &pos_e.prompt_embeds], 0)?,
+            Tensor::cat(&[&neg_p, &pos_e.pooled], 0)?,
+        )
     } else {
         (pos_e.prompt_embeds, pos_e.pooled)
     };
@@ -92,6 +111,16 @@ pub fn run(
     let mut sched = make_scheduler(params.scheduler, &model.scheduler_config, params.steps)?;
     let x = (noise.to_dtype(model.dtype)? * sched.init_noise_sigma())?;
     let guidance = cfg.then_some(params.guidance_scale);
-    let x = denoise(model, sched.as_mut(), x, 0, guidance, &embeds, Some((&pooled, &time_ids)), rng, progress)?;
+    let x = denoise(
+        model,
+        sched.as_mut(),
+        x,
+        0,
+        guidance,
+        &embeds,
+        Some((&pooled, &time_ids)),
+        rng,
+        progress,
+    )?;
     decode_latents(model, &x)
 }

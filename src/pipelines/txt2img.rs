@@ -1,6 +1,9 @@
 //! StableDiffusionPipeline: text to image with classifier-free guidance.
 
-use super::{decode_latents, denoise, encode_sd_cfg, Notes, PipelineError, Progress, PromptPair, Result, SamplingParams};
+use super::{
+    decode_latents, denoise, encode_sd_cfg, Notes, PipelineError, Progress, PromptPair, Result,
+    SamplingParams,
+};
 use crate::models::{Architecture, DiffusionModel};
 use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
@@ -18,7 +21,10 @@ pub fn run(
     notes: &mut Notes,
 ) -> Result<Tensor> {
     if model.architecture != Architecture::StableDiffusion {
-        return Err(PipelineError::Unsupported(model.architecture, "txt2img with the SD 1.x/2.x pipeline"));
+        return Err(PipelineError::Unsupported(
+            model.architecture,
+            "txt2img with the SD 1.x/2.x pipeline",
+        ));
     }
     params.validate(model)?;
     let cfg = params.guidance_scale > 1.0;
@@ -26,6 +32,16 @@ pub fn run(
     let mut sched = make_scheduler(params.scheduler, &model.scheduler_config, params.steps)?;
     let x = (noise.to_dtype(model.dtype)? * sched.init_noise_sigma())?;
     let guidance = cfg.then_some(params.guidance_scale);
-    let x = denoise(model, sched.as_mut(), x, 0, guidance, &embeds, None, rng, progress)?;
+    let x = denoise(
+        model,
+        sched.as_mut(),
+        x,
+        0,
+        guidance,
+        &embeds,
+        None,
+        rng,
+        progress,
+    )?;
     decode_latents(model, &x)
 }

@@ -96,14 +96,19 @@ impl SchedulerConfig {
     pub fn from_json(v: &Value) -> Result<Self> {
         let mut c = SchedulerConfig::default();
         if let Some(obj) = v.as_object() {
-            c.present = obj.iter().filter(|(_, x)| !x.is_null()).map(|(k, _)| k.clone()).collect();
+            c.present = obj
+                .iter()
+                .filter(|(_, x)| !x.is_null())
+                .map(|(k, _)| k.clone())
+                .collect();
         }
         let get = |k: &str| v.get(k).filter(|x| !x.is_null());
         if let Some(x) = get("_class_name") {
             c.class_name = x.as_str().map(str::to_string);
         }
         if let Some(x) = get("num_train_timesteps") {
-            c.num_train_timesteps = x.as_u64().ok_or_else(|| bad("num_train_timesteps", x))? as usize;
+            c.num_train_timesteps =
+                x.as_u64().ok_or_else(|| bad("num_train_timesteps", x))? as usize;
         }
         if let Some(x) = get("beta_start") {
             c.beta_start = x.as_f64().ok_or_else(|| bad("beta_start", x))?;
@@ -155,7 +160,9 @@ impl SchedulerConfig {
             c.use_karras_sigmas = x.as_bool().ok_or_else(|| bad("use_karras_sigmas", x))?;
         }
         if let Some(x) = get("rescale_betas_zero_snr") {
-            c.rescale_betas_zero_snr = x.as_bool().ok_or_else(|| bad("rescale_betas_zero_snr", x))?;
+            c.rescale_betas_zero_snr = x
+                .as_bool()
+                .ok_or_else(|| bad("rescale_betas_zero_snr", x))?;
         }
         if let Some(x) = get("final_sigmas_type") {
             c.final_sigmas_type_zero = match x.as_str() {
@@ -203,7 +210,12 @@ impl SchedulerConfig {
                 return Err(bad("interpolation_type", x));
             }
         }
-        for field in ["sigma_min", "sigma_max", "lambda_min_clipped", "variance_type"] {
+        for field in [
+            "sigma_min",
+            "sigma_max",
+            "lambda_min_clipped",
+            "variance_type",
+        ] {
             // Only their defaults (null / -inf) are implemented.
             if let Some(x) = get(field) {
                 return Err(bad(field, x));
@@ -215,7 +227,9 @@ impl SchedulerConfig {
             }
         }
         if c.num_train_timesteps == 0 {
-            return Err(SchedulerError::Config("num_train_timesteps must be > 0".into()));
+            return Err(SchedulerError::Config(
+                "num_train_timesteps must be > 0".into(),
+            ));
         }
         Ok(c)
     }
@@ -265,12 +279,18 @@ impl SchedulerConfig {
         } else {
             match self.beta_schedule {
                 BetaSchedule::Linear => linspace(self.beta_start, self.beta_end, n),
-                BetaSchedule::ScaledLinear => linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
-                    .into_iter()
-                    .map(|b| b * b)
-                    .collect(),
+                BetaSchedule::ScaledLinear => {
+                    linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n)
+                        .into_iter()
+                        .map(|b| b * b)
+                        .collect()
+                }
                 BetaSchedule::SquaredcosCapV2 => {
-                    let f = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                    let f = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                            .cos()
+                            .powi(2)
+                    };
                     (0..n)
                         .map(|i| {
                             let t1 = i as f64 / n as f64;

@@ -56,15 +56,20 @@ pub(super) fn discrete_timesteps(cfg: &SchedulerConfig, n: usize) -> Vec<i64> {
     match cfg.timestep_spacing {
         TimestepSpacing::Leading => {
             let ratio = t / n;
-            (0..n).rev().map(|i| (i * ratio + cfg.steps_offset) as i64).collect()
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio + cfg.steps_offset) as i64)
+                .collect()
         }
         TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
             .into_iter()
             .map(|x| np_round(x) as i64 - 1)
             .collect(),
-        TimestepSpacing::Linspace => {
-            np_linspace(0.0, (t - 1) as f64, n).into_iter().rev().map(|x| np_round(x) as i64).collect()
-        }
+        TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|x| np_round(x) as i64)
+            .collect(),
     }
 }
 
@@ -98,10 +103,16 @@ pub(super) fn acp_at(acp: &[f64], t: i64) -> Result<f64> {
 /// `sum(c_i * t_i)` with the coefficients computed on the host, so a scheduler step is a few
 /// scalar-times-tensor kernels and never reads the tensors back.
 pub(super) fn lincomb(terms: &[(&Tensor, f64)]) -> Result<Tensor> {
-    let scaled =
-        |t: &Tensor, c: f64| -> Result<Tensor> { Ok(if c == 1.0 { t.clone() } else { t.affine(c, 0.0)? }) };
-    let (first, rest) =
-        terms.split_first().ok_or_else(|| SchedulerError::Config("empty linear combination".into()))?;
+    let scaled = |t: &Tensor, c: f64| -> Result<Tensor> {
+        Ok(if c == 1.0 {
+            t.clone()
+        } else {
+            t.affine(c, 0.0)?
+        })
+    };
+    let (first, rest) = terms
+        .split_first()
+        .ok_or_else(|| SchedulerError::Config("empty linear combination".into()))?;
     let mut acc = scaled(first.0, first.1)?;
     for (t, c) in rest {
         acc = (acc + scaled(t, *c)?)?;
@@ -110,7 +121,9 @@ pub(super) fn lincomb(terms: &[(&Tensor, f64)]) -> Result<Tensor> {
 }
 
 pub(super) fn step_out_of_range(step_index: usize, len: usize) -> SchedulerError {
-    SchedulerError::Config(format!("step index {step_index} is out of range for {len} timesteps"))
+    SchedulerError::Config(format!(
+        "step index {step_index} is out of range for {len} timesteps"
+    ))
 }
 
 pub struct Ddim {
@@ -128,14 +141,21 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         if n == 0 || n > cfg.num_train_timesteps {
-            return Err(SchedulerError::Steps { got: n, max: cfg.num_train_timesteps });
+            return Err(SchedulerError::Steps {
+                got: n,
+                max: cfg.num_train_timesteps,
+            });
         }
         let alphas_cumprod = plain_alphas_cumprod(cfg);
         let discrete = discrete_timesteps(cfg, n);
         for &t in &discrete {
             acp_at(&alphas_cumprod, t)?;
         }
-        let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         Ok(Self {
             timesteps: discrete.iter().map(|&t| t as f64).collect(),
             discrete,
@@ -160,7 +180,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -171,13 +190,17 @@ impl Scheduler for Ddim {
         let t = self.timestep(step_index)?;
         let prev_t = t - self.step_ratio;
         let a = acp_at(&self.alphas_cumprod, t)?;
-        let a_prev =
-            if prev_t >= 0 { acp_at(&self.alphas_cumprod, prev_t)? } else { self.final_alpha_cumprod };
+        let a_prev = if prev_t >= 0 {
+            acp_at(&self.alphas_cumprod, prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
         let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
         let (pred_x0, pred_eps) = match self.prediction_type {
-            PredictionType::Epsilon => {
-                (lincomb(&[(sample, 1.0 / sa), (model_output, -sb / sa)])?, model_output.clone())
-            }
+            PredictionType::Epsilon => (
+                lincomb(&[(sample, 1.0 / sa), (model_output, -sb / sa)])?,
+                model_output.clone(),
+            ),
             PredictionType::VPrediction => (
                 lincomb(&[(sample, sa), (model_output, -sb)])?,
                 lincomb(&[(model_output, sa), (sample, sb)])?,
@@ -189,7 +212,10 @@ impl Scheduler for Ddim {
             Some(r) => pred_x0.clamp(-r, r)?,
             None => pred_x0,
         };
-        lincomb(&[(&pred_x0, a_prev.sqrt()), (&pred_eps, (1.0 - a_prev).sqrt())])
+        lincomb(&[
+            (&pred_x0, a_prev.sqrt()),
+            (&pred_eps, (1.0 - a_prev).sqrt()),
+        ])
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -231,11 +257,16 @@ pub(crate) mod test_support {
             let name = self.json[role_group][role]
                 .as_str()
                 .unwrap_or_else(|| panic!("{}: no {role_group}.{role}", self.name));
-            self.tensors().remove(name).unwrap_or_else(|| panic!("{}: tensor {name} missing", self.name))
+            self.tensors()
+                .remove(name)
+                .unwrap_or_else(|| panic!("{}: tensor {name} missing", self.name))
         }
 
         pub fn f64s(&self, role_group: &str, role: &str) -> Vec<f64> {
-            let t = self.tensor(role_group, role).to_dtype(candle_core::DType::F64).unwrap();
+            let t = self
+                .tensor(role_group, role)
+                .to_dtype(candle_core::DType::F64)
+                .unwrap();
             t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
         }
     }
@@ -299,7 +330,12 @@ pub(crate) mod test_support {
     }
 
     pub fn values(t: &Tensor) -> Vec<f64> {
-        t.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        t.to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
     }
 
     /// The suite's pass rule (README section 3) for one tensor.
@@ -334,7 +370,12 @@ mod tests {
         for case in &cases {
             let s = Ddim::new(&case.cfg, case.steps).unwrap();
             assert_eq!(s.timesteps().len(), case.steps, "{}", case.name);
-            assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
+            assert_eq!(
+                &s.timesteps()[case.t_start..],
+                &case.timesteps[..],
+                "{}",
+                case.name
+            );
             assert_eq!(s.init_noise_sigma(), case.init_noise_sigma, "{}", case.name);
         }
     }
@@ -364,17 +405,29 @@ mod tests {
 
     #[test]
     fn trailing_and_linspace_spacing() {
-        let mut cfg = SchedulerConfig { timestep_spacing: TimestepSpacing::Trailing, ..Default::default() };
+        let mut cfg = SchedulerConfig {
+            timestep_spacing: TimestepSpacing::Trailing,
+            ..Default::default()
+        };
         let s = Ddim::new(&cfg, 10).unwrap();
         let expect: Vec<f64> = (0..10).rev().map(|i| (i * 100 + 99) as f64).collect();
         assert_eq!(s.timesteps(), &expect[..]);
         // round(1000 - k*1000/3) - 1
-        assert_eq!(Ddim::new(&cfg, 3).unwrap().timesteps(), &[999.0, 666.0, 332.0]);
+        assert_eq!(
+            Ddim::new(&cfg, 3).unwrap().timesteps(),
+            &[999.0, 666.0, 332.0]
+        );
 
         cfg.timestep_spacing = TimestepSpacing::Linspace;
-        assert_eq!(Ddim::new(&cfg, 4).unwrap().timesteps(), &[999.0, 666.0, 333.0, 0.0]);
+        assert_eq!(
+            Ddim::new(&cfg, 4).unwrap().timesteps(),
+            &[999.0, 666.0, 333.0, 0.0]
+        );
         // linspace(0, 999, 7) has 166.5, 499.5 and 832.5: numpy rounds half to even.
-        assert_eq!(Ddim::new(&cfg, 7).unwrap().timesteps(), &[999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]);
+        assert_eq!(
+            Ddim::new(&cfg, 7).unwrap().timesteps(),
+            &[999.0, 832.0, 666.0, 500.0, 333.0, 166.0, 0.0]
+        );
     }
 
     #[test]
@@ -414,7 +467,10 @@ mod tests {
 
     #[test]
     fn set_alpha_to_one_lands_on_x0() {
-        let cfg = SchedulerConfig { set_alpha_to_one: true, ..Default::default() };
+        let cfg = SchedulerConfig {
+            set_alpha_to_one: true,
+            ..Default::default()
+        };
         let acp = cfg.alphas_cumprod();
         let mut s = Ddim::new(&cfg, 10).unwrap();
         let x = scalar_tensor(&[0.3]);
@@ -430,7 +486,10 @@ mod tests {
     #[test]
     fn exact_model_follows_the_forward_process() {
         for pred in [PredictionType::Epsilon, PredictionType::VPrediction] {
-            let cfg = SchedulerConfig { prediction_type: pred, ..Default::default() };
+            let cfg = SchedulerConfig {
+                prediction_type: pred,
+                ..Default::default()
+            };
             let acp = cfg.alphas_cumprod();
             let mut s = Ddim::new(&cfg, 8).unwrap();
             let (x0, eps) = (0.7f64, -0.4f64);
@@ -443,25 +502,43 @@ mod tests {
                     PredictionType::VPrediction => a.sqrt() * eps - (1.0 - a).sqrt() * x0,
                 };
                 let got = values(
-                    &s.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut rng())
-                        .unwrap(),
+                    &s.step(
+                        &scalar_tensor(&[out as f32]),
+                        i,
+                        &scalar_tensor(&[x as f32]),
+                        &mut rng(),
+                    )
+                    .unwrap(),
                 )[0];
                 let ap = if t >= 125 { acp[t - 125] } else { acp[0] };
                 let want = ap.sqrt() * x0 + (1.0 - ap).sqrt() * eps;
-                assert!((got - want).abs() < 1e-5, "{pred:?} step {i}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{pred:?} step {i}: {got} vs {want}"
+                );
             }
         }
     }
 
     #[test]
     fn clip_sample_clamps_x0_only() {
-        let cfg = SchedulerConfig { clip_sample: true, clip_sample_range: 1.0, ..Default::default() };
+        let cfg = SchedulerConfig {
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            ..Default::default()
+        };
         let acp = cfg.alphas_cumprod();
         let mut s = Ddim::new(&cfg, 10).unwrap();
         let (x, e) = (3.0f64, 0.1f64);
-        let got =
-            values(&s.step(&scalar_tensor(&[e as f32]), 0, &scalar_tensor(&[x as f32]), &mut rng()).unwrap())
-                [0];
+        let got = values(
+            &s.step(
+                &scalar_tensor(&[e as f32]),
+                0,
+                &scalar_tensor(&[x as f32]),
+                &mut rng(),
+            )
+            .unwrap(),
+        )[0];
         let ap = acp[801];
         // x0 = (3 - sqrt(1-a)*0.1)/sqrt(a) is ~29, clipped to 1.
         let want = ap.sqrt() * 1.0 + (1.0 - ap).sqrt() * e;

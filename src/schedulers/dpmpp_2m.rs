@@ -5,7 +5,8 @@
 use super::ddim::{lincomb, np_arange_down, np_linspace, np_round, step_out_of_range};
 use super::euler::{karras_sigmas, np_interp, sigma_to_t, training_sigmas, upcast};
 use super::{
-    BetaSchedule, PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError, TimestepSpacing,
+    BetaSchedule, PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError,
+    TimestepSpacing,
 };
 use crate::rng::NoiseRng;
 use candle_core::Tensor;
@@ -64,7 +65,10 @@ impl DpmPp2M {
             }
             TimestepSpacing::Leading => {
                 let ratio = last_timestep / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + cfg.steps_offset) as f64)
+                    .collect()
             }
             TimestepSpacing::Trailing => np_arange_down(last_timestep as f64, t as f64 / n as f64)
                 .into_iter()
@@ -94,7 +98,11 @@ impl DpmPp2M {
         } else {
             timesteps.iter().map(|&ts| np_interp(ts, &train)).collect()
         };
-        sigmas.push(if cfg.final_sigmas_type_zero { 0.0 } else { train[0] });
+        sigmas.push(if cfg.final_sigmas_type_zero {
+            0.0
+        } else {
+            train[0]
+        });
 
         Ok(Self {
             timesteps,
@@ -157,7 +165,6 @@ impl Scheduler for DpmPp2M {
         &self.timesteps
     }
 
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -179,7 +186,9 @@ impl Scheduler for DpmPp2M {
         };
         let final_step = step_index == n - 1;
         let lower_order_final = final_step
-            && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigmas_zero);
+            && (self.euler_at_final
+                || (self.lower_order_final && n < 15)
+                || self.final_sigmas_zero);
         let prev = match &self.prev_x0 {
             Some(m1)
                 if self.solver_order == 2
@@ -215,30 +224,54 @@ mod tests {
     #[test]
     fn schedule_matches_reference_cases() {
         let cases = cases("dpmpp_2m");
-        assert!(!cases.is_empty(), "no dpmpp_2m cases in the conformance suite");
+        assert!(
+            !cases.is_empty(),
+            "no dpmpp_2m cases in the conformance suite"
+        );
         for case in &cases {
             let s = DpmPp2M::new(&case.cfg, case.steps, case.cfg.use_karras_sigmas).unwrap();
             assert_eq!(s.timesteps().len(), case.steps, "{}", case.name);
-            assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
+            assert_eq!(
+                &s.timesteps()[case.t_start..],
+                &case.timesteps[..],
+                "{}",
+                case.name
+            );
             assert_eq!(s.init_noise_sigma(), case.init_noise_sigma, "{}", case.name);
             let reference = case.f64s("debug", "sigmas");
             assert_eq!(s.sigmas().len(), reference.len(), "{}", case.name);
             for (k, (a, b)) in s.sigmas().iter().zip(&reference).enumerate() {
-                assert!((a - b).abs() <= 1e-7 + 2e-5 * b.abs(), "{} sigma[{k}]: {a} vs {b}", case.name);
+                assert!(
+                    (a - b).abs() <= 1e-7 + 2e-5 * b.abs(),
+                    "{} sigma[{k}]: {a} vs {b}",
+                    case.name
+                );
             }
         }
     }
 
     #[test]
     fn other_spacings() {
-        let mut cfg = SchedulerConfig { timestep_spacing: TimestepSpacing::Linspace, ..Default::default() };
+        let mut cfg = SchedulerConfig {
+            timestep_spacing: TimestepSpacing::Linspace,
+            ..Default::default()
+        };
         // round(linspace(0, 999, 5)) = 0, 250 (249.75), 500 (499.5, half to even), 749, 999.
-        assert_eq!(DpmPp2M::new(&cfg, 4, false).unwrap().timesteps(), &[999.0, 749.0, 500.0, 250.0]);
+        assert_eq!(
+            DpmPp2M::new(&cfg, 4, false).unwrap().timesteps(),
+            &[999.0, 749.0, 500.0, 250.0]
+        );
         cfg.timestep_spacing = TimestepSpacing::Trailing;
-        assert_eq!(DpmPp2M::new(&cfg, 4, false).unwrap().timesteps(), &[999.0, 749.0, 499.0, 249.0]);
+        assert_eq!(
+            DpmPp2M::new(&cfg, 4, false).unwrap().timesteps(),
+            &[999.0, 749.0, 499.0, 249.0]
+        );
         let s = DpmPp2M::new(&cfg, 4, false).unwrap();
         let train = training_sigmas(&cfg);
-        assert_eq!(s.sigmas(), &[train[999], train[749], train[499], train[249], 0.0]);
+        assert_eq!(
+            s.sigmas(),
+            &[train[999], train[749], train[499], train[249], 0.0]
+        );
     }
 
     #[test]
@@ -258,14 +291,20 @@ mod tests {
             assert_eq!(*t, sigma_to_t(*sg, &logs).round_ties_even());
             assert_eq!(t.fract(), 0.0);
         }
-        let cfg = SchedulerConfig { final_sigmas_type_zero: false, ..Default::default() };
+        let cfg = SchedulerConfig {
+            final_sigmas_type_zero: false,
+            ..Default::default()
+        };
         let s = DpmPp2M::new(&cfg, 20, true).unwrap();
         assert_eq!(s.sigmas()[20], train[0]);
     }
 
     #[test]
     fn solver_order_three_is_refused() {
-        let cfg = SchedulerConfig { solver_order: 3, ..Default::default() };
+        let cfg = SchedulerConfig {
+            solver_order: 3,
+            ..Default::default()
+        };
         assert!(DpmPp2M::new(&cfg, 10, false).is_err());
     }
 
@@ -317,12 +356,18 @@ mod tests {
                     Some(m1) => {
                         let r0 = (lam(sig[i]) - lam(sig[i - 1])) / h;
                         let d1 = (x0 - m1) / r0;
-                        (s_t / s_s) * x - a_t * ((-h).exp() - 1.0) * x0 - 0.5 * a_t * ((-h).exp() - 1.0) * d1
+                        (s_t / s_s) * x
+                            - a_t * ((-h).exp() - 1.0) * x0
+                            - 0.5 * a_t * ((-h).exp() - 1.0) * d1
                     }
                 }
             };
             prev_x0 = Some(x0);
-            assert!((got[i + 1] - x).abs() < 1e-5 * (1.0 + x.abs()), "step {i}: {} vs {x}", got[i + 1]);
+            assert!(
+                (got[i + 1] - x).abs() < 1e-5 * (1.0 + x.abs()),
+                "step {i}: {} vs {x}",
+                got[i + 1]
+            );
         }
     }
 
@@ -365,7 +410,10 @@ mod tests {
                         let got = run(&mut s, &[out], x, i)[1];
                         let (a2, s2) = alpha_sigma(s.sigmas()[i + 1]);
                         let want = a2 * x0 + s2 * eps;
-                        assert!((got - want).abs() < 2e-5, "{pred:?} karras={karras} {i}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 2e-5,
+                            "{pred:?} karras={karras} {i}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -378,10 +426,15 @@ mod tests {
         let s = DpmPp2M::new(&cfg, 10, false).unwrap();
         let acp = cfg.alphas_cumprod();
         let t = s.timesteps()[3] as usize;
-        let out = values(&s.add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[0.5]), 3).unwrap())[0];
+        let out = values(
+            &s.add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[0.5]), 3)
+                .unwrap(),
+        )[0];
         let want = acp[t].sqrt() + (1.0 - acp[t]).sqrt() * 0.5;
         assert!((out - want).abs() < 1e-6);
-        assert!(s.add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[0.5]), 10).is_err());
+        assert!(s
+            .add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[0.5]), 10)
+            .is_err());
     }
 
     #[test]

@@ -8,7 +8,10 @@ use candle_core::{DType, Tensor};
 
 /// Training sigmas `sqrt((1 - acp) / acp)`, indexed by training timestep.
 pub(super) fn training_sigmas(cfg: &SchedulerConfig) -> Vec<f64> {
-    cfg.alphas_cumprod().iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+    cfg.alphas_cumprod()
+        .iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect()
 }
 
 /// `np.interp(x, arange(len(fp)), fp)`: linear in between, clamped to the end values outside.
@@ -33,7 +36,11 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
     // `argmax(cumsum(dists >= 0))` is the last index at or below log_sigma, or 0 if none.
-    let low = log_sigmas.iter().rposition(|&l| log_sigma - l >= 0.0).unwrap_or(0).min(n.saturating_sub(2));
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0)
+        .min(n.saturating_sub(2));
     let high = (low + 1).min(n - 1);
     let (lo, hi) = (log_sigmas[low], log_sigmas[high]);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
@@ -44,7 +51,10 @@ pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
 pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// The float32 values diffusers stores: the UNet sees f32 timesteps, and the sigma
@@ -77,14 +87,21 @@ impl SigmaSchedule {
         }
         let mut timesteps: Vec<f64> = match cfg.timestep_spacing {
             // Unlike DDIM, Euler does not round linspace timesteps: the UNet gets fractions.
-            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n).into_iter().rev().collect(),
+            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
+                .into_iter()
+                .rev()
+                .collect(),
             TimestepSpacing::Leading => {
                 let ratio = t / n;
-                (0..n).rev().map(|i| (i * ratio) as f64 + cfg.steps_offset as f64).collect()
+                (0..n)
+                    .rev()
+                    .map(|i| (i * ratio) as f64 + cfg.steps_offset as f64)
+                    .collect()
             }
-            TimestepSpacing::Trailing => {
-                np_arange_down(t as f64, t as f64 / n as f64).into_iter().map(|x| np_round(x) - 1.0).collect()
-            }
+            TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
+                .into_iter()
+                .map(|x| np_round(x) - 1.0)
+                .collect(),
         };
         timesteps.iter_mut().for_each(|x| *x = as_f32(*x));
 
@@ -96,7 +113,10 @@ impl SigmaSchedule {
             let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
             sigmas = karras_sigmas(min, max, n);
             let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
-            timesteps = sigmas.iter().map(|&s| as_f32(sigma_to_t(s, &log_sigmas))).collect();
+            timesteps = sigmas
+                .iter()
+                .map(|&s| as_f32(sigma_to_t(s, &log_sigmas)))
+                .collect();
         }
         sigmas.push(if final_zero { 0.0 } else { train[0] });
 
@@ -107,7 +127,11 @@ impl SigmaSchedule {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
             TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
         };
-        Ok(Self { timesteps, sigmas, init_noise_sigma })
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        })
     }
 
     /// `(sigma_i, sigma_{i+1})`.
@@ -123,7 +147,12 @@ impl SigmaSchedule {
         Ok(sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)?)
     }
 
-    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+    pub fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> Result<Tensor> {
         let (sigma, _) = self.pair(step_index)?;
         lincomb(&[(original, 1.0), (noise, sigma)])
     }
@@ -151,7 +180,12 @@ pub struct Euler {
 impl Euler {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         Ok(Self {
-            schedule: SigmaSchedule::new(cfg, n, cfg.use_karras_sigmas, cfg.final_sigmas_type_zero)?,
+            schedule: SigmaSchedule::new(
+                cfg,
+                n,
+                cfg.use_karras_sigmas,
+                cfg.final_sigmas_type_zero,
+            )?,
             prediction_type: cfg.prediction_type,
         })
     }
@@ -212,7 +246,12 @@ mod tests {
         for case in &cases {
             let s = Euler::new(&case.cfg, case.steps).unwrap();
             assert_eq!(s.timesteps().len(), case.steps, "{}", case.name);
-            assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
+            assert_eq!(
+                &s.timesteps()[case.t_start..],
+                &case.timesteps[..],
+                "{}",
+                case.name
+            );
             assert!(
                 close(s.init_noise_sigma(), case.init_noise_sigma),
                 "{}: init_noise_sigma {} vs {}",
@@ -231,7 +270,10 @@ mod tests {
     #[test]
     fn add_noise_matches_img2img_reference() {
         let mut checked = 0;
-        for case in cases("euler").iter().filter(|c| c.json["kind"] == "img2img") {
+        for case in cases("euler")
+            .iter()
+            .filter(|c| c.json["kind"] == "img2img")
+        {
             let s = Euler::new(&case.cfg, case.steps).unwrap();
             let init = case.tensor("debug", "init_latents");
             let noise = case.tensor("inputs", "noise");
@@ -275,7 +317,11 @@ mod tests {
     #[test]
     fn exact_model_follows_the_forward_process() {
         for pred in [PredictionType::Epsilon, PredictionType::VPrediction] {
-            for spacing in [TimestepSpacing::Leading, TimestepSpacing::Linspace, TimestepSpacing::Trailing] {
+            for spacing in [
+                TimestepSpacing::Leading,
+                TimestepSpacing::Linspace,
+                TimestepSpacing::Trailing,
+            ] {
                 let cfg = SchedulerConfig {
                     prediction_type: pred,
                     timestep_spacing: spacing,
@@ -286,7 +332,8 @@ mod tests {
                 for i in 0..7 {
                     let (sg, next) = (s.sigmas()[i], s.sigmas()[i + 1]);
                     let x = x0 + sg * eps;
-                    let (alpha, sigma_t) = (1.0 / (sg * sg + 1.0).sqrt(), sg / (sg * sg + 1.0).sqrt());
+                    let (alpha, sigma_t) =
+                        (1.0 / (sg * sg + 1.0).sqrt(), sg / (sg * sg + 1.0).sqrt());
                     let out = match pred {
                         PredictionType::Epsilon => eps,
                         PredictionType::VPrediction => alpha * eps - sigma_t * x0,
@@ -312,7 +359,10 @@ mod tests {
 
     #[test]
     fn linspace_timesteps_are_not_rounded() {
-        let cfg = SchedulerConfig { timestep_spacing: TimestepSpacing::Linspace, ..Default::default() };
+        let cfg = SchedulerConfig {
+            timestep_spacing: TimestepSpacing::Linspace,
+            ..Default::default()
+        };
         let s = Euler::new(&cfg, 4).unwrap();
         assert_eq!(s.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
         let s = Euler::new(&cfg, 7).unwrap();
@@ -325,14 +375,20 @@ mod tests {
 
     #[test]
     fn final_sigma_min() {
-        let cfg = SchedulerConfig { final_sigmas_type_zero: false, ..Default::default() };
+        let cfg = SchedulerConfig {
+            final_sigmas_type_zero: false,
+            ..Default::default()
+        };
         let s = Euler::new(&cfg, 5).unwrap();
         assert_eq!(*s.sigmas().last().unwrap(), training_sigmas(&cfg)[0]);
     }
 
     #[test]
     fn karras_schedule() {
-        let cfg = SchedulerConfig { use_karras_sigmas: true, ..Default::default() };
+        let cfg = SchedulerConfig {
+            use_karras_sigmas: true,
+            ..Default::default()
+        };
         let plain = Euler::new(&SchedulerConfig::default(), 10).unwrap();
         let s = Euler::new(&cfg, 10).unwrap();
         let (sig, ps) = (s.sigmas(), plain.sigmas());

@@ -17,7 +17,10 @@ pub struct EulerAncestral {
 
 impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
-        Ok(Self { schedule: SigmaSchedule::new(cfg, n, false, true)?, prediction_type: cfg.prediction_type })
+        Ok(Self {
+            schedule: SigmaSchedule::new(cfg, n, false, true)?,
+            prediction_type: cfg.prediction_type,
+        })
     }
 
     #[cfg(test)]
@@ -86,21 +89,42 @@ mod tests {
         assert!(!cases.is_empty());
         for case in &cases {
             let s = EulerAncestral::new(&case.cfg, case.steps).unwrap();
-            assert_eq!(&s.timesteps()[case.t_start..], &case.timesteps[..], "{}", case.name);
-            assert!((s.init_noise_sigma() - case.init_noise_sigma).abs() < 2e-5 * case.init_noise_sigma);
+            assert_eq!(
+                &s.timesteps()[case.t_start..],
+                &case.timesteps[..],
+                "{}",
+                case.name
+            );
+            assert!(
+                (s.init_noise_sigma() - case.init_noise_sigma).abs() < 2e-5 * case.init_noise_sigma
+            );
             let reference = case.f64s("debug", "sigmas");
             assert_eq!(s.sigmas().len(), reference.len());
             for (a, b) in s.sigmas().iter().zip(&reference) {
-                assert!((a - b).abs() <= 1e-7 + 2e-5 * b.abs(), "{}: {a} vs {b}", case.name);
+                assert!(
+                    (a - b).abs() <= 1e-7 + 2e-5 * b.abs(),
+                    "{}: {a} vs {b}",
+                    case.name
+                );
             }
         }
     }
 
     #[test]
     fn same_schedule_as_euler_for_every_spacing() {
-        for spacing in [TimestepSpacing::Leading, TimestepSpacing::Linspace, TimestepSpacing::Trailing] {
-            let cfg = SchedulerConfig { timestep_spacing: spacing, ..Default::default() };
-            let (a, e) = (EulerAncestral::new(&cfg, 9).unwrap(), Euler::new(&cfg, 9).unwrap());
+        for spacing in [
+            TimestepSpacing::Leading,
+            TimestepSpacing::Linspace,
+            TimestepSpacing::Trailing,
+        ] {
+            let cfg = SchedulerConfig {
+                timestep_spacing: spacing,
+                ..Default::default()
+            };
+            let (a, e) = (
+                EulerAncestral::new(&cfg, 9).unwrap(),
+                Euler::new(&cfg, 9).unwrap(),
+            );
             assert_eq!(a.timesteps(), e.timesteps());
             assert_eq!(a.sigmas(), e.sigmas());
             assert_eq!(a.init_noise_sigma(), e.init_noise_sigma());
@@ -115,11 +139,17 @@ mod tests {
         let x = scalar_tensor(&[1.5, -0.25, 0.0]);
         let eps = scalar_tensor(&[0.5, 0.1, -2.0]);
         let out = values(&s.step(&eps, 2, &x, &mut NoiseRng::new(42)).unwrap());
-        let noise =
-            values(&NoiseRng::new(42).randn(3, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap());
+        let noise = values(
+            &NoiseRng::new(42)
+                .randn(3, &candle_core::Device::Cpu, candle_core::DType::F32)
+                .unwrap(),
+        );
         let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
-        for (k, (xv, ev)) in [(1.5, 0.5), (-0.25, 0.1), (0.0, -2.0)].into_iter().enumerate() {
+        for (k, (xv, ev)) in [(1.5, 0.5), (-0.25, 0.1), (0.0, -2.0)]
+            .into_iter()
+            .enumerate()
+        {
             let x0 = xv - from * ev;
             let d = (xv - x0) / from;
             let want = xv + d * (down - from) + noise[k] * up;
@@ -129,7 +159,10 @@ mod tests {
 
     #[test]
     fn last_step_is_deterministic_x0() {
-        let cfg = SchedulerConfig { prediction_type: PredictionType::VPrediction, ..Default::default() };
+        let cfg = SchedulerConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..Default::default()
+        };
         let mut s = EulerAncestral::new(&cfg, 6).unwrap();
         let sigma = s.sigmas()[5];
         let x = scalar_tensor(&[0.8]);

@@ -24,7 +24,9 @@ use std::str::FromStr;
 pub enum SchedulerError {
     #[error("unsupported scheduler config: {0}")]
     Config(String),
-    #[error("unknown scheduler '{0}' (known: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm)")]
+    #[error(
+        "unknown scheduler '{0}' (known: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm)"
+    )]
     Unknown(String),
     #[error("num_inference_steps must be between 1 and {max}, got {got}")]
     Steps { got: usize, max: usize },
@@ -105,8 +107,12 @@ impl FromStr for SchedulerKind {
         Ok(match k.as_str() {
             "ddim" | "ddimscheduler" => SchedulerKind::Ddim,
             "euler" | "eulerdiscretescheduler" => SchedulerKind::Euler,
-            "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => SchedulerKind::EulerA,
-            "dpmpp_2m" | "dpm__2m" | "dpmsolvermultistepscheduler" | "dpmsolver__" => SchedulerKind::DpmPp2M,
+            "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => {
+                SchedulerKind::EulerA
+            }
+            "dpmpp_2m" | "dpm__2m" | "dpmsolvermultistepscheduler" | "dpmsolver__" => {
+                SchedulerKind::DpmPp2M
+            }
             "dpmpp_2m_karras" | "dpm__2m_karras" => SchedulerKind::DpmPp2MKarras,
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
             _ => return Err(SchedulerError::Unknown(s.to_string())),
@@ -153,16 +159,22 @@ pub fn make_scheduler(
     num_inference_steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 || num_inference_steps > config.num_train_timesteps {
-        return Err(SchedulerError::Steps { got: num_inference_steps, max: config.num_train_timesteps });
+        return Err(SchedulerError::Steps {
+            got: num_inference_steps,
+            max: config.num_train_timesteps,
+        });
     }
     let config = &config.for_kind(kind);
     Ok(match kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerA => {
-            Box::new(euler_ancestral::EulerAncestral::new(config, num_inference_steps)?)
+        SchedulerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(
+            config,
+            num_inference_steps,
+        )?),
+        SchedulerKind::DpmPp2M => {
+            Box::new(dpmpp_2m::DpmPp2M::new(config, num_inference_steps, false)?)
         }
-        SchedulerKind::DpmPp2M => Box::new(dpmpp_2m::DpmPp2M::new(config, num_inference_steps, false)?),
         SchedulerKind::DpmPp2MKarras => {
             Box::new(dpmpp_2m::DpmPp2M::new(config, num_inference_steps, true)?)
         }

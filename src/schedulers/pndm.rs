@@ -27,7 +27,10 @@ pub struct Pndm {
 impl Pndm {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         if n == 0 || n > cfg.num_train_timesteps {
-            return Err(SchedulerError::Steps { got: n, max: cfg.num_train_timesteps });
+            return Err(SchedulerError::Steps {
+                got: n,
+                max: cfg.num_train_timesteps,
+            });
         }
         let alphas_cumprod = plain_alphas_cumprod(cfg);
         // diffusers' `_timesteps` is the DDIM schedule in ascending order; PLMS repeats the
@@ -43,7 +46,11 @@ impl Pndm {
         for &t in &plms {
             acp_at(&alphas_cumprod, t)?;
         }
-        let final_alpha_cumprod = if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let final_alpha_cumprod = if cfg.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
         Ok(Self {
             timesteps: plms.iter().map(|&t| t as f64).collect(),
             discrete: plms,
@@ -59,16 +66,27 @@ impl Pndm {
 
     /// Formula (9) of the PNDM paper: the DDIM-like transfer from `t` to `prev_t` with the
     /// (combined) noise estimate `eps`.
-    fn prev_sample(&self, sample: &Tensor, t: i64, prev_t: i64, model_output: &Tensor) -> Result<Tensor> {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        t: i64,
+        prev_t: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
         let a = acp_at(&self.alphas_cumprod, t)?;
-        let a_prev =
-            if prev_t >= 0 { acp_at(&self.alphas_cumprod, prev_t)? } else { self.final_alpha_cumprod };
+        let a_prev = if prev_t >= 0 {
+            acp_at(&self.alphas_cumprod, prev_t)?
+        } else {
+            self.final_alpha_cumprod
+        };
         let (b, b_prev) = (1.0 - a, 1.0 - a_prev);
         let sample_coeff = (a_prev / a).sqrt();
         let denom = a * b_prev.sqrt() + (a * b * a_prev).sqrt();
         let eps_coeff = -(a_prev - a) / denom;
         match self.prediction_type {
-            PredictionType::Epsilon => lincomb(&[(sample, sample_coeff), (model_output, eps_coeff)]),
+            PredictionType::Epsilon => {
+                lincomb(&[(sample, sample_coeff), (model_output, eps_coeff)])
+            }
             // eps = sqrt(a) v + sqrt(1-a) x, folded into the two coefficients.
             PredictionType::VPrediction => lincomb(&[
                 (sample, sample_coeff + eps_coeff * b.sqrt()),
@@ -82,7 +100,6 @@ impl Scheduler for Pndm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
-
 
     fn step(
         &mut self,
@@ -122,7 +139,11 @@ impl Scheduler for Pndm {
                 lincomb(&[(model_output, 0.5), (&e[0], 0.5)])?
             }
             (2, _) => lincomb(&[(&e[1], 1.5), (&e[0], -0.5)])?,
-            (3, _) => lincomb(&[(&e[2], 23.0 / 12.0), (&e[1], -16.0 / 12.0), (&e[0], 5.0 / 12.0)])?,
+            (3, _) => lincomb(&[
+                (&e[2], 23.0 / 12.0),
+                (&e[1], -16.0 / 12.0),
+                (&e[0], 5.0 / 12.0),
+            ])?,
             (_, _) => lincomb(&[
                 (&e[3], 55.0 / 24.0),
                 (&e[2], -59.0 / 24.0),
@@ -154,8 +175,13 @@ mod tests {
 
     fn step(s: &mut Pndm, out: f64, i: usize, x: f64) -> f64 {
         values(
-            &s.step(&scalar_tensor(&[out as f32]), i, &scalar_tensor(&[x as f32]), &mut NoiseRng::new(0))
-                .unwrap(),
+            &s.step(
+                &scalar_tensor(&[out as f32]),
+                i,
+                &scalar_tensor(&[x as f32]),
+                &mut NoiseRng::new(0),
+            )
+            .unwrap(),
         )[0]
     }
 
@@ -163,7 +189,10 @@ mod tests {
     /// repeated, so check against the full-length DDIM cases' tables.
     #[test]
     fn timesteps_from_reference_ddim_cases() {
-        let cases: Vec<_> = cases("ddim").into_iter().filter(|c| c.t_start == 0).collect();
+        let cases: Vec<_> = cases("ddim")
+            .into_iter()
+            .filter(|c| c.t_start == 0)
+            .collect();
         assert!(!cases.is_empty());
         for case in &cases {
             let s = Pndm::new(&case.cfg, case.steps).unwrap();
@@ -176,8 +205,15 @@ mod tests {
 
     #[test]
     fn other_spacings_follow_ddim() {
-        for spacing in [TimestepSpacing::Leading, TimestepSpacing::Linspace, TimestepSpacing::Trailing] {
-            let cfg = SchedulerConfig { timestep_spacing: spacing, ..Default::default() };
+        for spacing in [
+            TimestepSpacing::Leading,
+            TimestepSpacing::Linspace,
+            TimestepSpacing::Trailing,
+        ] {
+            let cfg = SchedulerConfig {
+                timestep_spacing: spacing,
+                ..Default::default()
+            };
             let d = Ddim::new(&cfg, 7).unwrap();
             let p = Pndm::new(&cfg, 7).unwrap();
             let mut want = d.timesteps().to_vec();
@@ -194,7 +230,10 @@ mod tests {
     #[test]
     fn constant_model_output_reproduces_ddim() {
         for set_alpha_to_one in [false, true] {
-            let cfg = SchedulerConfig { set_alpha_to_one, ..Default::default() };
+            let cfg = SchedulerConfig {
+                set_alpha_to_one,
+                ..Default::default()
+            };
             let n = 9;
             let mut d = Ddim::new(&cfg, n).unwrap();
             let mut p = Pndm::new(&cfg, n).unwrap();
@@ -236,11 +275,20 @@ mod tests {
     /// against DDIM's.
     #[test]
     fn v_prediction_first_step_matches_ddim() {
-        let cfg = SchedulerConfig { prediction_type: PredictionType::VPrediction, ..Default::default() };
+        let cfg = SchedulerConfig {
+            prediction_type: PredictionType::VPrediction,
+            ..Default::default()
+        };
         let mut d = Ddim::new(&cfg, 10).unwrap();
         let mut p = Pndm::new(&cfg, 10).unwrap();
         let want = values(
-            &d.step(&scalar_tensor(&[0.6]), 0, &scalar_tensor(&[-0.8]), &mut NoiseRng::new(0)).unwrap(),
+            &d.step(
+                &scalar_tensor(&[0.6]),
+                0,
+                &scalar_tensor(&[-0.8]),
+                &mut NoiseRng::new(0),
+            )
+            .unwrap(),
         )[0];
         let got = step(&mut p, 0.6, 0, -0.8);
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
@@ -284,7 +332,10 @@ mod tests {
         let cfg = SchedulerConfig::default();
         let p = Pndm::new(&cfg, 10).unwrap();
         let acp = cfg.alphas_cumprod();
-        let out = values(&p.add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[-1.0]), 2).unwrap())[0];
+        let out = values(
+            &p.add_noise(&scalar_tensor(&[1.0]), &scalar_tensor(&[-1.0]), 2)
+                .unwrap(),
+        )[0];
         let t = p.timesteps()[2] as usize;
         assert!((out - (acp[t].sqrt() - (1.0 - acp[t]).sqrt())).abs() < 1e-6);
     }

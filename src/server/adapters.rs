@@ -27,7 +27,10 @@ struct FileId {
 impl FileId {
     fn of(path: &Path) -> Self {
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        Self { path: path.to_path_buf(), modified }
+        Self {
+            path: path.to_path_buf(),
+            modified,
+        }
     }
 }
 
@@ -41,7 +44,11 @@ pub struct AdapterState {
 
 impl AdapterState {
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), cache: Vec::new(), attached: None }
+        Self {
+            capacity: capacity.max(1),
+            cache: Vec::new(),
+            attached: None,
+        }
     }
 
     fn load(&mut self, id: &FileId, model: &DiffusionModel) -> Result<Arc<LoraAdapter>, String> {
@@ -51,7 +58,8 @@ impl AdapterState {
             self.cache.push(entry);
             return Ok(adapter);
         }
-        let adapter = Arc::new(LoraAdapter::load(&id.path, &model.device).map_err(|e| e.to_string())?);
+        let adapter =
+            Arc::new(LoraAdapter::load(&id.path, &model.device).map_err(|e| e.to_string())?);
         self.cache.retain(|(k, _)| k.path != id.path);
         if self.cache.len() >= self.capacity {
             self.cache.remove(0);
@@ -61,7 +69,11 @@ impl AdapterState {
     }
 
     /// Makes the model's slots hold `choice` (or nothing), doing no work when they already do.
-    pub fn apply(&mut self, choice: Option<&AdapterChoice>, model: &DiffusionModel) -> Result<(), String> {
+    pub fn apply(
+        &mut self,
+        choice: Option<&AdapterChoice>,
+        model: &DiffusionModel,
+    ) -> Result<(), String> {
         let Some(choice) = choice else {
             if self.attached.is_some() {
                 model.unet.linears().clear_all();
@@ -74,7 +86,9 @@ impl AdapterState {
         if self.attached.as_ref() == Some(&want) {
             return Ok(());
         }
-        let adapter = self.load(&id, model).map_err(|e| format!("adapter '{}' could not be loaded: {e}", choice.name))?;
+        let adapter = self
+            .load(&id, model)
+            .map_err(|e| format!("adapter '{}' could not be loaded: {e}", choice.name))?;
         // attach validates every module before it changes anything, but a failure still leaves
         // the previous adapter attached: forget it so the next batch re-applies its own.
         let result = adapter.attach(model.unet.linears(), choice.scale, model.unet.dtype());

@@ -23,7 +23,9 @@ pub fn run_batch(
     tasks: &[&GenerationTask],
     keep_going: &mut dyn FnMut() -> bool,
 ) -> Result<BatchOutput, PipelineError> {
-    let first = tasks.first().ok_or_else(|| PipelineError::Invalid("empty batch".into()))?;
+    let first = tasks
+        .first()
+        .ok_or_else(|| PipelineError::Invalid("empty batch".into()))?;
     let params = SamplingParams {
         height: first.height,
         width: first.width,
@@ -64,21 +66,57 @@ pub fn run_batch(
     let mut notes = Notes::default();
     let mut progress = |_: usize, _: usize| keep_going();
     let images = match (first.task, model.architecture) {
-        (Task::Txt2Img, Architecture::StableDiffusionXl) => {
-            pipelines::sdxl::run(model, &prompts, &params, &noise, &mut rng, &mut progress, &mut notes)?
-        }
-        (Task::Txt2Img, _) => pipelines::txt2img::run(model, &prompts, &params, &noise, &mut rng, &mut progress, &mut notes)?,
+        (Task::Txt2Img, Architecture::StableDiffusionXl) => pipelines::sdxl::run(
+            model,
+            &prompts,
+            &params,
+            &noise,
+            &mut rng,
+            &mut progress,
+            &mut notes,
+        )?,
+        (Task::Txt2Img, _) => pipelines::txt2img::run(
+            model,
+            &prompts,
+            &params,
+            &noise,
+            &mut rng,
+            &mut progress,
+            &mut notes,
+        )?,
         (Task::Img2Img { strength }, _) => {
             let image = Tensor::cat(&image_rows, 0)?;
             let vae_noise = Tensor::cat(&vae_noise_rows, 0)?;
             pipelines::img2img::run(
-                model, &prompts, &params, strength, &image, &vae_noise, &noise, &mut rng, &mut progress, &mut notes,
+                model,
+                &prompts,
+                &params,
+                strength,
+                &image,
+                &vae_noise,
+                &noise,
+                &mut rng,
+                &mut progress,
+                &mut notes,
             )?
         }
-        (Task::InstructPix2Pix { image_guidance_scale }, _) => {
+        (
+            Task::InstructPix2Pix {
+                image_guidance_scale,
+            },
+            _,
+        ) => {
             let image = Tensor::cat(&image_rows, 0)?;
             pipelines::instruct_pix2pix::run(
-                model, &prompts, &params, image_guidance_scale, &image, &noise, &mut rng, &mut progress, &mut notes,
+                model,
+                &prompts,
+                &params,
+                image_guidance_scale,
+                &image,
+                &noise,
+                &mut rng,
+                &mut progress,
+                &mut notes,
             )?
         }
     };
@@ -87,21 +125,33 @@ pub fn run_batch(
     for task in tasks {
         let mut mine = Vec::with_capacity(task.seeds.len());
         for _ in &task.seeds {
-            let (w, h, bytes) = rgb.next().ok_or_else(|| PipelineError::Invalid("pipeline returned too few images".into()))?;
-            let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
-                .ok_or_else(|| PipelineError::Invalid("pipeline returned a malformed image".into()))?;
+            let (w, h, bytes) = rgb
+                .next()
+                .ok_or_else(|| PipelineError::Invalid("pipeline returned too few images".into()))?;
+            let img = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+                PipelineError::Invalid("pipeline returned a malformed image".into())
+            })?;
             mine.push(img);
         }
         out.push(mine);
     }
     // The pipeline's notes mix every prompt of the batch; each request is told only about its own.
-    let warnings = tasks.iter().map(|t| prompt_warnings(model, &t.prompt)).collect::<Result<_, _>>()?;
-    Ok(BatchOutput { images: out, warnings })
+    let warnings = tasks
+        .iter()
+        .map(|t| prompt_warnings(model, &t.prompt))
+        .collect::<Result<_, _>>()?;
+    Ok(BatchOutput {
+        images: out,
+        warnings,
+    })
 }
 
 fn prompt_warnings(model: &DiffusionModel, p: &PromptPair) -> Result<Vec<String>, PipelineError> {
     let mut out = Vec::new();
-    for (what, text) in [("prompt", Some(&p.prompt)), ("negative_prompt", p.negative_prompt.as_ref())] {
+    for (what, text) in [
+        ("prompt", Some(&p.prompt)),
+        ("negative_prompt", p.negative_prompt.as_ref()),
+    ] {
         let Some(text) = text else { continue };
         let dropped = model.tokenizer.encode(text)?.truncated;
         if dropped > 0 {
@@ -115,8 +165,14 @@ fn prompt_warnings(model: &DiffusionModel, p: &PromptPair) -> Result<Vec<String>
 }
 
 /// `[1, 3, H, W]` in [0, 1], the layout the pipelines take.
-fn image_tensor(img: &image::RgbImage, device: &candle_core::Device) -> Result<Tensor, PipelineError> {
+fn image_tensor(
+    img: &image::RgbImage,
+    device: &candle_core::Device,
+) -> Result<Tensor, PipelineError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data: Vec<f32> = img.as_raw().iter().map(|&b| b as f32 / 255.0).collect();
-    Ok(Tensor::from_vec(data, (h, w, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+    Ok(Tensor::from_vec(data, (h, w, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?)
 }

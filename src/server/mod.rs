@@ -22,7 +22,9 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device, String> {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s.starts_with("cuda") => {
             let ord = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse().map_err(|_| format!("device '{s}': expected cuda:N"))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("device '{s}': expected cuda:N"))?,
                 None => 0,
             };
             candle_core::Device::new_cuda(ord).map_err(|e| format!("device '{s}': {e}"))
@@ -43,7 +45,11 @@ impl ModelPool {
     pub fn start(config: &Config, hook: Option<BatchHook>) -> Result<Self, ConfigError> {
         let specs = config.model_specs()?;
         let device = parse_device(&config.models.device).map_err(ConfigError::Invalid)?;
-        let load = LoadOptions { device, dtype: config.dtype()?, variant: config.variant() };
+        let load = LoadOptions {
+            device,
+            dtype: config.dtype()?,
+            variant: config.variant(),
+        };
         let settings = WorkerSettings {
             max_batch: config.batching.max_batch,
             wait: Duration::from_millis(config.batching.wait_ms),
@@ -51,10 +57,21 @@ impl ModelPool {
             retry_after_s: config.batching.retry_after_s,
             adapter_cache: config.adapters.cache_size,
         };
-        let default = if config.models.default.is_empty() { specs[0].name.clone() } else { config.models.default.clone() };
+        let default = if config.models.default.is_empty() {
+            specs[0].name.clone()
+        } else {
+            config.models.default.clone()
+        };
         let workers = specs
             .into_iter()
-            .map(|spec| Arc::new(ModelWorker::spawn(spec, load.clone(), settings.clone(), hook.clone())))
+            .map(|spec| {
+                Arc::new(ModelWorker::spawn(
+                    spec,
+                    load.clone(),
+                    settings.clone(),
+                    hook.clone(),
+                ))
+            })
             .collect();
         Ok(Self { workers, default })
     }
@@ -76,13 +93,17 @@ impl ModelPool {
     /// Resolves when every model is loaded; the first failure is returned.
     pub async fn wait_loaded(&self) -> Result<(), String> {
         for w in &self.workers {
-            w.wait_loaded().await.map_err(|e| format!("model '{}': {e}", w.name()))?;
+            w.wait_loaded()
+                .await
+                .map_err(|e| format!("model '{}': {e}", w.name()))?;
         }
         Ok(())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.workers.iter().all(|w| matches!(w.status(), LoadStatus::Ready(_)))
+        self.workers
+            .iter()
+            .all(|w| matches!(w.status(), LoadStatus::Ready(_)))
     }
 
     /// Stops admitting requests and waits until every queued request has been computed.

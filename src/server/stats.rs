@@ -26,7 +26,10 @@ pub struct WorkerStats {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -49,12 +52,18 @@ impl WorkerStats {
     /// True while computing, or within `grace_ms` of the last batch: a client sending requests
     /// one after another leaves only short gaps, which a training step should not fill.
     pub fn recently_busy(&self, grace_ms: u64) -> bool {
-        self.computing.load(Ordering::SeqCst) > 0 || now_ms().saturating_sub(self.last_done_ms.load(Ordering::SeqCst)) < grace_ms
+        self.computing.load(Ordering::SeqCst) > 0
+            || now_ms().saturating_sub(self.last_done_ms.load(Ordering::SeqCst)) < grace_ms
     }
 
     pub fn record_batch(&self, images: usize) {
         Self::bump(&self.batches);
-        *self.batch_sizes.lock().unwrap_or_else(|p| p.into_inner()).entry(images).or_default() += 1;
+        *self
+            .batch_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(images)
+            .or_default() += 1;
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -67,7 +76,11 @@ impl WorkerStats {
             rejected_queue_full: g(&self.rejected_queue_full),
             batches: g(&self.batches),
             failed_batches: g(&self.failed_batches),
-            batch_sizes: self.batch_sizes.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            batch_sizes: self
+                .batch_sizes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct ModelInfo {
     /// Kept so validation can build a request's scheduler (cheap, no weights) and refuse a
     /// step count the schedule cannot produce before it reaches the worker.
     pub scheduler_config: crate::schedulers::SchedulerConfig,
+    /// The model's own sampling defaults (steps, guidance), before the server's `[defaults]`.
+    pub generate_defaults: crate::models::defaults::GenerateDefaults,
 }
 
 impl ModelInfo {
@@ -75,6 +77,7 @@ impl ModelInfo {
             default_scheduler: model.default_scheduler,
             num_train_timesteps: model.scheduler_config.num_train_timesteps,
             scheduler_config: model.scheduler_config.clone(),
+            generate_defaults: model.defaults.generate.clone(),
         }
     }
 
@@ -148,7 +151,9 @@ impl GenerationTask {
         let mode_param = match self.task {
             Task::Txt2Img => 0,
             Task::Img2Img { strength } => strength.to_bits(),
-            Task::InstructPix2Pix { image_guidance_scale } => image_guidance_scale.to_bits(),
+            Task::InstructPix2Pix {
+                image_guidance_scale,
+            } => image_guidance_scale.to_bits(),
         };
         BatchKey {
             mode: self.task.mode(),
@@ -158,7 +163,10 @@ impl GenerationTask {
             steps: self.steps,
             guidance_bits: self.guidance_scale.to_bits(),
             scheduler: self.scheduler,
-            adapter: self.adapter.as_ref().map(|a| (a.name.clone(), a.scale.to_bits())),
+            adapter: self
+                .adapter
+                .as_ref()
+                .map(|a| (a.name.clone(), a.scale.to_bits())),
         }
     }
 

@@ -77,9 +77,9 @@ impl From<PipelineError> for WorkerError {
         match e {
             PipelineError::Invalid(m) => WorkerError::Invalid(m),
             // Validation builds the scheduler first, so these mean a step count it let through.
-            e @ PipelineError::Scheduler(SchedulerError::Config(_) | SchedulerError::Steps { .. }) => {
-                WorkerError::Invalid(e.to_string())
-            }
+            e @ PipelineError::Scheduler(
+                SchedulerError::Config(_) | SchedulerError::Steps { .. },
+            ) => WorkerError::Invalid(e.to_string()),
             e @ PipelineError::Unsupported(..) => WorkerError::Unsupported(e.to_string()),
             PipelineError::Cancelled => WorkerError::Cancelled,
             e => WorkerError::Failed(e.to_string()),
@@ -126,7 +126,12 @@ pub struct ModelWorker {
 
 impl ModelWorker {
     /// Starts the thread, which loads the model and then serves its queue.
-    pub fn spawn(spec: ModelSpec, load: LoadOptions, settings: WorkerSettings, hook: Option<BatchHook>) -> Self {
+    pub fn spawn(
+        spec: ModelSpec,
+        load: LoadOptions,
+        settings: WorkerSettings,
+        hook: Option<BatchHook>,
+    ) -> Self {
         let (status_tx, status) = watch::channel(LoadStatus::Loading);
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -174,7 +179,9 @@ impl ModelWorker {
             .wait_for(|s| !matches!(s, LoadStatus::Loading))
             .await
             .map(|s| s.clone())
-            .unwrap_or_else(|_| LoadStatus::Failed("the worker thread exited while loading".into()));
+            .unwrap_or_else(|_| {
+                LoadStatus::Failed("the worker thread exited while loading".into())
+            });
         match status {
             LoadStatus::Ready(info) => Ok(info),
             LoadStatus::Failed(e) => Err(e),
@@ -186,10 +193,14 @@ impl ModelWorker {
     pub fn info(&self) -> Result<Arc<ModelInfo>, WorkerError> {
         match self.status() {
             LoadStatus::Ready(info) => Ok(info),
-            LoadStatus::Loading => {
-                Err(WorkerError::Loading { model: self.name.clone(), retry_after_s: self.settings.retry_after_s })
-            }
-            LoadStatus::Failed(reason) => Err(WorkerError::Unavailable { model: self.name.clone(), reason }),
+            LoadStatus::Loading => Err(WorkerError::Loading {
+                model: self.name.clone(),
+                retry_after_s: self.settings.retry_after_s,
+            }),
+            LoadStatus::Failed(reason) => Err(WorkerError::Unavailable {
+                model: self.name.clone(),
+                reason,
+            }),
         }
     }
 
@@ -203,7 +214,11 @@ impl ModelWorker {
 
     /// Admits the task or refuses it at once. The returned receiver yields the result; dropping
     /// it tells the worker nobody wants the result any more.
-    pub fn submit(&self, task: GenerationTask, request_id: &str) -> Result<oneshot::Receiver<Reply>, WorkerError> {
+    pub fn submit(
+        &self,
+        task: GenerationTask,
+        request_id: &str,
+    ) -> Result<oneshot::Receiver<Reply>, WorkerError> {
         self.info()?;
         let before = self.queued.fetch_add(1, Ordering::SeqCst);
         let slot = QueueSlot(self.queued.clone());
@@ -211,7 +226,10 @@ impl ModelWorker {
             drop(slot);
             WorkerStats::bump(&self.stats.rejected_queue_full);
             warn!(model = %self.name, queue_depth = before, "queue full, request refused");
-            return Err(WorkerError::QueueFull { model: self.name.clone(), retry_after_s: self.settings.retry_after_s });
+            return Err(WorkerError::QueueFull {
+                model: self.name.clone(),
+                retry_after_s: self.settings.retry_after_s,
+            });
         }
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -271,14 +289,27 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Inner {
-    fn run(self, spec: ModelSpec, load: LoadOptions, status: watch::Sender<LoadStatus>, rx: mpsc::Receiver<Job>) {
+    fn run(
+        self,
+        spec: ModelSpec,
+        load: LoadOptions,
+        status: watch::Sender<LoadStatus>,
+        rx: mpsc::Receiver<Job>,
+    ) {
         let started = Instant::now();
         info!(model = %spec.name, source = %spec.source, "loading model");
         let loaded = catch_unwind(AssertUnwindSafe(|| -> Result<DiffusionModel, String> {
-            let dir = ModelSource::parse(&spec.source).resolve(load.variant.as_deref()).map_err(|e| e.to_string())?;
+            let dir = ModelSource::parse(&spec.source)
+                .resolve(load.variant.as_deref())
+                .map_err(|e| e.to_string())?;
             DiffusionModel::load(&dir, &load).map_err(|e| e.to_string())
         }))
-        .unwrap_or_else(|p| Err(format!("panic while loading: {}", panic_message(p.as_ref()))));
+        .unwrap_or_else(|p| {
+            Err(format!(
+                "panic while loading: {}",
+                panic_message(p.as_ref())
+            ))
+        });
         let model = match loaded {
             Ok(m) => m,
             Err(e) => {
@@ -366,7 +397,9 @@ impl Inner {
                                 pending.push_back(job);
                             }
                         }
-                        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                            break
+                        }
                     }
                 }
             }
@@ -403,12 +436,16 @@ impl Inner {
                 if let Some(hook) = &self.hook {
                     hook(&tasks);
                 }
-                adapters.apply(tasks[0].adapter.as_ref(), model).map_err(WorkerError::Adapter)?;
+                adapters
+                    .apply(tasks[0].adapter.as_ref(), model)
+                    .map_err(WorkerError::Adapter)?;
                 run_batch(model, &tasks, &mut keep_going).map_err(WorkerError::from)
             }))
         };
         let compute_ms = start.elapsed().as_secs_f64() * 1e3;
-        self.stats.last_done_ms.store(super::stats::now_ms(), Ordering::SeqCst);
+        self.stats
+            .last_done_ms
+            .store(super::stats::now_ms(), Ordering::SeqCst);
         self.stats.computing.store(0, Ordering::SeqCst);
         let result = match result {
             Ok(r) => r,
@@ -425,7 +462,9 @@ impl Inner {
                 info!(model = %self.name, batch_size = images, compute_ms = compute_ms as u64, "batch done");
                 for ((job, imgs), warnings) in batch.into_iter().zip(out.images).zip(out.warnings) {
                     WorkerStats::bump(&self.stats.requests_computed);
-                    self.stats.images_computed.fetch_add(imgs.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .images_computed
+                        .fetch_add(imgs.len() as u64, Ordering::Relaxed);
                     let output = TaskOutput {
                         images: imgs,
                         warnings,

@@ -6,7 +6,7 @@
 use super::lora::{LoraSpec, TrainableLora};
 use super::losses::Method;
 use super::noise::NoiseSchedule;
-use super::optim::{collect, clip, AdamW, AdamWConfig};
+use super::optim::{clip, collect, AdamW, AdamWConfig};
 use super::step::{batch_loss, Batch, Reference};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::{VarRegistry, Weights};
@@ -50,26 +50,47 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
     let method: Method = a.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let device = match a.device.as_str() {
         "cpu" => Device::Cpu,
-        d => Device::new_cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0))?,
+        d => Device::new_cuda(
+            d.strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        )?,
     };
     let unet_dir = a.model.join("unet");
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
     let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
     let schedule = NoiseSchedule::from_model_dir(Path::new(&a.model))?;
-    let base = UNet2DConditionModel::new(config.clone(), &Weights::from_files(&files, &device, DType::F32)?)?;
+    let base = UNet2DConditionModel::new(
+        config.clone(),
+        &Weights::from_files(&files, &device, DType::F32)?,
+    )?;
     let mut rng = NoiseRng::new(0);
     let (policy_full, params, lora) = if a.full {
         let reg = VarRegistry::default();
         let w = Weights::from_files(&files, &device, DType::F32)?.trainable(reg.clone());
-        (Some(UNet2DConditionModel::new(config.clone(), &w)?), reg.all(), None)
+        (
+            Some(UNet2DConditionModel::new(config.clone(), &w)?),
+            reg.all(),
+            None,
+        )
     } else {
-        let spec = LoraSpec { rank: a.lora_rank, alpha: a.lora_rank as f64, ..Default::default() };
+        let spec = LoraSpec {
+            rank: a.lora_rank,
+            alpha: a.lora_rank as f64,
+            ..Default::default()
+        };
         let l = TrainableLora::new(base.linears(), &spec, &mut rng, &device, DType::F32)?;
         let p = l.params();
         (None, p, Some(l))
     };
     let n_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: 1e-5, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            lr: 1e-5,
+            ..Default::default()
+        },
+    )?;
     let side = a.resolution / 8;
     let b = a.pairs;
     let cross = config.cross_attention_dim[0];
@@ -82,11 +103,24 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
         let ehs = rng.randn((b, 77, cross), &device, DType::F32)?;
         let ehs = candle_core::Tensor::cat(&[&ehs, &ehs], 0)?;
         let t: Vec<usize> = (0..b).map(|_| rng.below(1000)).collect();
-        let batch = Batch { x0, noise, timesteps: t.iter().chain(&t).copied().collect(), encoder_hidden_states: ehs, added: None };
+        let batch = Batch {
+            x0,
+            noise,
+            timesteps: t.iter().chain(&t).copied().collect(),
+            encoder_hidden_states: ehs,
+            added: None,
+        };
         let t0 = Instant::now();
         let out = match &policy_full {
             Some(p) => batch_loss(p, Reference::Model(&base), &schedule, &batch, method, 1.0)?,
-            None => batch_loss(&base, Reference::AdaptersOff, &schedule, &batch, method, 1.0)?,
+            None => batch_loss(
+                &base,
+                Reference::AdaptersOff,
+                &schedule,
+                &batch,
+                method,
+                1.0,
+            )?,
         };
         let grads = out.loss.backward()?;
         let g = clip(collect(&params, &grads)?, Some(1.0))?;

@@ -1,7 +1,10 @@
 //! `dspo-server train --config FILE`: a training run from the command line with a progress
 //! line per step and a final summary (the same Trainer that POST /finetune runs).
 
+use super::dataset::DatasetStats;
+use super::pretrain::Pretrainer;
 use super::trainer::{load_config, Trainer};
+use super::{StepMetrics, TrainError, TrainMode, TrainOutcome};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -12,7 +15,11 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
         apply_override(&mut cfg, o)?;
     }
     let started = Instant::now();
-    let mut trainer = Trainer::new(cfg.clone())?;
+    let mut trainer = if cfg.mode == TrainMode::Preference {
+        Run::Preference(Box::new(Trainer::new(cfg.clone())?))
+    } else {
+        Run::Pretrain(Box::new(Pretrainer::new(cfg.clone())?))
+    };
     let stats = trainer.dataset_stats().clone();
     eprintln!(
         "dataset {}: {} rows, {} pairs kept, {} ties dropped, {} without a 0/1 label",
@@ -23,25 +30,37 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
         stats.invalid_labels
     );
     eprintln!(
-        "method {} beta {} lr {:.3e} ({} pairs per step), {} steps{}",
-        cfg.method.name(),
+        "{} beta {} lr {:.3e} ({} rows per step), {} steps{}",
+        match cfg.mode {
+            TrainMode::Preference => format!("method {}", cfg.method.name()),
+            m => format!("mode {}", serde_json::to_value(m)?.as_str().unwrap_or("?")),
+        },
         cfg.beta(),
-        cfg.learning_rate(),
+        cfg.hyperparameters
+            .learning_rate
+            .unwrap_or_else(|| cfg.learning_rate()),
         cfg.pairs_per_step(),
         cfg.hyperparameters.max_steps,
-        if trainer.step() > 0 { format!(", resuming at step {}", trainer.step()) } else { String::new() }
+        if trainer.step() > 0 {
+            format!(", resuming at step {}", trainer.step())
+        } else {
+            String::new()
+        }
     );
     let first = trainer.step();
     let loop_start = Instant::now();
     let outcome = trainer.run(&mut |m| {
         let done = (m.step - first) as f64;
-        let eta = loop_start.elapsed().as_secs_f64() / done.max(1.0) * (m.total_steps - m.step) as f64;
+        let eta =
+            loop_start.elapsed().as_secs_f64() / done.max(1.0) * (m.total_steps - m.step) as f64;
         eprint!(
             "\rstep {}/{}  loss {:.5}  acc {}  lr {:.2e}  |g| {:.3}  eta {:.0}s   ",
             m.step,
             m.total_steps,
             m.loss,
-            m.implicit_accuracy.map(|a| format!("{a:.2}")).unwrap_or_else(|| "-".into()),
+            m.implicit_accuracy
+                .map(|a| format!("{a:.2}"))
+                .unwrap_or_else(|| "-".into()),
             m.learning_rate,
             m.grad_norm,
             eta
@@ -54,7 +73,11 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
     let tail = &outcome.metrics[n.saturating_sub(10).min(outcome.metrics.len())..];
     let mean = |f: &dyn Fn(&super::StepMetrics) -> Option<f64>| {
         let v: Vec<f64> = tail.iter().filter_map(f).collect();
-        if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
+        if v.is_empty() {
+            None
+        } else {
+            Some(v.iter().sum::<f64>() / v.len() as f64)
+        }
     };
     let summary = serde_json::json!({
         "artifact": outcome.artifact,
@@ -65,21 +88,36 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
         "dataset": outcome.dataset,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(cfg.output_dir.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    std::fs::write(
+        cfg.output_dir.join("summary.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
 
 /// `--set key=value` overrides of hyperparameters (e.g. `--set max_steps=10`).
 fn apply_override(cfg: &mut super::TrainConfig, kv: &str) -> anyhow::Result<()> {
-    let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set expects key=value, got {kv}"))?;
+    let (k, v) = kv
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("--set expects key=value, got {kv}"))?;
     let mut h = serde_json::to_value(&cfg.hyperparameters)?;
-    let parsed: serde_json::Value = serde_json::from_str(v).unwrap_or(serde_json::Value::String(v.into()));
+    let parsed: serde_json::Value =
+        serde_json::from_str(v).unwrap_or(serde_json::Value::String(v.into()));
     match k {
         "output_dir" => cfg.output_dir = v.into(),
         "dataset" => cfg.dataset = v.into(),
         "model" => cfg.model = v.into(),
         "method" => cfg.method = v.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        _ if k.starts_with("pretrain.") => {
+            let key = &k["pretrain.".len()..];
+            let mut p = serde_json::to_value(&cfg.pretrain)?;
+            if p.get(key).is_none() {
+                anyhow::bail!("unknown pretrain option '{key}'");
+            }
+            p[key] = parsed;
+            cfg.pretrain = serde_json::from_value(p)?;
+        }
         _ => {
             if h.get(k).is_none() {
                 anyhow::bail!("unknown hyperparameter '{k}'");
@@ -89,4 +127,34 @@ fn apply_override(cfg: &mut super::TrainConfig, kv: &str) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// The two loops behind `train`: preference pairs, or image–caption pretraining.
+enum Run {
+    Preference(Box<Trainer>),
+    Pretrain(Box<Pretrainer>),
+}
+
+impl Run {
+    fn dataset_stats(&self) -> &DatasetStats {
+        match self {
+            Run::Preference(t) => t.dataset_stats(),
+            Run::Pretrain(t) => t.dataset_stats(),
+        }
+    }
+    fn step(&self) -> usize {
+        match self {
+            Run::Preference(t) => t.step(),
+            Run::Pretrain(t) => t.step(),
+        }
+    }
+    fn run(
+        &mut self,
+        control: &mut dyn FnMut(&StepMetrics) -> bool,
+    ) -> Result<TrainOutcome, TrainError> {
+        match self {
+            Run::Preference(t) => t.run(control),
+            Run::Pretrain(t) => t.run(control),
+        }
+    }
 }

@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 
 use super::losses::{self, Method};
+use super::noise::NoiseSchedule;
 use super::optim::{collect_and_clip, AdamW, AdamWConfig};
 use super::step::{batch_loss, Batch, Reference};
 use crate::models::lora::LoraAdapter;
@@ -13,7 +14,6 @@ use crate::models::nn::LoraDelta;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::{VarRegistry, Weights};
 use candle_core::DType;
-use super::noise::NoiseSchedule;
 
 pub fn run(
     kind: &str,
@@ -24,7 +24,10 @@ pub fn run(
     let mut out = HashMap::new();
     match kind {
         "add_noise" => {
-            let dir = case.model.clone().ok_or_else(|| anyhow!("case names no model"))?;
+            let dir = case
+                .model
+                .clone()
+                .ok_or_else(|| anyhow!("case names no model"))?;
             let _ = cache;
             let sched = NoiseSchedule::from_model_dir(&dir)?;
             let x0 = case.input("x0")?.to_device(device)?;
@@ -47,15 +50,23 @@ pub fn run(
                     "diffusion_dpo_loss" => Method::DiffusionDpo,
                     _ => Method::DspoE,
                 };
-                let gamma = case.params.get("gamma").and_then(|v| v.as_f64()).unwrap_or(1.0);
+                let gamma = case
+                    .params
+                    .get("gamma")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(1.0);
                 losses::preference(method, pred.as_tensor(), &refp, &target, beta, gamma)?.loss
             };
             let grads = loss.backward()?;
-            let g = grads.get(pred.as_tensor()).ok_or_else(|| anyhow!("no gradient reached model_pred"))?;
+            let g = grads
+                .get(pred.as_tensor())
+                .ok_or_else(|| anyhow!("no gradient reached model_pred"))?;
             out.insert("grad_model_pred".into(), g.clone());
             out.insert("loss".into(), loss.reshape(1)?);
         }
-        "train_step" | "train_step_lora" => return train_step(kind == "train_step_lora", case, device),
+        "train_step" | "train_step_lora" => {
+            return train_step(kind == "train_step_lora", case, device)
+        }
         other => bail!("case kind '{other}' is not implemented"),
     }
     Ok(out)
@@ -63,12 +74,28 @@ pub fn run(
 
 /// One optimiser step (sections 11.5 / 11.6 of the suite's README).
 fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let dir = case.model.clone().ok_or_else(|| anyhow!("case names no model"))?;
+    let dir = case
+        .model
+        .clone()
+        .ok_or_else(|| anyhow!("case names no model"))?;
     let unet_dir = dir.join("unet");
     let schedule = NoiseSchedule::from_model_dir(&dir)?;
-    let method: Method = case.param_str("method").unwrap_or_default().parse().map_err(|e: String| anyhow!(e))?;
-    let beta = case.params.get("beta").and_then(|v| v.as_f64()).unwrap_or(0.0);
-    let betas = case.params.get("adam_betas").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let method: Method = case
+        .param_str("method")
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e: String| anyhow!(e))?;
+    let beta = case
+        .params
+        .get("beta")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
+    let betas = case
+        .params
+        .get("adam_betas")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
     let cfg = AdamWConfig {
         lr: case.param_f64("lr")?,
         beta1: betas.first().and_then(|v| v.as_f64()).unwrap_or(0.9),
@@ -91,29 +118,55 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
 
     // Parameters, the model they drive, and the names the case uses for them.
     let (params, roles, loss_out) = if lora {
-        let unet = UNet2DConditionModel::new(config, &Weights::from_files(&files, device, DType::F32)?)?;
+        let unet =
+            UNet2DConditionModel::new(config, &Weights::from_files(&files, device, DType::F32)?)?;
         let adapter = LoraAdapter::load(&case.file("input_files", "lora")?, device)?;
         let mut params = Vec::new();
         let mut roles = Vec::new();
         for (module, m) in &adapter.modules {
-            let (slot, _, _) = unet.linears().get(module).ok_or_else(|| anyhow!("module {module} not in the UNet"))?;
+            let (slot, _, _) = unet
+                .linears()
+                .get(module)
+                .ok_or_else(|| anyhow!("module {module} not in the UNet"))?;
             let down = Var::from_tensor(&m.down)?;
             let up = Var::from_tensor(&m.up)?;
-            slot.set(Some(LoraDelta { down: down.as_tensor().clone(), up: up.as_tensor().clone(), scale: adapter.module_scale(m) }));
+            slot.set(Some(LoraDelta {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                scale: adapter.module_scale(m),
+            }));
             params.push((m.down_key.clone(), down));
             params.push((m.up_key.clone(), up));
             roles.push(m.down_key.clone());
             roles.push(m.up_key.clone());
         }
-        let l = batch_loss(&unet, Reference::AdaptersOff, &schedule, &batch, method, beta)?;
+        let l = batch_loss(
+            &unet,
+            Reference::AdaptersOff,
+            &schedule,
+            &batch,
+            method,
+            beta,
+        )?;
         (params, roles, l)
     } else {
-        let reference = UNet2DConditionModel::new(config.clone(), &Weights::from_files(&files, device, DType::F32)?)?;
+        let reference = UNet2DConditionModel::new(
+            config.clone(),
+            &Weights::from_files(&files, device, DType::F32)?,
+        )?;
         let theta0 = case.inputs_with_prefix("theta0.")?;
         let reg = VarRegistry::default();
-        let w = Weights::from_map(theta0.into_iter().collect(), device, DType::F32).trainable(reg.clone());
+        let w = Weights::from_map(theta0.into_iter().collect(), device, DType::F32)
+            .trainable(reg.clone());
         let policy = UNet2DConditionModel::new(config, &w)?;
-        let l = batch_loss(&policy, Reference::Model(&reference), &schedule, &batch, method, beta)?;
+        let l = batch_loss(
+            &policy,
+            Reference::Model(&reference),
+            &schedule,
+            &batch,
+            method,
+            beta,
+        )?;
         let params = reg.all();
         let roles = params.iter().map(|(n, _)| n.clone()).collect();
         (params, roles, l)
@@ -131,12 +184,22 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
         }
     }
     opt.update(&clipped.clipped, cfg.lr)?;
-    let (gprefix, tprefix) = if lora { ("grad.", "lora1.") } else { ("grad.", "theta1.") };
+    let (gprefix, tprefix) = if lora {
+        ("grad.", "lora1.")
+    } else {
+        ("grad.", "theta1.")
+    };
     for (i, role) in roles.iter().enumerate() {
         out.insert(format!("{gprefix}{role}"), clipped.raw[i].clone());
         out.insert(format!("{tprefix}{role}"), params[i].1.as_tensor().detach());
     }
-    out.insert("loss".into(), loss_out.loss.to_dtype(DType::F32)?.reshape(1)?);
-    out.insert("grad_norm".into(), Tensor::new(&[clipped.norm as f32], device)?);
+    out.insert(
+        "loss".into(),
+        loss_out.loss.to_dtype(DType::F32)?.reshape(1)?,
+    );
+    out.insert(
+        "grad_norm".into(),
+        Tensor::new(&[clipped.norm as f32], device)?,
+    );
     Ok(out)
 }

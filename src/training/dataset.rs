@@ -50,8 +50,17 @@ pub struct ParquetPairs {
 }
 
 fn projection(reader: &SerializedFileReader<File>, cols: &[&str]) -> Result<Type, TrainError> {
-    let root = reader.metadata().file_metadata().schema_descr().root_schema();
-    let fields: Vec<_> = root.get_fields().iter().filter(|f| cols.contains(&f.name())).cloned().collect();
+    let root = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema();
+    let fields: Vec<_> = root
+        .get_fields()
+        .iter()
+        .filter(|f| cols.contains(&f.name()))
+        .cloned()
+        .collect();
     Type::group_type_builder("schema")
         .with_fields(fields)
         .build()
@@ -60,12 +69,25 @@ fn projection(reader: &SerializedFileReader<File>, cols: &[&str]) -> Result<Type
 
 impl ParquetPairs {
     pub fn open(path: &Path) -> Result<Self, TrainError> {
-        let file = File::open(path).map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
-        let reader = SerializedFileReader::new(file)
-            .map_err(|e| TrainError::Dataset(format!("{} is not a readable parquet file: {e}", path.display())))?;
-        let root = reader.metadata().file_metadata().schema_descr().root_schema();
+        let file = File::open(path)
+            .map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
+        let reader = SerializedFileReader::new(file).map_err(|e| {
+            TrainError::Dataset(format!(
+                "{} is not a readable parquet file: {e}",
+                path.display()
+            ))
+        })?;
+        let root = reader
+            .metadata()
+            .file_metadata()
+            .schema_descr()
+            .root_schema();
         let names: Vec<&str> = root.get_fields().iter().map(|f| f.name()).collect();
-        let missing: Vec<&str> = REQUIRED_COLUMNS.iter().copied().filter(|c| !names.contains(c)).collect();
+        let missing: Vec<&str> = REQUIRED_COLUMNS
+            .iter()
+            .copied()
+            .filter(|c| !names.contains(c))
+            .collect();
         if !missing.is_empty() {
             return Err(TrainError::Dataset(format!(
                 "dataset is missing required column(s) {} (Pick-a-Pic v2 schema: caption, jpg_0, jpg_1, label_0)",
@@ -77,9 +99,15 @@ impl ParquetPairs {
         let mut index = Vec::new();
         let mut by_group = Vec::new();
         for g in 0..reader.num_row_groups() {
-            let rg = reader.get_row_group(g).map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
+            let rg = reader
+                .get_row_group(g)
+                .map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
             let mut rows = Vec::new();
-            for (i, row) in rg.get_row_iter(Some(proj.clone())).map_err(|e| TrainError::Dataset(e.to_string()))?.enumerate() {
+            for (i, row) in rg
+                .get_row_iter(Some(proj.clone()))
+                .map_err(|e| TrainError::Dataset(e.to_string()))?
+                .enumerate()
+            {
                 let row = row.map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
                 stats.rows += 1;
                 let label = row.get_column_iter().next().and_then(|(_, f)| match f {
@@ -110,7 +138,15 @@ impl ParquetPairs {
                 stats.invalid_labels
             )));
         }
-        Ok(Self { path: path.to_path_buf(), reader, index, by_group, stats, cache: HashMap::new(), order: None })
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            index,
+            by_group,
+            stats,
+            cache: HashMap::new(),
+            order: None,
+        })
     }
 
     /// Keeps the first `n` usable pairs (file order).
@@ -138,14 +174,23 @@ impl ParquetPairs {
         &self.path
     }
 
-    fn load_group(&mut self, g: usize) -> Result<Arc<Vec<Option<(String, Arc<Vec<u8>>, Arc<Vec<u8>>)>>>, TrainError> {
+    fn load_group(
+        &mut self,
+        g: usize,
+    ) -> Result<Arc<Vec<Option<(String, Arc<Vec<u8>>, Arc<Vec<u8>>)>>>, TrainError> {
         if let Some(c) = self.cache.get(&g) {
             return Ok(c.clone());
         }
         let proj = projection(&self.reader, &["caption", "jpg_0", "jpg_1"])?;
-        let rg = self.reader.get_row_group(g).map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
+        let rg = self
+            .reader
+            .get_row_group(g)
+            .map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
         let mut rows = Vec::new();
-        for row in rg.get_row_iter(Some(proj)).map_err(|e| TrainError::Dataset(e.to_string()))? {
+        for row in rg
+            .get_row_iter(Some(proj))
+            .map_err(|e| TrainError::Dataset(e.to_string()))?
+        {
             let row = row.map_err(|e| TrainError::Dataset(format!("row group {g}: {e}")))?;
             let mut caption = None;
             let mut j0 = None;
@@ -179,7 +224,9 @@ impl ParquetPairs {
             None => true,
         };
         if stale {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)));
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
+            );
             let mut groups: Vec<usize> = (0..self.by_group.len()).collect();
             groups.shuffle(&mut rng);
             let mut order = Vec::with_capacity(self.index.len());
@@ -201,7 +248,11 @@ impl ParquetPairs {
         let rows = self.load_group(g)?;
         Ok(rows.get(i).cloned().flatten().map(|(caption, a, b)| {
             let (winner, loser) = if zero_wins { (a, b) } else { (b, a) };
-            RawPair { caption, winner, loser }
+            RawPair {
+                caption,
+                winner,
+                loser,
+            }
         }))
     }
 }
@@ -215,17 +266,37 @@ pub struct Preprocess {
 
 impl Preprocess {
     /// Decodes and transforms one image; `None` when the bytes are not an image.
-    pub fn apply(&self, bytes: &[u8], flip: bool, crop_u: (f64, f64), device: &Device) -> Option<candle_core::Result<Tensor>> {
+    pub fn apply(
+        &self,
+        bytes: &[u8],
+        flip: bool,
+        crop_u: (f64, f64),
+        device: &Device,
+    ) -> Option<candle_core::Result<Tensor>> {
         let img = image::load_from_memory(bytes).ok()?.to_rgb8();
         Some(self.tensor(img, flip, crop_u, device))
     }
 
-    fn tensor(&self, img: image::RgbImage, flip: bool, crop_u: (f64, f64), device: &Device) -> candle_core::Result<Tensor> {
+    fn tensor(
+        &self,
+        img: image::RgbImage,
+        flip: bool,
+        crop_u: (f64, f64),
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let r = self.resolution as u32;
         let (w, h) = img.dimensions();
         let img = if w.min(h) != r {
-            let (nw, nh) = if w <= h { (r, ((h as f64) * r as f64 / w as f64).round().max(r as f64) as u32) } else {
-                (((w as f64) * r as f64 / h as f64).round().max(r as f64) as u32, r)
+            let (nw, nh) = if w <= h {
+                (
+                    r,
+                    ((h as f64) * r as f64 / w as f64).round().max(r as f64) as u32,
+                )
+            } else {
+                (
+                    ((w as f64) * r as f64 / h as f64).round().max(r as f64) as u32,
+                    r,
+                )
             };
             image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle)
         } else {
@@ -233,10 +304,16 @@ impl Preprocess {
         };
         let (w, h) = img.dimensions();
         let (x0, y0) = if self.random_crop {
-            (((w - r) as f64 * crop_u.0).floor() as u32, ((h - r) as f64 * crop_u.1).floor() as u32)
+            (
+                ((w - r) as f64 * crop_u.0).floor() as u32,
+                ((h - r) as f64 * crop_u.1).floor() as u32,
+            )
         } else {
             // torchvision CenterCrop: round((size - crop) / 2)
-            ((((w - r) as f64) / 2.0).round() as u32, (((h - r) as f64) / 2.0).round() as u32)
+            (
+                (((w - r) as f64) / 2.0).round() as u32,
+                (((h - r) as f64) / 2.0).round() as u32,
+            )
         };
         let mut data = vec![0f32; 3 * (r * r) as usize];
         let plane = (r * r) as usize;
@@ -271,13 +348,21 @@ pub fn write_pairs_parquet(
         )
         .map_err(io)?,
     );
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
-    let file = File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let file =
+        File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     let mut w = SerializedFileWriter::new(file, schema, props).map_err(io)?;
     for chunk in rows.chunks(rows_per_group.max(1)) {
         let mut rg = w.next_row_group().map_err(io)?;
         for col in 0..4 {
-            let mut cw = rg.next_column().map_err(io)?.ok_or_else(|| TrainError::Io("missing column writer".into()))?;
+            let mut cw = rg
+                .next_column()
+                .map_err(io)?
+                .ok_or_else(|| TrainError::Io("missing column writer".into()))?;
             match col {
                 0..=2 => {
                     let vals: Vec<ByteArray> = chunk
@@ -288,11 +373,15 @@ pub fn write_pairs_parquet(
                             _ => ByteArray::from(r.2.clone()),
                         })
                         .collect();
-                    cw.typed::<ByteArrayType>().write_batch(&vals, None, None).map_err(io)?;
+                    cw.typed::<ByteArrayType>()
+                        .write_batch(&vals, None, None)
+                        .map_err(io)?;
                 }
                 _ => {
                     let vals: Vec<f64> = chunk.iter().map(|r| r.3).collect();
-                    cw.typed::<DoubleType>().write_batch(&vals, None, None).map_err(io)?;
+                    cw.typed::<DoubleType>()
+                        .write_batch(&vals, None, None)
+                        .map_err(io)?;
                 }
             }
             cw.close().map_err(io)?;
@@ -305,11 +394,15 @@ pub fn write_pairs_parquet(
 
 /// Reads every row's (caption, jpg_0, jpg_1, label_0) — small files only (tests, exports).
 pub fn read_all_rows(path: &Path) -> Result<Vec<(String, Vec<u8>, Vec<u8>, f64)>, TrainError> {
-    let file = File::open(path).map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
+    let file =
+        File::open(path).map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
     let reader = SerializedFileReader::new(file).map_err(|e| TrainError::Dataset(e.to_string()))?;
     let proj = projection(&reader, &REQUIRED_COLUMNS)?;
     let mut out = Vec::new();
-    for row in reader.get_row_iter(Some(proj)).map_err(|e| TrainError::Dataset(e.to_string()))? {
+    for row in reader
+        .get_row_iter(Some(proj))
+        .map_err(|e| TrainError::Dataset(e.to_string()))?
+    {
         let row = row.map_err(|e| TrainError::Dataset(e.to_string()))?;
         let (mut c, mut a, mut b, mut l) = (String::new(), Vec::new(), Vec::new(), f64::NAN);
         for (name, f) in row.get_column_iter() {

@@ -15,7 +15,13 @@ pub struct LoraSpec {
 
 impl Default for LoraSpec {
     fn default() -> Self {
-        Self { rank: 4, alpha: 4.0, target_modules: ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec() }
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            target_modules: ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+        }
     }
 }
 
@@ -60,7 +66,9 @@ impl TrainableLora {
         let all = linears.all();
         for t in &spec.target_modules {
             if !all.iter().any(|(n, ..)| matches_target(n, t)) {
-                return Err(TrainError::Config(format!("lora target module '{t}' matches no Linear layer of this UNet")));
+                return Err(TrainError::Config(format!(
+                    "lora target module '{t}' matches no Linear layer of this UNet"
+                )));
             }
         }
         let mut modules = Vec::new();
@@ -68,25 +76,41 @@ impl TrainableLora {
             if !spec.target_modules.iter().any(|t| matches_target(&name, t)) {
                 continue;
             }
-            let down = (rng.randn((spec.rank, in_dim), dev, DType::F32)? * (1.0 / spec.rank as f64))?.to_dtype(dtype)?;
+            let down = (rng.randn((spec.rank, in_dim), dev, DType::F32)?
+                * (1.0 / spec.rank as f64))?
+                .to_dtype(dtype)?;
             let up = Tensor::zeros((out_dim, spec.rank), dtype, dev)?;
             let (down_key, up_key) = LoraAdapter::diffusers_keys(&name);
-            modules.push(Module { name, slot, down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)?, down_key, up_key });
+            modules.push(Module {
+                name,
+                slot,
+                down: Var::from_tensor(&down)?,
+                up: Var::from_tensor(&up)?,
+                down_key,
+                up_key,
+            });
         }
-        let l = Self { spec: spec.clone(), modules };
+        let l = Self {
+            spec: spec.clone(),
+            modules,
+        };
         l.attach();
         Ok(l)
     }
 
     /// Continues training an existing adapter (resume, or a file given by the user).
-    pub fn from_adapter(linears: &LinearRegistry, adapter: &LoraAdapter, dtype: DType) -> Result<Self, TrainError> {
+    pub fn from_adapter(
+        linears: &LinearRegistry,
+        adapter: &LoraAdapter,
+        dtype: DType,
+    ) -> Result<Self, TrainError> {
         let mut modules = Vec::new();
         let mut rank = 0;
         let mut alpha = 0.0;
         for (name, m) in &adapter.modules {
-            let (slot, _, _) = linears
-                .get(name)
-                .ok_or_else(|| TrainError::Config(format!("adapter module {name} does not exist in this UNet")))?;
+            let (slot, _, _) = linears.get(name).ok_or_else(|| {
+                TrainError::Config(format!("adapter module {name} does not exist in this UNet"))
+            })?;
             rank = m.rank();
             alpha = m.alpha;
             modules.push(Module {
@@ -102,9 +126,20 @@ impl TrainableLora {
             .peft_config
             .get("target_modules")
             .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_else(|| LoraSpec::default().target_modules);
-        let l = Self { spec: LoraSpec { rank, alpha, target_modules: targets }, modules };
+        let l = Self {
+            spec: LoraSpec {
+                rank,
+                alpha,
+                target_modules: targets,
+            },
+            modules,
+        };
         l.attach();
         Ok(l)
     }
@@ -117,7 +152,11 @@ impl TrainableLora {
     pub fn attach(&self) {
         let s = self.scale();
         for m in &self.modules {
-            m.slot.set(Some(LoraDelta { down: m.down.as_tensor().clone(), up: m.up.as_tensor().clone(), scale: s }));
+            m.slot.set(Some(LoraDelta {
+                down: m.down.as_tensor().clone(),
+                up: m.up.as_tensor().clone(),
+                scale: s,
+            }));
         }
     }
 
@@ -131,14 +170,23 @@ impl TrainableLora {
     pub fn params(&self) -> Vec<(String, Var)> {
         self.modules
             .iter()
-            .flat_map(|m| [(m.down_key.clone(), m.down.clone()), (m.up_key.clone(), m.up.clone())])
+            .flat_map(|m| {
+                [
+                    (m.down_key.clone(), m.down.clone()),
+                    (m.up_key.clone(), m.up.clone()),
+                ]
+            })
             .collect()
     }
 
     /// A snapshot in the file format (diffusers names + PEFT metadata with alpha).
     pub fn to_adapter(&self) -> Result<LoraAdapter, TrainError> {
         let mut a = LoraAdapter {
-            peft_config: LoraAdapter::peft_config_for(self.spec.rank, self.spec.alpha, &self.spec.target_modules),
+            peft_config: LoraAdapter::peft_config_for(
+                self.spec.rank,
+                self.spec.alpha,
+                &self.spec.target_modules,
+            ),
             ..Default::default()
         };
         for m in &self.modules {

@@ -4,7 +4,9 @@
 use crate::models::nn::sigmoid;
 use candle_core::{Result, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Official DSPO (SD1.5 branch): score matching toward the preference-tilted score.
@@ -39,7 +41,9 @@ impl std::str::FromStr for Method {
             "diffusion_dpo" | "dpo" => Ok(Method::DiffusionDpo),
             "sft" => Ok(Method::Sft),
             "dspo_e" => Ok(Method::DspoE),
-            o => Err(format!("unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e)")),
+            o => Err(format!(
+                "unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e)"
+            )),
         }
     }
 }

@@ -1,19 +1,21 @@
 //! Preference fine-tuning: losses (DSPO, Diffusion-DPO, SFT, DSPO-E), LoRA and full
 //! fine-tuning, optimiser, checkpoints, the trainer loop.
 
-pub mod cli;
 pub mod bench;
+pub mod checkpoint;
+pub mod cli;
 pub mod conformance;
 pub mod dataset;
 pub mod lora;
 pub mod losses;
 pub mod noise;
 pub mod optim;
+pub mod pretrain;
 pub mod step;
 pub mod trainer;
 
 pub use losses::Method;
-pub use trainer::{Hyperparameters, StepMetrics, TrainConfig, TrainOutcome};
+pub use trainer::{Hyperparameters, StepMetrics, TrainConfig, TrainMode, TrainOutcome};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -13,7 +13,10 @@ impl NoiseSchedule {
     pub fn new(cfg: &SchedulerConfig) -> Self {
         // DDPMScheduler.from_config: absent keys take the class defaults (same betas as DDIM).
         let cfg = cfg.for_kind(crate::schedulers::SchedulerKind::Ddim);
-        Self { alphas_cumprod: cfg.alphas_cumprod(), prediction_type: cfg.prediction_type }
+        Self {
+            alphas_cumprod: cfg.alphas_cumprod(),
+            prediction_type: cfg.prediction_type,
+        }
     }
 
     pub fn from_model_dir(dir: &Path) -> anyhow::Result<Self> {
@@ -32,7 +35,10 @@ impl NoiseSchedule {
         }
         let mut v = Vec::with_capacity(n);
         for &ti in t {
-            let a = *self.alphas_cumprod.get(ti).ok_or_else(|| candle_core::Error::Msg(format!("timestep {ti} out of range")))?;
+            let a = *self
+                .alphas_cumprod
+                .get(ti)
+                .ok_or_else(|| candle_core::Error::Msg(format!("timestep {ti} out of range")))?;
             v.push(f(a) as f32);
         }
         let mut shape = vec![1usize; x.rank()];

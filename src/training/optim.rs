@@ -13,7 +13,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+        Self {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
     }
 }
 
@@ -28,9 +34,21 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
-        let exp_avg = params.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<Result<Vec<_>>>()?;
-        let exp_avg_sq = params.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, params, exp_avg, exp_avg_sq, step: 0 })
+        let exp_avg = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        let exp_avg_sq = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().zeros_like())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            params,
+            exp_avg,
+            exp_avg_sq,
+            step: 0,
+        })
     }
 
     /// Applies one update with the given (already clipped) gradients, in parameter order.
@@ -66,7 +84,11 @@ pub struct ClippedGrads {
     pub clip_coef: f64,
 }
 
-pub fn collect_and_clip(params: &[(String, Var)], grads: &GradStore, max_norm: Option<f64>) -> Result<ClippedGrads> {
+pub fn collect_and_clip(
+    params: &[(String, Var)],
+    grads: &GradStore,
+    max_norm: Option<f64>,
+) -> Result<ClippedGrads> {
     clip(collect(params, grads)?, max_norm)
 }
 
@@ -86,7 +108,11 @@ pub fn collect(params: &[(String, Var)], grads: &GradStore) -> Result<Vec<Tensor
 pub fn clip(raw: Vec<Tensor>, max_norm: Option<f64>) -> Result<ClippedGrads> {
     let mut sq = 0f64;
     for g in &raw {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     let clip_coef = match max_norm {
@@ -94,9 +120,16 @@ pub fn clip(raw: Vec<Tensor>, max_norm: Option<f64>) -> Result<ClippedGrads> {
         None => 1.0,
     };
     let clipped = if clip_coef < 1.0 {
-        raw.iter().map(|g| g * clip_coef).collect::<Result<Vec<_>>>()?
+        raw.iter()
+            .map(|g| g * clip_coef)
+            .collect::<Result<Vec<_>>>()?
     } else {
         raw.clone()
     };
-    Ok(ClippedGrads { raw, clipped, norm, clip_coef })
+    Ok(ClippedGrads {
+        raw,
+        clipped,
+        norm,
+        clip_coef,
+    })
 }

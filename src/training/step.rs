@@ -49,7 +49,9 @@ pub fn batch_loss(
     let noise = batch.noise.to_dtype(dtype)?;
     let ehs = batch.encoder_hidden_states.to_dtype(dtype)?;
     let noisy = schedule.add_noise(&x0, &noise, &batch.timesteps)?;
-    let target = schedule.target(&x0, &noise, &batch.timesteps)?.to_dtype(DType::F32)?;
+    let target = schedule
+        .target(&x0, &noise, &batch.timesteps)?
+        .to_dtype(DType::F32)?;
     let added = match &batch.added {
         Some((te, ids)) => Some((te.to_dtype(dtype)?, ids.to_dtype(dtype)?)),
         None => None,
@@ -70,23 +72,42 @@ pub fn batch_loss(
             &noisy.narrow(0, 0, b)?,
             &t_tensor(&batch.timesteps[..b], &x0)?,
             &ehs.narrow(0, 0, b)?,
-            c.as_ref().map(|(te, ids)| AddedCond { text_embeds: te, time_ids: ids }),
+            c.as_ref().map(|(te, ids)| AddedCond {
+                text_embeds: te,
+                time_ids: ids,
+            }),
         )?;
         let loss = losses::sft(&pred.to_dtype(DType::F32)?, &target.narrow(0, 0, b)?)?;
-        return Ok(StepLoss { loss, u: None, model_pred: pred });
+        return Ok(StepLoss {
+            loss,
+            u: None,
+            model_pred: pred,
+        });
     }
     let t = t_tensor(&batch.timesteps, &x0)?;
     let c = cond(None)?;
-    let ac = || c.as_ref().map(|(te, ids)| AddedCond { text_embeds: te, time_ids: ids });
+    let ac = || {
+        c.as_ref().map(|(te, ids)| AddedCond {
+            text_embeds: te,
+            time_ids: ids,
+        })
+    };
     let model_pred = policy.forward(&noisy, &t, &ehs, ac())?;
     let ref_pred = match reference {
         Reference::Model(r) => r.forward(&noisy, &t, &ehs, ac())?.detach(),
         Reference::AdaptersOff => {
-            let saved: Vec<_> = policy.linears().all().into_iter().map(|(_, s, _, _)| (s.clone(), s.get())).collect();
+            let saved: Vec<_> = policy
+                .linears()
+                .all()
+                .into_iter()
+                .map(|(_, s, _, _)| (s.clone(), s.get()))
+                .collect();
             for (s, _) in &saved {
                 s.set(None);
             }
-            let r = policy.forward(&noisy.detach(), &t, &ehs.detach(), ac()).map(|r| r.detach());
+            let r = policy
+                .forward(&noisy.detach(), &t, &ehs.detach(), ac())
+                .map(|r| r.detach());
             for (s, d) in saved {
                 s.set(d);
             }
@@ -101,5 +122,9 @@ pub fn batch_loss(
         beta,
         1.0,
     )?;
-    Ok(StepLoss { loss: pl.loss, u: Some(pl.u), model_pred })
+    Ok(StepLoss {
+        loss: pl.loss,
+        u: Some(pl.u),
+        model_pred,
+    })
 }

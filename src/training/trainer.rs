@@ -102,6 +102,25 @@ pub struct TrainConfig {
     pub hyperparameters: Hyperparameters,
     #[serde(default = "default_device")]
     pub device: String,
+    /// What is trained: preference pairs (default), or a model from image–caption rows.
+    #[serde(default)]
+    pub mode: TrainMode,
+    /// Options of the `text_to_image` and `autoencoder` modes.
+    #[serde(default)]
+    pub pretrain: super::pretrain::PretrainOptions,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMode {
+    /// Pick-a-Pic v2 pairs through `method` (LoRA or full UNet).
+    #[default]
+    Preference,
+    /// Plain denoising on an image–caption parquet (`image`, `caption`): the whole UNet and
+    /// optionally the text encoder, from whatever weights `model` holds (random ones included).
+    TextToImage,
+    /// The VAE alone on the images of an image–caption parquet (reconstruction + KL).
+    Autoencoder,
 }
 
 fn default_device() -> String {
@@ -121,7 +140,9 @@ impl TrainConfig {
     }
 
     pub fn learning_rate(&self) -> f64 {
-        self.hyperparameters.learning_rate.unwrap_or(1e-8 * self.pairs_per_step() as f64)
+        self.hyperparameters
+            .learning_rate
+            .unwrap_or(1e-8 * self.pairs_per_step() as f64)
     }
 
     /// Everything that can be checked without loading the model.
@@ -129,7 +150,10 @@ impl TrainConfig {
         let h = &self.hyperparameters;
         let bad = |m: String| Err(TrainError::Config(m));
         if self.method != Method::Sft && !(self.beta() > 0.0 && self.beta().is_finite()) {
-            return bad(format!("beta must be a positive number, got {}", self.beta()));
+            return bad(format!(
+                "beta must be a positive number, got {}",
+                self.beta()
+            ));
         }
         if let Some(lr) = h.learning_rate {
             if !(lr > 0.0 && lr.is_finite()) {
@@ -143,7 +167,10 @@ impl TrainConfig {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
         }
         if !(0.0..=1.0).contains(&h.caption_dropout) {
-            return bad(format!("caption_dropout must be in [0, 1], got {}", h.caption_dropout));
+            return bad(format!(
+                "caption_dropout must be in [0, 1], got {}",
+                h.caption_dropout
+            ));
         }
         if !(h.max_grad_norm > 0.0) {
             return bad("max_grad_norm must be positive".into());
@@ -161,7 +188,9 @@ impl TrainConfig {
         }
         if let Some(r) = h.resolution {
             if r == 0 || r % 8 != 0 {
-                return bad(format!("resolution must be a positive multiple of 8, got {r}"));
+                return bad(format!(
+                    "resolution must be a positive multiple of 8, got {r}"
+                ));
             }
         }
         Ok(())
@@ -193,7 +222,10 @@ pub struct TrainOutcome {
 /// Where the trainable parameters live.
 enum Params {
     Lora(TrainableLora),
-    Full { policy: Box<UNet2DConditionModel>, registry: VarRegistry },
+    Full {
+        policy: Box<UNet2DConditionModel>,
+        registry: VarRegistry,
+    },
 }
 
 impl Params {
@@ -205,11 +237,14 @@ impl Params {
     }
 }
 
-fn parse_device(s: &str) -> Result<Device, TrainError> {
+pub(crate) fn parse_device(s: &str) -> Result<Device, TrainError> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ord = s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+            let ord = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             Ok(Device::new_cuda(ord)?)
         }
         o => Err(TrainError::Config(format!("unknown device '{o}'"))),
@@ -217,7 +252,7 @@ fn parse_device(s: &str) -> Result<Device, TrainError> {
 }
 
 /// Seeds of independent streams derived from the run seed (splitmix64).
-fn mix(seed: u64, k: u64) -> u64 {
+pub(crate) fn mix(seed: u64, k: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k.wrapping_add(1)));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -243,10 +278,16 @@ impl Trainer {
         config.validate()?;
         let device = parse_device(&config.device)?;
         let dir = ModelSource::parse(&config.model).resolve(None)?;
-        let opts = LoadOptions { device: device.clone(), dtype: DType::F32, variant: None };
+        let opts = LoadOptions {
+            device: device.clone(),
+            dtype: DType::F32,
+            variant: None,
+        };
         let model = DiffusionModel::load(&dir, &opts)?;
         if model.architecture == Architecture::InstructPix2Pix {
-            return Err(TrainError::Config("preference tuning of InstructPix2Pix models is not supported".into()));
+            return Err(TrainError::Config(
+                "preference tuning of InstructPix2Pix models is not supported".into(),
+            ));
         }
         let mut dataset = ParquetPairs::open(&config.dataset)?;
         if let Some(n) = config.hyperparameters.max_pairs {
@@ -254,9 +295,14 @@ impl Trainer {
         }
         let schedule = NoiseSchedule::new(&model.scheduler_config);
         let factor = model.vae_scale_factor();
-        let resolution = config.hyperparameters.resolution.unwrap_or(model.unet.config.sample_size * factor);
+        let resolution = config
+            .hyperparameters
+            .resolution
+            .unwrap_or(model.unet.config.sample_size * factor);
         if resolution % factor != 0 {
-            return Err(TrainError::Config(format!("resolution must be a multiple of {factor}")));
+            return Err(TrainError::Config(format!(
+                "resolution must be a multiple of {factor}"
+            )));
         }
         let mut init_rng = NoiseRng::new(mix(config.hyperparameters.seed, u64::MAX));
         let params = if config.full_finetune {
@@ -264,11 +310,21 @@ impl Trainer {
             let registry = VarRegistry::default();
             let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
             let w = Weights::from_files(&files, &device, DType::F32)?.trainable(registry.clone());
-            let policy = UNet2DConditionModel::new(UNet2DConditionModel::load_config(&unet_dir)?, &w)?;
-            Params::Full { policy: Box::new(policy), registry }
+            let policy =
+                UNet2DConditionModel::new(UNet2DConditionModel::load_config(&unet_dir)?, &w)?;
+            Params::Full {
+                policy: Box::new(policy),
+                registry,
+            }
         } else {
             let spec = config.lora.clone().unwrap_or_default();
-            Params::Lora(TrainableLora::new(model.unet.linears(), &spec, &mut init_rng, &device, DType::F32)?)
+            Params::Lora(TrainableLora::new(
+                model.unet.linears(),
+                &spec,
+                &mut init_rng,
+                &device,
+                DType::F32,
+            )?)
         };
         let h = &config.hyperparameters;
         let opt = AdamW::new(
@@ -312,32 +368,11 @@ impl Trainer {
 
     /// Loads the newest complete checkpoint, if any.
     fn resume(&mut self) -> Result<(), TrainError> {
-        let dir = self.checkpoint_dir();
-        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-        let mut steps: Vec<usize> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-            .collect();
-        steps.sort();
-        let Some(&step) = steps.last() else { return Ok(()) };
-        let cdir = dir.join(format!("step-{step:08}"));
-        let read = |name: &str| -> Result<HashMap<String, Tensor>, TrainError> {
-            candle_core::safetensors::load(cdir.join(name), &self.device)
-                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", cdir.join(name).display())))
+        let Some((step, state)) =
+            super::checkpoint::load_latest(&self.checkpoint_dir(), &mut self.opt, &self.device)?
+        else {
+            return Ok(());
         };
-        let params = read("params.safetensors")?;
-        let moments = read("optimizer.safetensors")?;
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(cdir.join("state.json")).map_err(|e| TrainError::Checkpoint(e.to_string()))?,
-        )
-        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-        for (i, (name, var)) in self.opt.params.iter().enumerate() {
-            let missing = || TrainError::Checkpoint(format!("{name} missing from checkpoint step {step}"));
-            var.set(&params.get(name).ok_or_else(missing)?.to_dtype(var.dtype())?)?;
-            self.opt.exp_avg[i] = moments.get(&format!("exp_avg.{name}")).ok_or_else(missing)?.clone();
-            self.opt.exp_avg_sq[i] = moments.get(&format!("exp_avg_sq.{name}")).ok_or_else(missing)?.clone();
-        }
-        self.opt.step = state["optimizer_step"].as_u64().unwrap_or(step as u64) as usize;
         self.metrics = serde_json::from_value(state["metrics"].clone()).unwrap_or_default();
         self.step = step;
         self.resumed_from = Some(step);
@@ -345,42 +380,25 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes `checkpoints/step-N/` atomically: a temporary directory renamed into place.
+    /// Writes `checkpoints/step-N/` atomically.
     pub fn checkpoint(&self) -> Result<PathBuf, TrainError> {
-        let dir = self.checkpoint_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(e.to_string()))?;
-        let final_dir = dir.join(format!("step-{:08}", self.step));
-        let tmp = dir.join(format!(".tmp-step-{:08}", self.step));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::Io(e.to_string()))?;
-        let mut params = HashMap::new();
-        let mut moments = HashMap::new();
-        for (i, (name, var)) in self.opt.params.iter().enumerate() {
-            params.insert(name.clone(), var.as_tensor().detach());
-            moments.insert(format!("exp_avg.{name}"), self.opt.exp_avg[i].clone());
-            moments.insert(format!("exp_avg_sq.{name}"), self.opt.exp_avg_sq[i].clone());
-        }
-        candle_core::safetensors::save(&params, tmp.join("params.safetensors"))?;
-        candle_core::safetensors::save(&moments, tmp.join("optimizer.safetensors"))?;
-        let state = serde_json::json!({
-            "step": self.step,
-            "optimizer_step": self.opt.step,
-            "metrics": self.metrics,
-            "method": self.config.method,
-        });
-        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&state).unwrap_or_default())
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::Io(e.to_string()))?;
-        Ok(final_dir)
+        let state = serde_json::json!({ "metrics": self.metrics, "method": self.config.method });
+        super::checkpoint::save(&self.checkpoint_dir(), self.step, &self.opt, state)
     }
 
     /// `n` usable pairs starting at stream position `start`; a pair whose image does not decode
     /// is replaced by the pair at the same position of a later epoch.
-    fn pairs(&mut self, start: usize, n: usize) -> Result<Vec<(RawPair, Tensor, Tensor)>, TrainError> {
+    fn pairs(
+        &mut self,
+        start: usize,
+        n: usize,
+    ) -> Result<Vec<(RawPair, Tensor, Tensor)>, TrainError> {
         let seed = self.config.hyperparameters.seed;
         let len = self.dataset.len();
-        let pre = Preprocess { resolution: self.resolution, random_crop: self.config.hyperparameters.random_crop };
+        let pre = Preprocess {
+            resolution: self.resolution,
+            random_crop: self.config.hyperparameters.random_crop,
+        };
         let mut out = Vec::with_capacity(n);
         for j in 0..n {
             let mut got = None;
@@ -392,8 +410,14 @@ impl Trainer {
                     continue;
                 };
                 let (f0, f1) = (rng.uniform() < 0.5, rng.uniform() < 0.5);
-                let (c0, c1) = ((rng.uniform(), rng.uniform()), (rng.uniform(), rng.uniform()));
-                match (pre.apply(&pair.winner, f0, c0, &self.device), pre.apply(&pair.loser, f1, c1, &self.device)) {
+                let (c0, c1) = (
+                    (rng.uniform(), rng.uniform()),
+                    (rng.uniform(), rng.uniform()),
+                );
+                match (
+                    pre.apply(&pair.winner, f0, c0, &self.device),
+                    pre.apply(&pair.loser, f1, c1, &self.device),
+                ) {
                     (Some(w), Some(l)) => {
                         got = Some((pair, w?, l?));
                         break;
@@ -401,7 +425,9 @@ impl Trainer {
                     _ => self.dataset.stats.undecodable_skipped += 1,
                 }
             }
-            out.push(got.ok_or_else(|| TrainError::Dataset("too many undecodable images in a row".into()))?);
+            out.push(got.ok_or_else(|| {
+                TrainError::Dataset("too many undecodable images in a row".into())
+            })?);
         }
         Ok(out)
     }
@@ -420,23 +446,43 @@ impl Trainer {
             }
             let (n, l) = (ids.len(), ids[0].len());
             let ids = Tensor::from_vec(ids.concat(), (n, l), &self.device)?;
-            Ok((self.model.text_encoder.forward(&ids)?.last_hidden_state.detach(), None))
+            Ok((
+                self.model
+                    .text_encoder
+                    .forward(&ids)?
+                    .last_hidden_state
+                    .detach(),
+                None,
+            ))
         }
     }
 
     /// One micro-batch: its loss (already divided by the accumulation count), gradients and u.
-    fn micro_batch(&mut self, k: usize, pair_start: usize) -> Result<(f64, Vec<Tensor>, Vec<f32>), TrainError> {
+    fn micro_batch(
+        &mut self,
+        k: usize,
+        pair_start: usize,
+    ) -> Result<(f64, Vec<Tensor>, Vec<f32>), TrainError> {
         let h = self.config.hyperparameters.clone();
         let b = h.batch_size;
         let pairs = self.pairs(pair_start, b)?;
         let mut rng = NoiseRng::new(mix(h.seed, k as u64));
         let captions: Vec<String> = pairs
             .iter()
-            .map(|(p, _, _)| if rng.uniform() < h.caption_dropout { String::new() } else { p.caption.clone() })
+            .map(|(p, _, _)| {
+                if rng.uniform() < h.caption_dropout {
+                    String::new()
+                } else {
+                    p.caption.clone()
+                }
+            })
             .collect();
         let winners: Vec<&Tensor> = pairs.iter().map(|(_, w, _)| w).collect();
         let losers: Vec<&Tensor> = pairs.iter().map(|(_, _, l)| l).collect();
-        let images = Tensor::cat(&[Tensor::stack(&winners, 0)?, Tensor::stack(&losers, 0)?], 0)?;
+        let images = Tensor::cat(
+            &[Tensor::stack(&winners, 0)?, Tensor::stack(&losers, 0)?],
+            0,
+        )?;
         let post = self.model.vae.encode(&images)?;
         let vnoise = rng.randn(post.mean.dims(), &self.device, DType::F32)?;
         let x0 = (post.sample_with(&vnoise)? * self.model.vae.config.scaling_factor)?.detach();
@@ -445,23 +491,48 @@ impl Trainer {
         let (_, c, lh, lw) = x0.dims4()?;
         let noise = rng.randn((b, c, lh, lw), &self.device, DType::F32)?;
         let noise = Tensor::cat(&[&noise, &noise], 0)?;
-        let t: Vec<usize> = (0..b).map(|_| rng.below(self.schedule.num_train_timesteps())).collect();
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.below(self.schedule.num_train_timesteps()))
+            .collect();
         let timesteps: Vec<usize> = t.iter().chain(t.iter()).copied().collect();
         let added = match pooled {
             Some(p) => {
                 let r = self.resolution as f32;
                 // The official trainer fixes the ids at the training resolution.
                 let ids: Vec<f32> = (0..2 * b).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
-                Some((Tensor::cat(&[&p, &p], 0)?, Tensor::from_vec(ids, (2 * b, 6), &self.device)?))
+                Some((
+                    Tensor::cat(&[&p, &p], 0)?,
+                    Tensor::from_vec(ids, (2 * b, 6), &self.device)?,
+                ))
             }
             None => None,
         };
-        let batch = Batch { x0, noise, timesteps, encoder_hidden_states: ehs, added };
+        let batch = Batch {
+            x0,
+            noise,
+            timesteps,
+            encoder_hidden_states: ehs,
+            added,
+        };
         let method = self.config.method;
         let beta = self.config.beta();
         let out = match &self.params {
-            Params::Lora(_) => batch_loss(&self.model.unet, Reference::AdaptersOff, &self.schedule, &batch, method, beta)?,
-            Params::Full { policy, .. } => batch_loss(policy, Reference::Model(&self.model.unet), &self.schedule, &batch, method, beta)?,
+            Params::Lora(_) => batch_loss(
+                &self.model.unet,
+                Reference::AdaptersOff,
+                &self.schedule,
+                &batch,
+                method,
+                beta,
+            )?,
+            Params::Full { policy, .. } => batch_loss(
+                policy,
+                Reference::Model(&self.model.unet),
+                &self.schedule,
+                &batch,
+                method,
+                beta,
+            )?,
         };
         let accum = h.gradient_accumulation_steps as f64;
         let loss = (out.loss / accum)?;
@@ -489,12 +560,20 @@ impl Trainer {
             us.extend(u);
             sum = Some(match sum {
                 None => g,
-                Some(s) => s.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<Vec<_>>>()?,
+                Some(s) => s
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
             });
         }
         let clipped = clip(sum.unwrap_or_default(), Some(h.max_grad_norm))?;
         // diffusers' constant_with_warmup: the factor of optimiser step k (from 0) is k / warmup.
-        let warm = if h.warmup_steps == 0 { 1.0 } else { (self.step as f64 / h.warmup_steps as f64).min(1.0) };
+        let warm = if h.warmup_steps == 0 {
+            1.0
+        } else {
+            (self.step as f64 / h.warmup_steps as f64).min(1.0)
+        };
         let lr = self.config.learning_rate() * warm;
         self.opt.update(&clipped.clipped, lr)?;
         self.step += 1;
@@ -516,12 +595,19 @@ impl Trainer {
     }
 
     /// Runs to `max_steps`. `control` sees every step's metrics; returning false cancels.
-    pub fn run(&mut self, control: &mut dyn FnMut(&StepMetrics) -> bool) -> Result<TrainOutcome, TrainError> {
+    pub fn run(
+        &mut self,
+        control: &mut dyn FnMut(&StepMetrics) -> bool,
+    ) -> Result<TrainOutcome, TrainError> {
         let h = self.config.hyperparameters.clone();
-        std::fs::create_dir_all(&self.config.output_dir).map_err(|e| TrainError::Io(e.to_string()))?;
+        std::fs::create_dir_all(&self.config.output_dir)
+            .map_err(|e| TrainError::Io(e.to_string()))?;
         while self.step < h.max_steps {
             let m = self.train_step()?;
-            if h.checkpoint_every > 0 && self.step % h.checkpoint_every == 0 && self.step < h.max_steps {
+            if h.checkpoint_every > 0
+                && self.step % h.checkpoint_every == 0
+                && self.step < h.max_steps
+            {
                 self.checkpoint()?;
             }
             if !control(&m) {
@@ -549,13 +635,20 @@ impl Trainer {
             Params::Full { registry, .. } => {
                 let dir = out.join("unet");
                 std::fs::create_dir_all(&dir).map_err(|e| TrainError::Io(e.to_string()))?;
-                let tensors: HashMap<String, Tensor> =
-                    registry.all().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+                let tensors: HashMap<String, Tensor> = registry
+                    .all()
+                    .into_iter()
+                    .map(|(n, v)| (n, v.as_tensor().detach()))
+                    .collect();
                 let tmp = dir.join("diffusion_pytorch_model.safetensors.tmp");
                 candle_core::safetensors::save(&tensors, &tmp)?;
-                std::fs::rename(&tmp, dir.join("diffusion_pytorch_model.safetensors")).map_err(|e| TrainError::Io(e.to_string()))?;
-                std::fs::copy(self.model.dir.join("unet").join("config.json"), dir.join("config.json"))
+                std::fs::rename(&tmp, dir.join("diffusion_pytorch_model.safetensors"))
                     .map_err(|e| TrainError::Io(e.to_string()))?;
+                std::fs::copy(
+                    self.model.dir.join("unet").join("config.json"),
+                    dir.join("config.json"),
+                )
+                .map_err(|e| TrainError::Io(e.to_string()))?;
                 Ok(dir)
             }
         }
@@ -573,8 +666,17 @@ impl Trainer {
     /// `[start, start + n)`, each under `draws` fixed (noise, timestep) draws: the share of the
     /// `n * draws` evaluations with u > 0. Many draws matter: one draw is dominated by its
     /// timestep's noise level. The draws come from an evaluation stream, not the training one.
-    pub fn eval_implicit_accuracy(&mut self, start: usize, n: usize, draws: usize) -> Result<f64, TrainError> {
-        let saved = (self.config.hyperparameters.caption_dropout, self.config.hyperparameters.batch_size, self.config.method);
+    pub fn eval_implicit_accuracy(
+        &mut self,
+        start: usize,
+        n: usize,
+        draws: usize,
+    ) -> Result<f64, TrainError> {
+        let saved = (
+            self.config.hyperparameters.caption_dropout,
+            self.config.hyperparameters.batch_size,
+            self.config.method,
+        );
         self.config.hyperparameters.caption_dropout = 0.0;
         self.config.hyperparameters.batch_size = n;
         if self.config.method == Method::Sft {
@@ -595,7 +697,11 @@ impl Trainer {
                 }
             }
         }
-        (self.config.hyperparameters.caption_dropout, self.config.hyperparameters.batch_size, self.config.method) = saved;
+        (
+            self.config.hyperparameters.caption_dropout,
+            self.config.hyperparameters.batch_size,
+            self.config.method,
+        ) = saved;
         result?;
         Ok(positive as f64 / total.max(1) as f64)
     }
@@ -603,9 +709,11 @@ impl Trainer {
 
 /// Loads a train config from TOML or JSON (by extension).
 pub fn load_config(path: &Path) -> Result<TrainConfig, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     if path.extension().and_then(|e| e.to_str()) == Some("json") {
-        serde_json::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+        serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     } else {
         toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }

@@ -18,7 +18,10 @@ pub fn parse_lenient_json(text: &str) -> serde_json::Result<serde_json::Value> {
             }
         } else if c == '"' {
             in_str = true;
-        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"].iter().find(|t| rest.starts_with(**t)) {
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|t| rest.starts_with(**t))
+        {
             clean.push_str("null");
             rest = &rest[tok.len()..];
             continue;
@@ -33,7 +36,10 @@ pub fn parse_lenient_json(text: &str) -> serde_json::Result<serde_json::Value> {
 mod tests {
     #[test]
     fn python_specials_become_null_outside_strings() {
-        let v = super::parse_lenient_json(r#"{"a": -Infinity, "b": "NaN \" Infinity", "c": [NaN, 1.5]}"#).unwrap();
+        let v = super::parse_lenient_json(
+            r#"{"a": -Infinity, "b": "NaN \" Infinity", "c": [NaN, 1.5]}"#,
+        )
+        .unwrap();
         assert!(v["a"].is_null());
         assert_eq!(v["b"], "NaN \" Infinity");
         assert!(v["c"][0].is_null());

@@ -32,7 +32,10 @@ impl FileServer {
                         return;
                     }
                     let parts: Vec<&str> = line.split_whitespace().collect();
-                    let (method, path) = (parts.first().copied().unwrap_or(""), parts.get(1).copied().unwrap_or("/"));
+                    let (method, path) = (
+                        parts.first().copied().unwrap_or(""),
+                        parts.get(1).copied().unwrap_or("/"),
+                    );
                     let mut headers = HashMap::new();
                     loop {
                         let mut h = String::new();
@@ -44,11 +47,16 @@ impl FileServer {
                         }
                     }
                     if method == "POST" {
-                        let n: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let n: usize = headers
+                            .get("content-length")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
                         let mut body = vec![0u8; n];
                         let _ = r.read_exact(&mut body);
                         p.lock().unwrap().push((headers, body));
-                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        let _ = s.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        );
                         return;
                     }
                     let file = root.join(path.trim_start_matches('/'));
@@ -70,4 +78,3 @@ impl FileServer {
         format!("http://127.0.0.1:{}/{path}", self.port)
     }
 }
-

@@ -32,7 +32,11 @@ pub fn tiny_config() -> Config {
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dspo-test-{tag}-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    let d = std::env::temp_dir().join(format!(
+        "dspo-test-{tag}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -53,26 +57,41 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     /// `error.code` of an error body.
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
 fn read(resp: ureq::Response) -> Reply {
     let status = resp.status();
-    let headers = resp.headers_names().into_iter().map(|k| {
-        let v = resp.header(&k).unwrap_or_default().to_string();
-        (k, v)
-    }).collect();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .map(|k| {
+            let v = resp.header(&k).unwrap_or_default().to_string();
+            (k, v)
+        })
+        .collect();
     let mut body = Vec::new();
     std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).unwrap();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn finish(r: Result<ureq::Response, ureq::Error>) -> Reply {
@@ -84,7 +103,9 @@ fn finish(r: Result<ureq::Response, ureq::Error>) -> Reply {
 }
 
 pub fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build()
 }
 
 pub fn get(server: &RunningServer, path: &str) -> Reply {
@@ -92,10 +113,20 @@ pub fn get(server: &RunningServer, path: &str) -> Reply {
 }
 
 pub fn post_json(server: &RunningServer, path: &str, body: &Value) -> Reply {
-    finish(agent().post(&server.url(path)).set("content-type", "application/json").send_bytes(body.to_string().as_bytes()))
+    finish(
+        agent()
+            .post(&server.url(path))
+            .set("content-type", "application/json")
+            .send_bytes(body.to_string().as_bytes()),
+    )
 }
 
-pub fn post_raw(server: &RunningServer, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+pub fn post_raw(
+    server: &RunningServer,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
     let mut req = agent().post(&server.url(path));
     for (k, v) in headers {
         req = req.set(k, v);
@@ -107,10 +138,16 @@ pub fn post_raw(server: &RunningServer, path: &str, headers: &[(&str, &str)], bo
 /// the body only once the server asks for it. A server that refuses from the headers alone
 /// (413 from Content-Length) answers before any body byte is sent, so the test never races a
 /// half-written upload against the server closing the connection.
-pub fn post_expect_continue(server: &RunningServer, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+pub fn post_expect_continue(
+    server: &RunningServer,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Value) {
     use std::io::{BufRead, BufReader, Write};
     let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     write!(
         sock,
         "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
@@ -151,7 +188,10 @@ pub fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
     let boundary = format!("dspo-{}", uuid::Uuid::new_v4().simple());
     let mut body = Vec::new();
     for (k, v) in fields {
-        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes());
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
     }
     body.extend(
         format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"in.png\"\r\nContent-Type: image/png\r\n\r\n")
@@ -172,8 +212,18 @@ pub fn unb64(s: &str) -> Vec<u8> {
 
 /// The PNG bytes of every image of a 200 JSON response.
 pub fn pngs(reply: &Reply) -> Vec<Vec<u8>> {
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
-    reply.json()["images"].as_array().unwrap().iter().map(|i| unb64(i["png_base64"].as_str().unwrap())).collect()
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    reply.json()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| unb64(i["png_base64"].as_str().unwrap()))
+        .collect()
 }
 
 /// Decoded RGB pixels, for comparing images whose PNG text differs.
@@ -188,16 +238,24 @@ pub fn png_size(png: &[u8]) -> (u32, u32) {
 
 /// A PNG test input: a gradient, so edits have something to work with.
 pub fn test_png(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 128]));
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 3) as u8, (y * 3) as u8, 128]));
     let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
 /// The `/health` entry of one model.
 pub fn health_of(server: &RunningServer, model: &str) -> Value {
     let h = get(server, "/health").json();
-    h["models"].as_array().unwrap().iter().find(|m| m["name"] == model).cloned().expect("model in /health")
+    h["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .cloned()
+        .expect("model in /health")
 }
 
 /// Polls until `f` holds (or panics after `secs`).
@@ -247,7 +305,10 @@ impl Gate {
         let mut s = lock.lock().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !s.holding {
-            assert!(Instant::now() < deadline, "the worker never reached the held batch");
+            assert!(
+                Instant::now() < deadline,
+                "the worker never reached the held batch"
+            );
             s = cv.wait_timeout(s, Duration::from_millis(50)).unwrap().0;
         }
     }

@@ -25,7 +25,11 @@ impl ResnetBlock2D {
         eps: f64,
         output_scale_factor: f64,
     ) -> Result<Self> {
-        let conv_shortcut = if in_c != out_c { Some(Conv2d::new(&w.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?) } else { None };
+        let conv_shortcut = if in_c != out_c {
+            Some(Conv2d::new(&w.pp("conv_shortcut"), in_c, out_c, 1, 1, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
             norm1: GroupNorm::new(&w.pp("norm1"), groups, in_c, eps)?,
             conv1: Conv2d::new(&w.pp("conv1"), in_c, out_c, 3, 1, 1)?,
@@ -70,7 +74,13 @@ pub struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub fn new(w: &Weights, query_dim: usize, context_dim: usize, heads: usize, reg: &LinearRegistry) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        reg: &LinearRegistry,
+    ) -> Result<Self> {
         let inner = query_dim;
         Ok(Self {
             to_q: Linear::new(&w.pp("to_q"), query_dim, inner, false, Some(reg))?,
@@ -125,7 +135,13 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(w: &Weights, dim: usize, context_dim: usize, heads: usize, reg: &LinearRegistry) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        reg: &LinearRegistry,
+    ) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::new(&w.pp("norm1"), dim, 1e-5)?,
             attn1: CrossAttention::new(&w.pp("attn1"), dim, dim, heads, reg)?,
@@ -138,7 +154,10 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -180,7 +199,15 @@ impl SpatialTransformer {
             )
         };
         let blocks = (0..s.layers)
-            .map(|i| BasicTransformerBlock::new(&w.pp(format!("transformer_blocks.{i}")), c, s.context_dim, s.heads, reg))
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    &w.pp(format!("transformer_blocks.{i}")),
+                    c,
+                    s.context_dim,
+                    s.heads,
+                    reg,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             // diffusers hard-codes eps 1e-6 for this GroupNorm.
@@ -218,7 +245,9 @@ pub struct Downsample {
 
 impl Downsample {
     pub fn new(w: &Weights, c: usize, padding: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(&w.pp("conv"), c, c, 3, 2, padding)? })
+        Ok(Self {
+            conv: Conv2d::new(&w.pp("conv"), c, c, 3, 2, padding)?,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.conv.forward(x)
@@ -231,7 +260,9 @@ pub struct Upsample {
 
 impl Upsample {
     pub fn new(w: &Weights, c: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(&w.pp("conv"), c, c, 3, 1, 1)? })
+        Ok(Self {
+            conv: Conv2d::new(&w.pp("conv"), c, c, 3, 1, 1)?,
+        })
     }
     /// Nearest upsampling to `size` (the skip tensor's size when the latent side is not a
     /// multiple of 2^levels), else 2x.

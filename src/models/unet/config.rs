@@ -59,7 +59,9 @@ fn usize_field(v: &Value, k: &str) -> Result<usize> {
 
 /// An int or a per-block list.
 fn per_block(v: &Value, k: &str, n: usize) -> Result<Option<Vec<usize>>> {
-    let Some(x) = field(v, k) else { return Ok(None) };
+    let Some(x) = field(v, k) else {
+        return Ok(None);
+    };
     if let Some(i) = x.as_u64() {
         return Ok(Some(vec![i as usize; n]));
     }
@@ -67,7 +69,10 @@ fn per_block(v: &Value, k: &str, n: usize) -> Result<Option<Vec<usize>>> {
     let list: Option<Vec<usize>> = arr.iter().map(|e| e.as_u64().map(|i| i as usize)).collect();
     let list = list.ok_or_else(|| bad(k, x))?;
     if list.len() != n {
-        return Err(ModelError::Config(format!("unet config: {k} has {} entries for {n} blocks", list.len())));
+        return Err(ModelError::Config(format!(
+            "unet config: {k} has {} entries for {n} blocks",
+            list.len()
+        )));
     }
     Ok(Some(list))
 }
@@ -86,13 +91,18 @@ impl UNetConfig {
         let block_out_channels: Vec<usize> = field(v, "block_out_channels")
             .and_then(|x| x.as_array())
             .and_then(|a| a.iter().map(|e| e.as_u64().map(|i| i as usize)).collect())
-            .ok_or_else(|| ModelError::Config("unet config: block_out_channels missing or invalid".into()))?;
+            .ok_or_else(|| {
+                ModelError::Config("unet config: block_out_channels missing or invalid".into())
+            })?;
         let n = block_out_channels.len();
         if n == 0 {
-            return Err(ModelError::Config("unet config: block_out_channels is empty".into()));
+            return Err(ModelError::Config(
+                "unet config: block_out_channels is empty".into(),
+            ));
         }
         let strs = |k: &str| -> Result<Vec<String>> {
-            let x = field(v, k).ok_or_else(|| ModelError::Config(format!("unet config: missing {k}")))?;
+            let x = field(v, k)
+                .ok_or_else(|| ModelError::Config(format!("unet config: missing {k}")))?;
             x.as_array()
                 .and_then(|a| a.iter().map(|e| e.as_str().map(str::to_string)).collect())
                 .ok_or_else(|| bad(k, x))
@@ -102,7 +112,9 @@ impl UNetConfig {
             .map(|s| match s.as_str() {
                 "CrossAttnDownBlock2D" => Ok(DownBlockType::CrossAttn),
                 "DownBlock2D" => Ok(DownBlockType::Plain),
-                o => Err(ModelError::Config(format!("unet config: down_block_types entry {o} is not supported"))),
+                o => Err(ModelError::Config(format!(
+                    "unet config: down_block_types entry {o} is not supported"
+                ))),
             })
             .collect::<Result<Vec<_>>>()?;
         let up_block_types = strs("up_block_types")?
@@ -110,11 +122,15 @@ impl UNetConfig {
             .map(|s| match s.as_str() {
                 "CrossAttnUpBlock2D" => Ok(UpBlockType::CrossAttn),
                 "UpBlock2D" => Ok(UpBlockType::Plain),
-                o => Err(ModelError::Config(format!("unet config: up_block_types entry {o} is not supported"))),
+                o => Err(ModelError::Config(format!(
+                    "unet config: up_block_types entry {o} is not supported"
+                ))),
             })
             .collect::<Result<Vec<_>>>()?;
         if down_block_types.len() != n || up_block_types.len() != n {
-            return Err(ModelError::Config("unet config: block type lists and block_out_channels differ in length".into()));
+            return Err(ModelError::Config(
+                "unet config: block type lists and block_out_channels differ in length".into(),
+            ));
         }
         if let Some(x) = field(v, "mid_block_type") {
             if x.as_str() != Some("UNetMidBlock2DCrossAttn") {
@@ -147,36 +163,49 @@ impl UNetConfig {
                 return Err(bad("resnet_out_scale_factor", x));
             }
         }
-        let addition = field(v, "addition_embed_type").and_then(|x| x.as_str()).map(str::to_string);
-        let (addition_time_embed_dim, projection_class_embeddings_input_dim) = match addition.as_deref() {
-            None => (None, None),
-            Some("text_time") => (
-                Some(usize_field(v, "addition_time_embed_dim")?),
-                Some(usize_field(v, "projection_class_embeddings_input_dim")?),
-            ),
-            Some(o) => return Err(ModelError::Config(format!("unet config: addition_embed_type = {o} is not supported"))),
-        };
+        let addition = field(v, "addition_embed_type")
+            .and_then(|x| x.as_str())
+            .map(str::to_string);
+        let (addition_time_embed_dim, projection_class_embeddings_input_dim) =
+            match addition.as_deref() {
+                None => (None, None),
+                Some("text_time") => (
+                    Some(usize_field(v, "addition_time_embed_dim")?),
+                    Some(usize_field(v, "projection_class_embeddings_input_dim")?),
+                ),
+                Some(o) => {
+                    return Err(ModelError::Config(format!(
+                        "unet config: addition_embed_type = {o} is not supported"
+                    )))
+                }
+            };
         // diffusers: num_attention_heads = num_attention_heads or attention_head_dim.
         let num_heads = match per_block(v, "num_attention_heads", n)? {
             Some(h) => h,
             None => per_block(v, "attention_head_dim", n)?.unwrap_or(vec![8; n]),
         };
         let cross_attention_dim = per_block(v, "cross_attention_dim", n)?.unwrap_or(vec![1280; n]);
-        let transformer_layers_per_block = per_block(v, "transformer_layers_per_block", n)?.unwrap_or(vec![1; n]);
-        let reverse_transformer_layers_per_block = match field(v, "reverse_transformer_layers_per_block") {
-            None => None,
-            Some(x) => {
-                let rows = x.as_array().ok_or_else(|| bad("reverse_transformer_layers_per_block", x))?;
-                let parsed: Option<Vec<Vec<usize>>> = rows
-                    .iter()
-                    .map(|r| match r.as_u64() {
-                        Some(i) => Some(vec![i as usize]),
-                        None => r.as_array().and_then(|a| a.iter().map(|e| e.as_u64().map(|i| i as usize)).collect()),
-                    })
-                    .collect();
-                Some(parsed.ok_or_else(|| bad("reverse_transformer_layers_per_block", x))?)
-            }
-        };
+        let transformer_layers_per_block =
+            per_block(v, "transformer_layers_per_block", n)?.unwrap_or(vec![1; n]);
+        let reverse_transformer_layers_per_block =
+            match field(v, "reverse_transformer_layers_per_block") {
+                None => None,
+                Some(x) => {
+                    let rows = x
+                        .as_array()
+                        .ok_or_else(|| bad("reverse_transformer_layers_per_block", x))?;
+                    let parsed: Option<Vec<Vec<usize>>> = rows
+                        .iter()
+                        .map(|r| match r.as_u64() {
+                            Some(i) => Some(vec![i as usize]),
+                            None => r.as_array().and_then(|a| {
+                                a.iter().map(|e| e.as_u64().map(|i| i as usize)).collect()
+                            }),
+                        })
+                        .collect();
+                    Some(parsed.ok_or_else(|| bad("reverse_transformer_layers_per_block", x))?)
+                }
+            };
         let layers_per_block = per_block(v, "layers_per_block", n)?.unwrap_or(vec![2; n]);
         let cfg = UNetConfig {
             in_channels: usize_field(v, "in_channels")?,
@@ -189,19 +218,42 @@ impl UNetConfig {
             cross_attention_dim,
             transformer_layers_per_block,
             reverse_transformer_layers_per_block,
-            norm_num_groups: field(v, "norm_num_groups").and_then(|x| x.as_u64()).unwrap_or(32) as usize,
-            norm_eps: field(v, "norm_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
-            use_linear_projection: field(v, "use_linear_projection").and_then(|x| x.as_bool()).unwrap_or(false),
-            flip_sin_to_cos: field(v, "flip_sin_to_cos").and_then(|x| x.as_bool()).unwrap_or(true),
-            freq_shift: field(v, "freq_shift").and_then(|x| x.as_f64()).unwrap_or(0.0),
-            downsample_padding: field(v, "downsample_padding").and_then(|x| x.as_u64()).unwrap_or(1) as usize,
-            mid_block_scale_factor: field(v, "mid_block_scale_factor").and_then(|x| x.as_f64()).unwrap_or(1.0),
-            upcast_attention: field(v, "upcast_attention").and_then(|x| x.as_bool()).unwrap_or(false),
+            norm_num_groups: field(v, "norm_num_groups")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(32) as usize,
+            norm_eps: field(v, "norm_eps")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1e-5),
+            use_linear_projection: field(v, "use_linear_projection")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
+            flip_sin_to_cos: field(v, "flip_sin_to_cos")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(true),
+            freq_shift: field(v, "freq_shift")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.0),
+            downsample_padding: field(v, "downsample_padding")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(1) as usize,
+            mid_block_scale_factor: field(v, "mid_block_scale_factor")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(1.0),
+            upcast_attention: field(v, "upcast_attention")
+                .and_then(|x| x.as_bool())
+                .unwrap_or(false),
             addition_time_embed_dim,
             projection_class_embeddings_input_dim,
-            sample_size: field(v, "sample_size").and_then(|x| x.as_u64()).unwrap_or(64) as usize,
+            sample_size: field(v, "sample_size")
+                .and_then(|x| x.as_u64())
+                .unwrap_or(64) as usize,
         };
-        for (i, (&c, &h)) in cfg.block_out_channels.iter().zip(&cfg.num_heads).enumerate() {
+        for (i, (&c, &h)) in cfg
+            .block_out_channels
+            .iter()
+            .zip(&cfg.num_heads)
+            .enumerate()
+        {
             if h == 0 || c % h != 0 {
                 return Err(ModelError::Config(format!(
                     "unet config: block {i} has {c} channels, not divisible by {h} attention heads"

@@ -33,15 +33,27 @@ impl TimestepEmbedding {
 
 /// Sinusoidal embedding of a `[N]` f32 tensor of timesteps into `[N, dim]`, computed in f32
 /// like diffusers (`exponent = -ln(10000) * i / (half - shift)`).
-pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f64) -> candle_core::Result<Tensor> {
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let freqs: Vec<f32> = (0..half)
         .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let mut emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    let mut emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], 1)?
+    } else {
+        Tensor::cat(&[sin, cos], 1)?
+    };
     if dim % 2 == 1 {
         emb = emb.pad_with_zeros(1, 0, 1)?;
     }
@@ -91,9 +103,10 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     pub fn load_config(dir: &Path) -> Result<UNetConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ModelError::Io(path.clone(), e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))?;
         UNetConfig::from_json(&v)
     }
 
@@ -106,8 +119,15 @@ impl UNet2DConditionModel {
         let temb = c.time_embed_dim();
         let linears = LinearRegistry::default();
 
-        let add_embedding = match (c.addition_time_embed_dim, c.projection_class_embeddings_input_dim) {
-            (Some(_), Some(in_dim)) => Some(TimestepEmbedding::new(&w.pp("add_embedding"), in_dim, temb)?),
+        let add_embedding = match (
+            c.addition_time_embed_dim,
+            c.projection_class_embeddings_input_dim,
+        ) {
+            (Some(_), Some(in_dim)) => Some(TimestepEmbedding::new(
+                &w.pp("add_embedding"),
+                in_dim,
+                temb,
+            )?),
             _ => None,
         };
 
@@ -130,30 +150,69 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..c.layers_per_block[i] {
                 let rin = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::new(&wb.pp(format!("resnets.{j}")), rin, out_c, Some(temb), groups, eps, 1.0)?);
+                resnets.push(ResnetBlock2D::new(
+                    &wb.pp(format!("resnets.{j}")),
+                    rin,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                    1.0,
+                )?);
                 if c.down_block_types[i] == DownBlockType::CrossAttn {
-                    let s = TransformerSpec { heads: c.num_heads[i], ..spec(out_c, i, c.transformer_layers_per_block[i]) };
-                    attentions.push(SpatialTransformer::new(&wb.pp(format!("attentions.{j}")), &s, &linears)?);
+                    let s = TransformerSpec {
+                        heads: c.num_heads[i],
+                        ..spec(out_c, i, c.transformer_layers_per_block[i])
+                    };
+                    attentions.push(SpatialTransformer::new(
+                        &wb.pp(format!("attentions.{j}")),
+                        &s,
+                        &linears,
+                    )?);
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample::new(&wb.pp("downsamplers.0"), out_c, c.downsample_padding)?)
+                Some(Downsample::new(
+                    &wb.pp("downsamplers.0"),
+                    out_c,
+                    c.downsample_padding,
+                )?)
             } else {
                 None
             };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
         }
 
         let last = ch[n - 1];
         let wm = w.pp("mid_block");
         let mid_block = MidBlock {
-            resnet_0: ResnetBlock2D::new(&wm.pp("resnets.0"), last, last, Some(temb), groups, eps, c.mid_block_scale_factor)?,
+            resnet_0: ResnetBlock2D::new(
+                &wm.pp("resnets.0"),
+                last,
+                last,
+                Some(temb),
+                groups,
+                eps,
+                c.mid_block_scale_factor,
+            )?,
             attention: SpatialTransformer::new(
                 &wm.pp("attentions.0"),
                 &spec(last, n - 1, c.transformer_layers_per_block[n - 1]),
                 &linears,
             )?,
-            resnet_1: ResnetBlock2D::new(&wm.pp("resnets.1"), last, last, Some(temb), groups, eps, c.mid_block_scale_factor)?,
+            resnet_1: ResnetBlock2D::new(
+                &wm.pp("resnets.1"),
+                last,
+                last,
+                Some(temb),
+                groups,
+                eps,
+                c.mid_block_scale_factor,
+            )?,
         };
 
         let rev_ch: Vec<usize> = ch.iter().rev().copied().collect();
@@ -162,7 +221,12 @@ impl UNet2DConditionModel {
         let rev_cross: Vec<usize> = c.cross_attention_dim.iter().rev().copied().collect();
         let rev_tlayers: Vec<Vec<usize>> = match &c.reverse_transformer_layers_per_block {
             Some(r) => r.clone(),
-            None => c.transformer_layers_per_block.iter().rev().map(|&l| vec![l; 1]).collect(),
+            None => c
+                .transformer_layers_per_block
+                .iter()
+                .rev()
+                .map(|&l| vec![l; 1])
+                .collect(),
         };
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_out = rev_ch[0];
@@ -176,9 +240,21 @@ impl UNet2DConditionModel {
             for j in 0..layers {
                 let skip = if j == layers - 1 { in_c } else { out_c };
                 let rin = if j == 0 { prev_out } else { out_c };
-                resnets.push(ResnetBlock2D::new(&wb.pp(format!("resnets.{j}")), rin + skip, out_c, Some(temb), groups, eps, 1.0)?);
+                resnets.push(ResnetBlock2D::new(
+                    &wb.pp(format!("resnets.{j}")),
+                    rin + skip,
+                    out_c,
+                    Some(temb),
+                    groups,
+                    eps,
+                    1.0,
+                )?);
                 if c.up_block_types[i] == UpBlockType::CrossAttn {
-                    let tl = rev_tlayers[i].get(j).or(rev_tlayers[i].last()).copied().unwrap_or(1);
+                    let tl = rev_tlayers[i]
+                        .get(j)
+                        .or(rev_tlayers[i].last())
+                        .copied()
+                        .unwrap_or(1);
                     let s = TransformerSpec {
                         channels: out_c,
                         heads: rev_heads[i],
@@ -187,11 +263,23 @@ impl UNet2DConditionModel {
                         groups,
                         linear_projection: c.use_linear_projection,
                     };
-                    attentions.push(SpatialTransformer::new(&wb.pp(format!("attentions.{j}")), &s, &linears)?);
+                    attentions.push(SpatialTransformer::new(
+                        &wb.pp(format!("attentions.{j}")),
+                        &s,
+                        &linears,
+                    )?);
                 }
             }
-            let upsampler = if i + 1 < n { Some(Upsample::new(&wb.pp("upsamplers.0"), out_c)?) } else { None };
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            let upsampler = if i + 1 < n {
+                Some(Upsample::new(&wb.pp("upsamplers.0"), out_c)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
             prev_out = out_c;
         }
 
@@ -211,7 +299,12 @@ impl UNet2DConditionModel {
     }
 
     /// Loads `<dir>/config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`).
-    pub fn load(dir: &Path, variant: Option<&str>, device: &candle_core::Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        variant: Option<&str>,
+        device: &candle_core::Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let config = Self::load_config(dir)?;
         let files = Weights::resolve_files(dir, "diffusion_pytorch_model", variant)?;
         let w = Weights::from_files(&files, device, dtype)?;
@@ -246,11 +339,15 @@ impl UNet2DConditionModel {
         } else {
             timesteps.flatten_all()?
         };
-        let t_emb = timestep_embedding(&t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?.to_dtype(self.dtype)?;
+        let t_emb =
+            timestep_embedding(&t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)?
+                .to_dtype(self.dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let Some(add) = &self.add_embedding {
             let added = added.ok_or_else(|| {
-                candle_core::Error::Msg("this UNet needs text_embeds and time_ids (SDXL added conditioning)".into())
+                candle_core::Error::Msg(
+                    "this UNet needs text_embeds and time_ids (SDXL added conditioning)".into(),
+                )
             })?;
             let d = c.addition_time_embed_dim.unwrap_or(256);
             let ids = added.time_ids.flatten_all()?;
@@ -279,7 +376,10 @@ impl UNet2DConditionModel {
         }
 
         x = self.mid_block.resnet_0.forward(&x, Some(&emb))?;
-        x = self.mid_block.attention.forward(&x, encoder_hidden_states)?;
+        x = self
+            .mid_block
+            .attention
+            .forward(&x, encoder_hidden_states)?;
         x = self.mid_block.resnet_1.forward(&x, Some(&emb))?;
 
         for blk in &self.up_blocks {

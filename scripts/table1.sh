@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Mini Table 1: preference-tunes `shapes` on prefs_centered.parquet through the real
+# POST /finetune for each method (and several DSPO betas) at the model's default budget, then
+# measures each adapter against the base model on the evaluation prompts with fixed seeds:
+# win rate under the `centred` reward (score.py) with its 95% interval, and caption
+# correctness of both sides. Writes docs/table1/{results.json,TABLE1.md,table1.png}.
+#
+#   scripts/table1.sh                     # all runs (several hours on 2 cores)
+#   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
+#
+# A run is METHOD:BETA ("-" = the method's default). Finished runs are skipped on a rerun
+# (their eval results are kept under $WORK/eval/<run>/result.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=$(cd "${SHARED:-../shared}" && pwd)
+WORK=${WORK:-target/table1}
+RUNS=${RUNS:-"sft:- dspo:0.001 dspo:1 dspo:10 diffusion_dpo:- dspo_e:-"}
+SEEDS=${SEEDS:-2}
+PY=${PYTHON:-python3}
+PORT=${PORT:-18431}
+BIN=target/release/dspo-server
+URL=http://127.0.0.1:$PORT
+mkdir -p "$WORK" docs/table1
+cargo build --release
+
+$BIN serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" --set datasets.file_roots="$SHARED/shapes" \
+  > "$WORK/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; done
+
+for run in $RUNS; do
+  method=${run%%:*}; beta=${run#*:}
+  name="t1-${method}-${beta//./p}"; name=${name//-/_}
+  if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
+  if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
+    hp='{}'; [ "$beta" != "-" ] && hp="{\"beta\": $beta}"
+    body="{\"dataset_url\": \"file://$SHARED/shapes/prefs_centered.parquet\", \"method\": \"$method\", \"adapter_name\": \"$name\", \"hyperparameters\": $hp}"
+    id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .id)
+    echo "$name: job $id"
+    while :; do
+      st=$(curl -sf "$URL/finetune/$id" | jq -r .status)
+      case $st in completed) break ;; failed|cancelled) echo "$name: $st"; curl -s "$URL/finetune/$id"; exit 1 ;; esac
+      sleep 10
+    done
+    curl -sf "$URL/finetune/$id/metrics" > "$WORK/$name.metrics.json"
+    curl -sf "$URL/finetune/$id" > "$WORK/$name.job.json"
+  fi
+  $BIN eval --model models/shapes --adapter "$WORK/data/adapters/$name/adapter.safetensors" \
+    --prompts "$SHARED/shapes/eval_prompts.txt" --seeds "$SEEDS" --out "$WORK/eval/$name" --reuse \
+    --reward-cmd "$PY $SHARED/shapes/score.py --json --prompts {prompts} {dir}" > /dev/null
+  jq -c '{winrate: .result.winrate, ci95: .result.ci95}' "$WORK/eval/$name/result.json"
+done
+kill $SERVER 2>/dev/null || true
+$PY scripts/table1_report.py "$WORK" docs/table1

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Turns scripts/table1.sh's results into docs/table1/TABLE1.md, results.json and table1.png.
+
+Usage: table1_report.py WORK_DIR OUT_DIR   (needs matplotlib for the plot; the table without)
+"""
+import json
+import sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+rows = []
+for res in sorted((work / "eval").glob("*/result.json")):
+    name = res.parent.name
+    r = json.loads(res.read_text())
+    job = json.loads((work / f"{name}.job.json").read_text()) if (work / f"{name}.job.json").exists() else {}
+    metrics = json.loads((work / f"{name}.metrics.json").read_text()) if (work / f"{name}.metrics.json").exists() else []
+    if isinstance(metrics, dict):
+        metrics = metrics.get("metrics", [])
+    spec = job.get("spec", {})
+    hp = (spec.get("hyperparameters") or {})
+    res_ = r["result"]
+    rows.append({
+        "run": name,
+        "method": spec.get("method", name.split("_")[1] if "_" in name else name),
+        "beta": hp.get("beta"),
+        "n": res_["n"],
+        "winrate": res_["winrate"],
+        "ci95": res_["ci95"],
+        "mean_reward_tuned": res_["a"]["mean_reward"],
+        "mean_reward_base": res_["b"]["mean_reward"],
+        "color_tuned": res_["a"].get("color_ok"), "color_base": res_["b"].get("color_ok"),
+        "shape_tuned": res_["a"].get("shape_ok"), "shape_base": res_["b"].get("shape_ok"),
+        "background_tuned": res_["a"].get("background_ok"), "background_base": res_["b"].get("background_ok"),
+        "steps": len(metrics),
+        "train_seconds": sum(m.get("seconds", 0) for m in metrics),
+        "final_implicit_accuracy": (sum(m["implicit_accuracy"] for m in metrics[-20:] if m.get("implicit_accuracy") is not None)
+                                    / max(1, sum(1 for m in metrics[-20:] if m.get("implicit_accuracy") is not None)))
+                                   if any(m.get("implicit_accuracy") is not None for m in metrics) else None,
+        "metrics": metrics,
+    })
+(out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
+
+
+def pct(v):
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+lines = ["| run | method | β | win rate vs base (centred) | ±95% | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['winrate']:.3f} | {r['ci95']:.3f} | "
+                 f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
+                 f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
+                 f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else f'{r['final_implicit_accuracy']:.2f}'} |")
+(out / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    print("matplotlib not installed: no plot", file=sys.stderr)
+    sys.exit(0)
+fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+labels = [f"{r['method']}\nβ={r['beta']}" if r["beta"] is not None else r["method"] for r in rows]
+ax[0].bar(range(len(rows)), [r["winrate"] for r in rows], yerr=[r["ci95"] for r in rows], capsize=4, color="#4c72b0")
+ax[0].axhline(0.5, color="gray", ls="--", lw=1)
+ax[0].set_xticks(range(len(rows)), labels, fontsize=8)
+ax[0].set_ylabel("win rate vs base (centred reward)")
+ax[0].set_ylim(0, 1)
+ax[0].set_title("Win rate against the base model (±95%)")
+
+
+def smooth(v, k=10):
+    out, acc = [], []
+    for x in v:
+        acc.append(x)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+for r, lab in zip(rows, labels):
+    ms = r["metrics"]
+    if not ms:
+        continue
+    ax[1].plot([m["step"] for m in ms], smooth([m["loss"] for m in ms]), label=lab.replace("\n", " "))
+    acc = [(m["step"], m["implicit_accuracy"]) for m in ms if m.get("implicit_accuracy") is not None]
+    if acc:
+        ax[2].plot([a for a, _ in acc], smooth([b for _, b in acc], 20), label=lab.replace("\n", " "))
+ax[1].set_title("training loss (moving mean of 10)")
+ax[1].set_xlabel("optimiser step")
+ax[1].set_yscale("symlog", linthresh=1e-3)
+ax[1].legend(fontsize=7)
+ax[2].set_title("implicit accuracy (moving mean of 20)")
+ax[2].set_xlabel("optimiser step")
+ax[2].axhline(0.5, color="gray", ls="--", lw=1)
+ax[2].legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(out / "table1.png", dpi=110)
+print(f"wrote {out / 'table1.png'}")

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Rebuilds the `shapes` demo model (models/shapes) from ../shared/shapes/pretrain.parquet with
+# the project's own commands, then measures it with the world's scorer. About 1.5-2 h on a
+# 2-core CPU. Every stage resumes from its last checkpoint if interrupted (rerun the script).
+#
+#   scripts/train_shapes.sh            # all stages
+#   STAGES="t2i install quality" scripts/train_shapes.sh
+#
+# Needs: the Rust toolchain, python3 with numpy + pillow (for score.py).
+# Design notes (why these components and sizes): docs/SHAPES.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+WORK=${WORK:-target/shapes-work}
+STAGES=${STAGES:-"init vae check t2i install quality"}
+PY=${PYTHON:-python3}
+BIN=target/release/dspo-server
+DATA=$SHARED/shapes/pretrain.parquet
+SCORE=$SHARED/shapes/score.py
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+cargo build --release
+mkdir -p "$WORK"
+
+if has init; then
+  # Architecture configs (scripts/shapes/arch) + the real CLIP tokenizer -> random weights.
+  rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch"
+  mkdir -p "$WORK/arch/tokenizer"
+  cp "$SHARED"/conformance/models/tiny-sd15/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json} "$WORK/arch/tokenizer/"
+  [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1
+fi
+
+if has vae; then
+  # Stage 1: the autoencoder alone (64x64x3 <-> 8x8x4).
+  $BIN train --config scripts/shapes/vae.toml --set model="$WORK/init" --set dataset="$DATA" --set output_dir="$WORK/vae"
+fi
+
+if has check; then
+  # Stage 1 gate: score.py must read colour, shape and background off the reconstructions.
+  $BIN reconstruct --model "$WORK/vae/model" --dataset "$DATA" --n 200 --out "$WORK/vae-recon"
+  $PY "$SCORE" --captions "$WORK/vae-recon/captions.tsv" "$WORK/vae-recon" | tail -1
+fi
+
+if has t2i; then
+  # Stage 2: UNet + text encoder from random weights, the stage-1 VAE frozen.
+  $BIN train --config scripts/shapes/t2i.toml --set model="$WORK/vae/model" --set dataset="$DATA" --set output_dir="$WORK/t2i"
+fi
+
+if has install; then
+  rm -rf models/shapes
+  cp -r "$WORK/t2i/model" models/shapes
+  cp scripts/shapes/dspo_server.json models/shapes/
+  du -sh models/shapes
+fi
+
+if has quality; then
+  # The 200 evaluation prompts, seed i*1000 per prompt i, scored for caption correctness.
+  $BIN eval --model models/shapes --single --prompts "$SHARED/shapes/eval_prompts.txt" --seeds 1 \
+    --out "$WORK/quality" --reward-cmd "$PY $SCORE --json --prompts {prompts} {dir}"
+fi

@@ -1,0 +1,451 @@
+//! `dspo-server eval`: the win rate of model/adapter A over B on a prompt file with fixed seeds,
+//! under a pluggable reward; and `dspo-server reconstruct`: VAE round trips of a dataset's
+//! images (how the demo recipe checks its autoencoder before training a UNet on it).
+//!
+//! The reward is an external command, so any scorer can be plugged in without linking it:
+//! it is run once per image folder with `{dir}` replaced by the folder (and `{prompts}` by the
+//! prompt file), and must print one JSON object per image on stdout with at least `file` (the
+//! image path or name) and `reward` (a number, higher is better). Any other numeric or boolean
+//! fields (e.g. `color_ok`) are averaged per side and reported, which is how caption
+//! correctness is tracked next to the win rate. `../shared/shapes/score.py --json` follows
+//! this contract as it is.
+//!
+//! Image `{i:04}_{k}.png` is prompt `i` (0-based line) drawn with seed `i * 1000 + k`; both
+//! sides use the same seeds, so each comparison is paired.
+
+use crate::models::lora::LoraAdapter;
+use crate::models::pipeline_model::LoadOptions;
+use crate::models::{DiffusionModel, ModelSource};
+use crate::pipelines::{self, Notes, PromptPair, SamplingParams};
+use crate::rng::NoiseRng;
+use crate::schedulers::SchedulerKind;
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Model A: a diffusers directory or hub id
+    #[arg(long)]
+    pub model: String,
+    /// LoRA adapter applied to model A
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Model B (default: model A)
+    #[arg(long)]
+    pub model_b: Option<String>,
+    /// LoRA adapter applied to model B (default: none, i.e. the base model)
+    #[arg(long)]
+    pub adapter_b: Option<PathBuf>,
+    #[arg(long, default_value_t = 1.0)]
+    pub adapter_scale: f64,
+    /// One prompt per line
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Only the first N prompts
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Images per prompt (seeds i*1000 + 0..N)
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
+    /// Denoising steps (default: the model's `dspo_server.json`, else 30)
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Images per pipeline call
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Output folder: a/ and b/ hold the images, result.json the figures
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Reward command (see the module docs); `{dir}` and `{prompts}` are substituted. Empty:
+    /// only generate.
+    #[arg(long, default_value = "")]
+    pub reward_cmd: String,
+    /// |reward difference| at or below this is a tie (counts half)
+    #[arg(long, default_value_t = 0.0)]
+    pub tie_eps: f64,
+    /// Reuse images already in the output folders (resume an interrupted run)
+    #[arg(long)]
+    pub reuse: bool,
+    /// Only model A: generate and score it (caption correctness of one model), no win rate
+    #[arg(long)]
+    pub single: bool,
+}
+
+struct Side {
+    model: DiffusionModel,
+    adapter: Option<LoraAdapter>,
+}
+
+fn load_side(source: &str, adapter: Option<&Path>, device: &Device) -> anyhow::Result<Side> {
+    let dir = ModelSource::parse(source).resolve(None)?;
+    let model = DiffusionModel::load(
+        &dir,
+        &LoadOptions {
+            device: device.clone(),
+            dtype: DType::F32,
+            variant: None,
+        },
+    )?;
+    let adapter = adapter.map(|p| LoraAdapter::load(p, device)).transpose()?;
+    Ok(Side { model, adapter })
+}
+
+fn generate(
+    side: &Side,
+    prompts: &[String],
+    seeds: usize,
+    params: &SamplingParams,
+    scale: f64,
+    batch: usize,
+    out: &Path,
+    reuse: bool,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let m = &side.model;
+    m.unet.linears().clear_all();
+    if let Some(a) = &side.adapter {
+        a.attach(m.unet.linears(), scale, m.dtype)?;
+    }
+    let (h, w) = params.validate(m)?;
+    let mut jobs: Vec<(usize, usize)> = Vec::new();
+    for i in 0..prompts.len() {
+        for k in 0..seeds {
+            if !(reuse && out.join(format!("{i:04}_{k}.png")).exists()) {
+                jobs.push((i, k));
+            }
+        }
+    }
+    let total = jobs.len();
+    for (n, chunk) in jobs.chunks(batch.max(1)).enumerate() {
+        let mut rngs = Vec::new();
+        let mut rows = Vec::new();
+        let mut pp = Vec::new();
+        for &(i, k) in chunk {
+            let mut rng = NoiseRng::new((i * 1000 + k) as u64);
+            rows.push(rng.randn((1, m.latent_channels(), h, w), &m.device, DType::F32)?);
+            rngs.push(rng);
+            pp.push(PromptPair {
+                prompt: prompts[i].clone(),
+                negative_prompt: None,
+            });
+        }
+        let noise = Tensor::cat(&rows, 0)?;
+        let mut rng = NoiseRng::merge(rngs);
+        let mut notes = Notes::default();
+        let images = pipelines::txt2img::run(
+            m,
+            &pp,
+            params,
+            &noise,
+            &mut rng,
+            &mut |_, _| true,
+            &mut notes,
+        )?;
+        for (&(i, k), (iw, ih, bytes)) in chunk.iter().zip(pipelines::to_rgb8(&images)?) {
+            let img = image::RgbImage::from_raw(iw as u32, ih as u32, bytes)
+                .context("malformed image")?;
+            img.save(out.join(format!("{i:04}_{k}.png")))?;
+        }
+        eprint!(
+            "\r{}: {}/{} images   ",
+            out.display(),
+            ((n + 1) * batch).min(total),
+            total
+        );
+    }
+    if total > 0 {
+        eprintln!();
+    }
+    m.unet.linears().clear_all();
+    Ok(())
+}
+
+/// Runs the reward command on one folder: stem -> (reward, other numeric fields).
+fn rewards(
+    cmd: &str,
+    dir: &Path,
+    prompts: &Path,
+) -> anyhow::Result<BTreeMap<String, (f64, BTreeMap<String, f64>)>> {
+    let line = cmd
+        .replace("{dir}", &dir.display().to_string())
+        .replace("{prompts}", &prompts.display().to_string());
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&line)
+        .output()
+        .with_context(|| format!("running `{line}`"))?;
+    if !out.status.success() {
+        bail!(
+            "reward command `{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut map = BTreeMap::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l.trim()) else {
+            continue;
+        };
+        let (Some(file), Some(reward)) = (
+            v.get("file").and_then(|f| f.as_str()),
+            v.get("reward").and_then(|r| r.as_f64()),
+        ) else {
+            continue;
+        };
+        let stem = Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(file)
+            .to_string();
+        let mut extra = BTreeMap::new();
+        if let Some(o) = v.as_object() {
+            for (k, x) in o {
+                if k == "reward" {
+                    continue;
+                }
+                match x {
+                    serde_json::Value::Bool(b) => {
+                        extra.insert(k.clone(), if *b { 1.0 } else { 0.0 });
+                    }
+                    serde_json::Value::Number(n) if k.ends_with("_ok") => {
+                        extra.insert(k.clone(), n.as_f64().unwrap_or(f64::NAN));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        map.insert(stem, (reward, extra));
+    }
+    if map.is_empty() {
+        bail!("reward command `{line}` printed no JSON objects with `file` and `reward`");
+    }
+    Ok(map)
+}
+
+/// Win rate of A over B on the stems both sides scored (ties count half), with the 95%
+/// normal-approximation interval, plus per-side means of the reward and of the extra fields.
+pub fn win_rate(
+    a: &BTreeMap<String, (f64, BTreeMap<String, f64>)>,
+    b: &BTreeMap<String, (f64, BTreeMap<String, f64>)>,
+    tie_eps: f64,
+) -> serde_json::Value {
+    let common: Vec<&String> = a.keys().filter(|k| b.contains_key(*k)).collect();
+    let (mut wins, mut ties, mut losses) = (0usize, 0usize, 0usize);
+    for k in &common {
+        let d = a[*k].0 - b[*k].0;
+        if d.abs() <= tie_eps {
+            ties += 1;
+        } else if d > 0.0 {
+            wins += 1;
+        } else {
+            losses += 1;
+        }
+    }
+    let n = common.len();
+    let wr = (wins as f64 + 0.5 * ties as f64) / n.max(1) as f64;
+    let outcomes: Vec<f64> = std::iter::repeat_n(1.0, wins)
+        .chain(std::iter::repeat_n(0.5, ties))
+        .chain(std::iter::repeat_n(0.0, losses))
+        .collect();
+    let ci = if n > 1 {
+        let var = outcomes.iter().map(|o| (o - wr).powi(2)).sum::<f64>() / (n - 1) as f64;
+        1.96 * (var / n as f64).sqrt()
+    } else {
+        f64::NAN
+    };
+    let means = |m: &BTreeMap<String, (f64, BTreeMap<String, f64>)>| {
+        let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let mut r = 0.0;
+        for k in &common {
+            let (rw, extra) = &m[*k];
+            r += rw;
+            for (name, v) in extra {
+                let e = sums.entry(name.clone()).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        let mut o = serde_json::Map::new();
+        o.insert("mean_reward".into(), (r / n.max(1) as f64).into());
+        for (name, (s, c)) in sums {
+            o.insert(name, (s / c.max(1) as f64).into());
+        }
+        serde_json::Value::Object(o)
+    };
+    serde_json::json!({
+        "n": n, "wins": wins, "ties": ties, "losses": losses,
+        "winrate": wr, "ci95": ci,
+        "a": means(a), "b": means(b),
+    })
+}
+
+pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
+    let device = Device::Cpu;
+    let mut prompts: Vec<String> = std::fs::read_to_string(&args.prompts)
+        .with_context(|| args.prompts.display().to_string())?
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    if prompts.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
+    }
+    let a = load_side(&args.model, args.adapter.as_deref(), &device)?;
+    let d = a.model.defaults.generate.clone();
+    let scheduler = match &args.scheduler {
+        Some(s) => s
+            .parse::<SchedulerKind>()
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => a.model.default_scheduler,
+    };
+    let f = a.model.vae_scale_factor();
+    let size = a.model.unet.config.sample_size * f;
+    let params = SamplingParams {
+        height: size,
+        width: size,
+        steps: args.steps.or(d.steps).unwrap_or(30),
+        guidance_scale: args.guidance_scale.or(d.guidance_scale).unwrap_or(7.5),
+        scheduler,
+    };
+    let (dir_a, dir_b) = (args.out.join("a"), args.out.join("b"));
+    generate(
+        &a,
+        &prompts,
+        args.seeds,
+        &params,
+        args.adapter_scale,
+        args.batch,
+        &dir_a,
+        args.reuse,
+    )?;
+    let same_model = args.model_b.as_ref().is_none_or(|m| m == &args.model);
+    if args.single {
+        drop(a);
+    } else if same_model {
+        let b = Side {
+            model: a.model,
+            adapter: args
+                .adapter_b
+                .as_deref()
+                .map(|p| LoraAdapter::load(p, &device))
+                .transpose()?,
+        };
+        generate(
+            &b,
+            &prompts,
+            args.seeds,
+            &params,
+            args.adapter_scale,
+            args.batch,
+            &dir_b,
+            args.reuse,
+        )?;
+    } else {
+        drop(a);
+        let b = load_side(
+            args.model_b.as_deref().unwrap_or(&args.model),
+            args.adapter_b.as_deref(),
+            &device,
+        )?;
+        generate(
+            &b,
+            &prompts,
+            args.seeds,
+            &params,
+            args.adapter_scale,
+            args.batch,
+            &dir_b,
+            args.reuse,
+        )?;
+    }
+    let mut result = serde_json::json!({
+        "model_a": args.model, "adapter_a": args.adapter, "model_b": args.model_b.clone().unwrap_or(args.model.clone()),
+        "adapter_b": args.adapter_b, "prompts": args.prompts, "num_prompts": prompts.len(), "seeds": args.seeds,
+        "steps": params.steps, "guidance_scale": params.guidance_scale, "scheduler": format!("{:?}", params.scheduler),
+    });
+    if !args.reward_cmd.is_empty() {
+        let ra = rewards(&args.reward_cmd, &dir_a, &args.prompts)?;
+        let rb = if args.single {
+            ra.clone()
+        } else {
+            rewards(&args.reward_cmd, &dir_b, &args.prompts)?
+        };
+        let mut wr = win_rate(&ra, &rb, args.tie_eps);
+        if args.single {
+            wr = serde_json::json!({ "n": wr["n"], "a": wr["a"] });
+        }
+        result["result"] = wr;
+    }
+    std::fs::write(
+        args.out.join("result.json"),
+        serde_json::to_vec_pretty(&result)?,
+    )?;
+    Ok(result)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReconstructArgs {
+    /// Pipeline directory whose VAE is used
+    #[arg(long)]
+    pub model: String,
+    /// Image–caption parquet (`image`, `caption`)
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Rows from the end of the file (held out from a run that trained on the first rows)
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Writes NNNN.png and captions.tsv (file<TAB>caption, what score.py --captions reads)
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_reconstruct(args: &ReconstructArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let dir = ModelSource::parse(&args.model).resolve(None)?;
+    let model = DiffusionModel::load(
+        &dir,
+        &LoadOptions {
+            device: device.clone(),
+            dtype: DType::F32,
+            variant: None,
+        },
+    )?;
+    let data = crate::training::pretrain::CaptionImages::open(&args.dataset)?;
+    let res = model.unet.config.sample_size * model.vae_scale_factor();
+    std::fs::create_dir_all(&args.out)?;
+    let start = data.len().saturating_sub(args.n);
+    let mut tsv = String::new();
+    let rows: Vec<usize> = (start..data.len()).collect();
+    for chunk in rows.chunks(16) {
+        let imgs = chunk
+            .iter()
+            .map(|&i| data.image(i, res, &device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let post = model.vae.encode(&Tensor::stack(&imgs, 0)?)?;
+        let dec = model.vae.decode(post.mode())?;
+        let dec = ((dec + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+        for (&i, (w, h, bytes)) in chunk.iter().zip(pipelines::to_rgb8(&dec)?) {
+            let name = format!("{i:05}.png");
+            image::RgbImage::from_raw(w as u32, h as u32, bytes)
+                .context("malformed image")?
+                .save(args.out.join(&name))?;
+            tsv.push_str(&format!("{name}\t{}\n", data.caption(i)));
+        }
+    }
+    std::fs::write(args.out.join("captions.tsv"), tsv)?;
+    eprintln!(
+        "wrote {} reconstructions to {}",
+        rows.len(),
+        args.out.display()
+    );
+    Ok(())
+}

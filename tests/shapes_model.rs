@@ -1,0 +1,182 @@
+//! The committed `shapes` demo model (models/shapes): `serve` with no model argument serves it,
+//! and what it draws matches its captions as judged by the shapes world's own scorer
+//! (`../shared/shapes/score.py`, run as an external program: numpy + pillow, installed by
+//! .ci/run). Outputs are deterministic (fixed seeds), so the bounds below are regression
+//! bounds a little under the measured figures in docs/SHAPES.md, not sampling margins.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dspo-server");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn shapes() -> PathBuf {
+    repo().join("../shared/shapes")
+}
+
+fn python() -> String {
+    std::env::var("DSPO_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// score.py's per-image JSON objects for the images in `dir` with captions from `tsv`.
+fn score(dir: &Path, tsv: &Path) -> Vec<Value> {
+    let out = Command::new(python())
+        .arg(shapes().join("score.py"))
+        .args(["--json", "--captions"])
+        .arg(tsv)
+        .arg(dir)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "score.py failed (it needs numpy and pillow: pip install numpy pillow): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn serve_with_no_model_argument_draws_a_red_circle_on_white() {
+    assert!(
+        repo().join("models/shapes/model_index.json").exists(),
+        "models/shapes is committed"
+    );
+    let data = temp_dir("shapes-serve");
+    let mut child = Command::new(BIN)
+        .current_dir(repo())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("DSPO_MODELS_SERVE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a 'listening on' line");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .to_string();
+        }
+    };
+    let base = format!("http://{addr}");
+    wait_until(60, "ready", || {
+        ureq::get(&format!("{base}/ready")).call().is_ok()
+    });
+    let models: Value = ureq::get(&format!("{base}/models"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(models["models"][0]["name"], "shapes", "{models}");
+
+    let caption = "a red circle on a white background";
+    let reply: Value = ureq::post(&format!("{base}/generate"))
+        .send_json(json!({"prompt": caption, "seed": 1, "num_images": 4}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let images = reply["images"].as_array().unwrap();
+    assert_eq!(images.len(), 4);
+    let dir = temp_dir("shapes-red-circle");
+    let mut tsv = String::new();
+    for (i, img) in images.iter().enumerate() {
+        let png = unb64(img.as_str().unwrap());
+        assert_eq!(
+            png_size(&png),
+            (64, 64),
+            "the model's native size is the default"
+        );
+        std::fs::write(dir.join(format!("{i}.png")), png).unwrap();
+        tsv.push_str(&format!("{i}.png\t{caption}\n"));
+    }
+    std::fs::write(dir.join("captions.tsv"), tsv).unwrap();
+    let scored = score(&dir, &dir.join("captions.tsv"));
+    assert_eq!(scored.len(), 4);
+    let all = |k: &str| scored.iter().filter(|m| m[k] == true).count();
+    assert!(
+        all("color_ok") >= 3 && all("shape_ok") >= 3 && all("background_ok") >= 3,
+        "{scored:#?}"
+    );
+}
+
+#[test]
+fn eval_prompts_sample_keeps_its_caption_correctness() {
+    let out = temp_dir("shapes-quality");
+    let reward = format!(
+        "{} {} --json --prompts {{prompts}} {{dir}}",
+        python(),
+        shapes().join("score.py").display()
+    );
+    let status = Command::new(BIN)
+        .current_dir(repo())
+        .args([
+            "eval",
+            "--model",
+            "models/shapes",
+            "--single",
+            "--seeds",
+            "1",
+            "--limit",
+            "48",
+        ])
+        .arg("--prompts")
+        .arg(shapes().join("eval_prompts.txt"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--reward-cmd", &reward])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result: Value =
+        serde_json::from_slice(&std::fs::read(out.join("result.json")).unwrap()).unwrap();
+    let a = &result["result"]["a"];
+    assert_eq!(result["result"]["n"], 48, "{result}");
+    let (c, s, b) = (
+        a["color_ok"].as_f64().unwrap(),
+        a["shape_ok"].as_f64().unwrap(),
+        a["background_ok"].as_f64().unwrap(),
+    );
+    // Measured on all 200 prompts: docs/SHAPES.md. These bounds only catch regressions.
+    assert!(
+        c >= MIN_COLOR && s >= MIN_SHAPE && b >= MIN_BACKGROUND,
+        "colour {c}, shape {s}, background {b}"
+    );
+}
+
+const MIN_COLOR: f64 = 0.85;
+const MIN_SHAPE: f64 = 0.70;
+const MIN_BACKGROUND: f64 = 0.85;
