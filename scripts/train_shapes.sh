@@ -27,7 +27,7 @@ if has init; then
   rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch"
   mkdir -p "$WORK/arch/tokenizer"
   cp "$SHARED"/conformance/models/tiny-sd15/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json} "$WORK/arch/tokenizer/"
-  [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1
+  [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1 --torch-init
 fi
 
 if has vae; then

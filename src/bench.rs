@@ -81,6 +81,10 @@ pub struct MakeRandomModelArgs {
     /// Standard deviation of the random (non-norm, non-bias) weights
     #[arg(long, default_value_t = 0.02)]
     pub std: f64,
+    /// PyTorch's default initialisation of Linear/Conv2d (weights and biases
+    /// U(+-1/sqrt(fan_in))), for training from scratch; embeddings keep N(0, std)
+    #[arg(long)]
+    pub torch_init: bool,
 }
 
 pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
@@ -113,6 +117,7 @@ pub fn run_make_random_model(args: &MakeRandomModelArgs) -> anyhow::Result<()> {
         seed: args.seed,
         dtype: parse_dtype(&args.dtype)?,
         std: args.std,
+        torch_init: args.torch_init,
     };
     let started = Instant::now();
     let reports = make_random_model(&args.config_dir, &args.out, &opts)

@@ -449,3 +449,55 @@ pub fn run_reconstruct(args: &ReconstructArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(rewards: &[(&str, f64, bool)]) -> BTreeMap<String, (f64, BTreeMap<String, f64>)> {
+        rewards
+            .iter()
+            .map(|(k, r, ok)| {
+                (
+                    k.to_string(),
+                    (
+                        *r,
+                        BTreeMap::from([("color_ok".to_string(), if *ok { 1.0 } else { 0.0 })]),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn win_rate_counts_ties_half_pairs_by_stem_and_averages_checks() {
+        let a = side(&[
+            ("0000_0", -0.1, true),
+            ("0001_0", -0.5, true),
+            ("0002_0", -0.3, false),
+            ("only_a", 0.0, true),
+        ]);
+        let b = side(&[
+            ("0000_0", -0.2, true),
+            ("0001_0", -0.4, false),
+            ("0002_0", -0.3, false),
+        ]);
+        let r = win_rate(&a, &b, 0.0);
+        assert_eq!(
+            (
+                r["n"].as_u64(),
+                r["wins"].as_u64(),
+                r["ties"].as_u64(),
+                r["losses"].as_u64()
+            ),
+            (Some(3), Some(1), Some(1), Some(1))
+        );
+        assert!((r["winrate"].as_f64().unwrap() - 0.5).abs() < 1e-12);
+        // Outcomes 1, 0.5, 0: sample sd 0.5, so the interval is 1.96 * 0.5 / sqrt(3).
+        assert!((r["ci95"].as_f64().unwrap() - 1.96 * 0.5 / 3f64.sqrt()).abs() < 1e-12);
+        assert!((r["a"]["color_ok"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((r["b"]["mean_reward"].as_f64().unwrap() - (-0.3)).abs() < 1e-12);
+        // A tie threshold turns the 0.1 gaps into ties.
+        assert_eq!(win_rate(&a, &b, 0.1)["ties"].as_u64(), Some(3));
+    }
+}

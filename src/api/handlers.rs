@@ -371,8 +371,16 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
                 defaults: info.as_ref().map(|i| ModelDefaults {
                     width: i.native_size as u32,
                     height: i.native_size as u32,
-                    steps: d.steps.min(app.config.limits.max_steps),
-                    guidance_scale: d.guidance_scale,
+                    steps: i
+                        .generate_defaults
+                        .steps
+                        .map(|s| s as u32)
+                        .unwrap_or(d.steps)
+                        .min(app.config.limits.max_steps),
+                    guidance_scale: i
+                        .generate_defaults
+                        .guidance_scale
+                        .unwrap_or(d.guidance_scale),
                     scheduler: i.default_scheduler.name().to_string(),
                     image_guidance_scale: i
                         .supports(Mode::InstructPix2Pix)

@@ -233,3 +233,38 @@ impl Default for FinetuneDefaults {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_finetune_section_overrides_only_what_it_names() {
+        let base = FinetuneDefaults::default();
+        let own = serde_json::json!({
+            "hyperparameters": {"max_steps": 7, "batch_size": 3},
+            "lora": {"rank": 2},
+            "beta_by_method": {"dspo": 0.5, "dpo": 2000.0}
+        });
+        let m = base.merged(&own).unwrap();
+        assert_eq!(
+            (m.hyperparameters.max_steps, m.hyperparameters.batch_size),
+            (7, 3)
+        );
+        assert_eq!(
+            m.hyperparameters.learning_rate,
+            base.hyperparameters.learning_rate
+        );
+        assert_eq!((m.lora.rank, m.lora.alpha), (2, base.lora.alpha));
+        assert_eq!(m.beta_by_method.get("diffusion_dpo"), Some(&2000.0));
+        assert_eq!(m.method, base.method);
+        for bad in [
+            serde_json::json!({"nope": 1}),
+            serde_json::json!({"hyperparameters": {"max_steps": "many"}}),
+            serde_json::json!({"beta_by_method": {"dspo": -1}}),
+            serde_json::json!({"method": "magic"}),
+        ] {
+            assert!(base.merged(&bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -63,6 +63,30 @@ impl LinearRegistry {
     }
 }
 
+thread_local! {
+    static TRAINING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as computing a training loss until the guard drops: every Linear then
+/// takes the one-matmul path, so a loss's policy pass (gradients tracked) and its frozen
+/// reference pass (nothing tracked) round identically and a zero-initialised adapter gives
+/// exactly u = 0. Serving never sets it and keeps the batch-invariant per-sample path.
+pub fn training_mode() -> TrainingMode {
+    TrainingMode(TRAINING.with(|t| t.replace(true)))
+}
+
+pub struct TrainingMode(bool);
+
+impl Drop for TrainingMode {
+    fn drop(&mut self) {
+        TRAINING.with(|t| t.set(self.0));
+    }
+}
+
+fn in_training_mode() -> bool {
+    TRAINING.with(|t| t.get())
+}
+
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
@@ -126,7 +150,7 @@ impl Module for Linear {
             .lora
             .get()
             .is_some_and(|d| d.down.track_op() || d.up.track_op());
-        if x.track_op() || self.weight.track_op() || lora_trains {
+        if in_training_mode() || x.track_op() || self.weight.track_op() || lora_trains {
             // Training: batch-invariance does not matter, one matmul over all rows is far faster.
             return self.forward_fused(x);
         }

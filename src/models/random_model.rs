@@ -29,6 +29,19 @@ pub struct RandomModelOptions {
     pub dtype: DType,
     /// Standard deviation of the non-norm, non-bias weights.
     pub std: f64,
+    /// PyTorch's default layer initialisation (for training from scratch) instead of small
+    /// normals (for benchmarks: finite activations through any depth).
+    pub torch_init: bool,
+}
+
+impl RandomModelOptions {
+    fn weights(&self, seed: u64) -> Weights {
+        if self.torch_init {
+            Weights::random_torch(seed, self.std, &Device::Cpu, self.dtype)
+        } else {
+            Weights::random(seed, self.std, &Device::Cpu, self.dtype)
+        }
+    }
 }
 
 impl Default for RandomModelOptions {
@@ -38,6 +51,7 @@ impl Default for RandomModelOptions {
             seed: 0,
             dtype: DType::F32,
             std: 0.02,
+            torch_init: false,
         }
     }
 }
@@ -118,7 +132,7 @@ pub fn make_random_model(
                     scale_unet_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
                 create_dir(&dst)?;
                 write_json(&dst.join("config.json"), &config)?;
-                let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
+                let w = opts.weights(seed);
                 UNet2DConditionModel::new(UNetConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("diffusion_pytorch_model.safetensors"))?;
                 ComponentReport {
@@ -134,7 +148,7 @@ pub fn make_random_model(
                     scale_vae_config(&read_json(&src.join("config.json"))?, opts.width_scale)?;
                 create_dir(&dst)?;
                 write_json(&dst.join("config.json"), &config)?;
-                let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
+                let w = opts.weights(seed);
                 AutoencoderKL::new(VaeConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("diffusion_pytorch_model.safetensors"))?;
                 ComponentReport {
@@ -151,7 +165,7 @@ pub fn make_random_model(
                 let config = read_json(&src.join("config.json"))?;
                 create_dir(&dst)?;
                 write_json(&dst.join("config.json"), &config)?;
-                let w = Weights::random(seed, opts.std, &Device::Cpu, opts.dtype);
+                let w = opts.weights(seed);
                 ClipTextModel::new(ClipTextConfig::from_json(&config)?, &w)?;
                 let parameters = save_drawn(&w, &dst.join("model.safetensors"))?;
                 ComponentReport {

@@ -54,6 +54,8 @@ enum Source {
 pub struct RandomSource {
     seed: u64,
     std: f64,
+    /// PyTorch's default layer initialisation instead of small normals (see `Weights::random_torch`).
+    torch: bool,
     drawn: Mutex<BTreeMap<String, Tensor>>,
 }
 
@@ -69,13 +71,44 @@ impl RandomSource {
                 found: t.dims().to_vec(),
             });
         }
-        let t = match random_init(full) {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_for(self.seed, full));
+        let uniform = |bound: f64, rng: &mut rand_chacha::ChaCha8Rng| -> Result<Tensor> {
+            use rand_distr::Distribution;
+            let u = rand_distr::Uniform::new_inclusive(-bound as f32, bound as f32)
+                .map_err(|e| ModelError::Config(format!("random weights: bound {bound}: {e}")))?;
+            let data: Vec<f32> = (0..shape.elem_count()).map(|_| u.sample(rng)).collect();
+            Ok(Tensor::from_vec(data, shape.clone(), &Device::Cpu)?)
+        };
+        let (module, leaf) = full.rsplit_once('.').unwrap_or(("", full));
+        let kind = random_init(full);
+        let torch_layer = self.torch && !full.contains("embedding");
+        let t = match kind {
+            // torch.nn.Linear / Conv2d: weights kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)),
+            // and biases U(+-1/sqrt(fan_in)) of their weight.
+            RandomInit::Normal if torch_layer && shape.rank() >= 2 => {
+                let fan_in = shape.elem_count() / shape.dims()[0];
+                uniform(1.0 / (fan_in as f64).sqrt(), &mut rng)?
+            }
+            RandomInit::Zeros if torch_layer && leaf == "bias" => {
+                let sibling = self
+                    .drawn
+                    .lock()
+                    .unwrap()
+                    .get(&format!("{module}.weight"))
+                    .map(|w| w.dims().to_vec());
+                match sibling {
+                    Some(d) if d.len() >= 2 => uniform(
+                        1.0 / ((d.iter().product::<usize>() / d[0]) as f64).sqrt(),
+                        &mut rng,
+                    )?,
+                    _ => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+                }
+            }
             RandomInit::Ones => Tensor::ones(shape, DType::F32, &Device::Cpu)?,
             RandomInit::Zeros => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
             RandomInit::Normal => {
-                use rand::SeedableRng;
                 use rand_distr::Distribution;
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_for(self.seed, full));
                 let normal = rand_distr::Normal::new(0f32, self.std as f32).map_err(|e| {
                     ModelError::Config(format!("random weights: std {}: {e}", self.std))
                 })?;
@@ -194,12 +227,40 @@ impl Weights {
     /// values) and remember them: build a model from this, then `drawn()` is its complete
     /// state dict under the exact names the loaders read.
     pub fn random(seed: u64, std: f64, device: &Device, dtype: DType) -> Self {
-        Self {
-            st: Source::Random(Arc::new(RandomSource {
+        Self::random_source(
+            RandomSource {
                 seed,
                 std,
+                torch: false,
                 drawn: Mutex::new(BTreeMap::new()),
-            })),
+            },
+            device,
+            dtype,
+        )
+    }
+
+    /// Random weights for training from scratch, initialised as PyTorch's layers are by
+    /// default: Linear/Conv2d weights and biases U(+-1/sqrt(fan_in)), norms identity,
+    /// embeddings N(0, std). The non-zero biases matter: with zero biases every layer is linear
+    /// in a flat image's colour up to the first GroupNorm, which then divides the scale out,
+    /// and an autoencoder trained from there confused white with light blue and black with
+    /// dark green for hundreds of steps.
+    pub fn random_torch(seed: u64, std: f64, device: &Device, dtype: DType) -> Self {
+        Self::random_source(
+            RandomSource {
+                seed,
+                std,
+                torch: true,
+                drawn: Mutex::new(BTreeMap::new()),
+            },
+            device,
+            dtype,
+        )
+    }
+
+    fn random_source(source: RandomSource, device: &Device, dtype: DType) -> Self {
+        Self {
+            st: Source::Random(Arc::new(source)),
             files: Arc::new(vec![PathBuf::from("<random>")]),
             prefix: String::new(),
             device: device.clone(),

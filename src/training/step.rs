@@ -44,6 +44,7 @@ pub fn batch_loss(
     method: Method,
     beta: f64,
 ) -> Result<StepLoss> {
+    let _training = crate::models::nn::training_mode();
     let dtype = policy.dtype();
     let x0 = batch.x0.to_dtype(dtype)?;
     let noise = batch.noise.to_dtype(dtype)?;

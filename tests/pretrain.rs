@@ -1,0 +1,222 @@
+//! Training a model from image–caption rows (`mode = "text_to_image"` / `"autoencoder"`), the
+//! way scripts/train_shapes.sh builds the demo model, on the tiny SD1.5 model and the shapes
+//! pretraining parquet.
+
+use candle_core::{DType, Device, Tensor};
+use dspo_server::models::pipeline_model::LoadOptions;
+use dspo_server::models::DiffusionModel;
+use dspo_server::training::pretrain::Pretrainer;
+use dspo_server::training::{Hyperparameters, Method, TrainConfig, TrainMode};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dspo-pretrain-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(out: &Path, mode: TrainMode) -> TrainConfig {
+    let mut c: TrainConfig = serde_json::from_value(serde_json::json!({
+        "model": shared().join("conformance/models/tiny-sd15"),
+        "dataset": shared().join("shapes/pretrain.parquet"),
+        "output_dir": out,
+        "method": "sft",
+    }))
+    .unwrap();
+    c.mode = mode;
+    c.method = Method::Sft;
+    c.hyperparameters = Hyperparameters {
+        learning_rate: Some(1e-3),
+        max_steps: 3,
+        batch_size: 2,
+        warmup_steps: 0,
+        caption_dropout: 0.5,
+        seed: 3,
+        max_pairs: Some(16),
+        ..Default::default()
+    };
+    c
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
+    let mut m = 0f32;
+    for (k, t) in a {
+        let d = (t.to_dtype(DType::F32).unwrap() - b[k].to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        m = m.max(d);
+    }
+    m
+}
+
+#[test]
+fn text_to_image_trains_unet_and_text_encoder_and_writes_a_loadable_pipeline() {
+    let out = tmp("t2i");
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.pretrain.train_text_encoder = true;
+    cfg.pretrain.noise_offset = 0.1;
+    cfg.pretrain.ema_decay = 0.9;
+    cfg.pretrain.save_dtype = "f16".into();
+    let outcome = Pretrainer::new(cfg)
+        .unwrap()
+        .run(&mut |m| m.loss.is_finite())
+        .unwrap();
+    assert_eq!(outcome.metrics.len(), 3);
+    let model = outcome.artifact;
+    let base = shared().join("conformance/models/tiny-sd15");
+    for (component, file) in [
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ] {
+        let new = tensors(&model.join(component).join(file));
+        let old = tensors(&base.join(component).join(file));
+        assert_eq!(new.len(), old.len(), "{component}: every parameter written");
+        assert!(
+            new.values().all(|t| t.dtype() == DType::F16),
+            "{component}: save_dtype"
+        );
+        assert!(max_diff(&new, &old) > 1e-3, "{component} was trained");
+    }
+    // The VAE was frozen: copied byte for byte.
+    assert_eq!(
+        std::fs::read(model.join("vae/diffusion_pytorch_model.safetensors")).unwrap(),
+        std::fs::read(base.join("vae/diffusion_pytorch_model.safetensors")).unwrap()
+    );
+    let loaded = DiffusionModel::load(
+        &model,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        },
+    );
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+}
+
+#[test]
+fn text_to_image_resumes_exactly() {
+    let whole = tmp("t2i-whole");
+    let mut cfg = config(&whole, TrainMode::TextToImage);
+    cfg.pretrain.ema_decay = 0.5;
+    let a = Pretrainer::new(cfg.clone())
+        .unwrap()
+        .run(&mut |_| true)
+        .unwrap();
+
+    let split = tmp("t2i-split");
+    let mut first = cfg.clone();
+    first.output_dir = split.clone();
+    first.hyperparameters.checkpoint_every = 1;
+    // Stop after step 2 (its checkpoint is written before the control callback runs).
+    let err = Pretrainer::new(first.clone())
+        .unwrap()
+        .run(&mut |m| m.step < 2);
+    assert!(err.is_err());
+    let mut second = Pretrainer::new(first).unwrap();
+    assert_eq!(second.step(), 2);
+    let b = second.run(&mut |_| true).unwrap();
+    let file = "unet/diffusion_pytorch_model.safetensors";
+    assert_eq!(
+        max_diff(
+            &tensors(&a.artifact.join(file)),
+            &tensors(&b.artifact.join(file))
+        ),
+        0.0
+    );
+    assert_eq!(
+        a.metrics.last().unwrap().loss,
+        b.metrics.last().unwrap().loss
+    );
+}
+
+#[test]
+fn autoencoder_mode_trains_the_vae_with_a_deterministic_posterior_and_sets_its_scale() {
+    let out = tmp("vae");
+    let mut cfg = config(&out, TrainMode::Autoencoder);
+    cfg.pretrain.sample_posterior = false;
+    cfg.pretrain.chroma_weight = 3.0;
+    cfg.pretrain.scaling_samples = 8;
+    let outcome = Pretrainer::new(cfg).unwrap().run(&mut |_| true).unwrap();
+    let model = outcome.artifact;
+    let vae_dir = model.join("vae");
+    let w = tensors(&vae_dir.join("diffusion_pytorch_model.safetensors"));
+    let old = tensors(
+        &shared().join("conformance/models/tiny-sd15/vae/diffusion_pytorch_model.safetensors"),
+    );
+    assert!(max_diff(&w, &old) > 1e-3, "the VAE was trained");
+    // Zero-variance posterior: logvar rows of quant_conv are 0 weights and a -30 bias.
+    let b: Vec<f32> = w["quant_conv.bias"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lc = b.len() / 2;
+    assert!(b[lc..].iter().all(|&v| v == -30.0), "{b:?}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vae_dir.join("config.json")).unwrap())
+            .unwrap();
+    let scale = cfg["scaling_factor"].as_f64().unwrap();
+    assert!(
+        scale.is_finite() && scale > 0.0 && (scale - 0.18215).abs() > 1e-6,
+        "scaling_factor {scale}"
+    );
+    // The written pipeline samples its posterior to the mean.
+    let m = DiffusionModel::load(
+        &model,
+        &LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        },
+    )
+    .unwrap();
+    let x = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let post = m.vae.encode(&x).unwrap();
+    let std = post
+        .std()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(std < 1e-6, "posterior std {std}");
+}
+
+#[test]
+fn pretraining_input_errors_are_clear() {
+    let out = tmp("errors");
+    // A pairs file is not an image–caption dataset.
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.dataset = shared().join("shapes/prefs_centered.parquet");
+    let e = Pretrainer::new(cfg).err().unwrap().to_string();
+    assert!(e.contains("`image`") && e.contains("`caption`"), "{e}");
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.hyperparameters.learning_rate = None;
+    assert!(Pretrainer::new(cfg)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("learning_rate"));
+    let mut cfg = config(&out, TrainMode::Autoencoder);
+    cfg.pretrain.save_dtype = "int8".into();
+    assert!(Pretrainer::new(cfg)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("save_dtype"));
+}
