@@ -291,9 +291,15 @@ impl JobManager {
             }
         }
         self.store.insert(&id, &spec)?;
-        self.enqueue(&id);
+        // The record as submitted (queued), read before the worker can see the job: read after
+        // enqueueing, a fast worker made it "downloading" in the reply to the POST.
+        let record = self
+            .store
+            .get(&id)?
+            .ok_or_else(|| JobError::NotFound(id.clone()))?;
         self.emit_status(&id);
-        self.store.get(&id)?.ok_or_else(|| JobError::NotFound(id))
+        self.enqueue(&id);
+        Ok(record)
     }
 
     pub fn get(&self, id: &str) -> Result<JobRecord, JobError> {
