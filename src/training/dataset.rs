@@ -49,7 +49,23 @@ pub struct ParquetPairs {
     order: Option<(usize, u64, Vec<usize>)>,
 }
 
-fn projection(reader: &SerializedFileReader<File>, cols: &[&str]) -> Result<Type, TrainError> {
+/// Opens a parquet file, with errors naming it.
+pub(crate) fn open_parquet(path: &Path) -> Result<SerializedFileReader<File>, TrainError> {
+    let file =
+        File::open(path).map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
+    SerializedFileReader::new(file).map_err(|e| {
+        TrainError::Dataset(format!(
+            "{} is not a readable parquet file: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The schema restricted to `cols` (a row iterator reads only those columns).
+pub(crate) fn projection(
+    reader: &SerializedFileReader<File>,
+    cols: &[&str],
+) -> Result<Type, TrainError> {
     let root = reader
         .metadata()
         .file_metadata()
@@ -69,14 +85,7 @@ fn projection(reader: &SerializedFileReader<File>, cols: &[&str]) -> Result<Type
 
 impl ParquetPairs {
     pub fn open(path: &Path) -> Result<Self, TrainError> {
-        let file = File::open(path)
-            .map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| {
-            TrainError::Dataset(format!(
-                "{} is not a readable parquet file: {e}",
-                path.display()
-            ))
-        })?;
+        let reader = open_parquet(path)?;
         let root = reader
             .metadata()
             .file_metadata()

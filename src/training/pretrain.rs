@@ -21,7 +21,7 @@ use crate::models::weights::{VarRegistry, Weights};
 use crate::models::{DiffusionModel, ModelSource};
 use crate::rng::NoiseRng;
 use candle_core::{DType, Device, Tensor, Var};
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::FileReader;
 use parquet::record::Field;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -106,35 +106,20 @@ pub struct CaptionImages {
 
 impl CaptionImages {
     pub fn open(path: &Path) -> Result<Self, TrainError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| {
-            TrainError::Dataset(format!(
-                "{} is not a readable parquet file: {e}",
-                path.display()
-            ))
-        })?;
+        let reader = super::dataset::open_parquet(path)?;
         let root = reader
             .metadata()
             .file_metadata()
             .schema_descr()
             .root_schema();
-        let fields: Vec<_> = root
-            .get_fields()
-            .iter()
-            .filter(|f| matches!(f.name(), "image" | "caption"))
-            .cloned()
-            .collect();
-        if fields.len() != 2 {
+        let names: Vec<&str> = root.get_fields().iter().map(|f| f.name()).collect();
+        if !(names.contains(&"image") && names.contains(&"caption")) {
             return Err(TrainError::Dataset(format!(
                 "{}: an image–caption dataset needs the columns `image` (bytes) and `caption` (string)",
                 path.display()
             )));
         }
-        let proj = parquet::schema::types::Type::group_type_builder("schema")
-            .with_fields(fields)
-            .build()
-            .map_err(|e| TrainError::Dataset(e.to_string()))?;
+        let proj = super::dataset::projection(&reader, &["image", "caption"])?;
         let mut rows = Vec::new();
         for row in reader
             .get_row_iter(Some(proj))
