@@ -5,46 +5,19 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
-use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dspo-server");
 
 /// Starts `serve` and returns the child and its address, read from the "listening on" line.
 fn spawn_serve(args: &[&str], env: &[(&str, &str)]) -> (Child, String, mpsc::Receiver<String>) {
     let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env("RUST_LOG", "info");
+    cmd.arg("serve").args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a 'listening on' line");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches(|c: char| !c.is_ascii_digit())
-                .to_string();
-        }
-    };
-    (child, addr, rx)
+    spawn_server_process(cmd)
 }
 
 fn http(addr: &str) -> String {

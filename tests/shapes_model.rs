@@ -13,10 +13,8 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dspo-server");
 
@@ -59,8 +57,8 @@ fn serve_with_no_model_argument_serves_the_shapes_model() {
         "models/shapes is committed"
     );
     let data = temp_dir("shapes-serve");
-    let mut child = Command::new(BIN)
-        .current_dir(repo())
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(repo())
         .args([
             "serve",
             "--listen",
@@ -68,32 +66,8 @@ fn serve_with_no_model_argument_serves_the_shapes_model() {
             "--data-dir",
             data.to_str().unwrap(),
         ])
-        .env("RUST_LOG", "info")
-        .env_remove("DSPO_MODELS_SERVE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a 'listening on' line");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_end_matches(|c: char| !c.is_ascii_digit())
-                .to_string();
-        }
-    };
+        .env_remove("DSPO_MODELS_SERVE");
+    let (mut child, addr, _log) = spawn_server_process(cmd);
     let base = format!("http://{addr}");
     wait_until(60, "ready", || {
         ureq::get(&format!("{base}/ready")).call().is_ok()

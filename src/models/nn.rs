@@ -207,175 +207,226 @@ impl Conv2d {
     }
 }
 
-/// Gradients of a convolution by im2col + matmul, attached to a forward pass computed by
-/// candle's own (fast) conv2d: candle's CPU conv2d backward runs through its direct
-/// conv_transpose2d and a kernel-sized conv, which made a training step of the 64x64 VAE several
-/// times slower than its forward. Here both gradients are one matmul each plus an O(n) unfold.
+/// Training-time convolution on the CPU by explicit im2col + one GEMM for the whole batch, with
+/// its own backward. candle's CPU conv2d tiles each image separately (an 8x8 latent is one
+/// 64-column GEMM per image) and its backward runs a direct conv_transpose2d; on the shapes UNet
+/// and VAE that made a training step several times slower than PyTorch. Here the forward, both
+/// gradients and the bias gradient are one matmul or one contiguous reduction each, and the
+/// unfolded input is kept from the forward for the weight gradient.
 struct ConvGrad {
     stride: usize,
     padding: usize,
+    /// Forward output, computed outside the op so it can use tensor matmuls.
+    y: Tensor,
+    /// The unfolded input [C*k*k, B*Ho*Wo].
+    cols: Tensor,
+}
+
+/// Output size of a convolution along one axis.
+fn conv_out(n: usize, k: usize, stride: usize, padding: usize) -> usize {
+    (n + 2 * padding - k) / stride + 1
+}
+
+/// `x` [B, C, H, W] -> columns [C*k*k, B*Ho*Wo]: one row per kernel tap (the weight's
+/// (c, ky, kx) order), each a shifted copy of input lines, so reads and writes stay sequential.
+fn im2col(
+    x: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (ho, wo) = (
+        conv_out(h, k, stride, padding),
+        conv_out(w, k, stride, padding),
+    );
+    let n = b * ho * wo;
+    let mut out = vec![0f32; c * k * k * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+        for bi in 0..b {
+            let plane = &x[(bi * c + ci) * h * w..][..h * w];
+            for oy in 0..ho {
+                let iy = (oy * stride + ky) as isize - padding as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let line = &plane[iy as usize * w..][..w];
+                let dst = &mut row[(bi * ho + oy) * wo..][..wo];
+                for (ox, d) in dst.iter_mut().enumerate() {
+                    let ix = (ox * stride + kx) as isize - padding as isize;
+                    if ix >= 0 && ix < w as isize {
+                        *d = line[ix as usize];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The adjoint of `im2col`: columns [C*k*k, B*Ho*Wo] summed back into [B, C, H, W].
+fn col2im(
+    cols: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (ho, wo) = (
+        conv_out(h, k, stride, padding),
+        conv_out(w, k, stride, padding),
+    );
+    let n = b * ho * wo;
+    let mut out = vec![0f32; b * c * h * w];
+    out.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(pi, plane)| {
+            let (bi, ci) = (pi / c, pi % c);
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = &cols[((ci * k + ky) * k + kx) * n..][..n];
+                    for oy in 0..ho {
+                        let iy = (oy * stride + ky) as isize - padding as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let line = &mut plane[iy as usize * w..][..w];
+                        let src = &row[(bi * ho + oy) * wo..][..wo];
+                        for (ox, v) in src.iter().enumerate() {
+                            let ix = (ox * stride + kx) as isize - padding as isize;
+                            if ix >= 0 && ix < w as isize {
+                                line[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
 }
 
 impl ConvGrad {
-    /// `x` [B, C, H, W] -> rows [B, Ho*Wo, C*k*k] in the weight's (c, ky, kx) order.
-    fn im2col(
-        &self,
-        x: &[f32],
-        (b, c, h, w): (usize, usize, usize, usize),
-        k: usize,
-        (ho, wo): (usize, usize),
-    ) -> Vec<f32> {
-        let (s, p) = (self.stride as isize, self.padding as isize);
-        let ckk = c * k * k;
-        let mut out = vec![0f32; b * ho * wo * ckk];
-        for bi in 0..b {
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let row = &mut out[((bi * ho + oy) * wo + ox) * ckk..][..ckk];
-                    for ci in 0..c {
-                        let plane = &x[(bi * c + ci) * h * w..][..h * w];
-                        for ky in 0..k {
-                            let iy = oy as isize * s + ky as isize - p;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ix = ox as isize * s + kx as isize - p;
-                                if ix >= 0 && ix < w as isize {
-                                    row[(ci * k + ky) * k + kx] =
-                                        plane[iy as usize * w + ix as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// The adjoint of `im2col`: rows [B, Ho*Wo, C*k*k] summed back into [B, C, H, W].
-    fn col2im(
-        &self,
-        cols: &[f32],
-        (b, c, h, w): (usize, usize, usize, usize),
-        k: usize,
-        (ho, wo): (usize, usize),
-    ) -> Vec<f32> {
-        let (s, p) = (self.stride as isize, self.padding as isize);
-        let ckk = c * k * k;
-        let mut out = vec![0f32; b * c * h * w];
-        for bi in 0..b {
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let row = &cols[((bi * ho + oy) * wo + ox) * ckk..][..ckk];
-                    for ci in 0..c {
-                        let plane = &mut out[(bi * c + ci) * h * w..][..h * w];
-                        for ky in 0..k {
-                            let iy = oy as isize * s + ky as isize - p;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..k {
-                                let ix = ox as isize * s + kx as isize - p;
-                                if ix >= 0 && ix < w as isize {
-                                    plane[iy as usize * w + ix as usize] +=
-                                        row[(ci * k + ky) * k + kx];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
+    /// Builds the op for `x` (contiguous f32 [B, C, H, W]) and computes its forward output.
+    fn new(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let xd = x.dims4()?;
+        let (b, _, h, w) = xd;
+        let (o, _, k, _) = weight.dims4()?;
+        let (ho, wo) = (
+            conv_out(h, k, stride, padding),
+            conv_out(w, k, stride, padding),
+        );
+        let xv = x.detach().flatten_all()?.to_vec1::<f32>()?;
+        let cols = im2col(&xv, xd, k, stride, padding);
+        let ckk = cols.len() / (b * ho * wo);
+        let cols = Tensor::from_vec(cols, (ckk, b * ho * wo), x.device())?;
+        let y = weight
+            .detach()
+            .reshape((o, ckk))?
+            .matmul(&cols)?
+            .reshape((o, b, ho * wo))?
+            .transpose(0, 1)?
+            .broadcast_add(&bias.detach().reshape((1, o, 1))?)?
+            .reshape((b, o, ho, wo))?
+            .contiguous()?;
+        Ok(Self {
+            stride,
+            padding,
+            y,
+            cols,
+        })
     }
 }
 
 impl candle_core::CustomOp3 for ConvGrad {
     fn name(&self) -> &'static str {
-        "conv2d-with-im2col-grad"
+        "conv2d-im2col"
     }
 
-    /// Passes the precomputed convolution (third argument) through.
+    /// Hands out the output computed in `new`.
     fn cpu_fwd(
         &self,
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
-        y: &candle_core::CpuStorage,
-        ly: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let Some((start, end)) = ly.contiguous_offsets() else {
-            candle_core::bail!("conv2d-with-im2col-grad: output must be contiguous");
-        };
-        match y {
-            candle_core::CpuStorage::F32(v) => Ok((
-                candle_core::CpuStorage::F32(v[start..end].to_vec()),
-                ly.shape().clone(),
-            )),
-            _ => candle_core::bail!("conv2d-with-im2col-grad: f32 only"),
-        }
+        let v = self.y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), self.y.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _: &Tensor,
+        bias: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let xd = x.dims4()?;
-        let (b, c, h, w) = xd;
-        let (o, _, k, _) = weight.dims4()?;
-        let (_, _, ho, wo) = grad.dims4()?;
-        let ckk = c * k * k;
-        let xv = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let cols = Tensor::from_vec(
-            self.im2col(&xv, xd, k, (ho, wo)),
-            (b, ho * wo, ckk),
-            x.device(),
-        )?;
+        let (o, c, k, _) = weight.dims4()?;
+        let (b, _, ho, wo) = grad.dims4()?;
         let g = grad.detach().reshape((b, o, ho * wo))?;
-        let grad_w = g.matmul(&cols)?.sum(0)?.reshape((o, c, k, k))?;
-        let gcols = g
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * ho * wo, o))?
-            .matmul(&weight.detach().reshape((o, ckk))?)?;
-        let gx = self.col2im(&gcols.flatten_all()?.to_vec1::<f32>()?, xd, k, (ho, wo));
-        Ok((
-            Some(Tensor::from_vec(gx, (b, c, h, w), x.device())?),
-            Some(grad_w),
-            None,
-        ))
+        // Frozen weights (LoRA training, the input-only gradient) skip their GEMM.
+        let grad_b = match bias.track_op() {
+            // A contiguous reduction over pixels first, then the small batch sum.
+            true => Some(g.sum(2)?.sum(0)?),
+            false => None,
+        };
+        let gt = g.transpose(0, 1)?.contiguous()?.reshape((o, b * ho * wo))?;
+        let grad_w = match weight.track_op() {
+            true => Some(gt.matmul(&self.cols.t()?)?.reshape((o, c, k, k))?),
+            false => None,
+        };
+        let grad_x = match x.track_op() {
+            true => {
+                let wm = weight.detach().reshape((o, c * k * k))?;
+                let gcols = wm.t()?.matmul(&gt)?;
+                let gx = col2im(
+                    &gcols.flatten_all()?.to_vec1::<f32>()?,
+                    xd,
+                    k,
+                    self.stride,
+                    self.padding,
+                );
+                Some(Tensor::from_vec(gx, xd, x.device())?)
+            }
+            false => None,
+        };
+        Ok((grad_x, grad_w, grad_b))
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let training = x.track_op() || self.weight.track_op();
-        let y = if training
+        // In training mode untracked passes (the reference model) take the same path as tracked
+        // ones, so policy and reference agree bit for bit where their weights do.
+        let training = in_training_mode()
+            || x.track_op()
+            || self.weight.track_op()
+            || self.bias.as_ref().is_some_and(|b| b.track_op());
+        if training
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
         {
-            let y = x
-                .detach()
-                .conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
-            x.apply_op3_arc(
-                &self.weight,
-                &y,
-                std::sync::Arc::new(Box::new(ConvGrad {
-                    stride: self.stride,
-                    padding: self.padding,
-                })),
-            )?
-        } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-        };
+            if let Some(bias) = &self.bias {
+                let x = x.contiguous()?;
+                let op = ConvGrad::new(&x, &self.weight, bias, self.stride, self.padding)?;
+                return x.apply_op3_arc(&self.weight, bias, std::sync::Arc::new(Box::new(op)));
+            }
+        }
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -444,9 +495,166 @@ impl GroupNorm {
     }
 }
 
+/// GroupNorm with its affine part as one CPU op with a hand-written backward, for training.
+/// Composed from tensor ops it is ~10 passes forward and more backward, and the gradients of
+/// the per-channel weight and bias go through candle's strided reductions over (B, H, W):
+/// together the largest non-matmul cost of a training step on the shapes VAE.
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNormOp {
+    /// Per (batch, group): mean and 1/std over the group's channels and pixels.
+    fn stats(&self, x: &[f32], (b, c, hw): (usize, usize, usize)) -> Vec<(f32, f32)> {
+        let n = c / self.groups * hw;
+        (0..b * self.groups)
+            .map(|i| {
+                let v = &x[i * n..][..n];
+                let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+                let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+                (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+            })
+            .collect()
+    }
+}
+
+fn cpu_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("group-norm: contiguous f32 expected"),
+    }
+}
+
+impl candle_core::CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (x, w, bias) = (cpu_f32(xs, xl)?, cpu_f32(ws, wl)?, cpu_f32(bs, bl)?);
+        let dims = xl.dims();
+        let (b, c) = (dims[0], dims[1]);
+        let hw = x.len() / (b * c);
+        let stats = self.stats(x, (b, c, hw));
+        let cg = c / self.groups;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+            let (bi, ci) = (p / c, p % c);
+            let (mean, rstd) = stats[bi * self.groups + ci / cg];
+            let (sc, sh) = (rstd * w[ci], bias[ci] - mean * rstd * w[ci]);
+            for (o, &v) in out.iter_mut().zip(&x[p * hw..][..hw]) {
+                *o = v * sc + sh;
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xv = x.detach().flatten_all()?.to_vec1::<f32>()?;
+        let gv = grad.detach().flatten_all()?.to_vec1::<f32>()?;
+        let w = weight.detach().to_vec1::<f32>()?;
+        let hw = xv.len() / (b * c);
+        let stats = self.stats(&xv, (b, c, hw));
+        let (g, cg) = (self.groups, c / self.groups);
+        let n = (cg * hw) as f32;
+        // Per (batch, channel): sum(dy) and sum(dy * xhat), the pieces of every gradient.
+        let sums: Vec<(f32, f32)> = (0..b * c)
+            .into_par_iter()
+            .map(|p| {
+                let (mean, rstd) = stats[p / c * g + p % c / cg];
+                let (xs, gs) = (&xv[p * hw..][..hw], &gv[p * hw..][..hw]);
+                xs.iter().zip(gs).fold((0f32, 0f32), |(s, sx), (&a, &d)| {
+                    (s + d, sx + d * (a - mean) * rstd)
+                })
+            })
+            .collect();
+        let grad_x = match x.track_op() {
+            true => {
+                let mut gx = vec![0f32; xv.len()];
+                gx.par_chunks_mut(cg * hw)
+                    .enumerate()
+                    .for_each(|(bg, out)| {
+                        let (bi, gi) = (bg / g, bg % g);
+                        let (mean, rstd) = stats[bg];
+                        // Means over the group of dxhat = dy * w and of dxhat * xhat.
+                        let (mut m1, mut m2) = (0f32, 0f32);
+                        for ci in gi * cg..(gi + 1) * cg {
+                            let (s, sx) = sums[bi * c + ci];
+                            m1 += s * w[ci];
+                            m2 += sx * w[ci];
+                        }
+                        let (m1, m2) = (m1 / n, m2 / n);
+                        for (j, o) in out.iter_mut().enumerate() {
+                            let ci = gi * cg + j / hw;
+                            let idx = (bi * c + ci) * hw + j % hw;
+                            let xhat = (xv[idx] - mean) * rstd;
+                            *o = rstd * (gv[idx] * w[ci] - m1 - xhat * m2);
+                        }
+                    });
+                Some(Tensor::from_vec(gx, dims.as_slice(), x.device())?)
+            }
+            false => None,
+        };
+        let per_channel = |pick: fn(&(f32, f32)) -> f32| {
+            let mut v = vec![0f32; c];
+            for (p, s) in sums.iter().enumerate() {
+                v[p % c] += pick(s);
+            }
+            Tensor::from_vec(v, c, x.device())
+        };
+        let grad_w = match weight.track_op() {
+            true => Some(per_channel(|s| s.1)?),
+            false => None,
+        };
+        let grad_b = match bias.track_op() {
+            true => Some(per_channel(|s| s.0)?),
+            false => None,
+        };
+        Ok((grad_x, grad_w, grad_b))
+    }
+}
+
 impl Module for GroupNorm {
     /// Input `[B, C, ...]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let tracked =
+            in_training_mode() || x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if tracked
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
+            let op = GroupNormOp {
+                groups: self.groups,
+                eps: self.eps,
+            };
+            return x
+                .contiguous()?
+                .apply_op3_arc(&self.weight, &self.bias, Arc::new(Box::new(op)));
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let xg = x.reshape((b, self.groups, ()))?;
@@ -534,4 +742,109 @@ pub fn attention(
         Tensor::cat(&parts, 2)?
     };
     out.transpose(1, 2)?.reshape((b, n, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The im2col training convolution must match candle's own conv2d and its autograd
+    /// (forward and all three gradients), for strides, paddings and 1x1 kernels. Sizes where
+    /// stride does not divide evenly are left out: candle's own conv backward mis-sizes them.
+    #[test]
+    fn im2col_conv_matches_candle_conv_and_its_gradients() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(k, stride, padding, h, w) in &[
+            (3, 1, 1, 7, 6),
+            (3, 2, 0, 9, 9),
+            (3, 2, 1, 5, 5),
+            (1, 1, 0, 4, 3),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, h, w), &dev)?)?;
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3, k, k), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1., 4, &dev)?)?;
+            let conv = Conv2d {
+                weight: wt.as_tensor().clone(),
+                bias: Some(b.as_tensor().clone()),
+                stride,
+                padding,
+            };
+            let ours = conv.forward(x.as_tensor())?;
+            let reference = x
+                .as_tensor()
+                .conv2d(wt.as_tensor(), padding, stride, 1, 1)?
+                .broadcast_add(&b.as_tensor().reshape((1, 4, 1, 1))?)?;
+            assert_eq!(ours.dims(), reference.dims());
+            let r = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
+            let g_ours = (&ours * &r)?.sum_all()?.backward()?;
+            let g_ref = (&reference * &r)?.sum_all()?.backward()?;
+            let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert!(
+                max_diff(&ours, &reference)? < 1e-4,
+                "forward k{k} s{stride} p{padding}"
+            );
+            for (name, v) in [("x", &x), ("weight", &wt), ("bias", &b)] {
+                let (a, e) = (
+                    g_ours.get(v.as_tensor()).unwrap(),
+                    g_ref.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, e)? < 1e-3,
+                    "grad {name} k{k} s{stride} p{padding}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod group_norm_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused training GroupNorm equals the composed one (the inference path) in value and in
+    /// all three gradients.
+    #[test]
+    fn fused_group_norm_matches_composed_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for &(groups, c) in &[(1usize, 6usize), (3, 6), (6, 6)] {
+            let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (2, c, 5, 3), &dev)? + 0.7)?)?;
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev)?)?;
+            let gn = GroupNorm {
+                weight: w.as_tensor().clone(),
+                bias: b.as_tensor().clone(),
+                groups,
+                eps: 1e-5,
+            };
+            let fused = gn.forward(x.as_tensor())?;
+            let xg = x.as_tensor().reshape((2, groups, ()))?;
+            let composed = normalize_last(&xg, 1e-5)?
+                .reshape((2, c, 5, 3))?
+                .broadcast_mul(&w.as_tensor().reshape((1, c, 1, 1))?)?
+                .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1))?)?;
+            let r = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let gc = (&composed * &r)?.sum_all()?.backward()?;
+            let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert!(
+                max_diff(&fused, &composed)? < 1e-4,
+                "forward groups {groups}"
+            );
+            for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+                let (a, e) = (
+                    gf.get(v.as_tensor()).unwrap(),
+                    gc.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_diff(a, e)? < 1e-3, "grad {name} groups {groups}");
+            }
+        }
+        Ok(())
+    }
 }

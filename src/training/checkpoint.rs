@@ -92,3 +92,35 @@ pub fn load_latest(
     opt.step = state["optimizer_step"].as_u64().unwrap_or(step as u64) as usize;
     Ok(Some((step, state)))
 }
+
+/// What the shared training loop needs from a trainer (preference fine-tuning or pretraining).
+pub(crate) trait StepLoop {
+    /// Optimiser steps taken so far (after a resume, those of the checkpoint).
+    fn steps_done(&self) -> usize;
+    fn step(&mut self) -> Result<super::trainer::StepMetrics, TrainError>;
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError>;
+    /// Writes the final artifact and reports the run.
+    fn finish(&self) -> Result<super::trainer::TrainOutcome, TrainError>;
+}
+
+/// Steps until `max_steps`, checkpointing every `checkpoint_every` steps (the last step's state
+/// is the artifact itself) and asking `control` after every step whether to go on.
+pub(crate) fn run_loop(
+    t: &mut impl StepLoop,
+    output_dir: &Path,
+    h: &super::trainer::Hyperparameters,
+    control: &mut dyn FnMut(&super::trainer::StepMetrics) -> bool,
+) -> Result<super::trainer::TrainOutcome, TrainError> {
+    std::fs::create_dir_all(output_dir).map_err(|e| TrainError::Io(e.to_string()))?;
+    while t.steps_done() < h.max_steps {
+        let m = t.step()?;
+        let n = t.steps_done();
+        if h.checkpoint_every > 0 && n % h.checkpoint_every == 0 && n < h.max_steps {
+            t.save_checkpoint()?;
+        }
+        if !control(&m) {
+            return Err(TrainError::Cancelled);
+        }
+    }
+    t.finish()
+}

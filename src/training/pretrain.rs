@@ -651,28 +651,11 @@ impl Pretrainer {
         &mut self,
         control: &mut dyn FnMut(&StepMetrics) -> bool,
     ) -> Result<TrainOutcome, TrainError> {
-        let h = self.config.hyperparameters.clone();
-        std::fs::create_dir_all(&self.config.output_dir)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        while self.step < h.max_steps {
-            let m = self.train_step()?;
-            if h.checkpoint_every > 0
-                && self.step % h.checkpoint_every == 0
-                && self.step < h.max_steps
-            {
-                self.checkpoint()?;
-            }
-            if !control(&m) {
-                return Err(TrainError::Cancelled);
-            }
-        }
-        let artifact = self.save_model()?;
-        Ok(TrainOutcome {
-            artifact,
-            metrics: self.metrics.clone(),
-            dataset: self.stats.clone(),
-            resumed_from: self.resumed_from,
-        })
+        let (out, h) = (
+            self.config.output_dir.clone(),
+            self.config.hyperparameters.clone(),
+        );
+        super::checkpoint::run_loop(self, &out, &h, control)
     }
 
     /// The trained parameters (their EMA when enabled) of one component, under its own names.
@@ -816,4 +799,28 @@ fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+impl super::checkpoint::StepLoop for Pretrainer {
+    fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    fn step(&mut self) -> Result<StepMetrics, TrainError> {
+        self.train_step()
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        self.checkpoint()
+    }
+
+    fn finish(&self) -> Result<TrainOutcome, TrainError> {
+        let artifact = self.save_model()?;
+        Ok(TrainOutcome {
+            artifact,
+            metrics: self.metrics.clone(),
+            dataset: self.stats.clone(),
+            resumed_from: self.resumed_from,
+        })
+    }
 }

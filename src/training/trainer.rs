@@ -599,28 +599,11 @@ impl Trainer {
         &mut self,
         control: &mut dyn FnMut(&StepMetrics) -> bool,
     ) -> Result<TrainOutcome, TrainError> {
-        let h = self.config.hyperparameters.clone();
-        std::fs::create_dir_all(&self.config.output_dir)
-            .map_err(|e| TrainError::Io(e.to_string()))?;
-        while self.step < h.max_steps {
-            let m = self.train_step()?;
-            if h.checkpoint_every > 0
-                && self.step % h.checkpoint_every == 0
-                && self.step < h.max_steps
-            {
-                self.checkpoint()?;
-            }
-            if !control(&m) {
-                return Err(TrainError::Cancelled);
-            }
-        }
-        let artifact = self.save_final()?;
-        Ok(TrainOutcome {
-            artifact,
-            metrics: self.metrics.clone(),
-            dataset: self.dataset.stats.clone(),
-            resumed_from: self.resumed_from,
-        })
+        let (out, h) = (
+            self.config.output_dir.clone(),
+            self.config.hyperparameters.clone(),
+        );
+        super::checkpoint::run_loop(self, &out, &h, control)
     }
 
     /// LoRA: `adapter.safetensors` (diffusers format); full: `unet/` in diffusers layout.
@@ -716,5 +699,29 @@ pub fn load_config(path: &Path) -> Result<TrainConfig, TrainError> {
             .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     } else {
         toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+impl super::checkpoint::StepLoop for Trainer {
+    fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    fn step(&mut self) -> Result<StepMetrics, TrainError> {
+        self.train_step()
+    }
+
+    fn save_checkpoint(&self) -> Result<PathBuf, TrainError> {
+        self.checkpoint()
+    }
+
+    fn finish(&self) -> Result<TrainOutcome, TrainError> {
+        let artifact = self.save_final()?;
+        Ok(TrainOutcome {
+            artifact,
+            metrics: self.metrics.clone(),
+            dataset: self.dataset.stats.clone(),
+            resumed_from: self.resumed_from,
+        })
     }
 }
