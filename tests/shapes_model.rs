@@ -3,11 +3,11 @@
 //! (`../shared/shapes/score.py`, run as an external program: numpy + pillow, installed by
 //! .ci/run).
 //!
-//! The committed weights are a first, under-trained checkpoint (docs/SHAPES.md): its caption
-//! correctness is near chance, so these tests pin the machinery (default model, shipped
-//! defaults, 64x64 output, the eval/scorer contract) and the measured figures as regression
-//! bounds; the quality bounds (colour 0.90, shape 0.75, background 0.90) replace them
-//! when a trained checkpoint lands.
+//! The committed weights (session 3, docs/SHAPES.md) read colour in 0.555 and background in 0.59
+//! of the 200 eval prompts — well above chance (0.125 / 0.17) but short of the targets
+//! (0.90 / 0.90, shape 0.75). The eval test pins the measured level on the first 48 prompts
+//! (colour 0.44, shape 0.33, background 0.66 on the reference machine) with a margin, so a
+//! regression to chance fails; the bounds replace these when a checkpoint meets them.
 
 mod common;
 
@@ -151,10 +151,13 @@ fn eval_scores_the_demo_model_with_the_external_scorer() {
         (Some(25), Some(4.0)),
         "the model's own defaults"
     );
-    // The scorer's per-image checks arrive as shares in [0, 1], next to the mean reward.
-    for k in ["color_ok", "shape_ok", "background_ok"] {
+    // The scorer's per-image checks arrive as shares in [0, 1], next to the mean reward; the
+    // lower bounds are the committed model's measured level less a margin (chance: colour
+    // 0.125, shape 0.25, background 0.17).
+    for (k, at_least) in [("color_ok", 0.33), ("shape_ok", 0.2), ("background_ok", 0.5)] {
         let v = a[k].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&v), "{k}: {result}");
+        assert!(v >= at_least, "{k} {v} < {at_least}: {result}");
     }
     assert!(
         a["mean_reward"]
