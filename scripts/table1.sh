@@ -36,7 +36,7 @@ for run in $RUNS; do
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp="{\"beta\": $beta}"
     body="{\"dataset_url\": \"file://$SHARED/shapes/prefs_centered.parquet\", \"method\": \"$method\", \"adapter_name\": \"$name\", \"hyperparameters\": $hp}"
-    id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .id)
+    id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
     echo "$name: job $id"
     while :; do
       st=$(curl -sf "$URL/finetune/$id" | jq -r .status)
