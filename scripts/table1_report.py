@@ -52,7 +52,7 @@ for r in rows:
     lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['winrate']:.3f} | {r['ci95']:.3f} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
-                 f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else f'{r['final_implicit_accuracy']:.2f}'} |")
+                 f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 
