@@ -2,6 +2,8 @@
 //! way scripts/train_shapes.sh builds the demo model, on the tiny SD1.5 model and the shapes
 //! pretraining parquet.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use dspo_server::models::pipeline_model::LoadOptions;
 use dspo_server::models::DiffusionModel;
@@ -12,13 +14,6 @@ use std::path::{Path, PathBuf};
 
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dspo-pretrain-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn config(out: &Path, mode: TrainMode) -> TrainConfig {
@@ -66,7 +61,7 @@ fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f32 {
 
 #[test]
 fn text_to_image_trains_unet_and_text_encoder_and_writes_a_loadable_pipeline() {
-    let out = tmp("t2i");
+    let out = common::temp_dir("t2i");
     let mut cfg = config(&out, TrainMode::TextToImage);
     cfg.pretrain.train_text_encoder = true;
     cfg.pretrain.noise_offset = 0.1;
@@ -110,7 +105,7 @@ fn text_to_image_trains_unet_and_text_encoder_and_writes_a_loadable_pipeline() {
 
 #[test]
 fn text_to_image_resumes_exactly() {
-    let whole = tmp("t2i-whole");
+    let whole = common::temp_dir("t2i-whole");
     let mut cfg = config(&whole, TrainMode::TextToImage);
     cfg.pretrain.ema_decay = 0.5;
     let a = Pretrainer::new(cfg.clone())
@@ -118,7 +113,7 @@ fn text_to_image_resumes_exactly() {
         .run(&mut |_| true)
         .unwrap();
 
-    let split = tmp("t2i-split");
+    let split = common::temp_dir("t2i-split");
     let mut first = cfg.clone();
     first.output_dir = split.clone();
     first.hyperparameters.checkpoint_every = 1;
@@ -146,7 +141,7 @@ fn text_to_image_resumes_exactly() {
 
 #[test]
 fn autoencoder_mode_trains_the_vae_with_a_deterministic_posterior_and_sets_its_scale() {
-    let out = tmp("vae");
+    let out = common::temp_dir("vae");
     let mut cfg = config(&out, TrainMode::Autoencoder);
     cfg.pretrain.sample_posterior = false;
     cfg.pretrain.chroma_weight = 3.0;
@@ -199,7 +194,7 @@ fn autoencoder_mode_trains_the_vae_with_a_deterministic_posterior_and_sets_its_s
 
 #[test]
 fn pretraining_input_errors_are_clear() {
-    let out = tmp("errors");
+    let out = common::temp_dir("errors");
     // A pairs file is not an image–caption dataset.
     let mut cfg = config(&out, TrainMode::TextToImage);
     cfg.dataset = shared().join("shapes/prefs_centered.parquet");

@@ -154,7 +154,11 @@ fn eval_scores_the_demo_model_with_the_external_scorer() {
     // The scorer's per-image checks arrive as shares in [0, 1], next to the mean reward; the
     // lower bounds are the committed model's measured level less a margin (chance: colour
     // 0.125, shape 0.25, background 0.17).
-    for (k, at_least) in [("color_ok", 0.33), ("shape_ok", 0.2), ("background_ok", 0.5)] {
+    for (k, at_least) in [
+        ("color_ok", 0.33),
+        ("shape_ok", 0.2),
+        ("background_ok", 0.5),
+    ] {
         let v = a[k].as_f64().unwrap_or(-1.0);
         assert!((0.0..=1.0).contains(&v), "{k}: {result}");
         assert!(v >= at_least, "{k} {v} < {at_least}: {result}");
