@@ -39,6 +39,10 @@ for res in sorted((work / "eval").glob("*/result.json")):
                                    if any(m.get("implicit_accuracy") is not None for m in metrics) else None,
         "metrics": metrics,
     })
+# SFT first (the baseline the others must beat), then DSPO by β, DSPO-E, Diffusion-DPO.
+ORDER = ["sft", "dspo", "dspo_e", "diffusion_dpo"]
+rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
+                         r["beta"] if r["beta"] is not None else -1.0))
 (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
 
 
