@@ -103,6 +103,14 @@ def main():
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+
+    def now():
+        # GPU work is asynchronous: wait for it before reading the clock.
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     unet = UNet2DConditionModel.from_pretrained(a.model, subfolder="unet", torch_dtype=torch.float32).to(dev)
     scheduler = DDPMScheduler.from_pretrained(a.model, subfolder="scheduler")
     cfg = unet.config
@@ -148,7 +156,7 @@ def main():
         ehs = torch.randn(b, 77, cross, device=dev).repeat(2, 1, 1)
         t = torch.randint(0, num_t, (b,), device=dev).repeat(2)
 
-        t0 = time.perf_counter()
+        t0 = now()
         noisy = scheduler.add_noise(x0, noise, t)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(x0, noise, t)
@@ -158,20 +166,20 @@ def main():
         if method == "sft":
             pred = policy(noisy[:b], t[:b], ehs[:b]).sample
             loss = (pred - target[:b]).pow(2).mean()
-            marks.append(time.perf_counter())
+            marks.append(now())
             marks.append(marks[-1])
         else:
             pred = policy(noisy, t, ehs).sample
-            marks.append(time.perf_counter())
+            marks.append(now())
             ref = reference_pred(noisy, t, ehs)
-            marks.append(time.perf_counter())
+            marks.append(now())
             loss = pair_loss(method, pred, ref, target, a.beta)
         loss.backward()
-        marks.append(time.perf_counter())
+        marks.append(now())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        marks.append(time.perf_counter())
+        marks.append(now())
         if step >= len(methods):
             times[method].append(marks[-1] - t0)
             for k, (s, e) in zip(phases[method], zip(marks, marks[1:])):
@@ -192,6 +200,8 @@ def main():
         "resolution": a.resolution,
         "trainable_params": n_params,
         "peak_rss_mib": rss_mib(),
+        "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
+        "device": a.device,
         "import_rss_mib": baseline_rss,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

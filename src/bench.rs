@@ -21,7 +21,7 @@ use std::time::Instant;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Text-to-image latency of an SD 1.x/2.x pipeline directory (JSON lines on stdout).
+    /// Text-to-image latency of an SD 1.x/2.x or SDXL pipeline directory (JSON lines on stdout).
     Txt2img(Txt2ImgArgs),
 }
 
@@ -97,18 +97,7 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ord = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse())
-                .transpose()?
-                .unwrap_or(0);
-            Ok(Device::new_cuda(ord)?)
-        }
-        o => bail!("unknown device '{o}' (cpu or cuda:N)"),
-    }
+    crate::models::device::parse_device(s).map_err(anyhow::Error::msg)
 }
 
 pub fn run_make_random_model(args: &MakeRandomModelArgs) -> anyhow::Result<()> {
@@ -223,12 +212,16 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
     )
     .with_context(|| format!("loading {}", args.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
-    if model.architecture != Architecture::StableDiffusion {
-        bail!(
-            "bench txt2img times the SD 1.x/2.x pipeline; {} is {:?}",
-            args.model.display(),
-            model.architecture
-        );
+    let sdxl = match model.architecture {
+        Architecture::StableDiffusion => false,
+        Architecture::StableDiffusionXl => true,
+        other => bail!(
+            "bench txt2img times text-to-image pipelines (SD 1.x/2.x, SDXL); {} is {other:?}",
+            args.model.display()
+        ),
+    };
+    if sdxl && args.stage != "pipeline" && args.stage != "all" {
+        bail!("--stage {} is timed for SD 1.x/2.x only; use --stage pipeline for SDXL", args.stage);
     }
     let params = SamplingParams {
         height: args.size,
@@ -271,7 +264,9 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
         let timing = time_pipeline(args, &model, &params, &prompts, &mut |v| emit(with(v)))?;
         extend(&mut summary, timing);
     }
-    if args.stage != "pipeline" {
+    // The per-stage breakdown drives SD 1.x's single text encoder; for SDXL only the whole
+    // pipeline is timed.
+    if args.stage != "pipeline" && !sdxl {
         let only = (args.stage != "all").then_some(args.stage.as_str());
         let parts = breakdown(
             &model,
@@ -316,7 +311,12 @@ fn time_pipeline(
             DType::F32,
         )?;
         let mut notes = Notes::default();
-        let img = pipelines::txt2img::run(
+        let run = if model.architecture == Architecture::StableDiffusionXl {
+            pipelines::sdxl::run
+        } else {
+            pipelines::txt2img::run
+        };
+        let img = run(
             model,
             prompts,
             params,

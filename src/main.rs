@@ -59,18 +59,7 @@ enum Command {
 }
 
 fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    match s {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ord = s
-                .strip_prefix("cuda:")
-                .map(|n| n.parse())
-                .transpose()?
-                .unwrap_or(0);
-            Ok(candle_core::Device::new_cuda(ord)?)
-        }
-        o => anyhow::bail!("unknown device '{o}' (cpu or cuda:N)"),
-    }
+    dspo_server::models::device::parse_device(s).map_err(anyhow::Error::msg)
 }
 
 /// Keeps freed tensor buffers in the process instead of returning them to the kernel: candle

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod defaults;
+pub mod device;
 pub mod hub;
 pub mod lora;
 pub mod nn;

@@ -154,6 +154,12 @@ impl Module for Linear {
             // Training: batch-invariance does not matter, one matmul over all rows is far faster.
             return self.forward_fused(x);
         }
+        if !x.device().is_cpu() {
+            // On a GPU, one launch per sample would cost more than the matmul itself, and
+            // cuBLAS picks its algorithm per shape anyway: the bit-for-bit batched == alone
+            // guarantee is a CPU one (tests/server_concurrency.rs).
+            return self.forward_fused(x);
+        }
         let lead = if dims.len() > 1 { dims[0] } else { 1 };
         let rows = x.elem_count() / in_dim / lead.max(1);
         let x3 = x.reshape((lead, rows, in_dim))?;

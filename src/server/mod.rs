@@ -13,25 +13,10 @@ pub use task::{AdapterChoice, GenerationTask, Mode, ModelInfo, Task, TaskOutput}
 pub use worker::{BatchHook, LoadStatus, ModelWorker, WorkerError, WorkerSettings};
 
 use crate::config::{Config, ConfigError};
+use crate::models::device::parse_device;
 use crate::models::pipeline_model::LoadOptions;
 use std::sync::Arc;
 use std::time::Duration;
-
-pub fn parse_device(s: &str) -> Result<candle_core::Device, String> {
-    match s {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ord = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| format!("device '{s}': expected cuda:N"))?,
-                None => 0,
-            };
-            candle_core::Device::new_cuda(ord).map_err(|e| format!("device '{s}': {e}"))
-        }
-        o => Err(format!("unknown device '{o}' (cpu or cuda:N)")),
-    }
-}
 
 /// Every served model's worker, in configuration order.
 pub struct ModelPool {

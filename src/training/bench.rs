@@ -11,7 +11,7 @@ use super::step::{batch_loss, Batch, Reference};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::{VarRegistry, Weights};
 use crate::rng::NoiseRng;
-use candle_core::{DType, Device};
+use candle_core::DType;
 use std::path::Path;
 use std::time::Instant;
 
@@ -48,14 +48,8 @@ fn peak_rss_mib() -> Option<f64> {
 
 pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
     let method: Method = a.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let device = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        d => Device::new_cuda(
-            d.strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0),
-        )?,
-    };
+    let device =
+        crate::models::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     let unet_dir = a.model.join("unet");
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
     let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;

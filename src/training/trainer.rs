@@ -238,17 +238,7 @@ impl Params {
 }
 
 pub(crate) fn parse_device(s: &str) -> Result<Device, TrainError> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ord = s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            Ok(Device::new_cuda(ord)?)
-        }
-        o => Err(TrainError::Config(format!("unknown device '{o}'"))),
-    }
+    crate::models::device::parse_device(s).map_err(TrainError::Config)
 }
 
 /// Seeds of independent streams derived from the run seed (splitmix64).

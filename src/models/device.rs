@@ -1,0 +1,42 @@
+//! Device names as users write them in configs and flags: `cpu`, `cuda`, `cuda:N`.
+
+use candle_core::Device;
+
+/// Opens the named device. The error is a sentence for the user; a CUDA device asked of a
+/// binary built without the `cuda` feature says how to get one that has it.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| format!("device '{s}': expected cuda:N with N a GPU index"))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(format!(
+                    "device '{s}': this binary was built without CUDA support \
+                     (build one with scripts/build-cuda.sh or `cargo build --release --features cuda`)"
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| format!("device '{s}': {e}"))
+        }
+        other => Err(format!("unknown device '{other}' (cpu, cuda or cuda:N)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("gpu").unwrap_err().contains("unknown device"));
+        assert!(parse_device("cuda:x").unwrap_err().contains("expected cuda:N"));
+        if !candle_core::utils::cuda_is_available() {
+            assert!(parse_device("cuda:0").unwrap_err().contains("without CUDA"));
+        }
+    }
+}
