@@ -29,6 +29,7 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; done
 
+BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
   method=${run%%:*}; beta=${run#*:}
   name="t1-${method}-${beta//./p}"; name=${name//-/_}
@@ -46,9 +47,15 @@ for run in $RUNS; do
     curl -sf "$URL/finetune/$id/metrics" > "$WORK/$name.metrics.json"
     curl -sf "$URL/finetune/$id" > "$WORK/$name.job.json"
   fi
+  # The base side (b/) is the same images for every run: generate it once per base model and
+  # seed count (keyed by a hash of its weights and defaults) and let --reuse pick it up.
+  if [ -d "$BASE_CACHE" ] && [ ! -d "$WORK/eval/$name/b" ]; then
+    mkdir -p "$WORK/eval/$name" && cp -al "$BASE_CACHE" "$WORK/eval/$name/b"
+  fi
   $BIN eval --model models/shapes --adapter "$WORK/data/adapters/$name/adapter.safetensors" \
     --prompts "$SHARED/shapes/eval_prompts.txt" --seeds "$SEEDS" --out "$WORK/eval/$name" --reuse \
     --reward-cmd "$PY $SHARED/shapes/score.py --json --prompts {prompts} {dir}" > /dev/null
+  [ -d "$BASE_CACHE" ] || cp -al "$WORK/eval/$name/b" "$BASE_CACHE"
   jq -c '{winrate: .result.winrate, ci95: .result.ci95}' "$WORK/eval/$name/result.json"
 done
 kill $SERVER 2>/dev/null || true
