@@ -63,11 +63,13 @@ mkdir -p "$LIB"
 for so in "$CUDA"/lib/lib*.so.*; do
     base=$(basename "$so"); ln -sf "$so" "$LIB/${base%%.so.*}.so"
 done
-DRIVER_SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs 2>/dev/null | sort -V | tail -1 || true)
+# The stub exports what the locked cudarc binds to (its version from Cargo.lock).
+CUDARC=cudarc-$(awk '/^name = "cudarc"/ {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock)
+DRIVER_SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"$CUDARC"/src/driver/sys/mod.rs 2>/dev/null | head -1 || true)
 if [ ! -f "$LIB/libcuda.so" ] || [ -n "$DRIVER_SYS" -a "$DRIVER_SYS" -nt "$LIB/libcuda.so" ]; then
     if [ -z "$DRIVER_SYS" ]; then
         cargo fetch --quiet
-        DRIVER_SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs | sort -V | tail -1)
+        DRIVER_SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"$CUDARC"/src/driver/sys/mod.rs | head -1)
     fi
     log "driver stub from $(dirname "$(dirname "$(dirname "$DRIVER_SYS")")")"
     grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$DRIVER_SYS" | awk '{print "void " $4 "(void) {}"}' \
