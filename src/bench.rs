@@ -221,7 +221,10 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
         ),
     };
     if sdxl && args.stage != "pipeline" && args.stage != "all" {
-        bail!("--stage {} is timed for SD 1.x/2.x only; use --stage pipeline for SDXL", args.stage);
+        bail!(
+            "--stage {} is timed for SD 1.x/2.x only; use --stage pipeline for SDXL",
+            args.stage
+        );
     }
     let params = SamplingParams {
         height: args.size,

@@ -34,7 +34,9 @@ mod tests {
     fn names() {
         assert!(parse_device("cpu").unwrap().is_cpu());
         assert!(parse_device("gpu").unwrap_err().contains("unknown device"));
-        assert!(parse_device("cuda:x").unwrap_err().contains("expected cuda:N"));
+        assert!(parse_device("cuda:x")
+            .unwrap_err()
+            .contains("expected cuda:N"));
         if !candle_core::utils::cuda_is_available() {
             assert!(parse_device("cuda:0").unwrap_err().contains("without CUDA"));
         }

@@ -48,8 +48,7 @@ fn peak_rss_mib() -> Option<f64> {
 
 pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
     let method: Method = a.method.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let device =
-        crate::models::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
+    let device = crate::models::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     let unet_dir = a.model.join("unet");
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
     let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
