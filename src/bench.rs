@@ -14,7 +14,7 @@ use crate::pipelines::{self, Notes, PromptPair, SamplingParams};
 use crate::rng::NoiseRng;
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -94,10 +94,6 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
         "bf16" | "bfloat16" => DType::BF16,
         o => bail!("unknown dtype '{o}' (f32, f16 or bf16)"),
     })
-}
-
-fn parse_device(s: &str) -> anyhow::Result<Device> {
-    crate::models::device::parse_device(s).map_err(anyhow::Error::msg)
 }
 
 pub fn run_make_random_model(args: &MakeRandomModelArgs) -> anyhow::Result<()> {
@@ -199,7 +195,7 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
         bail!("--repeats and --batch must be at least 1");
     }
     let scheduler: SchedulerKind = args.scheduler.parse()?;
-    let device = parse_device(&args.device)?;
+    let device = crate::models::device::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let dtype = parse_dtype(&args.dtype)?;
     let t0 = Instant::now();
     let model = DiffusionModel::load(
@@ -303,6 +299,11 @@ fn time_pipeline(
     let b = prompts.len();
     let (lh, lw) = params.validate(model)?;
 
+    let run = if model.architecture == Architecture::StableDiffusionXl {
+        pipelines::sdxl::run
+    } else {
+        pipelines::txt2img::run
+    };
     // The noise is drawn inside the timed region, as diffusers draws its latents inside
     // the pipeline call.
     let seeds: Vec<u64> = (0..b as u64).collect();
@@ -314,11 +315,6 @@ fn time_pipeline(
             DType::F32,
         )?;
         let mut notes = Notes::default();
-        let run = if model.architecture == Architecture::StableDiffusionXl {
-            pipelines::sdxl::run
-        } else {
-            pipelines::txt2img::run
-        };
         let img = run(
             model,
             prompts,

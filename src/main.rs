@@ -58,10 +58,6 @@ enum Command {
     BenchServe(dspo_server::api::loadtest::BenchServeArgs),
 }
 
-fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    dspo_server::models::device::parse_device(s).map_err(anyhow::Error::msg)
-}
-
 /// Keeps freed tensor buffers in the process instead of returning them to the kernel: candle
 /// allocates every intermediate fresh, and with glibc's defaults each large one is an mmap whose
 /// pages fault in zeroed again on the next step (~25% of a single-threaded training step of the
@@ -145,7 +141,7 @@ fn run_conformance(
     cases: &[String],
     device: &str,
 ) -> anyhow::Result<ExitCode> {
-    let device = parse_device(device)?;
+    let device = dspo_server::models::device::parse_device(device).map_err(anyhow::Error::msg)?;
     let mut runner = dspo_server::conformance::Runner::new(suite, device);
     let mut passed = 0;
     let mut failed = 0;
