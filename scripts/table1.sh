@@ -8,8 +8,9 @@
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
-# A run is METHOD:BETA ("-" = the method's default). Finished runs are skipped on a rerun
-# (their eval results are kept under $WORK/eval/<run>/result.json).
+# A run is METHOD:BETA[:LR] ("-" = the method's default; LR overrides the model's learning
+# rate, for larger-budget rows). Finished runs are skipped on a rerun (their eval results are
+# kept under $WORK/eval/<run>/result.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=$(cd "${SHARED:-../shared}" && pwd)
@@ -31,11 +32,12 @@ for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; do
 
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
-  method=${run%%:*}; beta=${run#*:}
-  name="t1-${method}-${beta//./p}"; name=${name//-/_}
+  IFS=: read -r method beta lr <<< "$run"
+  name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && name="$name-lr${lr//./p}"; name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
-    hp='{}'; [ "$beta" != "-" ] && hp="{\"beta\": $beta}"
+    hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
+    [ -n "$lr" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
     body="{\"dataset_url\": \"file://$SHARED/shapes/prefs_centered.parquet\", \"method\": \"$method\", \"adapter_name\": \"$name\", \"hyperparameters\": $hp}"
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
     echo "$name: job $id"
