@@ -38,7 +38,8 @@ for run in $RUNS; do
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
     [ -n "$lr" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
-    body="{\"dataset_url\": \"file://$SHARED/shapes/prefs_centered.parquet\", \"method\": \"$method\", \"adapter_name\": \"$name\", \"hyperparameters\": $hp}"
+    body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
+      --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
     echo "$name: job $id"
     while :; do

@@ -5,7 +5,7 @@
 //!
 //! The committed weights (session 5, docs/SHAPES.md) read colour in 0.975 and background in 0.95
 //! of the 200 eval prompts (the targets: 0.90 / 0.90) and shape in 0.47 (target 0.75,
-//! not met: the 8x-downsampling autoencoder rounds corners off). The eval test holds the colour
+//! not met: squares come out rounded, triangles as blobs). The eval test holds the colour
 //! and background targets on the first 48 prompts (measured 0.979 / 1.0 on the reference
 //! machine) and shape at its measured level (0.44) less a margin, above chance (0.25).
 
