@@ -8,8 +8,8 @@
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
-# A run is METHOD:BETA[:LR] ("-" = the method's default; LR overrides the model's learning
-# rate, for larger-budget rows). Finished runs are skipped on a rerun (their eval results are
+# A run is METHOD:BETA[:LR[:STEPS]] ("-" = the method's default; LR and STEPS override the
+# model's learning rate and step count, for larger-budget rows). Finished runs are skipped on a rerun (their eval results are
 # kept under $WORK/eval/<run>/result.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,12 +32,14 @@ for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; do
 
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
-  IFS=: read -r method beta lr <<< "$run"
-  name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && name="$name-lr${lr//./p}"; name=${name//-/_}
+  IFS=: read -r method beta lr steps <<< "$run"
+  name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && [ "$lr" != "-" ] && name="$name-lr${lr//./p}"
+  [ -n "$steps" ] && name="$name-s$steps"; name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
-    [ -n "$lr" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
+    [ -n "$lr" ] && [ "$lr" != "-" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
+    [ -n "$steps" ] && hp=$(jq -c --argjson s "$steps" '. + {max_steps: $s}' <<< "$hp")
     body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)

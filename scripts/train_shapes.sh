@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the `shapes` demo model (models/shapes) from ../shared/shapes/pretrain.parquet with
-# the project's own commands, then measures it with the world's scorer. About 1.5-2 h on a
-# 2-core CPU. Every stage resumes from its last checkpoint if interrupted (rerun the script).
+# the project's own commands, then measures it with the world's scorer. On a 2-core CPU: about
+# 3 h (stage 1 ~50 min, stage 2 ~2.3 h), 4.5 h with ARCH=scripts/shapes/arch-x4 (stage 2
+# ~2.1 s/step). Every stage resumes from its last checkpoint if interrupted (rerun the script
+# with the same WORK).
 #
 #   scripts/train_shapes.sh            # all stages
 #   STAGES="t2i install quality" scripts/train_shapes.sh
@@ -13,6 +15,9 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
 STAGES=${STAGES:-"init vae check t2i install quality"}
+# Architecture configs: scripts/shapes/arch (8x8x4 latents, the committed model) or
+# scripts/shapes/arch-x4 (16x16x4 latents; see docs/SHAPES.md, session 6).
+ARCH=${ARCH:-scripts/shapes/arch}
 PY=${PYTHON:-python3}
 BIN=target/release/dspo-server
 DATA=$SHARED/shapes/pretrain.parquet
@@ -23,8 +28,8 @@ cargo build --release
 mkdir -p "$WORK"
 
 if has init; then
-  # Architecture configs (scripts/shapes/arch) + the real CLIP tokenizer -> random weights.
-  rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch"
+  # Architecture configs ($ARCH) + the real CLIP tokenizer -> random weights.
+  rm -rf "$WORK/arch" && cp -r "$ARCH" "$WORK/arch"
   mkdir -p "$WORK/arch/tokenizer"
   cp "$SHARED"/conformance/models/tiny-sd15/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json} "$WORK/arch/tokenizer/"
   [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1 --torch-init
