@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds the `shapes` demo model (models/shapes) from ../shared/shapes/pretrain.parquet with
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU: about
-# 3 h (stage 1 ~50 min, stage 2 ~2.3 h), 4.5 h with ARCH=scripts/shapes/arch-x4 (stage 2
-# ~2.1 s/step). Every stage resumes from its last checkpoint if interrupted (rerun the script
+# 3 h (stage 1 ~50 min, stage 2 ~2.3 h), 4 h with ARCH=scripts/shapes/arch-x4 (stage 2
+# ~1.9 s/step). Every stage resumes from its last checkpoint if interrupted (rerun the script
 # with the same WORK).
 #
 #   scripts/train_shapes.sh            # all stages
