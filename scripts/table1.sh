@@ -9,8 +9,8 @@
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
 # A run is METHOD:BETA[:LR[:STEPS]] ("-" = the method's default; LR and STEPS override the
-# model's learning rate and step count, for larger-budget rows). Finished runs are skipped on a rerun (their eval results are
-# kept under $WORK/eval/<run>/result.json).
+# model's learning rate and step count, for larger-budget rows). Finished runs are skipped on a
+# rerun (their eval results are kept under $WORK/eval/<run>/result.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=$(cd "${SHARED:-../shared}" && pwd)
