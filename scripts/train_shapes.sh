@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
 STAGES=${STAGES:-"init vae check t2i install quality"}
-# Architecture configs: scripts/shapes/arch (8x8x4 latents, the committed model) or
-# scripts/shapes/arch-x4 (16x16x4 latents; see docs/SHAPES.md, session 6).
+# Architecture: scripts/shapes/arch (8x8x4 latents, the committed model), or a directory of
+# component configs laid over it, e.g. scripts/shapes/arch-x4 (its unet and vae: 16x16x4
+# latents; see docs/SHAPES.md, session 6).
 ARCH=${ARCH:-scripts/shapes/arch}
 PY=${PYTHON:-python3}
 BIN=target/release/dspo-server
@@ -29,7 +30,7 @@ mkdir -p "$WORK"
 
 if has init; then
   # Architecture configs ($ARCH) + the real CLIP tokenizer -> random weights.
-  rm -rf "$WORK/arch" && cp -r "$ARCH" "$WORK/arch"
+  rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch" && cp -r "$ARCH"/. "$WORK/arch/"
   mkdir -p "$WORK/arch/tokenizer"
   cp "$SHARED"/conformance/models/tiny-sd15/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json} "$WORK/arch/tokenizer/"
   [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1 --torch-init
