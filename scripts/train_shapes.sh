@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the `shapes` demo model (models/shapes) from ../shared/shapes/pretrain.parquet with
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU: about
-# 3 h (stage 1 ~50 min, stage 2 ~2.3 h), 4 h with ARCH=scripts/shapes/arch-x4 (stage 2
-# ~1.9 s/step). Every stage resumes from its last checkpoint if interrupted (rerun the script
-# with the same WORK).
+# 4.3 h (stage 1 ~50 min, stage 2 ~1.8 s/step x 7,000); ~3 h with ARCH=scripts/shapes/arch (the
+# 8x8-latent architecture). Every stage resumes from its last checkpoint if interrupted (rerun
+# the script with the same WORK).
 #
 #   scripts/train_shapes.sh            # all stages
 #   STAGES="t2i install quality" scripts/train_shapes.sh
@@ -15,10 +15,11 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
 STAGES=${STAGES:-"init vae check t2i install quality"}
-# Architecture: scripts/shapes/arch (8x8x4 latents, the committed model), or a directory of
-# component configs laid over it, e.g. scripts/shapes/arch-x4 (its unet and vae: 16x16x4
-# latents; see docs/SHAPES.md, session 6).
-ARCH=${ARCH:-scripts/shapes/arch}
+# Architecture: scripts/shapes/arch holds every component config (8x8x4 latents, session 5's
+# model); an ARCH directory lays its component configs over it, and may hold t2i.set (extra
+# `--set key=value` lines for stage 2). The committed model is scripts/shapes/arch-x4 (its unet
+# and vae: 16x16x4 latents, and a larger noise offset; why: docs/SHAPES.md).
+ARCH=${ARCH:-scripts/shapes/arch-x4}
 PY=${PYTHON:-python3}
 BIN=target/release/dspo-server
 DATA=$SHARED/shapes/pretrain.parquet
@@ -30,7 +31,7 @@ mkdir -p "$WORK"
 
 if has init; then
   # Architecture configs ($ARCH) + the real CLIP tokenizer -> random weights.
-  rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch" && cp -r "$ARCH"/. "$WORK/arch/"
+  rm -rf "$WORK/arch" && cp -r scripts/shapes/arch "$WORK/arch" && for c in "$ARCH"/*/; do cp -r "$c" "$WORK/arch/"; done
   mkdir -p "$WORK/arch/tokenizer"
   cp "$SHARED"/conformance/models/tiny-sd15/tokenizer/{vocab.json,merges.txt,special_tokens_map.json,tokenizer_config.json} "$WORK/arch/tokenizer/"
   [ -f "$WORK/init/model_index.json" ] || $BIN make-random-model --config-dir "$WORK/arch" --out "$WORK/init" --seed 1 --torch-init
@@ -49,7 +50,13 @@ fi
 
 if has t2i; then
   # Stage 2: UNet + text encoder from random weights, the stage-1 VAE frozen.
-  $BIN train --config scripts/shapes/t2i.toml --set model="$WORK/vae/model" --set dataset="$DATA" --set output_dir="$WORK/t2i"
+  extra=()
+  if [ -f "$ARCH/t2i.set" ]; then
+    while read -r kv; do
+      if [ -n "$kv" ] && [ "${kv:0:1}" != "#" ]; then extra+=(--set "$kv"); fi
+    done < "$ARCH/t2i.set"
+  fi
+  $BIN train --config scripts/shapes/t2i.toml --set model="$WORK/vae/model" --set dataset="$DATA" --set output_dir="$WORK/t2i" ${extra[@]+"${extra[@]}"}
 fi
 
 if has install; then
