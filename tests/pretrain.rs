@@ -215,3 +215,28 @@ fn pretraining_input_errors_are_clear() {
         .to_string()
         .contains("save_dtype"));
 }
+
+/// `pretrain.snr_gamma` (Min-SNR-γ): the same step's loss with γ above every timestep's SNR is
+/// the plain loss (every weight is 1), and with a γ below every SNR it is scaled down by
+/// γ / SNR(t) < 1 per sample.
+#[test]
+fn min_snr_gamma_weights_the_text_to_image_loss() {
+    let loss = |gamma: f64| {
+        let out = common::temp_dir("t2i-snr");
+        let mut cfg = config(&out, TrainMode::TextToImage);
+        cfg.hyperparameters.max_steps = 1;
+        cfg.pretrain.snr_gamma = gamma;
+        let o = Pretrainer::new(cfg).unwrap().run(&mut |_| true).unwrap();
+        o.metrics[0].loss
+    };
+    let plain = loss(0.0);
+    let capped_above = loss(1e30);
+    assert!(
+        (plain - capped_above).abs() <= 1e-6 * plain.abs(),
+        "{plain} vs {capped_above}"
+    );
+    // SD1.5's schedule: SNR(999) ≈ 0.0047 is the smallest, so γ = 1e-4 weights every sample
+    // by at most 1e-4 / 0.0047 ≈ 0.02.
+    let capped_below = loss(1e-4);
+    assert!(capped_below > 0.0 && capped_below < 0.03 * plain, "{capped_below} vs {plain}");
+}

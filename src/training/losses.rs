@@ -112,3 +112,46 @@ pub fn preference(
 pub fn sft(model_pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     (model_pred - target)?.sqr()?.mean_all()
 }
+
+/// Per-sample MSE (mean over all but the batch dimension) times `weights` (one per sample),
+/// averaged over the batch: diffusers' Min-SNR-γ loss. Equal weights of 1 give `sft`.
+pub fn weighted_mse(model_pred: &Tensor, target: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let b = model_pred.dim(0)?;
+    let per_sample = (model_pred - target)?.sqr()?.reshape((b, ()))?.mean(1)?;
+    (per_sample * weights)?.mean_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn weighted_mse_is_the_batch_mean_of_weighted_per_sample_mses() {
+        let pred: Vec<f32> = vec![0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 3.0, 1.0];
+        let target: Vec<f32> = vec![0.0, 1.0, 1.0, 1.0, -0.5, 0.5, 2.0, 2.0];
+        let w = [0.25f32, 3.0];
+        let mut expected = 0.0f64;
+        for (i, wi) in w.iter().enumerate() {
+            let se: f64 = (0..4)
+                .map(|j| (pred[i * 4 + j] as f64 - target[i * 4 + j] as f64).powi(2))
+                .sum();
+            expected += *wi as f64 * se / 4.0;
+        }
+        expected /= 2.0;
+        let d = Device::Cpu;
+        let p = Tensor::from_vec(pred, (2, 1, 2, 2), &d).unwrap();
+        let t = Tensor::from_vec(target, (2, 1, 2, 2), &d).unwrap();
+        let got = weighted_mse(&p, &t, &Tensor::new(&w, &d).unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+        let ones = weighted_mse(&p, &t, &Tensor::new(&[1f32, 1.0], &d).unwrap())
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let plain = sft(&p, &t).unwrap().to_scalar::<f32>().unwrap();
+        assert!((ones - plain).abs() < 1e-6);
+    }
+}

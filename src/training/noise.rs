@@ -60,6 +60,22 @@ impl NoiseSchedule {
         noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?
     }
 
+    /// Min-SNR-γ loss weights, one per timestep, as diffusers' train_text_to_image.py
+    /// (`--snr_gamma`): SNR(t) = acp / (1 − acp); min(SNR, γ) / SNR for ε-prediction,
+    /// min(SNR, γ) / (SNR + 1) for v-prediction.
+    pub fn min_snr_weights(&self, t: &[usize], gamma: f64) -> Vec<f64> {
+        t.iter()
+            .map(|&ti| {
+                let a = self.alphas_cumprod[ti];
+                let snr = a / (1.0 - a);
+                match self.prediction_type {
+                    PredictionType::Epsilon => snr.min(gamma) / snr,
+                    PredictionType::VPrediction => snr.min(gamma) / (snr + 1.0),
+                }
+            })
+            .collect()
+    }
+
     /// The regression target for the model's prediction type.
     pub fn target(&self, x0: &Tensor, noise: &Tensor, t: &[usize]) -> Result<Tensor> {
         match self.prediction_type {
