@@ -3,7 +3,8 @@
 # POST /finetune for each method (and several DSPO betas) at the model's default budget, then
 # measures each adapter against the base model on the evaluation prompts with fixed seeds:
 # win rate under the `centred` reward (score.py) with its 95% interval, and caption
-# correctness of both sides. Writes docs/table1/{results.json,TABLE1.md,table1.png}.
+# correctness of both sides. Writes $OUT/{results.json,table.md,table1.png} (OUT=docs/table1;
+# another OUT for a partial run keeps the committed table).
 #
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
@@ -21,7 +22,8 @@ PY=${PYTHON:-python3}
 PORT=${PORT:-18431}
 BIN=target/release/dspo-server
 URL=http://127.0.0.1:$PORT
-mkdir -p "$WORK" docs/table1
+OUT=${OUT:-docs/table1}
+mkdir -p "$WORK" "$OUT"
 cargo build --release
 
 $BIN serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" --set datasets.file_roots="$SHARED/shapes" \
@@ -64,4 +66,4 @@ for run in $RUNS; do
   jq -c '{winrate: .result.winrate, ci95: .result.ci95}' "$WORK/eval/$name/result.json"
 done
 kill $SERVER 2>/dev/null || true
-$PY scripts/table1_report.py "$WORK" docs/table1
+$PY scripts/table1_report.py "$WORK" "$OUT"
