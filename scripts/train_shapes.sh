@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuilds the `shapes` demo model (models/shapes) from ../shared/shapes/pretrain.parquet with
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU: about
-# 4.3 h (stage 1 ~50 min, stage 2 ~1.8 s/step x 7,000); ~3 h with ARCH=scripts/shapes/arch (the
-# 8x8-latent architecture). Every stage resumes from its last checkpoint if interrupted (rerun
-# the script with the same WORK).
+# 3 h (stage 1 ~50 min, stage 2 ~1.3 s/step x 6,000); ~4.3 h with ARCH=scripts/shapes/arch-x4
+# (16x16 latents; stage 2 ~1.6 s/step x 7,000). Every stage resumes from its last checkpoint
+# if interrupted (rerun the script with the same WORK).
 #
 #   scripts/train_shapes.sh            # all stages
 #   STAGES="t2i install quality" scripts/train_shapes.sh
@@ -15,11 +15,11 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
 STAGES=${STAGES:-"init vae check t2i install quality"}
-# Architecture: scripts/shapes/arch holds every component config (8x8x4 latents, session 5's
-# model); an ARCH directory lays its component configs over it, and may hold t2i.set (extra
-# `--set key=value` lines for stage 2). The committed model is scripts/shapes/arch-x4 (its unet
-# and vae: 16x16x4 latents, and a larger noise offset; why: docs/SHAPES.md).
-ARCH=${ARCH:-scripts/shapes/arch-x4}
+# Architecture: scripts/shapes/arch holds every component config (8x8x4 latents: the committed
+# model, session 5). Another ARCH directory lays its component configs over it and may hold
+# t2i.set (extra `--set key=value` lines for stage 2): scripts/shapes/arch-x4 is the 16x16x4
+# latent model of sessions 6-7 (why, and how it measures: docs/SHAPES.md).
+ARCH=${ARCH:-scripts/shapes/arch}
 PY=${PYTHON:-python3}
 BIN=target/release/dspo-server
 DATA=$SHARED/shapes/pretrain.parquet
