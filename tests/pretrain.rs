@@ -240,3 +240,15 @@ fn min_snr_gamma_weights_the_text_to_image_loss() {
     let capped_below = loss(1e-4);
     assert!(capped_below > 0.0 && capped_below < 0.03 * plain, "{capped_below} vs {plain}");
 }
+
+#[test]
+fn a_negative_or_nan_pretrain_option_is_a_config_error() {
+    for (offset, gamma) in [(-0.1, 0.0), (0.0, -5.0), (0.0, f64::NAN)] {
+        let out = common::temp_dir("t2i-bad");
+        let mut cfg = config(&out, TrainMode::TextToImage);
+        cfg.pretrain.noise_offset = offset;
+        cfg.pretrain.snr_gamma = gamma;
+        let err = Pretrainer::new(cfg).err().expect("rejected").to_string();
+        assert!(err.contains("must be a finite number >= 0"), "{err}");
+    }
+}

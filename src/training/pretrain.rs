@@ -42,9 +42,10 @@ pub struct PretrainOptions {
     /// time, and flat white or black backgrounds come out grey.
     pub noise_offset: f64,
     /// text_to_image: diffusers' `--snr_gamma` (Min-SNR-γ, Hang et al. 2023; 0 = off): each
-    /// sample's loss is weighted by min(SNR(t), γ) / SNR(t) (/ (SNR(t) + 1) for v-prediction),
-    /// so the many low-noise timesteps, where the target is nearly copied from x_t, stop
-    /// dominating the gradient; the paper reports ~3x faster convergence at γ = 5.
+    /// sample's loss is weighted by min(SNR(t), γ) / SNR(t) (/ (SNR(t) + 1) for v-prediction).
+    /// Read as an error in x0, the ε-loss weights timestep t by SNR(t), so the low-noise steps
+    /// (fine detail) dominate the gradient; capping the weight at γ moves it toward the noise
+    /// levels where the layout is decided. The paper reports ~3x faster convergence at γ = 5.
     pub snr_gamma: f64,
     /// autoencoder: weight of the KL term (per-element means, like the reconstruction term).
     pub kl_weight: f64,
@@ -253,6 +254,13 @@ impl Pretrainer {
                 "pretrain.ema_decay must be in [0, 1), got {}",
                 opts.ema_decay
             )));
+        }
+        for (name, v) in [("noise_offset", opts.noise_offset), ("snr_gamma", opts.snr_gamma)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(TrainError::Config(format!(
+                    "pretrain.{name} must be a finite number >= 0 (0 = off), got {v}"
+                )));
+            }
         }
         if config.lora.is_some() {
             return Err(TrainError::Config(
