@@ -238,7 +238,10 @@ fn min_snr_gamma_weights_the_text_to_image_loss() {
     // SD1.5's schedule: SNR(999) ≈ 0.0047 is the smallest, so γ = 1e-4 weights every sample
     // by at most 1e-4 / 0.0047 ≈ 0.02.
     let capped_below = loss(1e-4);
-    assert!(capped_below > 0.0 && capped_below < 0.03 * plain, "{capped_below} vs {plain}");
+    assert!(
+        capped_below > 0.0 && capped_below < 0.03 * plain,
+        "{capped_below} vs {plain}"
+    );
 }
 
 #[test]

@@ -255,7 +255,10 @@ impl Pretrainer {
                 opts.ema_decay
             )));
         }
-        for (name, v) in [("noise_offset", opts.noise_offset), ("snr_gamma", opts.snr_gamma)] {
+        for (name, v) in [
+            ("noise_offset", opts.noise_offset),
+            ("snr_gamma", opts.snr_gamma),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(TrainError::Config(format!(
                     "pretrain.{name} must be a finite number >= 0 (0 = off), got {v}"
