@@ -18,13 +18,7 @@ fn shared() -> PathBuf {
 /// A fresh directory per call: the tests run in parallel and several serve their own copy of
 /// the same files (a name shared per process let one test delete another's while it copied).
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "dspo-jobs-{name}-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::temp_dir(&format!("jobs-{name}"))
 }
 
 fn manager(data: &Path, allow_private: bool) -> Arc<JobManager> {
