@@ -255,3 +255,122 @@ fn a_negative_or_nan_pretrain_option_is_a_config_error() {
         assert!(err.contains("must be a finite number >= 0"), "{err}");
     }
 }
+
+/// `pretrain.timestep_bias` follows diffusers' `generate_timestep_weights`
+/// (train_text_to_image_sdxl.py): the selected timesteps' weight is multiplied, then all are
+/// normalised. Probabilities below are that rule worked by hand for a 1,000-step schedule.
+#[test]
+fn timestep_bias_weights_follow_diffusers() {
+    use dspo_server::training::noise::{TimestepBias, TimestepSampler};
+    let p = |bias: TimestepBias| TimestepSampler::new(&bias.weights(1000).unwrap()).unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+
+    let uniform = p(TimestepBias::default());
+    assert!(close(uniform.probability(0), 1e-3) && close(uniform.probability(999), 1e-3));
+
+    // range [300, 700) x4: 400 timesteps of weight 4, 600 of weight 1, total 2,200.
+    let range = p(TimestepBias {
+        strategy: "range".into(),
+        multiplier: 4.0,
+        begin: 300,
+        end: 700,
+        ..Default::default()
+    });
+    for (t, w) in [
+        (0, 1.0),
+        (299, 1.0),
+        (300, 4.0),
+        (699, 4.0),
+        (700, 1.0),
+        (999, 1.0),
+    ] {
+        assert!(close(range.probability(t), w / 2200.0), "t={t}");
+    }
+    // later, portion 0.25 x2: the last 250 timesteps weigh 2 (total 1,250).
+    let later = p(TimestepBias {
+        strategy: "later".into(),
+        multiplier: 2.0,
+        portion: 0.25,
+        ..Default::default()
+    });
+    assert!(close(later.probability(749), 1.0 / 1250.0));
+    assert!(close(later.probability(750), 2.0 / 1250.0));
+    // earlier, portion 0.1 x0.5: the first 100 weigh 0.5 (total 950).
+    let earlier = p(TimestepBias {
+        strategy: "earlier".into(),
+        multiplier: 0.5,
+        portion: 0.1,
+        ..Default::default()
+    });
+    assert!(close(earlier.probability(99), 0.5 / 950.0));
+    assert!(close(earlier.probability(100), 1.0 / 950.0));
+
+    // Inverting the CDF on an even grid of u reproduces the probabilities.
+    let n = 220_000;
+    let inside = (0..n)
+        .map(|i| range.sample((i as f64 + 0.5) / n as f64))
+        .filter(|t| (300..700).contains(t))
+        .count();
+    assert_eq!(inside, 160_000, "1,600 / 2,200 of the mass");
+    assert_eq!(range.sample(0.0), 0);
+    assert_eq!(range.sample(1.0 - 1e-16), 999);
+}
+
+/// A biased run trains (finite loss), and a bias that cannot be built is a config error that
+/// names the option, also through the CLI's nested `--set pretrain.timestep_bias.<key>=...`.
+#[test]
+fn timestep_bias_runs_and_bad_values_are_config_errors() {
+    let out = common::temp_dir("t2i-bias");
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.hyperparameters.max_steps = 1;
+    cfg.pretrain.timestep_bias.strategy = "range".into();
+    cfg.pretrain.timestep_bias.begin = 300;
+    cfg.pretrain.timestep_bias.end = 700;
+    cfg.pretrain.timestep_bias.multiplier = 3.0;
+    let o = Pretrainer::new(cfg).unwrap().run(&mut |_| true).unwrap();
+    assert!(o.metrics[0].loss.is_finite());
+
+    for (field, value, wanted) in [
+        ("strategy", "\"middle\"", "timestep_bias.strategy"),
+        ("multiplier", "0", "timestep_bias.multiplier"),
+        ("end", "1001", "begin < end <= 1000"),
+    ] {
+        let out = common::temp_dir("t2i-bias-bad");
+        std::fs::create_dir_all(&out).unwrap();
+        let toml = format!(
+            "mode = \"text_to_image\"\nmethod = \"sft\"\nmodel = {:?}\ndataset = {:?}\n\
+             output_dir = {:?}\n[hyperparameters]\nlearning_rate = 1e-3\nmax_steps = 1\n\
+             batch_size = 2\n",
+            shared().join("conformance/models/tiny-sd15"),
+            shared().join("shapes/pretrain.parquet"),
+            out.join("run"),
+        );
+        std::fs::write(out.join("c.toml"), toml).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dspo-server"));
+        cmd.arg("train").arg("--config").arg(out.join("c.toml"));
+        if field != "strategy" {
+            cmd.args(["--set", "pretrain.timestep_bias.strategy=range"]);
+        }
+        let r = cmd
+            .args(["--set", &format!("pretrain.timestep_bias.{field}={value}")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && err.contains(wanted),
+            "{field}: {err}"
+        );
+    }
+    let out = common::temp_dir("t2i-bias-key");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_dspo-server"))
+        .args(["train", "--config", "scripts/shapes/t2i.toml"])
+        .args(["--set", "pretrain.timestep_bias.middle=1"])
+        .args(["--set", &format!("output_dir={}", out.display())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("unknown pretrain option 'timestep_bias.middle'"),
+        "{err}"
+    );
+}

@@ -110,12 +110,13 @@ fn apply_override(cfg: &mut super::TrainConfig, kv: &str) -> anyhow::Result<()> 
         "model" => cfg.model = v.into(),
         "method" => cfg.method = v.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         _ if k.starts_with("pretrain.") => {
+            // Nested tables by dotted path: pretrain.timestep_bias.strategy=range.
             let key = &k["pretrain.".len()..];
             let mut p = serde_json::to_value(&cfg.pretrain)?;
-            if p.get(key).is_none() {
-                anyhow::bail!("unknown pretrain option '{key}'");
-            }
-            p[key] = parsed;
+            let slot = p
+                .pointer_mut(&format!("/{}", key.replace('.', "/")))
+                .ok_or_else(|| anyhow::anyhow!("unknown pretrain option '{key}'"))?;
+            *slot = parsed;
             cfg.pretrain = serde_json::from_value(p)?;
         }
         _ => {

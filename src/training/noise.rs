@@ -60,6 +60,14 @@ impl NoiseSchedule {
         noise.broadcast_mul(&a)? - x0.broadcast_mul(&s)?
     }
 
+    /// The distribution training draws timesteps from (uniform unless a bias is set).
+    pub fn timestep_sampler(
+        &self,
+        bias: &TimestepBias,
+    ) -> std::result::Result<TimestepSampler, String> {
+        TimestepSampler::new(&bias.weights(self.num_train_timesteps())?)
+    }
+
     /// Min-SNR-γ loss weights, one per timestep, as diffusers' train_text_to_image.py
     /// (`--snr_gamma`): SNR(t) = acp / (1 − acp); min(SNR, γ) / SNR for ε-prediction,
     /// min(SNR, γ) / (SNR + 1) for v-prediction.
@@ -82,5 +90,118 @@ impl NoiseSchedule {
             PredictionType::Epsilon => Ok(noise.clone()),
             PredictionType::VPrediction => self.velocity(x0, noise, t),
         }
+    }
+}
+
+/// diffusers' `--timestep_bias_*` options (train_text_to_image_sdxl.py), same names and
+/// semantics: the timesteps a strategy selects get `multiplier` times the sampling weight of
+/// the others. `earlier` / `later` select the first / last `portion` of the schedule, `range`
+/// selects `[begin, end)`. Used to spend a training budget on the noise levels where a model
+/// is weak (ours: shape is lost between t ≈ 300 and 650, docs/SHAPES.md).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimestepBias {
+    /// "none", "earlier", "later" or "range".
+    pub strategy: String,
+    pub multiplier: f64,
+    pub portion: f64,
+    pub begin: usize,
+    pub end: usize,
+}
+
+impl Default for TimestepBias {
+    fn default() -> Self {
+        // diffusers' argparse defaults.
+        Self {
+            strategy: "none".into(),
+            multiplier: 1.0,
+            portion: 0.25,
+            begin: 0,
+            end: 1000,
+        }
+    }
+}
+
+impl TimestepBias {
+    /// Unnormalised sampling weight of every timestep in `0..n`.
+    pub fn weights(&self, n: usize) -> std::result::Result<Vec<f64>, String> {
+        let mut w = vec![1.0; n];
+        let selected = match self.strategy.as_str() {
+            "none" => return Ok(w),
+            "earlier" | "later" => {
+                if !(self.portion > 0.0 && self.portion <= 1.0) {
+                    return Err(format!(
+                        "timestep_bias.portion must be in (0, 1], got {}",
+                        self.portion
+                    ));
+                }
+                let k = (self.portion * n as f64) as usize;
+                if self.strategy == "earlier" {
+                    0..k
+                } else {
+                    n - k..n
+                }
+            }
+            "range" => {
+                if self.begin >= self.end || self.end > n {
+                    return Err(format!(
+                        "timestep_bias begin..end must satisfy begin < end <= {n} (the schedule's \
+                         num_train_timesteps), got {}..{}",
+                        self.begin, self.end
+                    ));
+                }
+                self.begin..self.end
+            }
+            o => {
+                return Err(format!(
+                    "timestep_bias.strategy must be none, earlier, later or range, got '{o}'"
+                ))
+            }
+        };
+        if !(self.multiplier.is_finite() && self.multiplier > 0.0) {
+            return Err(format!(
+                "timestep_bias.multiplier must be a finite number > 0, got {}",
+                self.multiplier
+            ));
+        }
+        for x in &mut w[selected] {
+            *x *= self.multiplier;
+        }
+        Ok(w)
+    }
+}
+
+/// Draws timesteps from fixed weights by inverting their cumulative distribution.
+pub struct TimestepSampler {
+    cdf: Vec<f64>,
+}
+
+impl TimestepSampler {
+    pub fn new(weights: &[f64]) -> std::result::Result<Self, String> {
+        let total: f64 = weights.iter().sum();
+        if weights.is_empty() || !(total.is_finite() && total > 0.0) {
+            return Err("timestep weights must be finite with a positive sum".into());
+        }
+        let mut acc = 0.0;
+        let cdf = weights
+            .iter()
+            .map(|w| {
+                acc += w / total;
+                acc
+            })
+            .collect();
+        Ok(Self { cdf })
+    }
+
+    /// The timestep for a uniform draw `u` in [0, 1).
+    pub fn sample(&self, u: f64) -> usize {
+        self.cdf
+            .partition_point(|&c| c <= u)
+            .min(self.cdf.len() - 1)
+    }
+
+    /// Probability of timestep `t`.
+    pub fn probability(&self, t: usize) -> f64 {
+        self.cdf[t] - if t == 0 { 0.0 } else { self.cdf[t - 1] }
     }
 }

@@ -9,7 +9,7 @@
 
 use super::checkpoint;
 use super::dataset::{DatasetStats, Preprocess};
-use super::noise::NoiseSchedule;
+use super::noise::{NoiseSchedule, TimestepSampler};
 use super::optim::{clip, collect, AdamW, AdamWConfig};
 use super::trainer::{mix, parse_device, TrainMode};
 use super::{StepMetrics, TrainConfig, TrainError, TrainOutcome};
@@ -47,6 +47,9 @@ pub struct PretrainOptions {
     /// (fine detail) dominate the gradient; capping the weight at γ moves it toward the noise
     /// levels where the layout is decided. The paper reports ~3x faster convergence at γ = 5.
     pub snr_gamma: f64,
+    /// text_to_image: diffusers' `--timestep_bias_*` (strategy none / earlier / later / range,
+    /// multiplier, portion, begin, end): draw some timesteps more often than uniform.
+    pub timestep_bias: super::noise::TimestepBias,
     /// autoencoder: weight of the KL term (per-element means, like the reconstruction term).
     pub kl_weight: f64,
     /// Decay the learning rate to zero on a cosine after warmup (else constant).
@@ -80,6 +83,7 @@ impl Default for PretrainOptions {
             train_text_encoder: false,
             noise_offset: 0.0,
             snr_gamma: 0.0,
+            timestep_bias: Default::default(),
             kl_weight: 1e-6,
             cosine_decay: false,
             ema_decay: 0.0,
@@ -230,6 +234,9 @@ pub struct Pretrainer {
     pub config: TrainConfig,
     model: DiffusionModel,
     schedule: NoiseSchedule,
+    /// None = uniform timesteps (drawn as before the bias option existed, so old runs resume
+    /// bit-exactly).
+    timesteps: Option<TimestepSampler>,
     data: CaptionImages,
     train: Trainables,
     opt: AdamW,
@@ -376,8 +383,18 @@ impl Pretrainer {
             kept: data.len(),
             ..Default::default()
         };
+        let schedule = NoiseSchedule::new(&model.scheduler_config);
+        let timesteps = if opts.timestep_bias.strategy == "none" {
+            None
+        } else {
+            let sampler = schedule
+                .timestep_sampler(&opts.timestep_bias)
+                .map_err(|e| TrainError::Config(format!("pretrain.{e}")))?;
+            Some(sampler)
+        };
         let mut t = Self {
-            schedule: NoiseSchedule::new(&model.scheduler_config),
+            schedule,
+            timesteps,
             config,
             model,
             data,
@@ -529,7 +546,10 @@ impl Pretrainer {
             noise = noise.broadcast_add(&(offset * self.config.pretrain.noise_offset)?)?;
         }
         let t: Vec<usize> = (0..b)
-            .map(|_| rng.below(self.schedule.num_train_timesteps()))
+            .map(|_| match &self.timesteps {
+                Some(s) => s.sample(rng.uniform()),
+                None => rng.below(self.schedule.num_train_timesteps()),
+            })
             .collect();
         let noisy = self.schedule.add_noise(&x0, &noise, &t)?;
         let target = self.schedule.target(&x0, &noise, &t)?;
