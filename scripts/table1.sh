@@ -9,8 +9,9 @@
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
-# A run is METHOD:BETA[:LR[:STEPS]] ("-" = the method's default; LR and STEPS override the
-# model's learning rate and step count, for larger-budget rows). Finished runs are skipped on a
+# A run is METHOD:BETA[:LR[:STEPS[:BATCH]]] ("-" = the method's default; LR, STEPS and BATCH
+# (pairs per step) override the model's learning rate, step count and batch size, for
+# larger-budget rows). Finished runs are skipped on a
 # rerun (their eval results are kept under $WORK/eval/<run>/result.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +35,16 @@ for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; do
 
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
-  IFS=: read -r method beta lr steps <<< "$run"
+  IFS=: read -r method beta lr steps batch <<< "$run"
   name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && [ "$lr" != "-" ] && name="$name-lr${lr//./p}"
-  [ -n "$steps" ] && name="$name-s$steps"; name=${name//-/_}
+  [ -n "$steps" ] && [ "$steps" != "-" ] && name="$name-s$steps"
+  [ -n "$batch" ] && name="$name-b$batch"; name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
     [ -n "$lr" ] && [ "$lr" != "-" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
-    [ -n "$steps" ] && hp=$(jq -c --argjson s "$steps" '. + {max_steps: $s}' <<< "$hp")
+    [ -n "$steps" ] && [ "$steps" != "-" ] && hp=$(jq -c --argjson s "$steps" '. + {max_steps: $s}' <<< "$hp")
+    [ -n "$batch" ] && hp=$(jq -c --argjson s "$batch" '. + {batch_size: $s}' <<< "$hp")
     body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)

@@ -26,6 +26,7 @@ for res in sorted((work / "eval").glob("*/result.json")):
         "beta": hp.get("beta"),
         # Only larger-budget rows override the model's learning rate.
         "lr": hp.get("learning_rate"),
+        "batch": hp.get("batch_size"),
         "n": res_["n"],
         "winrate": res_["winrate"],
         "ci95": res_["ci95"],
@@ -45,7 +46,8 @@ for res in sorted((work / "eval").glob("*/result.json")):
 ORDER = ["sft", "dspo", "dspo_e", "diffusion_dpo"]
 rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
                          r["beta"] if r["beta"] is not None else -1.0,
-                         r["lr"] if r["lr"] is not None else -1.0))
+                         r["lr"] if r["lr"] is not None else -1.0,
+                         r["batch"] if r["batch"] is not None else -1))
 (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
 
 
@@ -53,10 +55,10 @@ def pct(v):
     return "—" if v is None else f"{100 * v:.1f}"
 
 
-lines = ["| run | method | β | lr | win rate vs base (centred) | ±95% | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| run | method | β | lr | pairs/step | win rate vs base (centred) | ±95% | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['lr'] if r['lr'] is not None else 'default'} | {r['winrate']:.3f} | {r['ci95']:.3f} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['winrate']:.3f} | {r['ci95']:.3f} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -72,7 +74,8 @@ except ImportError:
     sys.exit(0)
 fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
 labels = [r["method"] + (f"\nβ={r['beta']}" if r["beta"] is not None else "")
-          + (f"\nlr={r['lr']}" if r["lr"] is not None else "") for r in rows]
+          + (f"\nlr={r['lr']}" if r["lr"] is not None else "")
+          + (f"\nbatch={r['batch']}" if r["batch"] is not None else "") for r in rows]
 ax[0].bar(range(len(rows)), [r["winrate"] for r in rows], yerr=[r["ci95"] for r in rows], capsize=4, color="#4c72b0")
 ax[0].axhline(0.5, color="gray", ls="--", lw=1)
 ax[0].set_xticks(range(len(rows)), labels, fontsize=8)
