@@ -72,13 +72,14 @@ try:
 except ImportError:
     print("matplotlib not installed: no plot", file=sys.stderr)
     sys.exit(0)
-fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
-labels = [r["method"] + (f"\nβ={r['beta']}" if r["beta"] is not None else "")
-          + (f"\nlr={r['lr']}" if r["lr"] is not None else "")
-          + (f"\nbatch={r['batch']}" if r["batch"] is not None else "") for r in rows]
+# One label line per run, rotated: with 15+ rows stacked labels overlap.
+fig, ax = plt.subplots(1, 3, figsize=(18, 6.5), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
+          + (f" lr={r['lr']}" if r["lr"] is not None else "")
+          + (f" batch={r['batch']}" if r["batch"] is not None else "") for r in rows]
 ax[0].bar(range(len(rows)), [r["winrate"] for r in rows], yerr=[r["ci95"] for r in rows], capsize=4, color="#4c72b0")
 ax[0].axhline(0.5, color="gray", ls="--", lw=1)
-ax[0].set_xticks(range(len(rows)), labels, fontsize=8)
+ax[0].set_xticks(range(len(rows)), labels, fontsize=8, rotation=60, ha="right")
 ax[0].set_ylabel("win rate vs base (centred reward)")
 ax[0].set_ylim(0, 1)
 ax[0].set_title("Win rate against the base model (±95%)")
