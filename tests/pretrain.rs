@@ -336,7 +336,6 @@ fn timestep_bias_runs_and_bad_values_are_config_errors() {
         ("end", "1001", "begin < end <= 1000"),
     ] {
         let out = common::temp_dir("t2i-bias-bad");
-        std::fs::create_dir_all(&out).unwrap();
         let toml = format!(
             "mode = \"text_to_image\"\nmethod = \"sft\"\nmodel = {:?}\ndataset = {:?}\n\
              output_dir = {:?}\n[hyperparameters]\nlearning_rate = 1e-3\nmax_steps = 1\n\
