@@ -28,8 +28,13 @@ for res in sorted((work / "eval").glob("*/result.json")):
         "lr": hp.get("learning_rate"),
         "batch": hp.get("batch_size"),
         "n": res_["n"],
+        "seeds": r.get("seeds", 1),
         "winrate": res_["winrate"],
         "ci95": res_["ci95"],
+        # Present when the run was evaluated with 2+ seeds (dspo-server eval: A's seed k
+        # against B's seed k+1 of the same prompt, i.e. independent draws).
+        "unpaired_winrate": (res_.get("unpaired") or {}).get("winrate"),
+        "unpaired_ci95": (res_.get("unpaired") or {}).get("ci95"),
         "mean_reward_tuned": res_["a"]["mean_reward"],
         "mean_reward_base": res_["b"]["mean_reward"],
         "color_tuned": res_["a"].get("color_ok"), "color_base": res_["b"].get("color_ok"),
@@ -55,10 +60,14 @@ def pct(v):
     return "—" if v is None else f"{100 * v:.1f}"
 
 
-lines = ["| run | method | β | lr | pairs/step | win rate vs base (centred) | ±95% | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def wr(v, ci):
+    return "—" if v is None else f"{v:.3f} ± {ci:.3f}"
+
+
+lines = ["| run | method | β | lr | pairs/step | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['winrate']:.3f} | {r['ci95']:.3f} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -77,12 +86,21 @@ fig, ax = plt.subplots(1, 3, figsize=(18, 6.5), gridspec_kw={"width_ratios": [1.
 labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" lr={r['lr']}" if r["lr"] is not None else "")
           + (f" batch={r['batch']}" if r["batch"] is not None else "") for r in rows]
-ax[0].bar(range(len(rows)), [r["winrate"] for r in rows], yerr=[r["ci95"] for r in rows], capsize=4, color="#4c72b0")
+x = range(len(rows))
+ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],
+          capsize=3, color="#4c72b0", label="paired (same seed)")
+up = [(i, r) for i, r in enumerate(rows) if r["unpaired_winrate"] is not None]
+if up:
+    ax[0].bar([i + 0.2 for i, _ in up], [r["unpaired_winrate"] for _, r in up], width=0.4,
+              yerr=[r["unpaired_ci95"] for _, r in up], capsize=3, color="#dd8452",
+              label="unpaired (independent seeds)")
+ax[0].legend(fontsize=8, loc="upper left")
 ax[0].axhline(0.5, color="gray", ls="--", lw=1)
 ax[0].set_xticks(range(len(rows)), labels, fontsize=8, rotation=60, ha="right")
 ax[0].set_ylabel("win rate vs base (centred reward)")
 ax[0].set_ylim(0, 1)
 ax[0].set_title("Win rate against the base model (±95%)")
+ax[0].axhline(0.75, color="#c44e52", ls=":", lw=1)
 
 
 def smooth(v, k=10):

@@ -11,7 +11,12 @@
 //! this contract as it is.
 //!
 //! Image `{i:04}_{k}.png` is prompt `i` (0-based line) drawn with seed `i * 1000 + k`; both
-//! sides use the same seeds, so each comparison is paired.
+//! sides use the same seeds, so each comparison is paired. With two or more seeds the result
+//! also has `unpaired`: A's image of seed `k` against B's of seed `k + 1` (mod seeds), same
+//! prompt. A paired image is a small perturbation of its partner, so the paired win rate counts
+//! how *consistently* A moves images, however little; the unpaired one compares independent
+//! draws of the two distributions, the setting in which imitating the preferred images (SFT on
+//! winners) is capped well below what a method that moves past them can reach.
 
 use crate::models::lora::LoraAdapter;
 use crate::models::pipeline_model::LoadOptions;
@@ -285,6 +290,22 @@ pub fn win_rate(
     })
 }
 
+/// B's rewards re-keyed so that stem `{i}_{k}` holds B's image of seed `(k + 1) % seeds`:
+/// `win_rate(a, &cross_seed(b, seeds), ..)` then compares independent draws of the same prompt.
+/// Stems that are not `{i}_{k}` with `k < seeds` are dropped.
+pub fn cross_seed(
+    b: &BTreeMap<String, (f64, BTreeMap<String, f64>)>,
+    seeds: usize,
+) -> BTreeMap<String, (f64, BTreeMap<String, f64>)> {
+    b.iter()
+        .filter_map(|(stem, v)| {
+            let (prompt, k) = stem.rsplit_once('_')?;
+            let k: usize = k.parse().ok().filter(|k| *k < seeds)?;
+            Some((format!("{prompt}_{}", (k + seeds - 1) % seeds), v.clone()))
+        })
+        .collect()
+}
+
 pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     let device = Device::Cpu;
     let mut prompts: Vec<String> = std::fs::read_to_string(&args.prompts)
@@ -382,6 +403,12 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         let mut wr = win_rate(&ra, &rb, args.tie_eps);
         if args.single {
             wr = serde_json::json!({ "n": wr["n"], "a": wr["a"] });
+        } else if args.seeds >= 2 {
+            let u = win_rate(&ra, &cross_seed(&rb, args.seeds), args.tie_eps);
+            wr["unpaired"] = serde_json::json!({
+                "n": u["n"], "wins": u["wins"], "ties": u["ties"], "losses": u["losses"],
+                "winrate": u["winrate"], "ci95": u["ci95"],
+            });
         }
         result["result"] = wr;
     }
@@ -499,5 +526,26 @@ mod tests {
         assert!((r["b"]["mean_reward"].as_f64().unwrap() - (-0.3)).abs() < 1e-12);
         // A tie threshold turns the 0.1 gaps into ties.
         assert_eq!(win_rate(&a, &b, 0.1)["ties"].as_u64(), Some(3));
+    }
+
+    #[test]
+    fn unpaired_comparison_takes_b_from_the_next_seed_of_the_same_prompt() {
+        let a = side(&[("0000_0", 0.0, true), ("0000_1", 0.0, true), ("0001_0", 0.0, true)]);
+        // B's seed 1 of prompt 0 beats A, seed 0 loses; prompt 1 has no seed 1 on B's side.
+        let b = side(&[
+            ("0000_0", -1.0, true),
+            ("0000_1", 1.0, true),
+            ("0001_0", -1.0, true),
+            ("0000_2", 5.0, true),
+        ]);
+        let c = cross_seed(&b, 2);
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["0000_0", "0000_1", "0001_1"]);
+        assert_eq!((c["0000_0"].0, c["0000_1"].0), (1.0, -1.0));
+        let r = win_rate(&a, &c, 0.0);
+        // A 0000_0 vs B 0000_1 (loss), A 0000_1 vs B 0000_0 (win); 0001_0 has no partner.
+        assert_eq!(
+            (r["n"].as_u64(), r["wins"].as_u64(), r["losses"].as_u64()),
+            (Some(2), Some(1), Some(1))
+        );
     }
 }
