@@ -83,9 +83,12 @@ except ImportError:
     sys.exit(0)
 # One label line per run, rotated: with 15+ rows stacked labels overlap.
 fig, ax = plt.subplots(1, 3, figsize=(18, 6.5), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+# Runs at the usual step count are not labelled with it; longer or shorter ones are.
+usual_steps = max({r["steps"] for r in rows}, key=[r["steps"] for r in rows].count)
 labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" lr={r['lr']}" if r["lr"] is not None else "")
-          + (f" batch={r['batch']}" if r["batch"] is not None else "") for r in rows]
+          + (f" batch={r['batch']}" if r["batch"] is not None else "")
+          + (f" {r['steps']} steps" if r["steps"] != usual_steps else "") for r in rows]
 x = range(len(rows))
 ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],
           capsize=3, color="#4c72b0", label="paired (same seed)")
