@@ -293,3 +293,58 @@ fn a_restart_resumes_training_from_the_last_checkpoint() {
         .exists());
     m2.shutdown();
 }
+
+#[test]
+fn a_models_per_method_defaults_reach_only_jobs_of_that_method() {
+    // As a model directory's dspo_server.json would say it: one learning rate for every method,
+    // DSPO's own beta and learning rate on top (models/shapes ships this shape of defaults).
+    let (_root, www) = served_dir();
+    let data = tmp("by-method");
+    let mut cfg = JobsConfig::new(&data);
+    cfg.fetch.allow_private_networks = true;
+    let own = serde_json::json!({
+        "hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "max_pairs": 16,
+                            "resolution": 64, "warmup_steps": 0},
+        "by_method": {"dspo": {"beta": 0.5, "learning_rate": 2e-3}},
+        "beta_by_method": {"diffusion_dpo": 2500.0}
+    });
+    let defaults = dspo_server::jobs::FinetuneDefaults::default()
+        .merged(&own)
+        .unwrap();
+    cfg.defaults.insert("tiny".into(), defaults);
+    let tiny = shared().join("conformance/models/tiny-sd15");
+    let m = JobManager::start(
+        cfg,
+        Arc::new(move |name: Option<&str>| match name {
+            None | Some("tiny") => Some(("tiny".to_string(), tiny.clone())),
+            _ => None,
+        }),
+        None,
+    )
+    .unwrap();
+    let mut used = std::collections::BTreeMap::new();
+    for method in [Method::Dspo, Method::DiffusionDpo, Method::Sft] {
+        let mut s = spec(&www.url("prefs.parquet"), 1);
+        s.method = method;
+        // Only the step count: everything else comes from the model's defaults.
+        s.hyperparameters = Some(serde_json::json!({"max_steps": 1}));
+        s.adapter_name = Some(format!("m-{}", method.name()));
+        let job = m.submit(s).unwrap();
+        let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
+        assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+        let info = m
+            .adapters()
+            .unwrap()
+            .into_iter()
+            .find(|a| a.name == format!("m-{}", method.name()))
+            .unwrap();
+        used.insert(method.name(), info.hyperparameters);
+    }
+    assert_eq!(used["dspo"]["beta"], 0.5);
+    assert_eq!(used["dspo"]["learning_rate"], 2e-3);
+    assert_eq!(used["diffusion_dpo"]["beta"], 2500.0);
+    assert_eq!(used["diffusion_dpo"]["learning_rate"], 1e-3);
+    assert_eq!(used["sft"]["learning_rate"], 1e-3);
+    assert_eq!(used["sft"]["batch_size"], 2);
+    m.shutdown();
+}

@@ -188,7 +188,7 @@ fn start_jobs(
             alpha: f.lora_alpha,
             ..Default::default()
         },
-        beta_by_method: Default::default(),
+        by_method: Default::default(),
     };
     for w in pool.workers() {
         let mut d = defaults.clone();

@@ -14,6 +14,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Suffix of an output computed a second time on the training kernels: the runner compares it
+/// with the same expected tensor.
+pub const TRAINING_KERNELS: &str = "@training";
+
 /// Every kind this runner implements.
 pub const KINDS: &[&str] = &[
     "tokenize",
@@ -155,9 +159,18 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
         }
         "vae_encode" => {
             let m = cache.get(&model()?, device)?;
-            let post = m.vae.encode(&dev(case.input("image")?)?)?;
+            let image = dev(case.input("image")?)?;
+            let post = m.vae.encode(&image)?;
             out.insert("latent_mean".into(), post.mean.clone());
             out.insert("latent_std".into(), post.std()?);
+            // The preference trainer encodes its pairs in training mode (batched im2col
+            // convolutions, fused GroupNorm): the same function on other kernels.
+            let post = {
+                let _training = crate::models::nn::training_mode();
+                m.vae.encode(&image)?
+            };
+            out.insert(format!("latent_mean{TRAINING_KERNELS}"), post.mean.clone());
+            out.insert(format!("latent_std{TRAINING_KERNELS}"), post.std()?);
         }
         "txt2img" | "sdxl_txt2img" => {
             let m = cache.get(&model()?, device)?;

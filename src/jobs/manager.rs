@@ -176,15 +176,15 @@ impl JobManager {
         }
     }
 
-    /// Merged hyperparameters: the model's defaults, then the request's fields.
+    /// Merged hyperparameters: the model's defaults (its per-method ones over its general
+    /// ones), then the request's fields.
     fn hyperparameters(&self, model: &str, spec: &JobSpec) -> Result<Hyperparameters, JobError> {
-        let defaults = self.cfg.defaults_for(model);
-        let mut base = serde_json::to_value(&defaults.hyperparameters).unwrap_or_default();
-        if defaults.hyperparameters.beta.is_none() {
-            if let Some(b) = defaults.beta_by_method.get(spec.method.name()) {
-                base["beta"] = (*b).into();
-            }
-        }
+        let defaults = self
+            .cfg
+            .defaults_for(model)
+            .hyperparameters_for(spec.method.name())
+            .map_err(JobError::Invalid)?;
+        let mut base = serde_json::to_value(&defaults).unwrap_or_default();
         if let Some(h) = &spec.hyperparameters {
             let obj = h
                 .as_object()

@@ -158,10 +158,12 @@ pub struct FinetuneDefaults {
     pub method: Method,
     pub hyperparameters: Hyperparameters,
     pub lora: LoraSpec,
-    /// β per method where `hyperparameters.beta` is unset: a model's good β depends on the
-    /// method (Diffusion-DPO's scale is ~10^6 times DSPO's), so one number cannot serve all.
+    /// Hyperparameters per method (method name -> any subset), laid over `hyperparameters` for
+    /// a job of that method: a model's good β depends on the method (Diffusion-DPO's scale is
+    /// ~10^6 times DSPO's), and so can its learning rate. The file's `beta_by_method`
+    /// (`{"dspo": 1.75}`) is shorthand for `{"dspo": {"beta": 1.75}}`.
     #[serde(default)]
-    pub beta_by_method: std::collections::BTreeMap<String, f64>,
+    pub by_method: std::collections::BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
 }
 
 impl FinetuneDefaults {
@@ -179,7 +181,22 @@ impl FinetuneDefaults {
                         let b = b.as_f64().filter(|b| *b > 0.0).ok_or_else(|| {
                             format!("beta_by_method.{m} must be a positive number")
                         })?;
-                        out.beta_by_method.insert(method.name().to_string(), b);
+                        out.by_method
+                            .entry(method.name().to_string())
+                            .or_default()
+                            .insert("beta".into(), b.into());
+                    }
+                }
+                "by_method" => {
+                    for (m, h) in v.as_object().ok_or("by_method must be an object")? {
+                        let method: Method = m.parse()?;
+                        let h = h
+                            .as_object()
+                            .ok_or_else(|| format!("by_method.{m} must be an object"))?;
+                        let entry = out.by_method.entry(method.name().to_string()).or_default();
+                        for (hk, hv) in h {
+                            entry.insert(hk.clone(), hv.clone());
+                        }
                     }
                 }
                 "hyperparameters" | "lora" => {
@@ -204,12 +221,32 @@ impl FinetuneDefaults {
                 }
                 o => {
                     return Err(format!(
-                        "unknown key '{o}' (method, hyperparameters, lora, beta_by_method)"
+                        "unknown key '{o}' (method, hyperparameters, lora, by_method, beta_by_method)"
                     ))
                 }
             }
         }
+        // Every method's hyperparameters must make sense now, not when a job is submitted.
+        for m in out.by_method.keys() {
+            let h = out.hyperparameters_for(m)?;
+            if let Some(b) = h.beta.filter(|b| !(*b > 0.0 && b.is_finite())) {
+                return Err(format!("by_method.{m}.beta must be a positive number, got {b}"));
+            }
+        }
         Ok(out)
+    }
+
+    /// The hyperparameters a job of `method` (its canonical name) starts from: the general
+    /// ones with that method's overrides laid over them.
+    pub fn hyperparameters_for(&self, method: &str) -> Result<Hyperparameters, String> {
+        let mut base = serde_json::to_value(&self.hyperparameters).map_err(|e| e.to_string())?;
+        for (k, v) in self.by_method.get(method).into_iter().flatten() {
+            if base.get(k).is_none() {
+                return Err(format!("by_method.{method}: unknown hyperparameter '{k}'"));
+            }
+            base[k] = v.clone();
+        }
+        serde_json::from_value(base).map_err(|e| format!("by_method.{method}: {e}"))
     }
 }
 
@@ -229,7 +266,7 @@ impl Default for FinetuneDefaults {
                 ..Default::default()
             },
             lora: LoraSpec::default(),
-            beta_by_method: Default::default(),
+            by_method: Default::default(),
         }
     }
 }
@@ -256,15 +293,39 @@ mod tests {
             base.hyperparameters.learning_rate
         );
         assert_eq!((m.lora.rank, m.lora.alpha), (2, base.lora.alpha));
-        assert_eq!(m.beta_by_method.get("diffusion_dpo"), Some(&2000.0));
+        assert_eq!(
+            m.hyperparameters_for("diffusion_dpo").unwrap().beta,
+            Some(2000.0)
+        );
+        assert_eq!(m.hyperparameters_for("sft").unwrap().beta, None);
         assert_eq!(m.method, base.method);
         for bad in [
             serde_json::json!({"nope": 1}),
             serde_json::json!({"hyperparameters": {"max_steps": "many"}}),
             serde_json::json!({"beta_by_method": {"dspo": -1}}),
+            serde_json::json!({"by_method": {"dspo": {"beta": 0}}}),
+            serde_json::json!({"by_method": {"dspo": {"nope": 1}}}),
+            serde_json::json!({"by_method": {"dspo": {"learning_rate": "fast"}}}),
+            serde_json::json!({"by_method": {"magic": {"beta": 1}}}),
             serde_json::json!({"method": "magic"}),
         ] {
             assert!(base.merged(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_methods_own_hyperparameters_win_over_the_general_ones_for_that_method_only() {
+        let own = serde_json::json!({
+            "hyperparameters": {"learning_rate": 1e-4, "batch_size": 32},
+            "by_method": {"dspo": {"beta": 1.75, "learning_rate": 3e-4}},
+            "beta_by_method": {"diffusion_dpo": 5000.0}
+        });
+        let m = FinetuneDefaults::default().merged(&own).unwrap();
+        let dspo = m.hyperparameters_for("dspo").unwrap();
+        assert_eq!((dspo.beta, dspo.learning_rate, dspo.batch_size), (Some(1.75), Some(3e-4), 32));
+        let dpo = m.hyperparameters_for("diffusion_dpo").unwrap();
+        assert_eq!((dpo.beta, dpo.learning_rate, dpo.batch_size), (Some(5000.0), Some(1e-4), 32));
+        let sft = m.hyperparameters_for("sft").unwrap();
+        assert_eq!((sft.beta, sft.learning_rate), (None, Some(1e-4)));
     }
 }

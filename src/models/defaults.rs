@@ -5,7 +5,8 @@
 //!
 //! ```json
 //! { "generate": { "steps": 25, "guidance_scale": 4.0, "scheduler": "ddim" },
-//!   "finetune": { "method": "dspo", "hyperparameters": { "max_steps": 300, "beta": 0.5 },
+//!   "finetune": { "method": "dspo", "hyperparameters": { "max_steps": 300, "batch_size": 16 },
+//!                 "by_method": { "dspo": { "beta": 1.75, "learning_rate": 3e-4 } },
 //!                 "lora": { "rank": 8, "alpha": 8.0 } } }
 //! ```
 
@@ -27,8 +28,10 @@ pub struct GenerateDefaults {
 pub struct ModelDefaults {
     #[serde(default)]
     pub generate: GenerateDefaults,
-    /// `method`, `hyperparameters` (any subset) and `lora` (any subset), merged over the
-    /// server's `[finetune]` defaults by the job manager.
+    /// `method`, `hyperparameters` (any subset), `by_method` (method -> any subset of
+    /// hyperparameters, for that method's jobs only; `beta_by_method` is its β-only shorthand)
+    /// and `lora` (any subset), merged over the server's `[finetune]` defaults by the job
+    /// manager (`jobs::FinetuneDefaults::merged`).
     #[serde(default)]
     pub finetune: Option<serde_json::Value>,
 }

@@ -413,15 +413,31 @@ impl candle_core::CustomOp3 for ConvGrad {
     }
 }
 
+/// Largest unfolded input (bytes) an untracked convolution builds in training mode. A frozen
+/// encoder pass (the VAE encoding a preference batch) needs no backward, so past this size it
+/// falls back to candle's tiled conv, whose memory is bounded by its tile: an SD VAE at 512x512
+/// would otherwise unfold ~1.2 GB per image in its first block. Tracked convolutions always
+/// unfold (their backward reuses the columns).
+const UNTRACKED_IM2COL_MAX_BYTES: usize = 512 << 20;
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // In training mode untracked passes (the reference model) take the same path as tracked
-        // ones, so policy and reference agree bit for bit where their weights do.
-        let training = in_training_mode()
-            || x.track_op()
+        // In training mode untracked passes (the reference model, the frozen VAE) take the same
+        // path as tracked ones, so policy and reference agree bit for bit where their weights
+        // do, and frozen encoders get the batched GEMM too. (Past the size cap, far beyond what
+        // trains on a CPU, an untracked reference pass rounds differently from its policy.)
+        let tracked = x.track_op()
             || self.weight.track_op()
             || self.bias.as_ref().is_some_and(|b| b.track_op());
-        if training
+        let fits = || -> candle_core::Result<bool> {
+            let (b, c, h, w) = x.dims4()?;
+            let k = self.weight.dim(2)?;
+            let cols = c * k * k * b
+                * conv_out(h, k, self.stride, self.padding)
+                * conv_out(w, k, self.stride, self.padding);
+            Ok(cols * 4 <= UNTRACKED_IM2COL_MAX_BYTES)
+        };
+        if (tracked || (in_training_mode() && fits()?))
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
