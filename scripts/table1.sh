@@ -9,10 +9,12 @@
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
-# A run is METHOD:BETA[:LR[:STEPS[:BATCH]]] ("-" = the method's default; LR, STEPS and BATCH
-# (pairs per step) override the model's learning rate, step count and batch size, for
-# larger-budget rows). Finished runs are skipped on a
-# rerun (their eval results are kept under $WORK/eval/<run>/result.json).
+# A run is METHOD:BETA[:LR[:STEPS[:BATCH[:SEED]]]] ("-" = the method's default; LR, STEPS and
+# BATCH (pairs per step) override the model's learning rate, step count and batch size, for
+# larger-budget rows; SEED is the training seed (noise, timesteps, data order; default 0), for
+# run-to-run spread). Finished runs are skipped on a rerun (their eval results are kept under
+# $WORK/eval/<run>/result.json). Each finished run's job, metrics and result are also copied
+# to $OUT/runs/<run>/, so the report can be regenerated from the repository alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=$(cd "${SHARED:-../shared}" && pwd)
@@ -35,16 +37,18 @@ for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; do
 
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
-  IFS=: read -r method beta lr steps batch <<< "$run"
+  IFS=: read -r method beta lr steps batch seed <<< "$run"
   name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && [ "$lr" != "-" ] && name="$name-lr${lr//./p}"
   [ -n "$steps" ] && [ "$steps" != "-" ] && name="$name-s$steps"
-  [ -n "$batch" ] && name="$name-b$batch"; name=${name//-/_}
+  [ -n "$batch" ] && [ "$batch" != "-" ] && name="$name-b$batch"
+  [ -n "$seed" ] && [ "$seed" != "-" ] && name="$name-seed$seed"; name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
     [ -n "$lr" ] && [ "$lr" != "-" ] && hp=$(jq -c --argjson l "$lr" '. + {learning_rate: $l}' <<< "$hp")
     [ -n "$steps" ] && [ "$steps" != "-" ] && hp=$(jq -c --argjson s "$steps" '. + {max_steps: $s}' <<< "$hp")
-    [ -n "$batch" ] && hp=$(jq -c --argjson s "$batch" '. + {batch_size: $s}' <<< "$hp")
+    [ -n "$batch" ] && [ "$batch" != "-" ] && hp=$(jq -c --argjson s "$batch" '. + {batch_size: $s}' <<< "$hp")
+    [ -n "$seed" ] && [ "$seed" != "-" ] && hp=$(jq -c --argjson s "$seed" '. + {seed: $s}' <<< "$hp")
     body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
@@ -57,6 +61,9 @@ for run in $RUNS; do
     curl -sf "$URL/finetune/$id/metrics" > "$WORK/$name.metrics.json"
     curl -sf "$URL/finetune/$id" > "$WORK/$name.job.json"
   fi
+  # The hyperparameters the run actually used (request over the model's defaults).
+  [ -f "$WORK/$name.adapter.json" ] || curl -sf "$URL/adapters" \
+    | jq --arg n "$name" '.[] | select(.name == $n)' > "$WORK/$name.adapter.json"
   # The base side (b/) is the same images for every run: generate it once per base model and
   # seed count (keyed by a hash of its weights and defaults) and let --reuse pick it up.
   if [ -d "$BASE_CACHE" ] && [ ! -d "$WORK/eval/$name/b" ]; then
@@ -67,6 +74,13 @@ for run in $RUNS; do
     --reward-cmd "$PY $SHARED/shapes/score.py --json --prompts {prompts} {dir}" > /dev/null
   [ -d "$BASE_CACHE" ] || cp -al "$WORK/eval/$name/b" "$BASE_CACHE"
   jq -c '{winrate: .result.winrate, ci95: .result.ci95}' "$WORK/eval/$name/result.json"
+  # Kept with machine paths made relative (../shared, $WORK), so they can be committed.
+  keep() { sed -e "s#$SHARED#../shared#g" -e "s#$WORK#\$WORK#g" "$1" > "$2"; }
+  mkdir -p "$OUT/runs/$name"
+  keep "$WORK/eval/$name/result.json" "$OUT/runs/$name/result.json"
+  for f in job metrics adapter; do
+    if [ -f "$WORK/$name.$f.json" ]; then keep "$WORK/$name.$f.json" "$OUT/runs/$name/$f.json"; fi
+  done
 done
 kill $SERVER 2>/dev/null || true
 $PY scripts/table1_report.py "$WORK" "$OUT"

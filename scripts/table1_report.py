@@ -9,24 +9,29 @@ from pathlib import Path
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 out.mkdir(parents=True, exist_ok=True)
-rows = []
-for res in sorted((work / "eval").glob("*/result.json")):
-    name = res.parent.name
-    r = json.loads(res.read_text())
-    job = json.loads((work / f"{name}.job.json").read_text()) if (work / f"{name}.job.json").exists() else {}
-    metrics = json.loads((work / f"{name}.metrics.json").read_text()) if (work / f"{name}.metrics.json").exists() else []
+
+
+def load(path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def make_row(name, r, job, metrics, adapter=None):
     if isinstance(metrics, dict):
         metrics = metrics.get("metrics", [])
-    spec = job.get("spec", {})
-    hp = (spec.get("hyperparameters") or {})
+    metrics = metrics or []
+    spec = (job or {}).get("spec", {})
+    # What the run used (request over the model's defaults) where table1.sh recorded it; the
+    # request alone otherwise (then unset fields mean "the model's defaults at the time").
+    hp = (adapter or {}).get("hyperparameters") or (spec.get("hyperparameters") or {})
     res_ = r["result"]
-    rows.append({
+    return {
         "run": name,
         "method": spec.get("method", name.split("_")[1] if "_" in name else name),
         "beta": hp.get("beta"),
         # Only larger-budget rows override the model's learning rate.
         "lr": hp.get("learning_rate"),
         "batch": hp.get("batch_size"),
+        "seed": hp.get("seed"),
         "n": res_["n"],
         "seeds": r.get("seeds", 1),
         "winrate": res_["winrate"],
@@ -46,13 +51,46 @@ for res in sorted((work / "eval").glob("*/result.json")):
                                     / max(1, sum(1 for m in metrics[-20:] if m.get("implicit_accuracy") is not None)))
                                    if any(m.get("implicit_accuracy") is not None for m in metrics) else None,
         "metrics": metrics,
-    })
+    }
+
+
+# Rows come from, in order of precedence: this WORK's evaluations; the raw files table1.sh
+# copies into OUT/runs/<run>/ (so the table regenerates from the repository alone); and rows of
+# an earlier OUT/results.json whose raw files were not kept (no loss curves for those).
+rows, seen = [], set()
+for res in sorted((work / "eval").glob("*/result.json")):
+    name = res.parent.name
+    rows.append(make_row(name, load(res), load(work / f"{name}.job.json"), load(work / f"{name}.metrics.json"),
+                         load(work / f"{name}.adapter.json")))
+    seen.add(name)
+for res in sorted((out / "runs").glob("*/result.json")):
+    name = res.parent.name
+    if name not in seen:
+        d = res.parent
+        rows.append(make_row(name, load(res), load(d / "job.json"), load(d / "metrics.json"), load(d / "adapter.json")))
+        seen.add(name)
+# Rows run before table1.sh recorded the hyperparameters used (sessions 5-9) left unset fields
+# at what models/shapes shipped then: 8 pairs per step, lr 1e-4.
+THEN = {"lr": 1e-4, "batch": 8}
+for old in load(out / "results.json") or []:
+    if old["run"] not in seen:
+        row = {**old, "metrics": [], "seed": old.get("seed")}
+        for k, v in THEN.items():
+            row[k] = v if row.get(k) is None else row[k]
+        rows.append(row)
+        seen.add(old["run"])
+# An unset β is the trainer's built-in one for the method (TrainConfig::beta).
+BUILTIN_BETA = {"dspo": 0.001, "dspo_e": 0.001, "diffusion_dpo": 5000.0}
+for row in rows:
+    if row.get("beta") is None:
+        row["beta"] = BUILTIN_BETA.get(row["method"])
 # SFT first (the baseline the others must beat), then DSPO by β, DSPO-E, Diffusion-DPO.
 ORDER = ["sft", "dspo", "dspo_e", "diffusion_dpo"]
 rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
                          r["beta"] if r["beta"] is not None else -1.0,
                          r["lr"] if r["lr"] is not None else -1.0,
-                         r["batch"] if r["batch"] is not None else -1))
+                         r["batch"] if r["batch"] is not None else -1,
+                         r["steps"], r["seed"] or 0))
 (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
 
 
@@ -67,7 +105,7 @@ def wr(v, ci):
 lines = ["| run | method | β | lr | pairs/step | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else 'default'} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -88,6 +126,7 @@ usual_steps = max({r["steps"] for r in rows}, key=[r["steps"] for r in rows].cou
 labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" lr={r['lr']}" if r["lr"] is not None else "")
           + (f" batch={r['batch']}" if r["batch"] is not None else "")
+          + (f" seed={r['seed']}" if r["seed"] else "")
           + (f" {r['steps']} steps" if r["steps"] != usual_steps else "") for r in rows]
 x = range(len(rows))
 ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],
