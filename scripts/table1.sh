@@ -35,6 +35,9 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; done
 
+# A run's raw files are kept with machine paths made relative (../shared, $WORK), so they can
+# be committed.
+keep() { sed -e "s#$SHARED#../shared#g" -e "s#$WORK#\$WORK#g" "$1" > "$2"; }
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
   IFS=: read -r method beta lr steps batch seed <<< "$run"
@@ -74,8 +77,6 @@ for run in $RUNS; do
     --reward-cmd "$PY $SHARED/shapes/score.py --json --prompts {prompts} {dir}" > /dev/null
   [ -d "$BASE_CACHE" ] || cp -al "$WORK/eval/$name/b" "$BASE_CACHE"
   jq -c '{winrate: .result.winrate, ci95: .result.ci95}' "$WORK/eval/$name/result.json"
-  # Kept with machine paths made relative (../shared, $WORK), so they can be committed.
-  keep() { sed -e "s#$SHARED#../shared#g" -e "s#$WORK#\$WORK#g" "$1" > "$2"; }
   mkdir -p "$OUT/runs/$name"
   keep "$WORK/eval/$name/result.json" "$OUT/runs/$name/result.json"
   for f in job metrics adapter; do

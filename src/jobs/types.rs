@@ -175,16 +175,14 @@ impl FinetuneDefaults {
         for (k, v) in obj {
             match k.as_str() {
                 "method" => out.method = v.as_str().ok_or("method must be a string")?.parse()?,
+                // Both land in `by_method`; the check after the loop validates every entry.
                 "beta_by_method" => {
                     for (m, b) in v.as_object().ok_or("beta_by_method must be an object")? {
                         let method: Method = m.parse()?;
-                        let b = b.as_f64().filter(|b| *b > 0.0).ok_or_else(|| {
-                            format!("beta_by_method.{m} must be a positive number")
-                        })?;
                         out.by_method
                             .entry(method.name().to_string())
                             .or_default()
-                            .insert("beta".into(), b.into());
+                            .insert("beta".into(), b.clone());
                     }
                 }
                 "by_method" => {
@@ -193,10 +191,10 @@ impl FinetuneDefaults {
                         let h = h
                             .as_object()
                             .ok_or_else(|| format!("by_method.{m} must be an object"))?;
-                        let entry = out.by_method.entry(method.name().to_string()).or_default();
-                        for (hk, hv) in h {
-                            entry.insert(hk.clone(), hv.clone());
-                        }
+                        out.by_method
+                            .entry(method.name().to_string())
+                            .or_default()
+                            .extend(h.clone());
                     }
                 }
                 "hyperparameters" | "lora" => {
@@ -230,7 +228,7 @@ impl FinetuneDefaults {
         for m in out.by_method.keys() {
             let h = out.hyperparameters_for(m)?;
             if let Some(b) = h.beta.filter(|b| !(*b > 0.0 && b.is_finite())) {
-                return Err(format!("by_method.{m}.beta must be a positive number, got {b}"));
+                return Err(format!("{m}: beta must be a positive number, got {b}"));
             }
         }
         Ok(out)
