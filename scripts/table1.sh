@@ -9,10 +9,14 @@
 #   scripts/table1.sh                     # all runs (several hours on 2 cores)
 #   RUNS="dspo:0.001 sft:-" SEEDS=1 scripts/table1.sh
 #
-# A run is METHOD:BETA[:LR[:STEPS[:BATCH[:SEED]]]] ("-" = the method's default; LR, STEPS and
-# BATCH (pairs per step) override the model's learning rate, step count and batch size, for
-# larger-budget rows; SEED is the training seed (noise, timesteps, data order; default 0), for
-# run-to-run spread). Finished runs are skipped on a rerun (their eval results are kept under
+# A run is METHOD:BETA[:LR[:STEPS[:BATCH[:SEED[:TARGETS[:EXTRA]]]]]] ("-" = the method's default; LR,
+# STEPS and BATCH (pairs per step) override the model's learning rate, step count and batch
+# size, for larger-budget rows; SEED is the training seed (noise, timesteps, data order;
+# default 0), for run-to-run spread; TARGETS picks the UNet modules the LoRA adapts, as
+# PEFT's target_modules, at the model's rank and alpha: a comma list, or `self` (the
+# self-attention projections only) or `nokv` (everything but the cross-attention keys and
+# values, which read the caption); EXTRA is any further hyperparameters as KEY=NUMBER[,...]
+# (e.g. noise_offset=0.05). Finished runs are skipped on a rerun (their eval results are kept under
 # $WORK/eval/<run>/result.json). Each finished run's job, metrics and result are also copied
 # to $OUT/runs/<run>/, so the report can be regenerated from the repository alone.
 set -euo pipefail
@@ -40,11 +44,19 @@ for _ in $(seq 1 120); do curl -sf "$URL/ready" >/dev/null && break; sleep 1; do
 keep() { sed -e "s#$SHARED#../shared#g" -e "s#$WORK#\$WORK#g" "$1" > "$2"; }
 BASE_CACHE="$WORK/eval/.base-$(cat models/shapes/*/*.safetensors models/shapes/dspo_server.json | sha256sum | cut -c1-12)-s$SEEDS"
 for run in $RUNS; do
-  IFS=: read -r method beta lr steps batch seed <<< "$run"
+  IFS=: read -r method beta lr steps batch seed targets extra <<< "$run"
   name="t1-${method}-${beta//./p}"; [ -n "$lr" ] && [ "$lr" != "-" ] && name="$name-lr${lr//./p}"
   [ -n "$steps" ] && [ "$steps" != "-" ] && name="$name-s$steps"
   [ -n "$batch" ] && [ "$batch" != "-" ] && name="$name-b$batch"
-  [ -n "$seed" ] && [ "$seed" != "-" ] && name="$name-seed$seed"; name=${name//-/_}
+  [ -n "$seed" ] && [ "$seed" != "-" ] && name="$name-seed$seed"
+  case ${targets:--} in
+    -) ;;
+    self) name="$name-self"; targets=attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0 ;;
+    nokv) name="$name-nokv"; targets=attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0 ;;
+    *) name="$name-t$(tr -c 'a-z0-9\n' _ <<< "$targets")" ;;
+  esac
+  [ -n "$extra" ] && [ "$extra" != "-" ] && name="$name-$(tr -c 'a-z0-9\n' _ <<< "${extra//./p}")"
+  name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
@@ -52,8 +64,15 @@ for run in $RUNS; do
     [ -n "$steps" ] && [ "$steps" != "-" ] && hp=$(jq -c --argjson s "$steps" '. + {max_steps: $s}' <<< "$hp")
     [ -n "$batch" ] && [ "$batch" != "-" ] && hp=$(jq -c --argjson s "$batch" '. + {batch_size: $s}' <<< "$hp")
     [ -n "$seed" ] && [ "$seed" != "-" ] && hp=$(jq -c --argjson s "$seed" '. + {seed: $s}' <<< "$hp")
+    if [ -n "$extra" ] && [ "$extra" != "-" ]; then
+      hp=$(jq -c --arg e "$extra" '. + ($e | split(",") | map(split("=") | {(.[0]): (.[1] | tonumber)}) | add)' <<< "$hp")
+    fi
     body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
+    if [ -n "$targets" ] && [ "$targets" != "-" ]; then
+      lora=$(jq -c --arg t "$targets" '.finetune.lora + {target_modules: ($t | split(","))}' models/shapes/dspo_server.json)
+      body=$(jq -c --argjson l "$lora" '. + {lora: $l}' <<< "$body")
+    fi
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
     echo "$name: job $id"
     while :; do

@@ -32,6 +32,10 @@ def make_row(name, r, job, metrics, adapter=None):
         "lr": hp.get("learning_rate"),
         "batch": hp.get("batch_size"),
         "seed": hp.get("seed"),
+        # The UNet modules the LoRA adapted, where the request chose them (None: the model's
+        # default, every attention projection).
+        "lora_targets": (spec.get("lora") or {}).get("target_modules"),
+        "noise_offset": hp.get("noise_offset") or None,
         "n": res_["n"],
         "seeds": r.get("seeds", 1),
         "winrate": res_["winrate"],
@@ -74,7 +78,8 @@ for res in sorted((out / "runs").glob("*/result.json")):
 THEN = {"lr": 1e-4, "batch": 8}
 for old in load(out / "results.json") or []:
     if old["run"] not in seen:
-        row = {**old, "metrics": [], "seed": old.get("seed")}
+        row = {**old, "metrics": [], "seed": old.get("seed"), "lora_targets": old.get("lora_targets"),
+               "noise_offset": old.get("noise_offset")}
         for k, v in THEN.items():
             row[k] = v if row.get(k) is None else row[k]
         rows.append(row)
@@ -90,7 +95,7 @@ rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else l
                          r["beta"] if r["beta"] is not None else -1.0,
                          r["lr"] if r["lr"] is not None else -1.0,
                          r["batch"] if r["batch"] is not None else -1,
-                         r["steps"], r["seed"] or 0))
+                         r["steps"], r["seed"] or 0, ",".join(r["lora_targets"] or []), r["noise_offset"] or 0))
 (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
 
 
@@ -98,14 +103,25 @@ def pct(v):
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def targets(t):
+    """Short form of a LoRA target list: `attn1.to_q,attn1.to_k` -> `attn1.q,k`."""
+    if not t:
+        return "all attention"
+    groups = {}
+    for m in t:
+        head, _, tail = m.rpartition(".to_")
+        groups.setdefault(head or "*", []).append(tail.replace("out.0", "out") if head else m)
+    return "; ".join(f"{h}.{','.join(v)}" if h != "*" else ",".join(v) for h, v in groups.items())
+
+
 def wr(v, ci):
     return "—" if v is None else f"{v:.3f} ± {ci:.3f}"
 
 
-lines = ["| run | method | β | lr | pairs/step | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| run | method | β | lr | pairs/step | LoRA on | noise offset | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {targets(r['lora_targets'])} | {r['noise_offset'] or '—'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -120,13 +136,15 @@ except ImportError:
     print("matplotlib not installed: no plot", file=sys.stderr)
     sys.exit(0)
 # One label line per run, rotated: with 15+ rows stacked labels overlap.
-fig, ax = plt.subplots(1, 3, figsize=(18, 6.5), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+fig, ax = plt.subplots(1, 3, figsize=(22, 10), gridspec_kw={"width_ratios": [1.6, 1, 1]})
 # Runs at the usual step count are not labelled with it; longer or shorter ones are.
 usual_steps = max({r["steps"] for r in rows}, key=[r["steps"] for r in rows].count)
 labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" lr={r['lr']}" if r["lr"] is not None else "")
           + (f" batch={r['batch']}" if r["batch"] is not None else "")
           + (f" seed={r['seed']}" if r["seed"] else "")
+          + (f" LoRA {targets(r['lora_targets'])}" if r["lora_targets"] else "")
+          + (f" offset={r['noise_offset']}" if r["noise_offset"] else "")
           + (f" {r['steps']} steps" if r["steps"] != usual_steps else "") for r in rows]
 x = range(len(rows))
 ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],
@@ -165,11 +183,11 @@ for r, lab in zip(rows, labels):
 ax[1].set_title("training loss (moving mean of 10)")
 ax[1].set_xlabel("optimiser step")
 ax[1].set_yscale("symlog", linthresh=1e-3)
-ax[1].legend(fontsize=7)
+ax[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
 ax[2].set_title("implicit accuracy (moving mean of 20)")
 ax[2].set_xlabel("optimiser step")
 ax[2].axhline(0.5, color="gray", ls="--", lw=1)
-ax[2].legend(fontsize=7)
+ax[2].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
 fig.tight_layout()
 fig.savefig(out / "table1.png", dpi=110)
 print(f"wrote {out / 'table1.png'}")

@@ -348,3 +348,69 @@ fn a_models_per_method_defaults_reach_only_jobs_of_that_method() {
     assert_eq!(used["sft"]["batch_size"], 2);
     m.shutdown();
 }
+
+#[test]
+fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
+    // The model says rank 2 / alpha 4; the request only moves the adapter to the
+    // self-attention queries. The adapter file must have exactly those modules, at rank 2 and
+    // alpha 4.
+    let (_root, www) = served_dir();
+    let data = tmp("partial-lora");
+    let mut cfg = JobsConfig::new(&data);
+    cfg.fetch.allow_private_networks = true;
+    let defaults = dspo_server::jobs::FinetuneDefaults::default()
+        .merged(&serde_json::json!({"lora": {"rank": 2, "alpha": 4.0}}))
+        .unwrap();
+    cfg.defaults.insert("tiny".into(), defaults);
+    let tiny = shared().join("conformance/models/tiny-sd15");
+    let m = JobManager::start(
+        cfg.clone(),
+        Arc::new(move |name: Option<&str>| match name {
+            None | Some("tiny") => Some(("tiny".to_string(), tiny.clone())),
+            _ => None,
+        }),
+        None,
+    )
+    .unwrap();
+    let mut s = spec(&www.url("prefs.parquet"), 1);
+    s.adapter_name = Some("self-q".into());
+    s.lora = Some(
+        serde_json::from_value(serde_json::json!({"target_modules": ["attn1.to_q"]})).unwrap(),
+    );
+    let job = m.submit(s).unwrap();
+    let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    let file = cfg
+        .adapters_dir()
+        .join("self-q")
+        .join("adapter.safetensors");
+    let adapter =
+        dspo_server::models::lora::LoraAdapter::load(&file, &candle_core::Device::Cpu).unwrap();
+    assert!(!adapter.modules.is_empty());
+    for (name, module) in &adapter.modules {
+        assert!(name.ends_with(".attn1.to_q"), "unexpected module {name}");
+        assert_eq!((module.rank(), module.alpha), (2, 4.0), "{name}");
+    }
+    // Every self-attention query of the UNet, not a subset.
+    let queries = adapter.modules.len();
+    let mut s = spec(&www.url("prefs.parquet"), 1);
+    s.adapter_name = Some("all".into());
+    let job = m.submit(s).unwrap();
+    let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
+    let all = dspo_server::models::lora::LoraAdapter::load(
+        &cfg.adapters_dir().join("all").join("adapter.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        all.modules
+            .keys()
+            .filter(|k| k.ends_with(".attn1.to_q"))
+            .count(),
+        queries
+    );
+    // The model's default targets: every attention projection (q, k, v, out of attn1 and attn2).
+    assert_eq!(all.modules.len(), 8 * queries);
+    m.shutdown();
+}

@@ -162,6 +162,13 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
     bad["lora"]["rank"] = json!(0);
     assert_eq!(post_json(&server, "/finetune", &bad).code(), "invalid_job");
+    let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
+    bad["lora"] = json!({"alpha": 0.0});
+    assert_eq!(post_json(&server, "/finetune", &bad).code(), "invalid_job");
+    let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
+    bad["lora"] = json!({"ranks": 2});
+    let r = post_json(&server, "/finetune", &bad);
+    assert_eq!((r.status, r.code()), (422, "invalid_request".to_string()));
     let r = common::post_raw(
         &server,
         "/finetune",

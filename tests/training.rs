@@ -334,6 +334,9 @@ fn bad_training_input_is_a_clear_error() {
         ..Default::default()
     });
     expect_config_error(c, "to_qq");
+    let mut c = config(&out, Method::Dspo);
+    c.hyperparameters.noise_offset = -0.1;
+    expect_config_error(c, "noise_offset");
     let e = "dpso".parse::<Method>().unwrap_err();
     assert!(e.contains("unknown method"), "{e}");
     let toml_err =

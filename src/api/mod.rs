@@ -68,7 +68,7 @@ use utoipa::OpenApi;
         crate::jobs::AdapterInfo,
         crate::training::StepMetrics,
         crate::training::Method,
-        crate::training::lora::LoraSpec,
+        crate::jobs::types::LoraRequest,
         finetune::JobCreated
     )),
     tags(

@@ -217,7 +217,7 @@ impl JobManager {
             lora: if spec.full_finetune {
                 None
             } else {
-                Some(spec.lora.clone().unwrap_or(defaults.lora))
+                Some(spec.lora.clone().unwrap_or_default().over(&defaults.lora))
             },
             full_finetune: spec.full_finetune,
             hyperparameters: self.hyperparameters(&name, spec)?,
@@ -288,6 +288,12 @@ impl JobManager {
                 return Err(JobError::Invalid(
                     "lora rank must be >= 1 and target_modules non-empty".into(),
                 ));
+            }
+            if !(l.alpha > 0.0 && l.alpha.is_finite()) {
+                return Err(JobError::Invalid(format!(
+                    "lora alpha must be a positive number, got {}",
+                    l.alpha
+                )));
             }
         }
         self.store.insert(&id, &spec)?;

@@ -49,8 +49,9 @@ pub struct JobSpec {
     /// Name of the adapter to register; default: `<method>-<job id prefix>`.
     #[serde(default)]
     pub adapter_name: Option<String>,
+    /// Any subset; missing fields take the base model's LoRA defaults.
     #[serde(default)]
-    pub lora: Option<LoraSpec>,
+    pub lora: Option<LoraRequest>,
     #[serde(default)]
     pub full_finetune: bool,
     /// Any subset; missing fields take the server's per-model fine-tuning defaults.
@@ -60,6 +61,37 @@ pub struct JobSpec {
     /// POSTed the final job object (signed, see README) when the job ends.
     #[serde(default)]
     pub webhook_url: Option<String>,
+}
+
+/// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
+/// `{"target_modules": ["attn1.to_q"]}` changes where the adapter goes, not its rank.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// Rank of the low-rank update (>= 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// The update is scaled by `alpha / rank` (PEFT's `lora_alpha`; > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// UNet modules to adapt, by PEFT's rule: an entry matches a module whose name equals it or
+    /// ends with `.<entry>` (`to_q` every attention query, `attn1.to_q` self-attention only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<Vec<String>>,
+}
+
+impl LoraRequest {
+    /// The spec a job trains with: these fields laid over the model's `base`.
+    pub fn over(&self, base: &LoraSpec) -> LoraSpec {
+        LoraSpec {
+            rank: self.rank.unwrap_or(base.rank),
+            alpha: self.alpha.unwrap_or(base.alpha),
+            target_modules: self
+                .target_modules
+                .clone()
+                .unwrap_or_else(|| base.target_modules.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -219,8 +251,8 @@ impl FinetuneDefaults {
                 }
                 o => {
                     return Err(format!(
-                        "unknown key '{o}' (method, hyperparameters, lora, by_method, beta_by_method)"
-                    ))
+                    "unknown key '{o}' (method, hyperparameters, lora, by_method, beta_by_method)"
+                ))
                 }
             }
         }
@@ -274,6 +306,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_lora_request_overrides_only_what_it_names() {
+        let base = LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: vec!["to_q".into(), "to_v".into()],
+        };
+        let only_targets: LoraRequest =
+            serde_json::from_str(r#"{"target_modules": ["attn1.to_q"]}"#).unwrap();
+        let l = only_targets.over(&base);
+        assert_eq!(
+            (l.rank, l.alpha, l.target_modules),
+            (8, 16.0, vec!["attn1.to_q".to_string()])
+        );
+        let l = LoraRequest::default().over(&base);
+        assert_eq!(
+            (l.rank, l.alpha, l.target_modules),
+            (8, 16.0, base.target_modules.clone())
+        );
+        let full: LoraRequest =
+            serde_json::from_str(r#"{"rank": 2, "alpha": 1.0, "target_modules": ["to_k"]}"#)
+                .unwrap();
+        let l = full.over(&base);
+        assert_eq!(
+            (l.rank, l.alpha, l.target_modules),
+            (2, 1.0, vec!["to_k".to_string()])
+        );
+        // A misspelt field is an error, not silently the model's default.
+        assert!(serde_json::from_str::<LoraRequest>(r#"{"ranks": 2}"#).is_err());
+    }
+
+    #[test]
     fn a_models_finetune_section_overrides_only_what_it_names() {
         let base = FinetuneDefaults::default();
         let own = serde_json::json!({
@@ -320,9 +383,15 @@ mod tests {
         });
         let m = FinetuneDefaults::default().merged(&own).unwrap();
         let dspo = m.hyperparameters_for("dspo").unwrap();
-        assert_eq!((dspo.beta, dspo.learning_rate, dspo.batch_size), (Some(1.75), Some(3e-4), 32));
+        assert_eq!(
+            (dspo.beta, dspo.learning_rate, dspo.batch_size),
+            (Some(1.75), Some(3e-4), 32)
+        );
         let dpo = m.hyperparameters_for("diffusion_dpo").unwrap();
-        assert_eq!((dpo.beta, dpo.learning_rate, dpo.batch_size), (Some(5000.0), Some(1e-4), 32));
+        assert_eq!(
+            (dpo.beta, dpo.learning_rate, dpo.batch_size),
+            (Some(5000.0), Some(1e-4), 32)
+        );
         let sft = m.hyperparameters_for("sft").unwrap();
         assert_eq!((sft.beta, sft.learning_rate), (None, Some(1e-4)));
     }

@@ -4,6 +4,26 @@ use crate::schedulers::{PredictionType, SchedulerConfig};
 use candle_core::{Result, Tensor};
 use std::path::Path;
 
+/// Training noise for latents of `(b, c, h, w)`: standard normal, plus, when `offset > 0`, a
+/// per-(image, channel) constant of standard deviation `offset` (diffusers' `--noise_offset`).
+/// Plain normal noise does not move an image's mean far, so a model trained on it alone keeps
+/// flat colours (backgrounds) near the data average; a fine-tune of a model pretrained with
+/// offset noise should see the same process. No extra draw is made at offset 0, so runs
+/// without it reproduce the noise they always had.
+pub fn training_noise(
+    rng: &mut crate::rng::NoiseRng,
+    (b, c, h, w): (usize, usize, usize, usize),
+    offset: f64,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let noise = rng.randn((b, c, h, w), device, candle_core::DType::F32)?;
+    if offset > 0.0 {
+        let shift = rng.randn((b, c, 1, 1), device, candle_core::DType::F32)?;
+        return noise.broadcast_add(&(shift * offset)?);
+    }
+    Ok(noise)
+}
+
 pub struct NoiseSchedule {
     pub alphas_cumprod: Vec<f64>,
     pub prediction_type: PredictionType,
@@ -203,5 +223,64 @@ impl TimestepSampler {
     /// Probability of timestep `t`.
     pub fn probability(&self, t: usize) -> f64 {
         self.cdf[t] - if t == 0 { 0.0 } else { self.cdf[t - 1] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Per-(image, channel) means over `[b, c, h, w]`, flattened.
+    fn channel_means(x: &Tensor) -> Vec<f32> {
+        x.mean_keepdim(3)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn variance(v: &[f32]) -> f64 {
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / v.len() as f64
+    }
+
+    #[test]
+    fn offset_noise_moves_each_channels_mean_by_the_offset() {
+        // 512 images x 4 channels of 8x8: a channel mean of plain noise has variance 1/64; the
+        // offset adds its own variance o^2 = 0.25 on top.
+        let dev = Device::Cpu;
+        let shape = (512, 4, 8, 8);
+        let plain = training_noise(&mut crate::rng::NoiseRng::new(7), shape, 0.0, &dev).unwrap();
+        let offset = training_noise(&mut crate::rng::NoiseRng::new(7), shape, 0.5, &dev).unwrap();
+        let (vp, vo) = (
+            variance(&channel_means(&plain)),
+            variance(&channel_means(&offset)),
+        );
+        assert!((vp - 1.0 / 64.0).abs() < 0.004, "plain: {vp}");
+        assert!((vo - (0.25 + 1.0 / 64.0)).abs() < 0.04, "offset: {vo}");
+        // The same per-pixel draws underneath: offset 0 is exactly the noise it always was.
+        let d = (offset - &plain).unwrap();
+        let spread = variance(&d.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!((spread - 0.25).abs() < 0.04, "{spread}");
+        let within = (d.broadcast_sub(&d.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap()))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            within < 1e-5,
+            "the offset must be constant over each image's pixels: {within}"
+        );
     }
 }

@@ -540,11 +540,12 @@ impl Pretrainer {
                 .detach(),
         };
         let (_, c, lh, lw) = x0.dims4()?;
-        let mut noise = rng.randn((b, c, lh, lw), &self.device, DType::F32)?;
-        if self.config.pretrain.noise_offset > 0.0 {
-            let offset = rng.randn((b, c, 1, 1), &self.device, DType::F32)?;
-            noise = noise.broadcast_add(&(offset * self.config.pretrain.noise_offset)?)?;
-        }
+        let noise = super::noise::training_noise(
+            rng,
+            (b, c, lh, lw),
+            self.config.pretrain.noise_offset,
+            &self.device,
+        )?;
         let t: Vec<usize> = (0..b)
             .map(|_| match &self.timesteps {
                 Some(s) => s.sample(rng.uniform()),

@@ -43,6 +43,11 @@ pub struct Hyperparameters {
     pub resolution: Option<usize>,
     /// Probability that a pair's caption is replaced by "".
     pub caption_dropout: f64,
+    /// Standard deviation of a per-channel constant added to the training noise (diffusers'
+    /// `--noise_offset`), for a base model pretrained with offset noise: fine-tuning under
+    /// another noise process than the model learned shifts what it reads from x_t's mean,
+    /// i.e. flat colours. 0 (default): plain Gaussian noise, as the official trainers.
+    pub noise_offset: f64,
     pub seed: u64,
     /// Write a checkpoint every N optimiser steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -70,6 +75,7 @@ impl Default for Hyperparameters {
             warmup_steps: 500,
             resolution: None,
             caption_dropout: 0.2,
+            noise_offset: 0.0,
             seed: 0,
             checkpoint_every: 0,
             max_grad_norm: 1.0,
@@ -165,6 +171,12 @@ impl TrainConfig {
         }
         if h.batch_size == 0 || h.gradient_accumulation_steps == 0 {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
+        }
+        if !(h.noise_offset >= 0.0 && h.noise_offset.is_finite()) {
+            return bad(format!(
+                "noise_offset must be a number >= 0, got {}",
+                h.noise_offset
+            ));
         }
         if !(0.0..=1.0).contains(&h.caption_dropout) {
             return bad(format!(
@@ -486,7 +498,8 @@ impl Trainer {
         let (ehs, pooled) = self.encode_text(&captions)?;
         let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
         let (_, c, lh, lw) = x0.dims4()?;
-        let noise = rng.randn((b, c, lh, lw), &self.device, DType::F32)?;
+        let noise =
+            super::noise::training_noise(&mut rng, (b, c, lh, lw), h.noise_offset, &self.device)?;
         let noise = Tensor::cat(&[&noise, &noise], 0)?;
         let t: Vec<usize> = (0..b)
             .map(|_| rng.below(self.schedule.num_train_timesteps()))
