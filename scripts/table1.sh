@@ -70,8 +70,8 @@ for run in $RUNS; do
     body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     if [ -n "$targets" ] && [ "$targets" != "-" ]; then
-      lora=$(jq -c --arg t "$targets" '.finetune.lora + {target_modules: ($t | split(","))}' models/shapes/dspo_server.json)
-      body=$(jq -c --argjson l "$lora" '. + {lora: $l}' <<< "$body")
+      # Only the targets: the job keeps the model's rank and alpha.
+      body=$(jq -c --arg t "$targets" '. + {lora: {target_modules: ($t | split(","))}}' <<< "$body")
     fi
     id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
     echo "$name: job $id"

@@ -26,6 +26,11 @@ fn manager(data: &Path, allow_private: bool) -> Arc<JobManager> {
     cfg.fetch.allow_private_networks = allow_private;
     cfg.webhook_secret = Some("s3cret".into());
     cfg.webhook_retries = 2;
+    start_tiny(cfg)
+}
+
+/// A manager whose only model is the tiny SD1.5 of the conformance suite.
+fn start_tiny(cfg: JobsConfig) -> Arc<JobManager> {
     let tiny = shared().join("conformance/models/tiny-sd15");
     JobManager::start(
         cfg,
@@ -36,6 +41,18 @@ fn manager(data: &Path, allow_private: bool) -> Arc<JobManager> {
         None,
     )
     .unwrap()
+}
+
+/// Config for a manager on loopback datasets where the tiny model's directory carries `own`
+/// as its dspo_server.json `finetune` section.
+fn with_model_defaults(data: &Path, own: serde_json::Value) -> JobsConfig {
+    let mut cfg = JobsConfig::new(data);
+    cfg.fetch.allow_private_networks = true;
+    let defaults = dspo_server::jobs::FinetuneDefaults::default()
+        .merged(&own)
+        .unwrap();
+    cfg.defaults.insert("tiny".into(), defaults);
+    cfg
 }
 
 fn spec(url: &str, steps: usize) -> JobSpec {
@@ -300,28 +317,13 @@ fn a_models_per_method_defaults_reach_only_jobs_of_that_method() {
     // DSPO's own beta and learning rate on top (models/shapes ships this shape of defaults).
     let (_root, www) = served_dir();
     let data = tmp("by-method");
-    let mut cfg = JobsConfig::new(&data);
-    cfg.fetch.allow_private_networks = true;
     let own = serde_json::json!({
         "hyperparameters": {"learning_rate": 1e-3, "batch_size": 2, "max_pairs": 16,
                             "resolution": 64, "warmup_steps": 0},
         "by_method": {"dspo": {"beta": 0.5, "learning_rate": 2e-3}},
         "beta_by_method": {"diffusion_dpo": 2500.0}
     });
-    let defaults = dspo_server::jobs::FinetuneDefaults::default()
-        .merged(&own)
-        .unwrap();
-    cfg.defaults.insert("tiny".into(), defaults);
-    let tiny = shared().join("conformance/models/tiny-sd15");
-    let m = JobManager::start(
-        cfg,
-        Arc::new(move |name: Option<&str>| match name {
-            None | Some("tiny") => Some(("tiny".to_string(), tiny.clone())),
-            _ => None,
-        }),
-        None,
-    )
-    .unwrap();
+    let m = start_tiny(with_model_defaults(&data, own));
     let mut used = std::collections::BTreeMap::new();
     for method in [Method::Dspo, Method::DiffusionDpo, Method::Sft] {
         let mut s = spec(&www.url("prefs.parquet"), 1);
@@ -356,22 +358,8 @@ fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
     // alpha 4.
     let (_root, www) = served_dir();
     let data = tmp("partial-lora");
-    let mut cfg = JobsConfig::new(&data);
-    cfg.fetch.allow_private_networks = true;
-    let defaults = dspo_server::jobs::FinetuneDefaults::default()
-        .merged(&serde_json::json!({"lora": {"rank": 2, "alpha": 4.0}}))
-        .unwrap();
-    cfg.defaults.insert("tiny".into(), defaults);
-    let tiny = shared().join("conformance/models/tiny-sd15");
-    let m = JobManager::start(
-        cfg.clone(),
-        Arc::new(move |name: Option<&str>| match name {
-            None | Some("tiny") => Some(("tiny".to_string(), tiny.clone())),
-            _ => None,
-        }),
-        None,
-    )
-    .unwrap();
+    let cfg = with_model_defaults(&data, serde_json::json!({"lora": {"rank": 2, "alpha": 4.0}}));
+    let m = start_tiny(cfg.clone());
     let mut s = spec(&www.url("prefs.parquet"), 1);
     s.adapter_name = Some("self-q".into());
     s.lora = Some(

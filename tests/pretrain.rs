@@ -254,6 +254,12 @@ fn a_negative_or_nan_pretrain_option_is_a_config_error() {
         let err = Pretrainer::new(cfg).err().expect("rejected").to_string();
         assert!(err.contains("must be a finite number >= 0"), "{err}");
     }
+    // The fine-tuning spelling of the offset is refused here rather than ignored.
+    let out = common::temp_dir("t2i-bad");
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.hyperparameters.noise_offset = 0.1;
+    let err = Pretrainer::new(cfg).err().expect("rejected").to_string();
+    assert!(err.contains("pretrain.noise_offset"), "{err}");
 }
 
 /// `pretrain.timestep_bias` follows diffusers' `generate_timestep_weights`

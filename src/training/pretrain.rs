@@ -277,6 +277,14 @@ impl Pretrainer {
                 "text_to_image and autoencoder modes train whole components, not LoRA".into(),
             ));
         }
+        // Two spellings of one knob would leave one silently ignored.
+        if config.hyperparameters.noise_offset != 0.0 {
+            return Err(TrainError::Config(
+                "hyperparameters.noise_offset is for preference fine-tuning; text_to_image \
+                 takes pretrain.noise_offset"
+                    .into(),
+            ));
+        }
         let device = parse_device(&config.device)?;
         let dir = ModelSource::parse(&config.model).resolve(None)?;
         let model = DiffusionModel::load(

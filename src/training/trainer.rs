@@ -47,6 +47,7 @@ pub struct Hyperparameters {
     /// `--noise_offset`), for a base model pretrained with offset noise: fine-tuning under
     /// another noise process than the model learned shifts what it reads from x_t's mean,
     /// i.e. flat colours. 0 (default): plain Gaussian noise, as the official trainers.
+    /// Fine-tuning only; the text_to_image mode takes `pretrain.noise_offset`.
     pub noise_offset: f64,
     pub seed: u64,
     /// Write a checkpoint every N optimiser steps (0: only at the end).
