@@ -295,6 +295,11 @@ impl JobManager {
                     l.alpha
                 )));
             }
+            if let Some(bad) = unknown_targets(Path::new(&cfg.model), &l.target_modules) {
+                return Err(JobError::Invalid(format!(
+                    "lora target_modules {bad:?} match no module of the base model's UNet"
+                )));
+            }
         }
         self.store.insert(&id, &spec)?;
         // The record as submitted (queued), read before the worker can see the job: read after
@@ -585,4 +590,31 @@ impl JobManager {
         self.finish(id, JobStatus::Completed, None);
         Ok(())
     }
+}
+
+/// The LoRA targets that name no module of a local diffusers UNet, read from its weight files'
+/// headers (memory-mapped, nothing loaded), so a typo is a 422 at submission rather than a job
+/// failing after its download. None when all match or the UNet's files are not local (a hub
+/// model, another layout): the trainer's own check, against its Linear layers, still runs.
+fn unknown_targets(model_dir: &Path, targets: &[String]) -> Option<Vec<String>> {
+    use crate::models::weights::Weights;
+    let files =
+        Weights::resolve_files(&model_dir.join("unet"), "diffusion_pytorch_model", None).ok()?;
+    let weights =
+        Weights::from_files(&files, &candle_core::Device::Cpu, candle_core::DType::F32).ok()?;
+    let modules: Vec<String> = weights
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".weight").map(String::from))
+        .collect();
+    let bad: Vec<String> = targets
+        .iter()
+        .filter(|t| {
+            !modules
+                .iter()
+                .any(|m| crate::training::lora::matches_target(m, t))
+        })
+        .cloned()
+        .collect();
+    (!bad.is_empty()).then_some(bad)
 }
