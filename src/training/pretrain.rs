@@ -280,8 +280,8 @@ impl Pretrainer {
         // Two spellings of one knob would leave one silently ignored.
         if config.hyperparameters.noise_offset != 0.0 {
             return Err(TrainError::Config(
-                "hyperparameters.noise_offset is for preference fine-tuning; text_to_image \
-                 takes pretrain.noise_offset"
+                "hyperparameters.noise_offset is for fine-tuning (dspo, diffusion_dpo, sft, \
+                 dspo_e); text_to_image takes pretrain.noise_offset"
                     .into(),
             ));
         }
