@@ -358,7 +358,10 @@ fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
     // alpha 4.
     let (_root, www) = served_dir();
     let data = tmp("partial-lora");
-    let cfg = with_model_defaults(&data, serde_json::json!({"lora": {"rank": 2, "alpha": 4.0}}));
+    let cfg = with_model_defaults(
+        &data,
+        serde_json::json!({"lora": {"rank": 2, "alpha": 4.0}}),
+    );
     let m = start_tiny(cfg.clone());
     let mut s = spec(&www.url("prefs.parquet"), 1);
     s.adapter_name = Some("self-q".into());

@@ -170,8 +170,14 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
     bad["lora"] = json!({"target_modules": ["to_q", "to_qq"]});
     let r = post_json(&server, "/finetune", &bad);
     assert_eq!((r.status, r.code()), (422, "invalid_job".to_string()));
-    let message = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
-    assert!(message.contains("[\"to_qq\"]"), "only the unknown target is named: {message}");
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("[\"to_qq\"]"),
+        "only the unknown target is named: {message}"
+    );
     let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
     bad["lora"] = json!({"ranks": 2});
     let r = post_json(&server, "/finetune", &bad);

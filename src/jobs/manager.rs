@@ -284,21 +284,18 @@ impl JobManager {
         cfg.validate()
             .map_err(|e| JobError::Invalid(e.to_string()))?;
         if let Some(l) = &cfg.lora {
-            if l.rank == 0 || l.target_modules.is_empty() {
-                return Err(JobError::Invalid(
-                    "lora rank must be >= 1 and target_modules non-empty".into(),
-                ));
-            }
-            if !(l.alpha > 0.0 && l.alpha.is_finite()) {
-                return Err(JobError::Invalid(format!(
-                    "lora alpha must be a positive number, got {}",
-                    l.alpha
-                )));
-            }
-            if let Some(bad) = unknown_targets(Path::new(&cfg.model), &l.target_modules) {
-                return Err(JobError::Invalid(format!(
-                    "lora target_modules {bad:?} match no module of the base model's UNet"
-                )));
+            l.validate().map_err(JobError::Invalid)?;
+            // A typo in a target is a 422 now rather than a job failing after its download.
+            // Only for a local diffusers UNet (a hub model is not here yet); the trainer checks
+            // again against its Linear layers.
+            let unet = Path::new(&cfg.model).join("unet");
+            if let Ok(modules) = crate::models::unet::UNet2DConditionModel::module_names(&unet) {
+                let bad = crate::training::lora::unmatched_targets(&modules, &l.target_modules);
+                if !bad.is_empty() {
+                    return Err(JobError::Invalid(format!(
+                        "lora target_modules {bad:?} match no module of the base model's UNet"
+                    )));
+                }
             }
         }
         self.store.insert(&id, &spec)?;
@@ -590,31 +587,4 @@ impl JobManager {
         self.finish(id, JobStatus::Completed, None);
         Ok(())
     }
-}
-
-/// The LoRA targets that name no module of a local diffusers UNet, read from its weight files'
-/// headers (memory-mapped, nothing loaded), so a typo is a 422 at submission rather than a job
-/// failing after its download. None when all match or the UNet's files are not local (a hub
-/// model, another layout): the trainer's own check, against its Linear layers, still runs.
-fn unknown_targets(model_dir: &Path, targets: &[String]) -> Option<Vec<String>> {
-    use crate::models::weights::Weights;
-    let files =
-        Weights::resolve_files(&model_dir.join("unet"), "diffusion_pytorch_model", None).ok()?;
-    let weights =
-        Weights::from_files(&files, &candle_core::Device::Cpu, candle_core::DType::F32).ok()?;
-    let modules: Vec<String> = weights
-        .names()
-        .into_iter()
-        .filter_map(|n| n.strip_suffix(".weight").map(String::from))
-        .collect();
-    let bad: Vec<String> = targets
-        .iter()
-        .filter(|t| {
-            !modules
-                .iter()
-                .any(|m| crate::training::lora::matches_target(m, t))
-        })
-        .cloned()
-        .collect();
-    (!bad.is_empty()).then_some(bad)
 }

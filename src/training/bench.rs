@@ -51,7 +51,7 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
     let device = crate::models::device::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     let unet_dir = a.model.join("unet");
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
-    let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
+    let files = UNet2DConditionModel::weight_files(&unet_dir, None)?;
     let schedule = NoiseSchedule::from_model_dir(Path::new(&a.model))?;
     let base = UNet2DConditionModel::new(
         config.clone(),

@@ -113,7 +113,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
         added: None,
     };
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
-    let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
+    let files = UNet2DConditionModel::weight_files(&unet_dir, None)?;
     let mut out = HashMap::new();
 
     // Parameters, the model they drive, and the names the case uses for them.

@@ -30,6 +30,35 @@ pub fn matches_target(module: &str, target: &str) -> bool {
     module == target || module.ends_with(&format!(".{target}"))
 }
 
+/// The targets that match none of `modules`.
+pub fn unmatched_targets<'a, S: AsRef<str>>(modules: &[S], targets: &'a [String]) -> Vec<&'a str> {
+    targets
+        .iter()
+        .filter(|t| !modules.iter().any(|m| matches_target(m.as_ref(), t)))
+        .map(String::as_str)
+        .collect()
+}
+
+impl LoraSpec {
+    /// What any adapter needs, whatever model it goes on (the job API checks it at submission,
+    /// the trainer again before it builds the adapter).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rank == 0 {
+            return Err("lora rank must be at least 1".into());
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return Err(format!(
+                "lora alpha must be a positive number, got {}",
+                self.alpha
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err("lora target_modules is empty".into());
+        }
+        Ok(())
+    }
+}
+
 struct Module {
     name: String,
     slot: LoraSlot,
@@ -54,22 +83,13 @@ impl TrainableLora {
         dev: &candle_core::Device,
         dtype: DType,
     ) -> Result<Self, TrainError> {
-        if spec.rank == 0 {
-            return Err(TrainError::Config("lora rank must be at least 1".into()));
-        }
-        if !(spec.alpha > 0.0) {
-            return Err(TrainError::Config("lora alpha must be positive".into()));
-        }
-        if spec.target_modules.is_empty() {
-            return Err(TrainError::Config("lora target_modules is empty".into()));
-        }
+        spec.validate().map_err(TrainError::Config)?;
         let all = linears.all();
-        for t in &spec.target_modules {
-            if !all.iter().any(|(n, ..)| matches_target(n, t)) {
-                return Err(TrainError::Config(format!(
-                    "lora target module '{t}' matches no Linear layer of this UNet"
-                )));
-            }
+        let names: Vec<&str> = all.iter().map(|(n, ..)| n.as_str()).collect();
+        if let Some(t) = unmatched_targets(&names, &spec.target_modules).first() {
+            return Err(TrainError::Config(format!(
+                "lora target module '{t}' matches no Linear layer of this UNet"
+            )));
         }
         let mut modules = Vec::new();
         for (name, slot, in_dim, out_dim) in all {

@@ -311,7 +311,7 @@ impl Trainer {
         let params = if config.full_finetune {
             let unet_dir = dir.join("unet");
             let registry = VarRegistry::default();
-            let files = Weights::resolve_files(&unet_dir, "diffusion_pytorch_model", None)?;
+            let files = UNet2DConditionModel::weight_files(&unet_dir, None)?;
             let w = Weights::from_files(&files, &device, DType::F32)?.trainable(registry.clone());
             let policy =
                 UNet2DConditionModel::new(UNet2DConditionModel::load_config(&unet_dir)?, &w)?;

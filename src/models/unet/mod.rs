@@ -306,9 +306,25 @@ impl UNet2DConditionModel {
         dtype: DType,
     ) -> Result<Self> {
         let config = Self::load_config(dir)?;
-        let files = Weights::resolve_files(dir, "diffusion_pytorch_model", variant)?;
-        let w = Weights::from_files(&files, device, dtype)?;
+        let w = Weights::from_files(&Self::weight_files(dir, variant)?, device, dtype)?;
         Self::new(config, &w)
+    }
+
+    /// The weight files of a diffusers UNet directory (sharded or not).
+    pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<std::path::PathBuf>> {
+        Weights::resolve_files(dir, "diffusion_pytorch_model", variant)
+    }
+
+    /// Names of the modules that carry a `.weight` in a UNet directory's files, read from the
+    /// safetensors headers (memory-mapped, no tensor loaded): what LoRA targets can name,
+    /// without building the model.
+    pub fn module_names(dir: &Path) -> Result<Vec<String>> {
+        let files = Self::weight_files(dir, None)?;
+        let w = Weights::from_files(&files, &candle_core::Device::Cpu, DType::F32)?;
+        Ok(w.names()
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".weight").map(String::from))
+            .collect())
     }
 
     /// Every Linear layer by module name: where LoRA adapters attach.
