@@ -55,7 +55,9 @@ for run in $RUNS; do
     nokv) name="$name-nokv"; targets=attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0 ;;
     *) name="$name-t$(tr -c 'a-z0-9\n' _ <<< "$targets")" ;;
   esac
-  [ -n "$extra" ] && [ "$extra" != "-" ] && name="$name-$(tr -c 'a-z0-9\n' _ <<< "${extra//./p}")"
+  # Adapter names are at most 64 characters: the longest key is shortened.
+  short=${extra//anchor_weight/anchor}
+  [ -n "$extra" ] && [ "$extra" != "-" ] && name="$name-$(tr -c 'a-z0-9\n' _ <<< "${short//./p}")"
   name=${name//-/_}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
@@ -73,7 +75,9 @@ for run in $RUNS; do
       # Only the targets: the job keeps the model's rank and alpha.
       body=$(jq -c --arg t "$targets" '. + {lora: {target_modules: ($t | split(","))}}' <<< "$body")
     fi
-    id=$(curl -sf -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body" | jq -r .job_id)
+    reply=$(curl -s -X POST "$URL/finetune" -H 'content-type: application/json' -d "$body")
+    id=$(jq -r '.job_id // empty' <<< "$reply")
+    [ -n "$id" ] || { echo "$name: refused: $reply" >&2; exit 1; }
     echo "$name: job $id"
     while :; do
       st=$(curl -sf "$URL/finetune/$id" | jq -r .status)

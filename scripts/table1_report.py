@@ -36,6 +36,7 @@ def make_row(name, r, job, metrics, adapter=None):
         # default, every attention projection).
         "lora_targets": (spec.get("lora") or {}).get("target_modules"),
         "noise_offset": hp.get("noise_offset") or None,
+        "anchor_weight": hp.get("anchor_weight") or None,
         "n": res_["n"],
         "seeds": r.get("seeds", 1),
         "winrate": res_["winrate"],
@@ -79,7 +80,7 @@ THEN = {"lr": 1e-4, "batch": 8}
 for old in load(out / "results.json") or []:
     if old["run"] not in seen:
         row = {**old, "metrics": [], "seed": old.get("seed"), "lora_targets": old.get("lora_targets"),
-               "noise_offset": old.get("noise_offset")}
+               "noise_offset": old.get("noise_offset"), "anchor_weight": old.get("anchor_weight")}
         for k, v in THEN.items():
             row[k] = v if row.get(k) is None else row[k]
         rows.append(row)
@@ -95,7 +96,7 @@ rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else l
                          r["beta"] if r["beta"] is not None else -1.0,
                          r["lr"] if r["lr"] is not None else -1.0,
                          r["batch"] if r["batch"] is not None else -1,
-                         r["steps"], r["seed"] or 0, ",".join(r["lora_targets"] or []), r["noise_offset"] or 0))
+                         r["steps"], r["seed"] or 0, ",".join(r["lora_targets"] or []), r["noise_offset"] or 0, r["anchor_weight"] or 0))
 (out / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "metrics"} for r in rows], indent=2))
 
 
@@ -118,10 +119,10 @@ def wr(v, ci):
     return "—" if v is None else f"{v:.3f} ± {ci:.3f}"
 
 
-lines = ["| run | method | β | lr | pairs/step | LoRA on | noise offset | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| run | method | β | lr | pairs/step | LoRA on | noise offset | anchor | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {targets(r['lora_targets'])} | {r['noise_offset'] or '—'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {targets(r['lora_targets'])} | {r['noise_offset'] or '—'} | {r['anchor_weight'] or '—'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -145,6 +146,7 @@ labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" seed={r['seed']}" if r["seed"] else "")
           + (f" LoRA {targets(r['lora_targets'])}" if r["lora_targets"] else "")
           + (f" offset={r['noise_offset']}" if r["noise_offset"] else "")
+          + (f" anchor={r['anchor_weight']}" if r["anchor_weight"] else "")
           + (f" {r['steps']} steps" if r["steps"] != usual_steps else "") for r in rows]
 x = range(len(rows))
 ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],

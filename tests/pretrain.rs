@@ -260,6 +260,11 @@ fn a_negative_or_nan_pretrain_option_is_a_config_error() {
     cfg.hyperparameters.noise_offset = 0.1;
     let err = Pretrainer::new(cfg).err().expect("rejected").to_string();
     assert!(err.contains("pretrain.noise_offset"), "{err}");
+    // The anchor is a fine-tuning term; text_to_image's loss already is the plain MSE.
+    let mut cfg = config(&out, TrainMode::TextToImage);
+    cfg.hyperparameters.anchor_weight = 0.1;
+    let err = Pretrainer::new(cfg).err().expect("rejected").to_string();
+    assert!(err.contains("anchor_weight"), "{err}");
 }
 
 /// `pretrain.timestep_bias` follows diffusers' `generate_timestep_weights`

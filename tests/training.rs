@@ -83,6 +83,63 @@ fn lora_training_raises_implicit_accuracy_above_one_half() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// The data anchor adds `anchor_weight` x the plain denoising MSE over both images of every
+/// pair. At the first step the adapters are zero, so the policy is the reference and DSPO's loss
+/// is the winners' MSE, which is also SFT's first loss on the same batch.
+#[test]
+fn the_data_anchor_adds_its_weighted_mse_over_both_images_of_each_pair() {
+    let run = |method: Method, anchor: f64, tag: &str| {
+        let out = tmp(tag);
+        let mut cfg = config(&out, method);
+        cfg.hyperparameters.max_steps = 2;
+        cfg.hyperparameters.anchor_weight = anchor;
+        cfg.hyperparameters.beta = if method == Method::Sft {
+            None
+        } else {
+            Some(1.5)
+        };
+        let outcome = Trainer::new(cfg).unwrap().run(&mut |_| true).unwrap();
+        let adapter = adapter_tensors(&outcome.artifact);
+        let _ = std::fs::remove_dir_all(&out);
+        (outcome.metrics, adapter)
+    };
+    let (plain, plain_adapter) = run(Method::Dspo, 0.0, "anchor0");
+    let (anchored, anchored_adapter) = run(Method::Dspo, 0.5, "anchor1");
+    let (sft, _) = run(Method::Sft, 0.0, "anchor-sft");
+    assert!(plain.iter().all(|m| m.anchor_mse.is_none()));
+    let a = anchored[0].anchor_mse.expect("anchor_mse reported");
+    assert!(anchored.iter().all(|m| m.anchor_mse.is_some()));
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * x.abs().max(y.abs()).max(1e-3);
+    assert!(
+        close(plain[0].loss, sft[0].loss),
+        "{} vs sft {}",
+        plain[0].loss,
+        sft[0].loss
+    );
+    assert!(
+        close(anchored[0].loss, plain[0].loss + 0.5 * a),
+        "{} vs {} + 0.5 * {a}",
+        anchored[0].loss,
+        plain[0].loss
+    );
+    // Both halves: the losers' MSE is not the winners'.
+    assert!(
+        !close(a, sft[0].loss),
+        "anchor MSE {a} equals the winners' MSE"
+    );
+    // The term has a gradient: the adapters differ after the first update.
+    let moved = anchored_adapter.iter().any(|(k, t)| {
+        let d = (t - &plain_adapter[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        d.to_scalar::<f32>().unwrap() > 0.0
+    });
+    assert!(moved, "the anchor changed no adapter weight");
+}
+
 /// The adapter file we write, loaded back through the generic loader, changes the UNet exactly
 /// as `W + (alpha / r) * up @ down` says (merged independently into plain weights).
 #[test]
@@ -337,6 +394,15 @@ fn bad_training_input_is_a_clear_error() {
     let mut c = config(&out, Method::Dspo);
     c.hyperparameters.noise_offset = -0.1;
     expect_config_error(c, "noise_offset");
+    let mut c = config(&out, Method::Dspo);
+    c.hyperparameters.anchor_weight = -0.5;
+    expect_config_error(c, "anchor_weight");
+    let mut c = config(&out, Method::Dspo);
+    c.hyperparameters.anchor_weight = f64::NAN;
+    expect_config_error(c, "anchor_weight");
+    let mut c = config(&out, Method::Sft);
+    c.hyperparameters.anchor_weight = 0.1;
+    expect_config_error(c, "pair methods");
     let e = "dpso".parse::<Method>().unwrap_err();
     assert!(e.contains("unknown method"), "{e}");
     let toml_err =

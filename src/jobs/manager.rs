@@ -573,6 +573,7 @@ impl JobManager {
                 "steps": outcome.metrics.len(),
                 "loss_mean_last10": mean(&|m| Some(m.loss)),
                 "implicit_accuracy_mean_last10": mean(&|m| m.implicit_accuracy),
+                "anchor_mse_mean_last10": mean(&|m| m.anchor_mse),
             })),
             job_id: Some(id.to_string()),
             created_at: std::time::SystemTime::now()

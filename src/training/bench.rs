@@ -105,7 +105,15 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
         };
         let t0 = Instant::now();
         let out = match &policy_full {
-            Some(p) => batch_loss(p, Reference::Model(&base), &schedule, &batch, method, 1.0)?,
+            Some(p) => batch_loss(
+                p,
+                Reference::Model(&base),
+                &schedule,
+                &batch,
+                method,
+                1.0,
+                0.0,
+            )?,
             None => batch_loss(
                 &base,
                 Reference::AdaptersOff,
@@ -113,6 +121,7 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
                 &batch,
                 method,
                 1.0,
+                0.0,
             )?,
         };
         let grads = out.loss.backward()?;

@@ -147,6 +147,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
             &batch,
             method,
             beta,
+            0.0,
         )?;
         (params, roles, l)
     } else {
@@ -166,6 +167,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
             &batch,
             method,
             beta,
+            0.0,
         )?;
         let params = reg.all();
         let roles = params.iter().map(|(n, _)| n.clone()).collect();

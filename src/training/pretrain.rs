@@ -285,6 +285,13 @@ impl Pretrainer {
                     .into(),
             ));
         }
+        if config.hyperparameters.anchor_weight != 0.0 {
+            return Err(TrainError::Config(
+                "hyperparameters.anchor_weight is for preference fine-tuning; text_to_image \
+                 already trains on the plain denoising loss"
+                    .into(),
+            ));
+        }
         let device = parse_device(&config.device)?;
         let dir = ModelSource::parse(&config.model).resolve(None)?;
         let model = DiffusionModel::load(
@@ -692,6 +699,7 @@ impl Pretrainer {
             total_steps: h.max_steps,
             loss: loss_sum / accum as f64,
             implicit_accuracy: None,
+            anchor_mse: None,
             learning_rate: lr,
             grad_norm: clipped.norm,
             seconds: started.elapsed().as_secs_f64(),

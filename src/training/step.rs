@@ -29,6 +29,9 @@ pub struct StepLoss {
     /// Pair methods: the implicit-reward margin `u` per pair.
     pub u: Option<Tensor>,
     pub model_pred: Tensor,
+    /// With a data anchor: the plain denoising MSE over every row (winners and losers), before
+    /// its weight, detached (for the step's metrics).
+    pub anchor_mse: Option<Tensor>,
 }
 
 fn t_tensor(t: &[usize], like: &Tensor) -> Result<Tensor> {
@@ -43,6 +46,7 @@ pub fn batch_loss(
     batch: &Batch,
     method: Method,
     beta: f64,
+    anchor_weight: f64,
 ) -> Result<StepLoss> {
     let _training = crate::models::nn::training_mode();
     let dtype = policy.dtype();
@@ -83,6 +87,7 @@ pub fn batch_loss(
             loss,
             u: None,
             model_pred: pred,
+            anchor_mse: None,
         });
     }
     let t = t_tensor(&batch.timesteps, &x0)?;
@@ -115,17 +120,25 @@ pub fn batch_loss(
             r?
         }
     };
+    let pred32 = model_pred.to_dtype(DType::F32)?;
     let pl = losses::preference(
         method,
-        &model_pred.to_dtype(DType::F32)?,
+        &pred32,
         &ref_pred.to_dtype(DType::F32)?,
         &target,
         beta,
         1.0,
     )?;
+    let (loss, anchor_mse) = if anchor_weight > 0.0 {
+        let a = losses::sft(&pred32, &target)?;
+        ((pl.loss + (&a * anchor_weight)?)?, Some(a.detach()))
+    } else {
+        (pl.loss, None)
+    };
     Ok(StepLoss {
-        loss: pl.loss,
+        loss,
         u: Some(pl.u),
         model_pred,
+        anchor_mse,
     })
 }

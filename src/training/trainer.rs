@@ -49,6 +49,13 @@ pub struct Hyperparameters {
     /// i.e. flat colours. 0 (default): plain Gaussian noise, as the official trainers.
     /// Fine-tuning only; the text_to_image mode takes `pretrain.noise_offset`.
     pub noise_offset: f64,
+    /// Weight of a data anchor added to the pair losses: the plain denoising MSE on both images
+    /// of every pair. DSPO regresses the winners toward an extrapolated target (gain
+    /// 1 / (1 - beta / 2) at the reference) and Diffusion-DPO only their margin, so nothing holds
+    /// what the two images of a pair share, the caption's colour and background, where the data
+    /// has it; the anchor does, and its loser half pulls against the preference only where the
+    /// pair differs. 0 (default): the published losses. Not for sft, which is this loss already.
+    pub anchor_weight: f64,
     pub seed: u64,
     /// Write a checkpoint every N optimiser steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -77,6 +84,7 @@ impl Default for Hyperparameters {
             resolution: None,
             caption_dropout: 0.2,
             noise_offset: 0.0,
+            anchor_weight: 0.0,
             seed: 0,
             checkpoint_every: 0,
             max_grad_norm: 1.0,
@@ -179,6 +187,19 @@ impl TrainConfig {
                 h.noise_offset
             ));
         }
+        if !(h.anchor_weight >= 0.0 && h.anchor_weight.is_finite()) {
+            return bad(format!(
+                "anchor_weight must be a number >= 0, got {}",
+                h.anchor_weight
+            ));
+        }
+        if self.method == Method::Sft && h.anchor_weight != 0.0 {
+            return bad(
+                "anchor_weight is for the pair methods (dspo, diffusion_dpo, dspo_e): sft's loss \
+                 already is the plain denoising MSE"
+                    .into(),
+            );
+        }
         if !(0.0..=1.0).contains(&h.caption_dropout) {
             return bad(format!(
                 "caption_dropout must be in [0, 1], got {}",
@@ -218,6 +239,10 @@ pub struct StepMetrics {
     pub loss: f64,
     /// Share of pairs with u > 0 (model prefers the winner more than the reference does).
     pub implicit_accuracy: Option<f64>,
+    /// With `anchor_weight` > 0: the plain denoising MSE on both images of the step's pairs,
+    /// before its weight (how far the model has left the data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_mse: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub seconds: f64,
@@ -230,6 +255,16 @@ pub struct TrainOutcome {
     pub metrics: Vec<StepMetrics>,
     pub dataset: super::dataset::DatasetStats,
     pub resumed_from: Option<usize>,
+}
+
+/// What one micro-batch hands its optimiser step.
+struct MicroBatch {
+    /// The micro-batch's loss (the gradients are of it divided by the accumulation count).
+    loss: f64,
+    grads: Vec<Tensor>,
+    /// Pair methods: u per pair.
+    u: Vec<f32>,
+    anchor_mse: Option<f64>,
 }
 
 /// Where the trainable parameters live.
@@ -460,12 +495,8 @@ impl Trainer {
         }
     }
 
-    /// One micro-batch: its loss (already divided by the accumulation count), gradients and u.
-    fn micro_batch(
-        &mut self,
-        k: usize,
-        pair_start: usize,
-    ) -> Result<(f64, Vec<Tensor>, Vec<f32>), TrainError> {
+    /// One micro-batch: forward, backward, and what its step reports.
+    fn micro_batch(&mut self, k: usize, pair_start: usize) -> Result<MicroBatch, TrainError> {
         let h = self.config.hyperparameters.clone();
         let b = h.batch_size;
         let pairs = self.pairs(pair_start, b)?;
@@ -527,6 +558,7 @@ impl Trainer {
         };
         let method = self.config.method;
         let beta = self.config.beta();
+        let anchor = h.anchor_weight;
         let out = match &self.params {
             Params::Lora(_) => batch_loss(
                 &self.model.unet,
@@ -535,6 +567,7 @@ impl Trainer {
                 &batch,
                 method,
                 beta,
+                anchor,
             )?,
             Params::Full { policy, .. } => batch_loss(
                 policy,
@@ -543,6 +576,7 @@ impl Trainer {
                 &batch,
                 method,
                 beta,
+                anchor,
             )?,
         };
         let accum = h.gradient_accumulation_steps as f64;
@@ -553,7 +587,16 @@ impl Trainer {
             Some(u) => u.to_dtype(DType::F32)?.to_vec1()?,
             None => vec![],
         };
-        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * accum, g, u))
+        let anchor_mse = match &out.anchor_mse {
+            Some(a) => Some(a.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+            None => None,
+        };
+        Ok(MicroBatch {
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * accum,
+            grads: g,
+            u,
+            anchor_mse,
+        })
     }
 
     /// One optimiser step (all its micro-batches). Returns its metrics.
@@ -564,11 +607,20 @@ impl Trainer {
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let mut us = Vec::new();
+        let mut anchor_sum: Option<f64> = None;
         for m in 0..accum {
             let k = self.step * accum + m;
-            let (l, g, u) = self.micro_batch(k, k * h.batch_size)?;
+            let MicroBatch {
+                loss: l,
+                grads: g,
+                u,
+                anchor_mse,
+            } = self.micro_batch(k, k * h.batch_size)?;
             loss_sum += l;
             us.extend(u);
+            if let Some(a) = anchor_mse {
+                *anchor_sum.get_or_insert(0.0) += a;
+            }
             sum = Some(match sum {
                 None => g,
                 Some(s) => s
@@ -597,6 +649,7 @@ impl Trainer {
             } else {
                 Some(us.iter().filter(|&&u| u > 0.0).count() as f64 / us.len() as f64)
             },
+            anchor_mse: anchor_sum.map(|a| a / accum as f64),
             learning_rate: lr,
             grad_norm: clipped.norm,
             seconds: started.elapsed().as_secs_f64(),
@@ -681,7 +734,7 @@ impl Trainer {
         let mut result = Ok(());
         for d in 0..draws.max(1) {
             match self.micro_batch((1usize << 40) + d, start) {
-                Ok((_, _, u)) => {
+                Ok(MicroBatch { u, .. }) => {
                     positive += u.iter().filter(|&&v| v > 0.0).count();
                     total += u.len();
                 }
