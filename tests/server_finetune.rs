@@ -178,6 +178,19 @@ fn a_finetune_job_produces_an_adapter_that_changes_generation() {
         message.contains("[\"to_qq\"]"),
         "only the unknown target is named: {message}"
     );
+    // The data anchor is a pair-loss term: with sft (already that loss) it is refused.
+    let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
+    bad["method"] = json!("sft");
+    bad["hyperparameters"]["anchor_weight"] = json!(0.1);
+    let r = post_json(&server, "/finetune", &bad);
+    assert_eq!((r.status, r.code()), (422, "invalid_job".to_string()));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("anchor_weight"));
+    let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
+    bad["hyperparameters"]["anchor_weight"] = json!(-1.0);
+    assert_eq!(post_json(&server, "/finetune", &bad).code(), "invalid_job");
     let mut bad = job_body(&www.url("prefs.parquet"), "x", 1);
     bad["lora"] = json!({"ranks": 2});
     let r = post_json(&server, "/finetune", &bad);

@@ -104,26 +104,11 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
             added: None,
         };
         let t0 = Instant::now();
-        let out = match &policy_full {
-            Some(p) => batch_loss(
-                p,
-                Reference::Model(&base),
-                &schedule,
-                &batch,
-                method,
-                1.0,
-                0.0,
-            )?,
-            None => batch_loss(
-                &base,
-                Reference::AdaptersOff,
-                &schedule,
-                &batch,
-                method,
-                1.0,
-                0.0,
-            )?,
+        let (policy, reference) = match &policy_full {
+            Some(p) => (p, Reference::Model(&base)),
+            None => (&base, Reference::AdaptersOff),
         };
+        let out = batch_loss(policy, reference, &schedule, &batch, method, 1.0, 0.0)?;
         let grads = out.loss.backward()?;
         let g = clip(collect(&params, &grads)?, Some(1.0))?;
         opt.update(&g.clipped, 1e-5)?;

@@ -558,27 +558,19 @@ impl Trainer {
         };
         let method = self.config.method;
         let beta = self.config.beta();
-        let anchor = h.anchor_weight;
-        let out = match &self.params {
-            Params::Lora(_) => batch_loss(
-                &self.model.unet,
-                Reference::AdaptersOff,
-                &self.schedule,
-                &batch,
-                method,
-                beta,
-                anchor,
-            )?,
-            Params::Full { policy, .. } => batch_loss(
-                policy,
-                Reference::Model(&self.model.unet),
-                &self.schedule,
-                &batch,
-                method,
-                beta,
-                anchor,
-            )?,
+        let (policy, reference) = match &self.params {
+            Params::Lora(_) => (&self.model.unet, Reference::AdaptersOff),
+            Params::Full { policy, .. } => (policy.as_ref(), Reference::Model(&self.model.unet)),
         };
+        let out = batch_loss(
+            policy,
+            reference,
+            &self.schedule,
+            &batch,
+            method,
+            beta,
+            h.anchor_weight,
+        )?;
         let accum = h.gradient_accumulation_steps as f64;
         let loss = (out.loss / accum)?;
         let grads = loss.backward()?;
