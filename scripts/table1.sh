@@ -55,10 +55,12 @@ for run in $RUNS; do
     nokv) name="$name-nokv"; targets=attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0 ;;
     *) name="$name-t$(tr -c 'a-z0-9\n' _ <<< "$targets")" ;;
   esac
-  # Adapter names are at most 64 characters: the longest key is shortened.
+  # Adapter names are at most 64 characters: anchor_weight is always shortened, noise_offset
+  # only where the name would not fit otherwise (so earlier runs keep their names).
   short=${extra//anchor_weight/anchor}
   [ -n "$extra" ] && [ "$extra" != "-" ] && name="$name-$(tr -c 'a-z0-9\n' _ <<< "${short//./p}")"
   name=${name//-/_}
+  [ ${#name} -le 64 ] || name=${name//noise_offset/offset}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
   if ! curl -sf "$URL/adapters" | jq -e --arg n "$name" '.[] | select(.name == $n)' >/dev/null; then
     hp='{}'; [ "$beta" != "-" ] && hp=$(jq -c --argjson b "$beta" '. + {beta: $b}' <<< "$hp")
