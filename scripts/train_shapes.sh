@@ -3,8 +3,8 @@
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU, when
 # first run: about 3 h (stage 1 ~50 min, stage 2 ~1.3 s/step x 6,000); ~4.3 h with
 # ARCH=scripts/shapes/arch-x4 (16x16 latents; stage 2 ~1.6 s/step x 7,000). Stage 2 now takes
-# ~0.5 s/step (measured in session 13), ~50 min. Every stage
-# resumes from its last checkpoint if interrupted (rerun the script with the same WORK).
+# ~0.5 s/step (measured in session 13), ~50 min. Every stage resumes from its last checkpoint
+# if interrupted (rerun the script with the same WORK).
 #
 #   scripts/train_shapes.sh            # all stages
 #   STAGES="t2i install quality" scripts/train_shapes.sh
