@@ -37,10 +37,14 @@ pack() {
     [ -d "$(dirname "$bin")/cuda-libs" ] && cp -r "$(dirname "$bin")/cuda-libs" .device/stage/
     # ip2p's tiny model is left out: the bundle must fit the 64 MiB a call carries, and its
     # UNet/pipeline path is the SD1.5 one with 8 input channels, covered by the CPU suite.
+    # So are full-UNet training cases resumed from a saved optimiser state (several MiB of
+    # incompressible moments each): resuming is host-side file handling, covered on the CPU,
+    # and the un-resumed full and resumed LoRA steps still run on the GPU.
     mkdir -p .device/stage/shared/conformance/cases .device/stage/shared/conformance/models .device/stage/shared/configs
     cp -r "$shared/conformance/models/tiny-sd15" "$shared/conformance/models/tiny-sdxl" .device/stage/shared/conformance/models/
     for f in "$shared"/conformance/cases/*.json; do
         grep -q 'tiny-ip2p' "$f" && continue
+        case $(basename "$f") in train_step_sd15_*_resumed.json) continue ;; esac
         cp "${f%.json}".* .device/stage/shared/conformance/cases/
     done
     cp -r "$shared/configs/stable-diffusion-v1-5" "$shared/configs/stable-diffusion-xl-base-1.0" .device/stage/shared/configs/
@@ -167,8 +171,11 @@ EOF
         [ "$m" = sdxl ] || (( b > 1 )) && rp=$(( reps > 2 ? 2 : reps ))
         [ -f "$dir/model_index.json" ] || { log "$m: no model"; return; }
         local dtu=$dt; [ $gpu = 0 ] && dtu=f32
+        # SD1.5 also times each stage alone (text encoder, one UNet call, VAE decode): a few
+        # seconds that say where our time goes; SDXL's bench times only the whole pipeline.
+        local stage=pipeline; [ "$m" = sd15 ] && stage=all
         ok_to_start "ours $m-$dt-b$b" && measure ours "$m-$dt-b$b" "$(limit 180)" "$BIN" bench txt2img --model "$dir" --size "$sz" \
-            --steps "$st" --batch "$b" --repeats "$rp" --scheduler ddim --device "$dev" --dtype "$dtu" --stage pipeline --label "$m-$dt-b$b"
+            --steps "$st" --batch "$b" --repeats "$rp" --scheduler ddim --device "$dev" --dtype "$dtu" --stage "$stage" --label "$m-$dt-b$b"
         ok_to_start "diffusers $m-$dt-b$b" && measure diffusers "$m-$dt-b$b" "$(limit 180)" "$PY" "$W/b/gpu_diffusers.py" --model "$dir" \
             --size "$sz" --steps "$st" --batch "$b" --repeats "$rp" --scheduler ddim --device "${dev%%:*}" --dtype "$dtu" --label "$m-$dt-b$b"
     }
@@ -179,6 +186,30 @@ EOF
             --pairs 1 --resolution "$tres" --steps 3 --device "$dev"
         ok_to_start "train torch $1" && measure train "torch-dspo-$1" "$(limit 150)" "$PY" "$W/b/torch_train_step.py" --model "$sd15" \
             --method dspo $flag --pairs 1 --resolution "$tres" --steps 3 --device "${dev%%:*}"
+    }
+
+    # pool MODEL DTYPE BATCH / pool-train lora|full: ours alone, with the CUDA memory pool
+    # handing freed memory back at each synchronisation (the driver's default, DSPO_CUDA_POOL_RELEASE=1)
+    # and keeping it (ours since session 14): the A/B behind src/models/device.rs.
+    pool() {
+        local m=$1 dt=$2 b=$3 dir=$sd15 sz=$size st=${POOL_STEPS:-20} rel
+        [ "$m" = sdxl ] && { dir=$sdxl; sz=$xsize; }
+        [ -f "$dir/model_index.json" ] || { log "$m: no model"; return; }
+        local dtu=$dt; [ $gpu = 0 ] && dtu=f32
+        for rel in 1 0; do
+            ok_to_start "pool $m-$dt-b$b release=$rel" && measure pool "$m-$dt-b$b-release$rel" "$(limit 120)" \
+                env DSPO_CUDA_POOL_RELEASE=$rel "$BIN" bench txt2img --model "$dir" --size "$sz" --steps "$st" --batch "$b" \
+                --repeats 2 --scheduler ddim --device "$dev" --dtype "$dtu" --stage all --label "$m-$dt-b$b-release$rel"
+        done
+    }
+    pool-train() {
+        local flag="" rel; [ "$1" = full ] && flag=--full
+        [ -f "$sd15/model_index.json" ] || { log "pool-train: no model"; return; }
+        for rel in 1 0; do
+            ok_to_start "pool-train $1 release=$rel" && measure pool "train-$1-release$rel" "$(limit 120)" \
+                env DSPO_CUDA_POOL_RELEASE=$rel "$BIN" bench-train --model "$sd15" --method dspo $flag --pairs 1 \
+                --resolution "$tres" --steps 3 --device "$dev"
+        done
     }
 
     # Most important first: parity, the headline SD1.5 comparison, training, SDXL, the rest.
@@ -218,6 +249,13 @@ if tr:
         os_, ps = o.get("step_s_median"), p.get("step_s_median")
         ratio = os_ / ps if os_ and ps else None
         print(f"| {mode} | {f(os_, 3)} | {f(ps, 3)} | {f(ratio)} | {f(o.get('peak_gpu_mib'), 0)} | {f(p.get('peak_gpu_mib'), 0)} |")
+pool = [r for r in rows if r["phase"] == "pool"]
+if pool:
+    print("\n| memory pool A/B (ours) | seconds (median) | UNet call s | VAE decode s | peak MiB |")
+    print("|---|---|---|---|---|")
+    for r in pool:
+        secs = r.get("median_s", r.get("step_s_median"))
+        print(f"| {r['label']} | {f(secs, 3)} | {f(r.get('unet_s'), 4)} | {f(r.get('vae_decode_s'), 4)} | {f(r.get('peak_gpu_mib'), 0)} |")
 bad = [r for r in rows if r.get("rc")]
 for r in bad:
     print(f"\n{r['phase']}/{r['label']}: exit {r['rc']} (see gpu.log)")
