@@ -188,30 +188,6 @@ EOF
             --method dspo $flag --pairs 1 --resolution "$tres" --steps 3 --device "${dev%%:*}"
     }
 
-    # pool MODEL DTYPE BATCH / pool-train lora|full: ours alone, with the CUDA memory pool
-    # handing freed memory back at each synchronisation (the driver's default, DSPO_CUDA_POOL_RELEASE=1)
-    # and keeping it (ours since session 14): the A/B behind src/models/device.rs.
-    pool() {
-        local m=$1 dt=$2 b=$3 dir=$sd15 sz=$size st=${POOL_STEPS:-20} rel
-        [ "$m" = sdxl ] && { dir=$sdxl; sz=$xsize; }
-        [ -f "$dir/model_index.json" ] || { log "$m: no model"; return; }
-        local dtu=$dt; [ $gpu = 0 ] && dtu=f32
-        for rel in 1 0; do
-            ok_to_start "pool $m-$dt-b$b release=$rel" && measure pool "$m-$dt-b$b-release$rel" "$(limit 120)" \
-                env DSPO_CUDA_POOL_RELEASE=$rel "$BIN" bench txt2img --model "$dir" --size "$sz" --steps "$st" --batch "$b" \
-                --repeats 2 --scheduler ddim --device "$dev" --dtype "$dtu" --stage all --label "$m-$dt-b$b-release$rel"
-        done
-    }
-    pool-train() {
-        local flag="" rel; [ "$1" = full ] && flag=--full
-        [ -f "$sd15/model_index.json" ] || { log "pool-train: no model"; return; }
-        for rel in 1 0; do
-            ok_to_start "pool-train $1 release=$rel" && measure pool "train-$1-release$rel" "$(limit 120)" \
-                env DSPO_CUDA_POOL_RELEASE=$rel "$BIN" bench-train --model "$sd15" --method dspo $flag --pairs 1 \
-                --resolution "$tres" --steps 3 --device "$dev"
-        done
-    }
-
     # Most important first: parity, the headline SD1.5 comparison, training, SDXL, the rest.
     local tasks=${TASKS:-'conformance "model sd15" "gen sd15 f16 1" "train lora" "model sdxl" "gen sdxl f16 1" "gen sd15 bf16 1" "gen sd15 f16 4" "train full" "gen sd15 bf16 4"'}
     eval "set -- $tasks"
@@ -249,13 +225,6 @@ if tr:
         os_, ps = o.get("step_s_median"), p.get("step_s_median")
         ratio = os_ / ps if os_ and ps else None
         print(f"| {mode} | {f(os_, 3)} | {f(ps, 3)} | {f(ratio)} | {f(o.get('peak_gpu_mib'), 0)} | {f(p.get('peak_gpu_mib'), 0)} |")
-pool = [r for r in rows if r["phase"] == "pool"]
-if pool:
-    print("\n| memory pool A/B (ours) | seconds (median) | UNet call s | VAE decode s | peak MiB |")
-    print("|---|---|---|---|---|")
-    for r in pool:
-        secs = r.get("median_s", r.get("step_s_median"))
-        print(f"| {r['label']} | {f(secs, 3)} | {f(r.get('unet_s'), 4)} | {f(r.get('vae_decode_s'), 4)} | {f(r.get('peak_gpu_mib'), 0)} |")
 bad = [r for r in rows if r.get("rc")]
 for r in bad:
     print(f"\n{r['phase']}/{r['label']}: exit {r['rc']} (see gpu.log)")

@@ -20,50 +20,10 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
                      (build one with scripts/build-cuda.sh or `cargo build --release --features cuda`)"
                 ));
             }
-            let device = Device::new_cuda(ordinal).map_err(|e| format!("device '{s}': {e}"))?;
-            keep_freed_memory(&device).map_err(|e| format!("device '{s}': {e}"))?;
-            Ok(device)
+            Device::new_cuda(ordinal).map_err(|e| format!("device '{s}': {e}"))
         }
         other => Err(format!("unknown device '{other}' (cpu, cuda or cuda:N)")),
     }
-}
-
-/// Keeps the GPU memory that tensors free in the CUDA driver's pool instead of handing it back
-/// to the OS at every synchronisation.
-///
-/// candle allocates each tensor with cuMemAllocAsync from the device's default pool, whose
-/// release threshold is 0: every synchronisation (the end of each UNet call the benchmark times,
-/// each training step's loss read) unmaps all freed memory, and the next step maps it again,
-/// a cost that grows with the activations, so with the batch. PyTorch's caching allocator
-/// holds its memory the same way. `DSPO_CUDA_POOL_RELEASE=1` restores the driver's default,
-/// for a GPU shared with other processes or an A/B run (bench/gpu.sh).
-#[cfg(feature = "cuda")]
-fn keep_freed_memory(device: &Device) -> Result<(), String> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    let Device::Cuda(d) = device else {
-        return Ok(());
-    };
-    if std::env::var("DSPO_CUDA_POOL_RELEASE").is_ok_and(|v| v == "1") {
-        return Ok(());
-    }
-    let ctx = d.cuda_stream().context().clone();
-    ctx.bind_to_thread().map_err(|e| e.to_string())?;
-    let mut threshold = u64::MAX;
-    // SAFETY: the device comes from a live context, and the attribute takes a u64.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(|e| e.to_string())?;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .map_err(|e| format!("keeping freed memory in the CUDA pool: {e}"))
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn keep_freed_memory(_device: &Device) -> Result<(), String> {
-    Ok(())
 }
 
 #[cfg(test)]
