@@ -4,6 +4,7 @@
 # (libcuda.so.1) is found at run time on the GPU machine.
 #
 #   scripts/build-cuda.sh                 # -> target/cuda/release/dspo-server (+ cuda-libs/)
+#   FEATURES=cudnn scripts/build-cuda.sh  # convolutions through cuDNN -> target/cuda-cudnn/release/
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh
 #
 # Knobs: CUDA_COMPUTE_CAP [90 = H100/H200], CUDA_TOOLKIT_VERSION [13.0: must not be newer than
@@ -32,6 +33,8 @@ CAP=${CUDA_COMPUTE_CAP:-90}
 VER=${CUDA_TOOLKIT_VERSION:-13.0}
 TK=${TOOLKIT_DIR:-$ROOT/target/cuda-toolkit}
 FEATURES=${FEATURES:-cuda}
+# One target directory per feature set, so the cuDNN build does not replace the plain one.
+TARGET=$ROOT/target/cuda; [ "$FEATURES" = cuda ] || TARGET=$ROOT/target/cuda-${FEATURES//,/-}
 log() { echo "[build-cuda] $*" >&2; }
 
 # Wheel versions for each toolkit release (one place to bump). cuBLAS/cuRAND version
@@ -56,11 +59,24 @@ if [ ! -x "$TK/nvidia/cu13/bin/nvcc" ]; then
     chmod +x "$TK"/nvidia/cu13/bin/* "$TK"/nvidia/cu13/nvvm/bin/*
 fi
 CUDA=$TK/nvidia/cu13
+# cuDNN (only for FEATURES with cudnn): candle's conv2d then calls it instead of im2col + GEMM.
+# The binary links libcudnn.so.9 and at run time takes the GPU machine's (PyTorch carries one);
+# candle calls only long-standing functions, so another 9.x should do: bench/gpu.sh checks that
+# the binary starts before anything else.
+if [[ $FEATURES == *cudnn* ]] && [ ! -f "$TK/nvidia/cudnn/lib/libcudnn.so.9" ]; then
+    log "downloading the cuDNN 9 wheel into $TK"
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        --python-version 3.12 --implementation cp --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 -d "$TK/wheels" "nvidia-cudnn-cu13==9.28.1.4"
+    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+        "$TK"/wheels/nvidia_cudnn_cu13-*.whl "$TK"
+fi
 
 # Link-time library directory: unversioned names for the linker, the driver stub.
 LIB=$TK/link
 mkdir -p "$LIB"
-for so in "$CUDA"/lib/lib*.so.*; do
+for so in "$CUDA"/lib/lib*.so.* "$TK"/nvidia/cudnn/lib/libcudnn.so.9; do
+    [ -e "$so" ] || continue
     base=$(basename "$so"); ln -sf "$so" "$LIB/${base%%.so.*}.so"
 done
 # The stub exports what the locked cudarc binds to (its version from Cargo.lock).
@@ -85,14 +101,14 @@ export LD_LIBRARY_PATH=$CUDA/lib:$CUDA/nvvm/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY
 export CPATH=$CUDA/include:$CUDA/include/cccl${CPATH:+:$CPATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$LIB -C link-arg=-Wl,-rpath,\$ORIGIN/cuda-libs -C link-arg=-Wl,--disable-new-dtags"
 "$NVCC" --version | tail -2 >&2
-log "cargo build --release --features $FEATURES for sm_$CAP (target/cuda)"
-cargo build --release --features "$FEATURES" --target-dir "$ROOT/target/cuda"
+log "cargo build --release --features $FEATURES for sm_$CAP ($TARGET)"
+cargo build --release --features "$FEATURES" --target-dir "$TARGET"
 
-OUTDIR=$ROOT/target/cuda/release
+OUTDIR=$TARGET/release
 mkdir -p "$OUTDIR/cuda-libs"
 # The CUDA runtime (0.7 MB) travels with the binary; cuBLAS, cuBLASLt, cuRAND and NVRTC
 # (~0.8 GB together) are found on the GPU machine (LD_LIBRARY_PATH), e.g. PyTorch's wheels.
 cp -f "$CUDA/lib/libcudart.so.13" "$OUTDIR/cuda-libs/"
 strip "$OUTDIR/dspo-server" 2>/dev/null || true
 log "built $OUTDIR/dspo-server ($(du -h "$OUTDIR/dspo-server" | cut -f1)); needs at run time:"
-ldd "$OUTDIR/dspo-server" 2>/dev/null | grep -E 'cuda|cublas|curand|nvrtc' >&2 || true
+ldd "$OUTDIR/dspo-server" 2>/dev/null | grep -E 'cuda|cublas|curand|nvrtc|cudnn' >&2 || true
