@@ -3,20 +3,22 @@
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU, when
 # first run: about 3 h (stage 1 ~50 min, stage 2 ~1.3 s/step x 6,000); ~4.3 h with
 # ARCH=scripts/shapes/arch-x4 (16x16 latents; stage 2 ~1.6 s/step x 7,000). Stage 2 now takes
-# ~0.5 s/step (measured in session 13), ~50 min; stage 3 (upright) 3,000 such steps, ~25 min.
+# ~0.5 s/step (measured in session 13), ~50 min; the optional stage `upright` 3,000 such steps,
+# ~25 min.
 # Every stage resumes from its last checkpoint if interrupted (rerun with the same WORK).
 #
-#   scripts/train_shapes.sh            # all stages
-#   STAGES="upright install quality" scripts/train_shapes.sh
+#   scripts/train_shapes.sh            # the default stages (the committed model)
+#   STAGES="t2i install quality" scripts/train_shapes.sh
+#   STAGES="upright install quality" scripts/train_shapes.sh   # the upright variant (SHAPES.md)
 #
-# Needs: the Rust toolchain, python3 with numpy + pillow (for score.py) and pyarrow (for
-# scripts/shapes/upright.py).
+# Needs: the Rust toolchain, python3 with numpy + pillow (for score.py), and pyarrow for the
+# optional stage `upright` (scripts/shapes/upright.py).
 # Design notes (why these components and sizes): docs/SHAPES.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
-STAGES=${STAGES:-"init vae check t2i upright install quality"}
+STAGES=${STAGES:-"init vae check t2i install quality"}
 # Architecture: scripts/shapes/arch holds every component config (8x8x4 latents: the committed
 # model, session 5). Another ARCH directory lays its component configs over it and may hold
 # t2i.set (extra `--set key=value` lines for stage 2): scripts/shapes/arch-x4 is the 16x16x4
@@ -62,10 +64,11 @@ if has t2i; then
 fi
 
 if has upright; then
-  # Stage 3: stage 2's model trained on on the same images turned upright (rotation 0 about the
-  # shape's centre). No caption names a rotation, and stage 2's UNet draws every shape but the
-  # circle as a superposition of its rotations; with one rotation it commits (shape 0.47 ->
-  # 0.765). ~25 min.
+  # Optional stage 3 (not in the default STAGES, not the committed model): stage 2's model trained
+  # on on the same images turned upright (rotation 0 about the shape's centre). No caption names
+  # a rotation, and stage 2's UNet draws every shape but the circle as a superposition of its
+  # rotations; with one rotation it commits (shape 0.47 -> 0.765). But fine-tuning it on the
+  # world's rotated preference pairs undoes that (docs/SHAPES.md, "Upright shapes"). ~25 min.
   [ -f "$WORK/pretrain-upright.parquet" ] || $PY scripts/shapes/upright.py "$DATA" "$WORK/pretrain-upright.parquet"
   $BIN train --config scripts/shapes/upright.toml --set model="$WORK/t2i/model" \
     --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright"
@@ -73,7 +76,7 @@ fi
 
 if has install; then
   rm -rf models/shapes
-  cp -r "$WORK/upright/model" models/shapes
+  if has upright; then cp -r "$WORK/upright/model" models/shapes; else cp -r "$WORK/t2i/model" models/shapes; fi
   cp scripts/shapes/dspo_server.json models/shapes/
   du -sh models/shapes
 fi
