@@ -64,12 +64,16 @@ if has t2i; then
 fi
 
 if has upright; then
-  # Optional stage 3 (not in the default STAGES, not the committed model): stage 2's model trained
-  # on on the same images turned upright (rotation 0 about the shape's centre). No caption names
+  # Optional stage 3 (not in the default STAGES, not the committed model): stage 2's model,
+  # trained further on the same images turned upright (rotation 0 about the shape's centre). No caption names
   # a rotation, and stage 2's UNet draws every shape but the circle as a superposition of its
   # rotations; with one rotation it commits (shape 0.47 -> 0.765). But fine-tuning it on the
   # world's rotated preference pairs undoes that (docs/SHAPES.md, "Upright shapes"). ~25 min.
-  [ -f "$WORK/pretrain-upright.parquet" ] || $PY scripts/shapes/upright.py "$DATA" "$WORK/pretrain-upright.parquet"
+  # Written under a temporary name first, so an interrupted run is not mistaken for a finished file.
+  if [ ! -f "$WORK/pretrain-upright.parquet" ]; then
+    $PY scripts/shapes/upright.py "$DATA" "$WORK/pretrain-upright.parquet.part"
+    mv "$WORK/pretrain-upright.parquet.part" "$WORK/pretrain-upright.parquet"
+  fi
   $BIN train --config scripts/shapes/upright.toml --set model="$WORK/t2i/model" \
     --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright"
 fi
