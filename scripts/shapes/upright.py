@@ -19,20 +19,25 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 
+def turn_upright(data, rotation, cx, cy):
+    """One encoded image with its shape turned back to rotation 0 about (cx, cy), re-encoded in
+    its own format (JPEG at quality 95)."""
+    im = Image.open(io.BytesIO(data))
+    fmt = im.format
+    im = im.convert("RGB")
+    if rotation:
+        # Every shape sits at least 1 px inside the image, so a corner pixel is background.
+        # PIL turns counter-clockwise, which undoes the world's clockwise rotation.
+        im = im.rotate(rotation, resample=Image.BICUBIC, center=(cx, cy), fillcolor=im.getpixel((0, 0)))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
 def main(src, dst):
     table = pq.read_table(src)
     rows = table.select(["image", "rotation", "cx", "cy"]).to_pylist()
-    images = []
-    for r in rows:
-        im = Image.open(io.BytesIO(r["image"])).convert("RGB")
-        if r["rotation"]:
-            # Every shape sits at least 1 px inside the image, so a corner pixel is background.
-            # PIL turns counter-clockwise, which undoes the world's clockwise rotation.
-            im = im.rotate(r["rotation"], resample=Image.BICUBIC, center=(r["cx"], r["cy"]),
-                           fillcolor=im.getpixel((0, 0)))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        images.append(buf.getvalue())
+    images = [turn_upright(r["image"], r["rotation"], r["cx"], r["cy"]) for r in rows]
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     table = table.set_column(table.schema.get_field_index("rotation"), "rotation",
                              pa.array([0.0] * len(rows), pa.float64()))

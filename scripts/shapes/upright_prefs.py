@@ -2,36 +2,22 @@
 """Writes a copy of prefs_centered.parquet with both images of every pair turned upright.
 
 The preference-data counterpart of upright.py (docs/SHAPES.md, "Upright shapes"): each image
-is rotated about its shape's centre by minus its rotation, taken from
-prefs_centered_meta.parquet (`rotation_k`, `cx_k`, `cy_k` per `ranking_id`), bicubic, the
-uncovered corners filled with the flat background, and saved in its own format (JPEG at
-quality 95). Labels, captions and every other column are kept: turning an image about its
-centre moves no centroid, so the `centred` preference is unchanged.
+is turned as upright.py turns the pretraining images, with its rotation and centre taken from
+prefs_centered_meta.parquet (`rotation_k`, `cx_k`, `cy_k` per `ranking_id`). Labels, captions
+and every other column are kept: turning an image about its centre moves no centroid, so the
+`centred` preference is unchanged.
 
     python3 scripts/shapes/upright_prefs.py ../shared/shapes/prefs_centered.parquet \\
         ../shared/shapes/prefs_centered_meta.parquet <out.parquet>
 
 Needs pyarrow and pillow.
 """
-import io
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-
-def upright(data, rotation, cx, cy):
-    im = Image.open(io.BytesIO(data))
-    fmt = im.format
-    im = im.convert("RGB")
-    if rotation:
-        # PIL turns counter-clockwise, which undoes the world's clockwise rotation; a corner
-        # pixel is background (every shape sits at least 1 px inside the image).
-        im = im.rotate(rotation, resample=Image.BICUBIC, center=(cx, cy), fillcolor=im.getpixel((0, 0)))
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+from upright import turn_upright
 
 
 def main(src, meta, dst):
@@ -42,7 +28,7 @@ def main(src, meta, dst):
         images = []
         for r in rows:
             g = geometry[r["ranking_id"]]
-            images.append(upright(r[f"jpg_{k}"], g[f"rotation_{k}"], g[f"cx_{k}"], g[f"cy_{k}"]))
+            images.append(turn_upright(r[f"jpg_{k}"], g[f"rotation_{k}"], g[f"cx_{k}"], g[f"cy_{k}"]))
         table = table.set_column(table.schema.get_field_index(f"jpg_{k}"), f"jpg_{k}", pa.array(images, pa.binary()))
     pq.write_table(table, dst)
     print(f"{dst}: {len(rows)} pairs turned upright")
