@@ -3,22 +3,21 @@
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU, when
 # first run: about 3 h (stage 1 ~50 min, stage 2 ~1.3 s/step x 6,000); ~4.3 h with
 # ARCH=scripts/shapes/arch-x4 (16x16 latents; stage 2 ~1.6 s/step x 7,000). Stage 2 now takes
-# ~0.5 s/step (measured in session 13), ~50 min; the optional stage `upright` 3,000 such steps,
-# ~25 min.
+# ~0.5 s/step (measured in session 13), ~50 min; stage `upright` 2 x 3,000 such steps, ~45 min.
+# The committed model (session 15) is stage `upright`'s.
 # Every stage resumes from its last checkpoint if interrupted (rerun with the same WORK).
 #
 #   scripts/train_shapes.sh            # the default stages (the committed model)
-#   STAGES="t2i install quality" scripts/train_shapes.sh
-#   STAGES="upright install quality" scripts/train_shapes.sh   # the upright variant (SHAPES.md)
+#   STAGES="t2i install quality" scripts/train_shapes.sh   # the session-5 model (rotations as in the world)
 #
-# Needs: the Rust toolchain, python3 with numpy + pillow (for score.py), and pyarrow for the
-# optional stage `upright` (scripts/shapes/upright.py).
+# Needs: the Rust toolchain, python3 with numpy + pillow (for score.py) and pyarrow (stage
+# `upright`: scripts/shapes/upright.py).
 # Design notes (why these components and sizes): docs/SHAPES.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
-STAGES=${STAGES:-"init vae check t2i install quality"}
+STAGES=${STAGES:-"init vae check t2i upright install quality"}
 # Architecture: scripts/shapes/arch holds every component config (8x8x4 latents: the committed
 # model, session 5). Another ARCH directory lays its component configs over it and may hold
 # t2i.set (extra `--set key=value` lines for stage 2): scripts/shapes/arch-x4 is the 16x16x4
@@ -64,11 +63,12 @@ if has t2i; then
 fi
 
 if has upright; then
-  # Optional stage 3 (not in the default STAGES, not the committed model): stage 2's model,
-  # trained further on the same images turned upright (rotation 0 about the shape's centre). No caption names
-  # a rotation, and stage 2's UNet draws every shape but the circle as a superposition of its
-  # rotations; with one rotation it commits (shape 0.47 -> 0.765). But fine-tuning it on the
-  # world's rotated preference pairs undoes that (docs/SHAPES.md, "Upright shapes"). ~25 min.
+  # Stage 3: stage 2's model, trained further on the same images turned upright (rotation 0
+  # about the shape's centre), in two cosine runs of 3,000 steps (peak lr 5e-4, then 2.5e-4). No
+  # caption names a rotation, and stage 2's UNet draws every shape but the circle as a
+  # superposition of its rotations; with one rotation it commits (shape 0.47 -> 0.765 -> 0.97).
+  # Its preference pairs must be upright too: the world's rotated ones teach it the rotations
+  # again (docs/SHAPES.md, "Upright shapes"; scripts/table1.sh PAIRS=upright). ~45 min.
   # Written under a temporary name first, so an interrupted run is not mistaken for a finished file.
   if [ ! -f "$WORK/pretrain-upright.parquet" ]; then
     $PY scripts/shapes/upright.py "$DATA" "$WORK/pretrain-upright.parquet.part"
@@ -76,11 +76,13 @@ if has upright; then
   fi
   $BIN train --config scripts/shapes/upright.toml --set model="$WORK/t2i/model" \
     --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright"
+  $BIN train --config scripts/shapes/upright2.toml --set model="$WORK/upright/model" \
+    --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright2"
 fi
 
 if has install; then
   rm -rf models/shapes
-  if has upright; then cp -r "$WORK/upright/model" models/shapes; else cp -r "$WORK/t2i/model" models/shapes; fi
+  if has upright; then cp -r "$WORK/upright2/model" models/shapes; else cp -r "$WORK/t2i/model" models/shapes; fi
   cp scripts/shapes/dspo_server.json models/shapes/
   du -sh models/shapes
 fi

@@ -3,11 +3,11 @@
 //! (`../shared/shapes/score.py`, run as an external program: numpy + pillow, installed by
 //! .ci/run).
 //!
-//! The committed weights (session 5, docs/SHAPES.md) read colour in 0.975 and background in 0.95
-//! of the 200 eval prompts (the targets: 0.90 / 0.90) and shape in 0.47 (target 0.75,
-//! not met: squares come out rounded, triangles as blobs). The eval test holds the colour
-//! and background targets on the first 48 prompts (measured 0.979 / 1.0 on the reference
-//! machine) and shape at its measured level (0.44) less a margin, above chance (0.25).
+//! The committed weights (session 15, docs/SHAPES.md: the session-5 model trained on for
+//! 6,000 steps on the world's images turned upright) read colour in 0.995, shape in 0.97 and
+//! background in 0.964 of the 200 eval prompts (the targets: 0.90 / 0.75 / 0.90). The
+//! eval test holds those targets on the first 48 prompts (measured 1.0 / 1.0 / 1.0 on the
+//! reference machine).
 
 mod common;
 
@@ -155,12 +155,11 @@ fn eval_scores_the_demo_model_with_the_external_scorer() {
         (Some(25), Some(4.0)),
         "the model's own defaults"
     );
-    // The scorer's per-image checks arrive as shares in [0, 1], next to the mean reward. Colour
-    // and background: the targets; shape: the measured level less a margin (chance:
-    // colour 0.125, shape 0.25, background 0.17).
+    // The scorer's per-image checks arrive as shares in [0, 1], next to the mean reward, held at
+    // the targets (chance: colour 0.125, shape 0.25, background 0.17).
     for (k, at_least) in [
         ("color_ok", 0.9),
-        ("shape_ok", 0.33),
+        ("shape_ok", 0.75),
         ("background_ok", 0.9),
     ] {
         let v = a[k].as_f64().unwrap_or(-1.0);
