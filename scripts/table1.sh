@@ -19,6 +19,12 @@
 # (e.g. noise_offset=0.05). Finished runs are skipped on a rerun (their eval results are kept under
 # $WORK/eval/<run>/result.json). Each finished run's job, metrics and result are also copied
 # to $OUT/runs/<run>/, so the report can be regenerated from the repository alone.
+#
+# PAIRS picks the preference file: `world` (default) is ../shared/shapes/prefs_centered.parquet
+# as the world gives it; `upright` is the same pairs, labels and captions with both images turned
+# upright (scripts/shapes/upright_prefs.py, written once to $WORK; needs pyarrow in $PYTHON). The
+# upright model draws every shape upright, and the world's rotated pairs teach it the rotations
+# again and take its shapes apart (docs/SHAPES.md, "Upright shapes"), so its table uses these.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=$(cd "${SHARED:-../shared}" && pwd)
@@ -30,10 +36,25 @@ PORT=${PORT:-18431}
 BIN=target/release/dspo-server
 URL=http://127.0.0.1:$PORT
 OUT=${OUT:-docs/table1}
+PAIRS=${PAIRS:-world}
 mkdir -p "$WORK" "$OUT"
+WORK=$(cd "$WORK" && pwd)
 cargo build --release
 
-$BIN serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" --set datasets.file_roots="$SHARED/shapes" \
+case $PAIRS in
+  world) DATASET=$SHARED/shapes/prefs_centered.parquet ;;
+  upright)
+    DATASET=$WORK/prefs_centered_upright.parquet
+    if [ ! -f "$DATASET" ]; then
+      # Written under a temporary name, so an interrupted run is not taken for a finished file.
+      $PY scripts/shapes/upright_prefs.py "$SHARED/shapes/prefs_centered.parquet" \
+        "$SHARED/shapes/prefs_centered_meta.parquet" "$DATASET.tmp"
+      mv "$DATASET.tmp" "$DATASET"
+    fi ;;
+  *) echo "PAIRS must be world or upright, not '$PAIRS'" >&2; exit 2 ;;
+esac
+
+$BIN serve --listen 127.0.0.1:$PORT --data-dir "$WORK/data" --set datasets.file_roots="$SHARED/shapes,$(dirname "$DATASET")" \
   > "$WORK/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -59,6 +80,8 @@ for run in $RUNS; do
   # only where the name would not fit otherwise (so earlier runs keep their names).
   short=${extra//anchor_weight/anchor}
   [ -n "$extra" ] && [ "$extra" != "-" ] && name="$name-$(tr -c 'a-z0-9\n' _ <<< "${short//./p}")"
+  # Runs on the upright pairs are named apart, so both files' runs can share a WORK.
+  [ "$PAIRS" = upright ] && name="$name-upright"
   name=${name//-/_}
   [ ${#name} -le 64 ] || name=${name//noise_offset/offset}
   if [ -f "$WORK/eval/$name/result.json" ]; then echo "$name: done"; continue; fi
@@ -71,7 +94,7 @@ for run in $RUNS; do
     if [ -n "$extra" ] && [ "$extra" != "-" ]; then
       hp=$(jq -c --arg e "$extra" '. + ($e | split(",") | map(split("=") | {(.[0]): (.[1] | tonumber)}) | add)' <<< "$hp")
     fi
-    body=$(jq -nc --arg url "file://$SHARED/shapes/prefs_centered.parquet" --arg m "$method" --arg n "$name" \
+    body=$(jq -nc --arg url "file://$DATASET" --arg m "$method" --arg n "$name" \
       --argjson hp "$hp" '{dataset_url: $url, method: $m, adapter_name: $n, hyperparameters: $hp}')
     if [ -n "$targets" ] && [ "$targets" != "-" ]; then
       # Only the targets: the job keeps the model's rank and alpha.

@@ -27,6 +27,9 @@ def make_row(name, r, job, metrics, adapter=None):
     return {
         "run": name,
         "method": spec.get("method", name.split("_")[1] if "_" in name else name),
+        # Which preference file (table1.sh's PAIRS): the world's rotated pairs, or the same pairs
+        # turned upright by scripts/shapes/upright_prefs.py.
+        "pairs": "upright" if "upright" in spec.get("dataset_url", "") else "world",
         "beta": hp.get("beta"),
         # Only larger-budget rows override the model's learning rate.
         "lr": hp.get("learning_rate"),
@@ -79,7 +82,7 @@ for res in sorted((out / "runs").glob("*/result.json")):
 THEN = {"lr": 1e-4, "batch": 8}
 for old in load(out / "results.json") or []:
     if old["run"] not in seen:
-        row = {**old, "metrics": [], "seed": old.get("seed"), "lora_targets": old.get("lora_targets"),
+        row = {**old, "metrics": [], "pairs": old.get("pairs", "world"), "seed": old.get("seed"), "lora_targets": old.get("lora_targets"),
                "noise_offset": old.get("noise_offset"), "anchor_weight": old.get("anchor_weight")}
         for k, v in THEN.items():
             row[k] = v if row.get(k) is None else row[k]
@@ -119,10 +122,10 @@ def wr(v, ci):
     return "—" if v is None else f"{v:.3f} ± {ci:.3f}"
 
 
-lines = ["| run | method | β | lr | pairs/step | LoRA on | noise offset | anchor | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+lines = ["| run | method | pairs | β | lr | pairs/step | LoRA on | noise offset | anchor | seeds | win rate vs base (centred), paired | unpaired | mean centred tuned / base | colour tuned / base | shape tuned / base | background tuned / base | steps | train s | implicit acc. (last 20) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:
-    lines.append(f"| {r['run']} | {r['method']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {targets(r['lora_targets'])} | {r['noise_offset'] or '—'} | {r['anchor_weight'] or '—'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
+    lines.append(f"| {r['run']} | {r['method']} | {r['pairs']} | {r['beta'] if r['beta'] is not None else ('—' if r['method'] == 'sft' else 'default')} | {r['lr'] if r['lr'] is not None else 'default'} | {r['batch'] if r['batch'] is not None else 'default'} | {targets(r['lora_targets'])} | {r['noise_offset'] or '—'} | {r['anchor_weight'] or '—'} | {r['seeds']} | {wr(r['winrate'], r['ci95'])} | {wr(r['unpaired_winrate'], r['unpaired_ci95'])} | "
                  f"{r['mean_reward_tuned']:.4f} / {r['mean_reward_base']:.4f} | {pct(r['color_tuned'])} / {pct(r['color_base'])} | "
                  f"{pct(r['shape_tuned'])} / {pct(r['shape_base'])} | {pct(r['background_tuned'])} / {pct(r['background_base'])} | "
                  f"{r['steps']} | {r['train_seconds']:.0f} | {'—' if r['final_implicit_accuracy'] is None else format(r['final_implicit_accuracy'], '.2f')} |")
@@ -140,6 +143,8 @@ except ImportError:
 fig, ax = plt.subplots(1, 3, figsize=(22, 10), gridspec_kw={"width_ratios": [1.6, 1, 1]})
 # Runs at the usual step count are not labelled with it; longer or shorter ones are.
 usual_steps = max({r["steps"] for r in rows}, key=[r["steps"] for r in rows].count)
+# Likewise only runs on the less usual preference file are labelled with it.
+usual_pairs = max({r["pairs"] for r in rows}, key=[r["pairs"] for r in rows].count)
 labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" lr={r['lr']}" if r["lr"] is not None else "")
           + (f" batch={r['batch']}" if r["batch"] is not None else "")
@@ -147,7 +152,8 @@ labels = [r["method"] + (f" β={r['beta']}" if r["beta"] is not None else "")
           + (f" LoRA {targets(r['lora_targets'])}" if r["lora_targets"] else "")
           + (f" offset={r['noise_offset']}" if r["noise_offset"] else "")
           + (f" anchor={r['anchor_weight']}" if r["anchor_weight"] else "")
-          + (f" {r['steps']} steps" if r["steps"] != usual_steps else "") for r in rows]
+          + (f" {r['steps']} steps" if r["steps"] != usual_steps else "")
+          + (f" {r['pairs']} pairs" if r["pairs"] != usual_pairs else "") for r in rows]
 x = range(len(rows))
 ax[0].bar([i - 0.2 for i in x], [r["winrate"] for r in rows], width=0.4, yerr=[r["ci95"] for r in rows],
           capsize=3, color="#4c72b0", label="paired (same seed)")
