@@ -76,8 +76,11 @@ if has upright; then
   fi
   $BIN train --config scripts/shapes/upright.toml --set model="$WORK/t2i/model" \
     --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright"
-  $BIN train --config scripts/shapes/upright2.toml --set model="$WORK/upright/model" \
-    --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright2"
+  # The second run starts a new cosine at half the peak (the first one's has decayed to zero);
+  # it is what fixes the diamonds, half of which the first leaves drawn as triangles.
+  $BIN train --config scripts/shapes/upright.toml --set model="$WORK/upright/model" \
+    --set dataset="$WORK/pretrain-upright.parquet" --set output_dir="$WORK/upright2" \
+    --set learning_rate=2.5e-4 --set warmup_steps=100 --set seed=4
 fi
 
 if has install; then
