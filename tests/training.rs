@@ -56,9 +56,10 @@ fn config(out: &Path, method: Method) -> TrainConfig {
 #[test]
 fn lora_training_raises_implicit_accuracy_above_one_half() {
     let out = tmp("acc");
-    // DSPO at the paper's beta: close to SFT on the winners, so the policy fits the winners'
-    // latents and not the losers', which is what u > 0 measures. On this randomly initialised
-    // tiny model the effect is real but small, hence many evaluation draws (seeded, fixed).
+    // DSPO with beta 1: at the paper's beta (0.001) the loss is close to SFT on the winners and
+    // on this randomly initialised tiny model the rise of u is so small that an f32 rounding
+    // change flips the outcome; beta 1 weighs the loser term enough for a clear margin. Many
+    // evaluation draws (seeded, fixed) keep the estimate's own noise small.
     let mut cfg = config(&out, Method::Dspo);
     cfg.lora = Some(LoraSpec {
         rank: 4,
@@ -66,6 +67,7 @@ fn lora_training_raises_implicit_accuracy_above_one_half() {
         ..Default::default()
     });
     cfg.hyperparameters.learning_rate = Some(1e-2);
+    cfg.hyperparameters.beta = Some(1.0);
     cfg.hyperparameters.max_pairs = Some(4);
     cfg.hyperparameters.batch_size = 4;
     cfg.hyperparameters.max_steps = 60;

@@ -1,6 +1,6 @@
 //! transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`.
 
-use super::nn::{attention, quick_gelu, LayerNorm, Linear};
+use super::nn::{attention, quick_gelu, AttentionMask, LayerNorm, Linear};
 use super::weights::Weights;
 use super::{ModelError, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -115,14 +115,14 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let a = attention(
             &self.q.forward(&h)?,
             &self.k.forward(&h)?,
             &self.v.forward(&h)?,
             self.heads,
-            Some(mask),
+            AttentionMask::Causal,
         )?;
         let x = (x + self.out.forward(&a)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
@@ -207,21 +207,16 @@ impl ClipTextModel {
     /// `ids`: `[B, L]` u32 token ids.
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<ClipOutput> {
         let (b, l) = ids.dims2()?;
-        let dev = ids.device();
         let tok = self
             .token_embedding
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, ()))?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
         let mut x = tok.broadcast_add(&pos)?;
-        let mask: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?.to_dtype(x.dtype())?;
         let n = self.layers.len();
         let mut penultimate = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x)?;
             if i + 2 == n {
                 penultimate = x.clone();
             }

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod defaults;
 pub mod device;
 pub mod hub;
+pub mod kernels;
 pub mod lora;
 pub mod nn;
 pub mod pipeline_model;

@@ -4,6 +4,7 @@
 //! candle-nn's fused softmax / layer-norm kernels record none, so gradients silently vanish
 //! through them (the bug that ruled out candle-transformers' UNet for training).
 
+use super::kernels;
 use super::weights::Weights;
 use super::Result;
 use candle_core::{DType, Module, Tensor, D};
@@ -123,11 +124,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape((x.elem_count() / in_dim, in_dim))?;
+        let lora = self.lora.get();
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(d) = self.lora.get() {
+        if let Some(d) = lora {
             let h = x2.matmul(&d.down.t()?)?.matmul(&d.up.t()?)?;
             y = (y + (h * d.scale)?)?;
         }
@@ -213,239 +215,11 @@ impl Conv2d {
     }
 }
 
-/// Training-time convolution on the CPU by explicit im2col + one GEMM for the whole batch, with
-/// its own backward. candle's CPU conv2d tiles each image separately (an 8x8 latent is one
-/// 64-column GEMM per image) and its backward runs a direct conv_transpose2d; on the shapes UNet
-/// and VAE that made a training step several times slower than PyTorch. Here the forward, both
-/// gradients and the bias gradient are one matmul or one contiguous reduction each, and the
-/// unfolded input is kept from the forward for the weight gradient.
-struct ConvGrad {
-    stride: usize,
-    padding: usize,
-    /// Forward output, computed outside the op so it can use tensor matmuls.
-    y: Tensor,
-    /// The unfolded input [C*k*k, B*Ho*Wo].
-    cols: Tensor,
-}
-
-/// Output size of a convolution along one axis.
-fn conv_out(n: usize, k: usize, stride: usize, padding: usize) -> usize {
-    (n + 2 * padding - k) / stride + 1
-}
-
-/// `x` [B, C, H, W] -> columns [C*k*k, B*Ho*Wo]: one row per kernel tap (the weight's
-/// (c, ky, kx) order), each a shifted copy of input lines, so reads and writes stay sequential.
-fn im2col(
-    x: &[f32],
-    (b, c, h, w): (usize, usize, usize, usize),
-    k: usize,
-    stride: usize,
-    padding: usize,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (ho, wo) = (
-        conv_out(h, k, stride, padding),
-        conv_out(w, k, stride, padding),
-    );
-    let n = b * ho * wo;
-    let mut out = vec![0f32; c * k * k * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
-        let (ci, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-        for bi in 0..b {
-            let plane = &x[(bi * c + ci) * h * w..][..h * w];
-            for oy in 0..ho {
-                let iy = (oy * stride + ky) as isize - padding as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let line = &plane[iy as usize * w..][..w];
-                let dst = &mut row[(bi * ho + oy) * wo..][..wo];
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let ix = (ox * stride + kx) as isize - padding as isize;
-                    if ix >= 0 && ix < w as isize {
-                        *d = line[ix as usize];
-                    }
-                }
-            }
-        }
-    });
-    out
-}
-
-/// The adjoint of `im2col`: columns [C*k*k, B*Ho*Wo] summed back into [B, C, H, W].
-fn col2im(
-    cols: &[f32],
-    (b, c, h, w): (usize, usize, usize, usize),
-    k: usize,
-    stride: usize,
-    padding: usize,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let (ho, wo) = (
-        conv_out(h, k, stride, padding),
-        conv_out(w, k, stride, padding),
-    );
-    let n = b * ho * wo;
-    let mut out = vec![0f32; b * c * h * w];
-    out.par_chunks_mut(h * w)
-        .enumerate()
-        .for_each(|(pi, plane)| {
-            let (bi, ci) = (pi / c, pi % c);
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = &cols[((ci * k + ky) * k + kx) * n..][..n];
-                    for oy in 0..ho {
-                        let iy = (oy * stride + ky) as isize - padding as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let line = &mut plane[iy as usize * w..][..w];
-                        let src = &row[(bi * ho + oy) * wo..][..wo];
-                        for (ox, v) in src.iter().enumerate() {
-                            let ix = (ox * stride + kx) as isize - padding as isize;
-                            if ix >= 0 && ix < w as isize {
-                                line[ix as usize] += v;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-    out
-}
-
-impl ConvGrad {
-    /// Builds the op for `x` (contiguous f32 [B, C, H, W]) and computes its forward output.
-    fn new(
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        stride: usize,
-        padding: usize,
-    ) -> candle_core::Result<Self> {
-        let xd = x.dims4()?;
-        let (b, _, h, w) = xd;
-        let (o, _, k, _) = weight.dims4()?;
-        let (ho, wo) = (
-            conv_out(h, k, stride, padding),
-            conv_out(w, k, stride, padding),
-        );
-        let xv = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let cols = im2col(&xv, xd, k, stride, padding);
-        let ckk = cols.len() / (b * ho * wo);
-        let cols = Tensor::from_vec(cols, (ckk, b * ho * wo), x.device())?;
-        let y = weight
-            .detach()
-            .reshape((o, ckk))?
-            .matmul(&cols)?
-            .reshape((o, b, ho * wo))?
-            .transpose(0, 1)?
-            .broadcast_add(&bias.detach().reshape((1, o, 1))?)?
-            .reshape((b, o, ho, wo))?
-            .contiguous()?;
-        Ok(Self {
-            stride,
-            padding,
-            y,
-            cols,
-        })
-    }
-}
-
-impl candle_core::CustomOp3 for ConvGrad {
-    fn name(&self) -> &'static str {
-        "conv2d-im2col"
-    }
-
-    /// Hands out the output computed in `new`.
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let v = self.y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), self.y.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let xd = x.dims4()?;
-        let (o, c, k, _) = weight.dims4()?;
-        let (b, _, ho, wo) = grad.dims4()?;
-        let g = grad.detach().reshape((b, o, ho * wo))?;
-        // Frozen weights (LoRA training, the input-only gradient) skip their GEMM.
-        let grad_b = match bias.track_op() {
-            // A contiguous reduction over pixels first, then the small batch sum.
-            true => Some(g.sum(2)?.sum(0)?),
-            false => None,
-        };
-        let gt = g.transpose(0, 1)?.contiguous()?.reshape((o, b * ho * wo))?;
-        let grad_w = match weight.track_op() {
-            true => Some(gt.matmul(&self.cols.t()?)?.reshape((o, c, k, k))?),
-            false => None,
-        };
-        let grad_x = match x.track_op() {
-            true => {
-                let wm = weight.detach().reshape((o, c * k * k))?;
-                let gcols = wm.t()?.matmul(&gt)?;
-                let gx = col2im(
-                    &gcols.flatten_all()?.to_vec1::<f32>()?,
-                    xd,
-                    k,
-                    self.stride,
-                    self.padding,
-                );
-                Some(Tensor::from_vec(gx, xd, x.device())?)
-            }
-            false => None,
-        };
-        Ok((grad_x, grad_w, grad_b))
-    }
-}
-
-/// Largest unfolded input (bytes) an untracked convolution builds in training mode. A frozen
-/// encoder pass (the VAE encoding a preference batch) needs no backward, so past this size it
-/// falls back to candle's tiled conv, whose memory is bounded by its tile: an SD VAE at 512x512
-/// would otherwise unfold ~1.2 GB per image in its first block. Tracked convolutions always
-/// unfold (their backward reuses the columns).
-const UNTRACKED_IM2COL_MAX_BYTES: usize = 512 << 20;
-
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // In training mode untracked passes (the reference model, the frozen VAE) take the same
-        // path as tracked ones, so policy and reference agree bit for bit where their weights
-        // do, and frozen encoders get the batched GEMM too. (Past the size cap, far beyond what
-        // trains on a CPU, an untracked reference pass rounds differently from its policy.)
-        let tracked = x.track_op()
-            || self.weight.track_op()
-            || self.bias.as_ref().is_some_and(|b| b.track_op());
-        let fits = || -> candle_core::Result<bool> {
-            let (b, c, h, w) = x.dims4()?;
-            let k = self.weight.dim(2)?;
-            let cols = c * k * k * b
-                * conv_out(h, k, self.stride, self.padding)
-                * conv_out(w, k, self.stride, self.padding);
-            Ok(cols * 4 <= UNTRACKED_IM2COL_MAX_BYTES)
-        };
-        if (tracked || (in_training_mode() && fits()?))
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-        {
-            if let Some(bias) = &self.bias {
-                let x = x.contiguous()?;
-                let op = ConvGrad::new(&x, &self.weight, bias, self.stride, self.padding)?;
-                return x.apply_op3_arc(&self.weight, bias, std::sync::Arc::new(Box::new(op)));
+        if let Some(bias) = &self.bias {
+            if is_cpu_f32(&[x, &self.weight, bias]) {
+                return kernels::conv::conv2d(x, &self.weight, bias, self.stride, self.padding);
             }
         }
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
@@ -454,6 +228,11 @@ impl Module for Conv2d {
             None => Ok(y),
         }
     }
+}
+
+/// Whether every tensor can take the fused CPU kernels.
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Normalises the last dimension in f32 (f16 statistics over thousands of elements lose
@@ -486,6 +265,12 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_cpu_f32(&[x, &self.weight, &self.bias]) {
+            let op = kernels::norm::LayerNormOp { eps: self.eps };
+            return x
+                .contiguous()?
+                .apply_op3_arc(&self.weight, &self.bias, Arc::new(Box::new(op)));
+        }
         normalize_last(x, self.eps)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
@@ -517,165 +302,32 @@ impl GroupNorm {
     }
 }
 
-/// GroupNorm with its affine part as one CPU op with a hand-written backward, for training.
-/// Composed from tensor ops it is ~10 passes forward and more backward, and the gradients of
-/// the per-channel weight and bias go through candle's strided reductions over (B, H, W):
-/// together the largest non-matmul cost of a training step on the shapes VAE.
-struct GroupNormOp {
-    groups: usize,
-    eps: f64,
-}
-
-impl GroupNormOp {
-    /// Per (batch, group): mean and 1/std over the group's channels and pixels.
-    fn stats(&self, x: &[f32], (b, c, hw): (usize, usize, usize)) -> Vec<(f32, f32)> {
-        let n = c / self.groups * hw;
-        (0..b * self.groups)
-            .map(|i| {
-                let v = &x[i * n..][..n];
-                let mean = v.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
-                let var = v.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n as f64;
-                (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
-            })
-            .collect()
-    }
-}
-
-fn cpu_f32<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("group-norm: contiguous f32 expected"),
-    }
-}
-
-impl candle_core::CustomOp3 for GroupNormOp {
-    fn name(&self) -> &'static str {
-        "group-norm"
+impl GroupNorm {
+    /// `silu(group_norm(x))`, the pair every ResNet block and output head applies, in one pass
+    /// on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_cpu_f32(&[x, &self.weight, &self.bias]) {
+            return self.fused(x, true);
+        }
+        self.forward(x)?.silu()
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &candle_core::CpuStorage,
-        xl: &candle_core::Layout,
-        ws: &candle_core::CpuStorage,
-        wl: &candle_core::Layout,
-        bs: &candle_core::CpuStorage,
-        bl: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (x, w, bias) = (cpu_f32(xs, xl)?, cpu_f32(ws, wl)?, cpu_f32(bs, bl)?);
-        let dims = xl.dims();
-        let (b, c) = (dims[0], dims[1]);
-        let hw = x.len() / (b * c);
-        let stats = self.stats(x, (b, c, hw));
-        let cg = c / self.groups;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-            let (bi, ci) = (p / c, p % c);
-            let (mean, rstd) = stats[bi * self.groups + ci / cg];
-            let (sc, sh) = (rstd * w[ci], bias[ci] - mean * rstd * w[ci]);
-            for (o, &v) in out.iter_mut().zip(&x[p * hw..][..hw]) {
-                *o = v * sc + sh;
-            }
-        });
-        Ok((candle_core::CpuStorage::F32(y), xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let xv = x.detach().flatten_all()?.to_vec1::<f32>()?;
-        let gv = grad.detach().flatten_all()?.to_vec1::<f32>()?;
-        let w = weight.detach().to_vec1::<f32>()?;
-        let hw = xv.len() / (b * c);
-        let stats = self.stats(&xv, (b, c, hw));
-        let (g, cg) = (self.groups, c / self.groups);
-        let n = (cg * hw) as f32;
-        // Per (batch, channel): sum(dy) and sum(dy * xhat), the pieces of every gradient.
-        let sums: Vec<(f32, f32)> = (0..b * c)
-            .into_par_iter()
-            .map(|p| {
-                let (mean, rstd) = stats[p / c * g + p % c / cg];
-                let (xs, gs) = (&xv[p * hw..][..hw], &gv[p * hw..][..hw]);
-                xs.iter().zip(gs).fold((0f32, 0f32), |(s, sx), (&a, &d)| {
-                    (s + d, sx + d * (a - mean) * rstd)
-                })
-            })
-            .collect();
-        let grad_x = match x.track_op() {
-            true => {
-                let mut gx = vec![0f32; xv.len()];
-                gx.par_chunks_mut(cg * hw)
-                    .enumerate()
-                    .for_each(|(bg, out)| {
-                        let (bi, gi) = (bg / g, bg % g);
-                        let (mean, rstd) = stats[bg];
-                        // Means over the group of dxhat = dy * w and of dxhat * xhat.
-                        let (mut m1, mut m2) = (0f32, 0f32);
-                        for ci in gi * cg..(gi + 1) * cg {
-                            let (s, sx) = sums[bi * c + ci];
-                            m1 += s * w[ci];
-                            m2 += sx * w[ci];
-                        }
-                        let (m1, m2) = (m1 / n, m2 / n);
-                        for (j, o) in out.iter_mut().enumerate() {
-                            let ci = gi * cg + j / hw;
-                            let idx = (bi * c + ci) * hw + j % hw;
-                            let xhat = (xv[idx] - mean) * rstd;
-                            *o = rstd * (gv[idx] * w[ci] - m1 - xhat * m2);
-                        }
-                    });
-                Some(Tensor::from_vec(gx, dims.as_slice(), x.device())?)
-            }
-            false => None,
+    fn fused(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let op = kernels::norm::GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+            silu,
         };
-        let per_channel = |pick: fn(&(f32, f32)) -> f32| {
-            let mut v = vec![0f32; c];
-            for (p, s) in sums.iter().enumerate() {
-                v[p % c] += pick(s);
-            }
-            Tensor::from_vec(v, c, x.device())
-        };
-        let grad_w = match weight.track_op() {
-            true => Some(per_channel(|s| s.1)?),
-            false => None,
-        };
-        let grad_b = match bias.track_op() {
-            true => Some(per_channel(|s| s.0)?),
-            false => None,
-        };
-        Ok((grad_x, grad_w, grad_b))
+        x.contiguous()?
+            .apply_op3_arc(&self.weight, &self.bias, Arc::new(Box::new(op)))
     }
 }
 
 impl Module for GroupNorm {
     /// Input `[B, C, ...]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let tracked =
-            in_training_mode() || x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if tracked
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-        {
-            let op = GroupNormOp {
-                groups: self.groups,
-                eps: self.eps,
-            };
-            return x
-                .contiguous()?
-                .apply_op3_arc(&self.weight, &self.bias, Arc::new(Box::new(op)));
+        if is_cpu_f32(&[x, &self.weight, &self.bias]) {
+            return self.fused(x, false);
         }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -706,15 +358,40 @@ pub fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     x * sigmoid(&(x * 1.702)?)?
 }
 
-/// Scaled dot-product attention over `[B, N, heads*d]` inputs. Large problems are split along
-/// the query axis so the score matrix never exceeds a fixed budget (SDXL at 1024² would
-/// otherwise need tens of GB for the first self-attention).
+/// Which keys a query may attend to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Every key.
+    None,
+    /// Keys up to the query's own position (the CLIP text encoder).
+    Causal,
+}
+
+/// Scaled dot-product attention over `[B, N, heads*d]` queries and `[B, M, heads*d]` keys and
+/// values. On the CPU in f32 it is the fused kernel (no score matrix is ever stored, forward or
+/// backward); elsewhere it is composed from tensor ops, split along the query axis so the score
+/// matrix never exceeds a fixed budget (SDXL at 1024² would otherwise need tens of GB for the
+/// first self-attention).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
-    mask: Option<&Tensor>,
+    mask: AttentionMask,
+) -> candle_core::Result<Tensor> {
+    if is_cpu_f32(&[q, k, v]) {
+        return kernels::attention::fused_attention(q, k, v, heads, mask == AttentionMask::Causal);
+    }
+    composed_attention(q, k, v, heads, mask)
+}
+
+/// The reference form of [`attention`], from candle ops (any device and dtype).
+pub fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: AttentionMask,
 ) -> candle_core::Result<Tensor> {
     let (b, n, c) = q.dims3()?;
     let m = k.dim(1)?;
@@ -732,10 +409,17 @@ pub fn attention(
     let chunk = (SCORE_BUDGET / per_query.max(1)).max(1);
     // The scale goes on q (n*d elements) rather than on the n*m scores.
     let q = (q * scale)?;
-    let run = |q: &Tensor| -> candle_core::Result<Tensor> {
+    let run = |q: &Tensor, start: usize| -> candle_core::Result<Tensor> {
         let mut s = q.matmul(&kt)?;
-        if let Some(mask) = mask {
-            s = s.broadcast_add(mask)?;
+        if mask == AttentionMask::Causal {
+            let rows = s.dim(2)?;
+            let bias: Vec<f32> = (0..rows)
+                .flat_map(|i| {
+                    (0..m).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let bias = Tensor::from_vec(bias, (1, 1, rows, m), s.device())?.to_dtype(s.dtype())?;
+            s = s.broadcast_add(&bias)?;
         }
         let s32 = if s.dtype() == DType::F32 {
             s
@@ -751,14 +435,14 @@ pub fn attention(
         };
         p.to_dtype(v.dtype())?.matmul(&v)
     };
-    let out = if n <= chunk || mask.is_some() {
-        run(&q)?
+    let out = if n <= chunk {
+        run(&q, 0)?
     } else {
         let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            parts.push(run(&q.narrow(2, start, len)?)?);
+            parts.push(run(&q.narrow(2, start, len)?, start)?);
             start += len;
         }
         Tensor::cat(&parts, 2)?

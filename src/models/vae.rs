@@ -4,7 +4,7 @@ use super::nn::{Conv2d, GroupNorm, Linear};
 use super::unet::nearest_resize;
 use super::weights::Weights;
 use super::{ModelError, Result};
-use crate::models::nn::attention;
+use crate::models::nn::{attention, AttentionMask};
 use candle_core::{DType, Module, Tensor};
 use serde_json::Value;
 use std::path::Path;
@@ -121,8 +121,8 @@ impl VaeResnet {
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -160,7 +160,7 @@ impl VaeAttention {
         let q = self.to_q.forward(&t)?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
-        let o = self.to_out.forward(&attention(&q, &k, &v, 1, None)?)?;
+        let o = self.to_out.forward(&attention(&q, &k, &v, 1, AttentionMask::None)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -378,7 +378,7 @@ impl AutoencoderKL {
         h = self.enc_mid.forward(&h)?;
         h = self
             .enc_conv_out
-            .forward(&self.enc_norm_out.forward(&h)?.silu()?)?;
+            .forward(&self.enc_norm_out.forward_silu(&h)?)?;
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h)?;
         }
@@ -406,6 +406,6 @@ impl AutoencoderKL {
             }
         }
         self.dec_conv_out
-            .forward(&self.dec_norm_out.forward(&h)?.silu()?)
+            .forward(&self.dec_norm_out.forward_silu(&h)?)
     }
 }

@@ -1,6 +1,6 @@
 //! UNet building blocks: ResNet blocks, spatial transformers, resamplers.
 
-use crate::models::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear, LinearRegistry};
+use crate::models::nn::{attention, AttentionMask, Conv2d, GroupNorm, LayerNorm, Linear, LinearRegistry};
 use crate::models::weights::Weights;
 use crate::models::Result;
 use candle_core::{Module, Tensor};
@@ -45,12 +45,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -96,7 +96,7 @@ impl CrossAttention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let out = attention(&q, &k, &v, self.heads, None)?;
+        let out = attention(&q, &k, &v, self.heads, AttentionMask::None)?;
         self.to_out.forward(&out)
     }
 }

@@ -421,7 +421,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

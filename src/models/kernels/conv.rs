@@ -1,0 +1,362 @@
+//! 2-D convolution as a sum of shifted GEMMs, forward and backward, without an unfolded input.
+//!
+//! Each image is copied once into a zero-padded buffer split into `stride²` phases (the even
+//! and odd rows and columns of a stride-2 convolution; one plain padded copy at stride 1). In
+//! a phase, output pixel `(y, x)` of kernel tap `(ky, kx)` reads a fixed offset from index
+//! `y * Wq + x`, so every tap is one GEMM `W_tap [O, C] x window [C, cols]` over a contiguous
+//! window, accumulated into one output tile: no im2col matrix (9x the input for a 3x3 kernel),
+//! no NHWC round trip, and the backward rebuilds nothing but the padded copy. The `Wq - Wo`
+//! columns per row that fall between output rows are computed and dropped (a few percent).
+//!
+//! Work is split by output-row tiles of one image; how an image is tiled and whether its GEMMs
+//! use the thread pool depend only on the image's own geometry, never on the batch size.
+
+use super::gemm::{sgemm, sgemm_raw, Par, Strided};
+use super::{cpu_f32, storage_f32, uninit_vec, SharedMut};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+pub struct Conv2dOp {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Geometry of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geo {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    /// Rows and columns of each phase image.
+    hq: usize,
+    wq: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geo {
+    fn new(x: &Shape, wt: &Shape, s: usize, p: usize) -> candle_core::Result<Self> {
+        let (b, c, h, w) = x.dims4()?;
+        let (o, ci, k, kw) = wt.dims4()?;
+        if ci != c || k != kw || s == 0 {
+            candle_core::bail!("conv2d: input {x:?} and weight {wt:?} (stride {s}) do not fit");
+        }
+        let (hp, wp) = (h + 2 * p, w + 2 * p);
+        if hp < k || wp < k {
+            candle_core::bail!("conv2d: kernel {k} larger than the padded input {hp}x{wp}");
+        }
+        Ok(Self {
+            b,
+            c,
+            h,
+            w,
+            o,
+            k,
+            s,
+            p,
+            hq: hp.div_ceil(s),
+            wq: wp.div_ceil(s),
+            ho: (hp - k) / s + 1,
+            wo: (wp - k) / s + 1,
+        })
+    }
+
+    fn taps(&self) -> usize {
+        self.k * self.k
+    }
+
+    fn phase_len(&self) -> usize {
+        self.hq * self.wq
+    }
+
+    /// Floats in one image's phase buffer.
+    fn image_len(&self) -> usize {
+        self.s * self.s * self.c * self.phase_len()
+    }
+
+    /// Columns of a tile of `rows` output rows (the last row's trailing gap left out).
+    fn cols(&self, rows: usize) -> usize {
+        (rows - 1) * self.wq + self.wo
+    }
+
+    /// Offset in an image's phase buffer that tap `t` reads for output row `y0`, column 0.
+    fn tap_offset(&self, t: usize, y0: usize) -> usize {
+        let (ky, kx) = (t / self.k, t % self.k);
+        let phase = (ky % self.s) * self.s + kx % self.s;
+        phase * self.c * self.phase_len() + (ky / self.s + y0) * self.wq + kx / self.s
+    }
+
+    /// Output rows per tile: the tile and its input window stay around L2 size.
+    fn tile_rows(&self) -> usize {
+        let cols = (131_072 / (self.o + self.c).max(1)).clamp(256, 4096);
+        (cols / self.wq).clamp(1, self.ho)
+    }
+
+    /// Whether to run one image's tiles in parallel (with sequential GEMMs) rather than one
+    /// tile at a time with the GEMM on the pool. Depends on the image alone.
+    fn parallel_tiles(&self) -> bool {
+        self.ho.div_ceil(self.tile_rows()) >= 2 * rayon::current_num_threads()
+    }
+}
+
+/// One image `[C, H, W]` into its zero-padded phase buffer `[s*s, C, Hq, Wq]`.
+fn phases(x: &[f32], g: &Geo, out: &mut [f32]) {
+    out.fill(0.0);
+    let (s, p, pl) = (g.s, g.p, g.phase_len());
+    for ci in 0..g.c {
+        let plane = &x[ci * g.h * g.w..][..g.h * g.w];
+        for (iy, line) in plane.chunks_exact(g.w).enumerate() {
+            let (yy, py) = ((iy + p) / s, (iy + p) % s);
+            for px in 0..s {
+                let base = ((py * s + px) * g.c + ci) * pl + yy * g.wq;
+                // Input columns ix with (ix + p) % s == px, landing at (ix + p) / s.
+                let first = (px + s - p % s) % s;
+                if first >= g.w {
+                    continue;
+                }
+                let dst = &mut out[base + (first + p) / s..base + g.wq];
+                for (d, &v) in dst.iter_mut().zip(line[first..].iter().step_by(s)) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `phases`: a phase buffer summed back into one image `[C, H, W]` (padding
+/// positions dropped).
+fn unphase(ph: &[f32], g: &Geo, x: &mut [f32]) {
+    let (s, p, pl) = (g.s, g.p, g.phase_len());
+    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(ci, plane)| {
+        for (iy, line) in plane.chunks_exact_mut(g.w).enumerate() {
+            let (yy, py) = ((iy + p) / s, (iy + p) % s);
+            for px in 0..s {
+                let first = (px + s - p % s) % s;
+                if first >= g.w {
+                    continue;
+                }
+                let base = ((py * s + px) * g.c + ci) * pl + yy * g.wq;
+                let src = &ph[base + (first + p) / s..base + g.wq];
+                for (d, &v) in line[first..].iter_mut().step_by(s).zip(src) {
+                    *d = v;
+                }
+            }
+        }
+    });
+}
+
+fn all_phases(x: &[f32], g: &Geo) -> Vec<f32> {
+    let n = g.image_len();
+    let mut out = uninit_vec(g.b * n);
+    out.par_chunks_mut(n).enumerate().for_each(|(bi, ph)| {
+        phases(&x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w], g, ph)
+    });
+    out
+}
+
+/// Output rows `y0..y0+rows` of image `bi`: the taps' GEMMs into `tmp`, then cropped and
+/// biased into `out`.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile(
+    g: &Geo,
+    ph: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    (bi, y0, rows): (usize, usize, usize),
+    out: SharedMut,
+    par: Par,
+) {
+    let cols = g.cols(rows);
+    let mut tmp = uninit_vec(g.o * cols);
+    let kk = g.taps();
+    let img = &ph[bi * g.image_len()..][..g.image_len()];
+    for t in 0..kk {
+        sgemm(
+            (g.o, cols, g.c),
+            &mut tmp,
+            Strided::new(0, cols, 1),
+            t > 0,
+            weight,
+            Strided::new(t, g.c * kk, kk),
+            img,
+            Strided::new(g.tap_offset(t, y0), g.phase_len(), 1),
+            1.0,
+            par,
+        );
+    }
+    for oc in 0..g.o {
+        for y in 0..rows {
+            let src = &tmp[oc * cols + y * g.wq..][..g.wo];
+            let at = ((bi * g.o + oc) * g.ho + y0 + y) * g.wo;
+            // SAFETY: each (image, row range) is written by exactly one tile.
+            unsafe {
+                let dst = out.ptr().add(at);
+                for (x, &v) in src.iter().enumerate() {
+                    *dst.add(x) = v + bias[oc];
+                }
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-shifted-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geo::new(xl.shape(), wl.shape(), self.stride, self.padding)?;
+        let (x, w, bias) = (
+            cpu_f32(xs, xl, "conv2d")?,
+            cpu_f32(ws, wl, "conv2d")?,
+            cpu_f32(bs, bl, "conv2d")?,
+        );
+        if bias.len() != g.o {
+            candle_core::bail!("conv2d: bias of {} for {} output channels", bias.len(), g.o);
+        }
+        let ph = all_phases(x, &g);
+        let mut out = uninit_vec(g.b * g.o * g.ho * g.wo);
+        let out_p = SharedMut(out.as_mut_ptr());
+        let rows = g.tile_rows();
+        let tiles: Vec<(usize, usize, usize)> = (0..g.b)
+            .flat_map(|bi| {
+                (0..g.ho)
+                    .step_by(rows)
+                    .map(move |y0| (bi, y0, rows.min(g.ho - y0)))
+            })
+            .collect();
+        if g.parallel_tiles() {
+            tiles
+                .par_iter()
+                .for_each(|&t| forward_tile(&g, &ph, w, bias, t, out_p, Par::Seq));
+        } else {
+            for &t in &tiles {
+                forward_tile(&g, &ph, w, bias, t, out_p, Par::Pool);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let g = Geo::new(x.shape(), weight.shape(), self.stride, self.padding)?;
+        let (xg, xl) = x.storage_and_layout();
+        let (wg, wl) = weight.storage_and_layout();
+        let (gg, gl) = grad.storage_and_layout();
+        let (xv, wv, gv) = (storage_f32(&xg, xl, "conv2d backward")?, storage_f32(&wg, wl, "conv2d backward")?, storage_f32(&gg, gl, "conv2d backward")?);
+        let (kk, cols) = (g.taps(), g.cols(g.ho));
+        let dev = x.device();
+        // The output gradient in phase coordinates ([O, cols] per image), zero in the gaps
+        // between rows so those columns add nothing.
+        let mut gq = vec![0f32; g.b * g.o * cols];
+        gq.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
+            let src = &gv[r * g.ho * g.wo..][..g.ho * g.wo];
+            for (y, line) in src.chunks_exact(g.wo).enumerate() {
+                dst[y * g.wq..y * g.wq + g.wo].copy_from_slice(line);
+            }
+        });
+        let grad_b = if bias.track_op() {
+            let mut db = vec![0f32; g.o];
+            for (r, line) in gv.chunks_exact(g.ho * g.wo).enumerate() {
+                db[r % g.o] += line.iter().sum::<f32>();
+            }
+            Some(Tensor::from_vec(db, g.o, dev)?)
+        } else {
+            None
+        };
+        let grad_w = if weight.track_op() {
+            let ph = all_phases(xv, &g);
+            let mut dw = vec![0f32; g.o * g.c * kk];
+            let dw_p = SharedMut(dw.as_mut_ptr());
+            // dW_tap [O, C] = sum over images of G [O, cols] x window^T [cols, C].
+            let tap = |t: usize, par: Par| {
+                for bi in 0..g.b {
+                    // SAFETY: tap t writes only the elements o*C*kk + c*kk + t.
+                    unsafe {
+                        sgemm_raw(
+                            (g.o, g.c, cols),
+                            dw_p.ptr(),
+                            Strided::new(t, g.c * kk, kk),
+                            bi > 0,
+                            &gq[bi * g.o * cols..][..g.o * cols],
+                            Strided::new(0, cols, 1),
+                            &ph[bi * g.image_len()..][..g.image_len()],
+                            Strided::new(g.tap_offset(t, 0), 1, g.phase_len()),
+                            1.0,
+                            par,
+                        )
+                    };
+                }
+            };
+            if kk >= rayon::current_num_threads() {
+                (0..kk).into_par_iter().for_each(|t| tap(t, Par::Seq));
+            } else {
+                (0..kk).for_each(|t| tap(t, Par::Pool));
+            }
+            Some(Tensor::from_vec(dw, weight.shape(), dev)?)
+        } else {
+            None
+        };
+        let grad_x = if x.track_op() {
+            let mut dx = uninit_vec(xv.len());
+            let mut gph = vec![0f32; g.image_len()];
+            for bi in 0..g.b {
+                gph.fill(0.0);
+                // window [C, cols] += W_tap^T [C, O] x G [O, cols], tap by tap.
+                for t in 0..kk {
+                    let off = g.tap_offset(t, 0);
+                    sgemm(
+                        (g.c, cols, g.o),
+                        &mut gph,
+                        Strided::new(off, g.phase_len(), 1),
+                        true,
+                        wv,
+                        Strided::new(t, kk, g.c * kk),
+                        &gq[bi * g.o * cols..][..g.o * cols],
+                        Strided::new(0, cols, 1),
+                        1.0,
+                        Par::Pool,
+                    );
+                }
+                unphase(&gph, &g, &mut dx[bi * g.c * g.h * g.w..][..g.c * g.h * g.w]);
+            }
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w, grad_b))
+    }
+}
+
+/// `conv2d(x, weight) + bias` on contiguous f32 CPU tensors (square kernel, symmetric padding).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    let op = Conv2dOp { stride, padding };
+    x.contiguous()?
+        .apply_op3_arc(&weight.contiguous()?, bias, std::sync::Arc::new(Box::new(op)))
+}
