@@ -530,7 +530,11 @@ mod tests {
 
     #[test]
     fn unpaired_comparison_takes_b_from_the_next_seed_of_the_same_prompt() {
-        let a = side(&[("0000_0", 0.0, true), ("0000_1", 0.0, true), ("0001_0", 0.0, true)]);
+        let a = side(&[
+            ("0000_0", 0.0, true),
+            ("0000_1", 0.0, true),
+            ("0001_0", 0.0, true),
+        ]);
         // B's seed 1 of prompt 0 beats A, seed 0 loses; prompt 1 has no seed 1 on B's side.
         let b = side(&[
             ("0000_0", -1.0, true),

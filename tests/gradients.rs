@@ -2,7 +2,9 @@
 //! must get a finite, nonzero gradient from a simple loss. This is the guard against fused
 //! kernels without a backward pass (gradients then vanish silently while the loss still falls).
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use dspo_server::models::checkpoint;
 use dspo_server::models::clip::ClipTextModel;
 use dspo_server::models::unet::{AddedCond, UNet2DConditionModel};
 use dspo_server::models::vae::AutoencoderKL;
@@ -22,8 +24,12 @@ fn trainable(dir: &std::path::Path, stem: &str) -> (Weights, VarRegistry) {
     (w, reg)
 }
 
-fn census(reg: &VarRegistry, loss: &Tensor, what: &str) {
+fn census(reg: &VarRegistry, loss: &Tensor, what: &str) -> GradStore {
     let grads = loss.backward().unwrap();
+    census_of(reg, grads, what)
+}
+
+fn census_of(reg: &VarRegistry, grads: GradStore, what: &str) -> GradStore {
     let vars: Vec<(String, Var)> = reg.all();
     assert!(
         !vars.is_empty(),
@@ -50,6 +56,7 @@ fn census(reg: &VarRegistry, loss: &Tensor, what: &str) {
         vars.len(),
         missing.join("\n")
     );
+    grads
 }
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -69,34 +76,60 @@ fn unet_census(model: &str, in_channels: usize, sdxl: bool) {
     let x = randn(&[2, in_channels, 16, 16], 1);
     let t = Tensor::new(&[100f32, 700.0], &Device::Cpu).unwrap();
     let ehs = randn(&[2, 77, cross], 2);
-    let out = if sdxl {
-        let proj = unet.config.projection_class_embeddings_input_dim.unwrap()
-            - 6 * unet.config.addition_time_embed_dim.unwrap();
-        let te = randn(&[2, proj], 3);
-        let ids = Tensor::new(
-            &[
-                [128f32, 128., 0., 0., 128., 128.],
-                [64., 96., 0., 0., 64., 96.],
-            ],
-            &Device::Cpu,
-        )
-        .unwrap();
-        unet.forward(
-            &x,
-            &t,
-            &ehs,
-            Some(AddedCond {
-                text_embeds: &te,
-                time_ids: &ids,
-            }),
-        )
-        .unwrap()
-    } else {
-        unet.forward(&x, &t, &ehs, None).unwrap()
+    let loss = || {
+        let out = if sdxl {
+            let proj = unet.config.projection_class_embeddings_input_dim.unwrap()
+                - 6 * unet.config.addition_time_embed_dim.unwrap();
+            let te = randn(&[2, proj], 3);
+            let ids = Tensor::new(
+                &[
+                    [128f32, 128., 0., 0., 128., 128.],
+                    [64., 96., 0., 0., 64., 96.],
+                ],
+                &Device::Cpu,
+            )
+            .unwrap();
+            unet.forward(
+                &x,
+                &t,
+                &ehs,
+                Some(AddedCond {
+                    text_embeds: &te,
+                    time_ids: &ids,
+                }),
+            )
+            .unwrap()
+        } else {
+            unet.forward(&x, &t, &ehs, None).unwrap()
+        };
+        let target = randn(out.dims(), 4);
+        (out - target).unwrap().sqr().unwrap().mean_all().unwrap()
     };
-    let target = randn(out.dims(), 4);
-    let loss = (out - target).unwrap().sqr().unwrap().mean_all().unwrap();
-    census(&reg, &loss, model);
+    let plain = census(&reg, &loss(), model);
+    // The same loss with every ResNet and transformer block checkpointed: the same gradients.
+    let guard = checkpoint::enable(&Device::Cpu).unwrap();
+    let ck = checkpoint::backward(&loss()).unwrap();
+    drop(guard);
+    let ck = census_of(&reg, ck, &format!("{model}, checkpointed"));
+    for (name, var) in reg.all() {
+        let (a, b) = (
+            plain.get(var.as_tensor()).unwrap(),
+            ck.get(var.as_tensor()).unwrap(),
+        );
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let err = max(&(a - b).unwrap()) / max(a).max(1e-12);
+        assert!(
+            err < 1e-5,
+            "{model} {name}: checkpointed gradient differs by {err} (relative)"
+        );
+    }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The model stack: diffusers-layout loading, UNet, VAE, CLIP text encoders, tokenizer, LoRA.
 //! Nothing here knows about HTTP or jobs.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod defaults;
 pub mod device;

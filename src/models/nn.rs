@@ -1,8 +1,10 @@
 //! Layers shared by the UNet, the VAE and the text encoders.
 //!
-//! Every operation here is composed of candle-core ops that record their backward pass:
-//! candle-nn's fused softmax / layer-norm kernels record none, so gradients silently vanish
-//! through them (the bug that ruled out candle-transformers' UNet for training).
+//! Every operation records its backward pass: on f32 CPU tensors the heavy ones (linear,
+//! convolution, norms, attention) run the fused kernels of `kernels`, each with an analytic
+//! backward; elsewhere they are composed of candle-core ops. candle-nn's fused softmax /
+//! layer-norm kernels record no backward, so gradients would silently vanish through them
+//! (the bug that ruled out candle-transformers' UNet for training).
 
 use super::kernels;
 use super::weights::Weights;
@@ -125,6 +127,22 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let x2 = x.reshape((x.elem_count() / in_dim, in_dim))?;
         let lora = self.lora.get();
+        let mut parts = vec![&self.weight];
+        parts.extend(&self.bias);
+        if let Some(d) = &lora {
+            parts.extend([&d.down, &d.up]);
+        }
+        if is_cpu_f32(&[&x2]) && is_cpu_f32(&parts) {
+            let mut y = kernels::linear::linear(&x2, &self.weight, self.bias.as_ref())?;
+            if let Some(d) = &lora {
+                let h = kernels::linear::linear(&x2, &d.down, None)?;
+                let h = kernels::linear::linear(&h, &d.up, None)?;
+                y = (y + (h * d.scale)?)?;
+            }
+            let mut out_dims = dims;
+            *out_dims.last_mut().unwrap() = y.dim(1)?;
+            return y.reshape(out_dims);
+        }
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -232,7 +250,8 @@ impl Module for Conv2d {
 
 /// Whether every tensor can take the fused CPU kernels.
 fn is_cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Normalises the last dimension in f32 (f16 statistics over thousands of elements lose
@@ -415,7 +434,13 @@ pub fn composed_attention(
             let rows = s.dim(2)?;
             let bias: Vec<f32> = (0..rows)
                 .flat_map(|i| {
-                    (0..m).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..m).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
                 .collect();
             let bias = Tensor::from_vec(bias, (1, 1, rows, m), s.device())?.to_dtype(s.dtype())?;
@@ -455,11 +480,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The im2col training convolution must match candle's own conv2d and its autograd
-    /// (forward and all three gradients), for strides, paddings and 1x1 kernels. Sizes where
-    /// stride does not divide evenly are left out: candle's own conv backward mis-sizes them.
+    /// The Conv2d layer must match candle's own conv2d and its autograd (forward and all three
+    /// gradients), for strides, paddings and 1x1 kernels. Sizes where stride does not divide
+    /// evenly are left out: candle's own conv backward mis-sizes them.
     #[test]
-    fn im2col_conv_matches_candle_conv_and_its_gradients() -> candle_core::Result<()> {
+    fn conv2d_layer_matches_candle_conv_and_its_gradients() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         for &(k, stride, padding, h, w) in &[
             (3, 1, 1, 7, 6),

@@ -160,7 +160,9 @@ impl VaeAttention {
         let q = self.to_q.forward(&t)?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
-        let o = self.to_out.forward(&attention(&q, &k, &v, 1, AttentionMask::None)?)?;
+        let o = self
+            .to_out
+            .forward(&attention(&q, &k, &v, 1, AttentionMask::None)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }

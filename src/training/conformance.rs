@@ -117,6 +117,8 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
     let mut out = HashMap::new();
 
     // Parameters, the model they drive, and the names the case uses for them.
+    // The trainer's default path: blocks checkpointed, their gradients recomputed.
+    let _checkpointing = crate::models::checkpoint::enable(device)?;
     let (params, roles, loss_out) = if lora {
         let unet =
             UNet2DConditionModel::new(config, &Weights::from_files(&files, device, DType::F32)?)?;
@@ -173,7 +175,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
         let roles = params.iter().map(|(n, _)| n.clone()).collect();
         (params, roles, l)
     };
-    let grads = loss_out.loss.backward()?;
+    let grads = crate::models::checkpoint::backward(&loss_out.loss)?;
     let clipped = collect_and_clip(&params, &grads, max_norm)?;
     let mut opt = AdamW::new(params.clone(), cfg)?;
     if let Some(state) = case.params.get("adam_state").filter(|v| !v.is_null()) {

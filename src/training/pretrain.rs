@@ -664,12 +664,16 @@ impl Pretrainer {
                 .collect();
             let mut rng = NoiseRng::new(mix(seed, k as u64));
             let _training = crate::models::nn::training_mode();
+            let _checkpointing = match h.gradient_checkpointing {
+                true => Some(crate::models::checkpoint::enable(&self.device)?),
+                false => None,
+            };
             let loss = match self.config.mode {
                 TrainMode::Autoencoder => self.autoencoder_loss(&rows, &mut rng)?,
                 _ => self.text_to_image_loss(&rows, &mut rng)?,
             };
             let loss = (loss / accum as f64)?;
-            let grads = loss.backward()?;
+            let grads = crate::models::checkpoint::backward(&loss)?;
             let g = collect(&self.opt.params, &grads)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * accum as f64;
             sum = Some(match sum {

@@ -13,6 +13,7 @@ use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
 use super::step::{batch_loss, Batch, Reference};
 use super::TrainError;
+use crate::models::checkpoint;
 use crate::models::lora::LoraAdapter;
 use crate::models::pipeline_model::{Architecture, LoadOptions};
 use crate::models::unet::UNet2DConditionModel;
@@ -70,6 +71,11 @@ pub struct Hyperparameters {
     pub sdxl_real_time_ids: bool,
     /// Use only the first N usable pairs of the dataset (quick experiments, tests).
     pub max_pairs: Option<usize>,
+    /// Recompute each UNet ResNet and transformer block in the backward pass instead of keeping
+    /// its activations (diffusers' `gradient_checkpointing`): a step holds one block's
+    /// activations at a time instead of the whole network's, for about one more forward pass
+    /// of compute. Gradients are the same. Default: on.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for Hyperparameters {
@@ -95,6 +101,7 @@ impl Default for Hyperparameters {
             random_crop: false,
             sdxl_real_time_ids: false,
             max_pairs: None,
+            gradient_checkpointing: true,
         }
     }
 }
@@ -562,6 +569,10 @@ impl Trainer {
             Params::Lora(_) => (&self.model.unet, Reference::AdaptersOff),
             Params::Full { policy, .. } => (policy.as_ref(), Reference::Model(&self.model.unet)),
         };
+        let _checkpointing = match h.gradient_checkpointing {
+            true => Some(checkpoint::enable(&self.device)?),
+            false => None,
+        };
         let out = batch_loss(
             policy,
             reference,
@@ -573,7 +584,7 @@ impl Trainer {
         )?;
         let accum = h.gradient_accumulation_steps as f64;
         let loss = (out.loss / accum)?;
-        let grads = loss.backward()?;
+        let grads = checkpoint::backward(&loss)?;
         let g = collect(&self.opt.params, &grads)?;
         let u: Vec<f32> = match &out.u {
             Some(u) => u.to_dtype(DType::F32)?.to_vec1()?,

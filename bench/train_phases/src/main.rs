@@ -11,6 +11,7 @@
 //! separate reference timing, so that steps follow each other as in bench-train).
 
 use candle_core::{DType, Device, Tensor};
+use dspo_server::models::checkpoint;
 use dspo_server::models::unet::UNet2DConditionModel;
 use dspo_server::models::weights::{VarRegistry, Weights};
 use dspo_server::rng::NoiseRng;
@@ -54,6 +55,8 @@ fn main() -> anyhow::Result<()> {
     // Diagnostic: hand AdamW detached gradients, to see whether what the optimiser keeps from
     // one step to the next is what makes memory grow with the number of steps.
     let detach_grads = args.iter().any(|a| a == "--detach-grads");
+    // As bench-train: blocks checkpointed unless `--gradient-checkpointing false`.
+    let checkpointing: bool = arg(&args, "--gradient-checkpointing", true);
 
     let device = Device::Cpu;
     let unet_dir = model.join("unet");
@@ -122,13 +125,14 @@ fn main() -> anyhow::Result<()> {
         let reference_s = r0.elapsed().as_secs_f64();
 
         let t0 = Instant::now();
+        let _checkpointing = if checkpointing { Some(checkpoint::enable(&device)?) } else { None };
         let out = match &policy_full {
-            Some(p) => batch_loss(p, Reference::Model(&base), &schedule, &batch, method, 1.0)?,
-            None => batch_loss(&base, Reference::AdaptersOff, &schedule, &batch, method, 1.0)?,
+            Some(p) => batch_loss(p, Reference::Model(&base), &schedule, &batch, method, 1.0, 0.0)?,
+            None => batch_loss(&base, Reference::AdaptersOff, &schedule, &batch, method, 1.0, 0.0)?,
         };
         let t1 = Instant::now();
         let ra = status_mib("VmRSS:");
-        let grads = out.loss.backward()?;
+        let grads = checkpoint::backward(&out.loss)?;
         let t2 = Instant::now();
         let rb = status_mib("VmRSS:");
         let mut raw = collect(&params, &grads)?;
@@ -185,6 +189,7 @@ fn main() -> anyhow::Result<()> {
         "method": methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(","),
         "mode": if full { "full" } else { "lora" },
         "detach_grads": detach_grads,
+        "gradient_checkpointing": checkpointing,
         "pairs": b,
         "resolution": side * 8,
         "rss_loaded_mib": rss_loaded,

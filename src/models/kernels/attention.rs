@@ -11,7 +11,7 @@
 //! with a fixed sequence of operations, so a row's result never depends on the batch size.
 
 use super::gemm::{sgemm, sgemm_raw, Par, Strided};
-use super::{cpu_f32, storage_f32, simd, uninit_vec, SharedMut};
+use super::{cpu_f32, simd, storage_f32, uninit_vec, SharedMut};
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -189,7 +189,9 @@ impl candle_core::CustomOp3 for FusedAttention {
                         // Rows already accumulated were weighted against the old maximum.
                         let rescale = simd::exp_scalar(row_max[i] - new_max);
                         row_sum[i] = row_sum[i] * rescale + sum;
-                        acc[i * g.d..(i + 1) * g.d].iter_mut().for_each(|a| *a *= rescale);
+                        acc[i * g.d..(i + 1) * g.d]
+                            .iter_mut()
+                            .for_each(|a| *a *= rescale);
                     }
                     row_max[i] = new_max;
                 }
@@ -276,7 +278,11 @@ impl candle_core::CustomOp3 for FusedAttention {
                 let dot: Vec<f32> = (0..nq)
                     .map(|i| {
                         let r = qo + (q0 + i) * g.c;
-                        gv[r..r + g.d].iter().zip(&ov[r..r + g.d]).map(|(a, b)| a * b).sum()
+                        gv[r..r + g.d]
+                            .iter()
+                            .zip(&ov[r..r + g.d])
+                            .map(|(a, b)| a * b)
+                            .sum()
                     })
                     .collect();
                 let kend = self.key_end(&g, q0 + nq);
@@ -363,13 +369,14 @@ impl candle_core::CustomOp3 for FusedAttention {
             }
         });
         let dev = q.device();
-        let wrap = |need: bool, v: Vec<f32>, shape: &Shape| -> candle_core::Result<Option<Tensor>> {
-            Ok(if need {
-                Some(Tensor::from_vec(v, shape, dev)?)
-            } else {
-                None
-            })
-        };
+        let wrap =
+            |need: bool, v: Vec<f32>, shape: &Shape| -> candle_core::Result<Option<Tensor>> {
+                Ok(if need {
+                    Some(Tensor::from_vec(v, shape, dev)?)
+                } else {
+                    None
+                })
+            };
         Ok((
             wrap(need_q, dq, ql.shape())?,
             wrap(need_k, dk, kl.shape())?,

@@ -132,30 +132,32 @@ fn phases(x: &[f32], g: &Geo, out: &mut [f32]) {
 /// positions dropped).
 fn unphase(ph: &[f32], g: &Geo, x: &mut [f32]) {
     let (s, p, pl) = (g.s, g.p, g.phase_len());
-    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(ci, plane)| {
-        for (iy, line) in plane.chunks_exact_mut(g.w).enumerate() {
-            let (yy, py) = ((iy + p) / s, (iy + p) % s);
-            for px in 0..s {
-                let first = (px + s - p % s) % s;
-                if first >= g.w {
-                    continue;
-                }
-                let base = ((py * s + px) * g.c + ci) * pl + yy * g.wq;
-                let src = &ph[base + (first + p) / s..base + g.wq];
-                for (d, &v) in line[first..].iter_mut().step_by(s).zip(src) {
-                    *d = v;
+    x.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(ci, plane)| {
+            for (iy, line) in plane.chunks_exact_mut(g.w).enumerate() {
+                let (yy, py) = ((iy + p) / s, (iy + p) % s);
+                for px in 0..s {
+                    let first = (px + s - p % s) % s;
+                    if first >= g.w {
+                        continue;
+                    }
+                    let base = ((py * s + px) * g.c + ci) * pl + yy * g.wq;
+                    let src = &ph[base + (first + p) / s..base + g.wq];
+                    for (d, &v) in line[first..].iter_mut().step_by(s).zip(src) {
+                        *d = v;
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 fn all_phases(x: &[f32], g: &Geo) -> Vec<f32> {
     let n = g.image_len();
     let mut out = uninit_vec(g.b * n);
-    out.par_chunks_mut(n).enumerate().for_each(|(bi, ph)| {
-        phases(&x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w], g, ph)
-    });
+    out.par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(bi, ph)| phases(&x[bi * g.c * g.h * g.w..][..g.c * g.h * g.w], g, ph));
     out
 }
 
@@ -263,7 +265,11 @@ impl candle_core::CustomOp3 for Conv2dOp {
         let (xg, xl) = x.storage_and_layout();
         let (wg, wl) = weight.storage_and_layout();
         let (gg, gl) = grad.storage_and_layout();
-        let (xv, wv, gv) = (storage_f32(&xg, xl, "conv2d backward")?, storage_f32(&wg, wl, "conv2d backward")?, storage_f32(&gg, gl, "conv2d backward")?);
+        let (xv, wv, gv) = (
+            storage_f32(&xg, xl, "conv2d backward")?,
+            storage_f32(&wg, wl, "conv2d backward")?,
+            storage_f32(&gg, gl, "conv2d backward")?,
+        );
         let (kk, cols) = (g.taps(), g.cols(g.ho));
         let dev = x.device();
         // The output gradient in phase coordinates ([O, cols] per image), zero in the gaps
@@ -357,6 +363,9 @@ pub fn conv2d(
     padding: usize,
 ) -> candle_core::Result<Tensor> {
     let op = Conv2dOp { stride, padding };
-    x.contiguous()?
-        .apply_op3_arc(&weight.contiguous()?, bias, std::sync::Arc::new(Box::new(op)))
+    x.contiguous()?.apply_op3_arc(
+        &weight.contiguous()?,
+        bias,
+        std::sync::Arc::new(Box::new(op)),
+    )
 }

@@ -114,7 +114,20 @@ pub fn sgemm(
         assert!(d.last(m, n) < dst.len(), "gemm: dst view out of bounds");
     }
     // SAFETY: the destination is exclusively borrowed and its view is in bounds.
-    unsafe { sgemm_raw(mnk, dst.as_mut_ptr(), d, accumulate, lhs, a, rhs, b, scale, par) }
+    unsafe {
+        sgemm_raw(
+            mnk,
+            dst.as_mut_ptr(),
+            d,
+            accumulate,
+            lhs,
+            a,
+            rhs,
+            b,
+            scale,
+            par,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -143,7 +156,8 @@ mod tests {
         );
         for r in 0..m {
             for c in 0..n {
-                let want: f32 = 1.0 + 0.5 * (0..k).map(|i| lhs[r * k + i] * rhs[i * n + c]).sum::<f32>();
+                let want: f32 =
+                    1.0 + 0.5 * (0..k).map(|i| lhs[r * k + i] * rhs[i * n + c]).sum::<f32>();
                 assert!((dst[r * n + c] - want).abs() < 1e-5);
             }
         }

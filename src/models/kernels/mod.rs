@@ -10,13 +10,18 @@
 pub mod attention;
 pub mod conv;
 pub mod gemm;
+pub mod linear;
 pub mod norm;
 pub mod simd;
 
 use candle_core::{CpuStorage, Layout};
 
 /// The contiguous f32 slice behind a CPU storage and layout.
-pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{op}: contiguous f32 CPU input expected"),

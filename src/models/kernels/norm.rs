@@ -30,7 +30,10 @@ impl GroupNormOp {
     fn geometry(&self, shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
         let dims = shape.dims();
         if dims.len() < 2 || self.groups == 0 || dims[1] % self.groups != 0 {
-            candle_core::bail!("group-norm: {shape:?} does not split into {} groups", self.groups);
+            candle_core::bail!(
+                "group-norm: {shape:?} does not split into {} groups",
+                self.groups
+            );
         }
         let (b, c) = (dims[0], dims[1]);
         Ok((b, c, shape.elem_count() / (b * c).max(1)))
@@ -130,25 +133,27 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let dev = x.device();
         let grad_x = if x.track_op() {
             let mut gx = uninit_vec(xv.len());
-            gx.par_chunks_mut(cg * hw).enumerate().for_each(|(bg, out)| {
-                let (bi, gi) = (bg / g, bg % g);
-                let (mean, rstd) = stats[bg];
-                let n = (cg * hw) as f32;
-                // Means over the group of dxhat = dz * w and of dxhat * xhat.
-                let (mut m1, mut m2) = (0f32, 0f32);
-                for ci in gi * cg..(gi + 1) * cg {
-                    let (s, sx) = sums[bi * c + ci];
-                    m1 += s * w[ci];
-                    m2 += sx * w[ci];
-                }
-                let (m1, m2) = (m1 / n, m2 / n);
-                for (j, o) in out.iter_mut().enumerate() {
-                    let ci = gi * cg + j / hw;
-                    let idx = bg * cg * hw + j;
-                    let xhat = (xv[idx] - mean) * rstd;
-                    *o = rstd * (dz[idx] * w[ci] - m1 - xhat * m2);
-                }
-            });
+            gx.par_chunks_mut(cg * hw)
+                .enumerate()
+                .for_each(|(bg, out)| {
+                    let (bi, gi) = (bg / g, bg % g);
+                    let (mean, rstd) = stats[bg];
+                    let n = (cg * hw) as f32;
+                    // Means over the group of dxhat = dz * w and of dxhat * xhat.
+                    let (mut m1, mut m2) = (0f32, 0f32);
+                    for ci in gi * cg..(gi + 1) * cg {
+                        let (s, sx) = sums[bi * c + ci];
+                        m1 += s * w[ci];
+                        m2 += sx * w[ci];
+                    }
+                    let (m1, m2) = (m1 / n, m2 / n);
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let ci = gi * cg + j / hw;
+                        let idx = bg * cg * hw + j;
+                        let xhat = (xv[idx] - mean) * rstd;
+                        *o = rstd * (dz[idx] * w[ci] - m1 - xhat * m2);
+                    }
+                });
             Some(Tensor::from_vec(gx, xl.shape(), dev)?)
         } else {
             None
@@ -200,14 +205,16 @@ impl candle_core::CustomOp3 for LayerNormOp {
             candle_core::bail!("layer-norm: {:?} with {d} weights", xl.shape());
         }
         let mut y = uninit_vec(x.len());
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(out, row)| {
-            let mean = row.iter().map(|&a| a as f64).sum::<f64>() / d as f64;
-            let var = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-            let (mean, rstd) = (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32);
-            for (((o, &v), &wi), &bi) in out.iter_mut().zip(row).zip(w).zip(bias) {
-                *o = (v - mean) * rstd * wi + bi;
-            }
-        });
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(out, row)| {
+                let mean = row.iter().map(|&a| a as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let (mean, rstd) = (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32);
+                for (((o, &v), &wi), &bi) in out.iter_mut().zip(row).zip(w).zip(bias) {
+                    *o = (v - mean) * rstd * wi + bi;
+                }
+            });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 

@@ -42,7 +42,12 @@ pub fn exp_scalar(x: f32) -> f32 {
     let x = x.min(HI);
     let n = (x * LOG2E).round_ties_even();
     let r = n.mul_add(-C2, n.mul_add(-C1, x));
-    let p = P0.mul_add(r, P1).mul_add(r, P2).mul_add(r, P3).mul_add(r, P4).mul_add(r, P5);
+    let p = P0
+        .mul_add(r, P1)
+        .mul_add(r, P2)
+        .mul_add(r, P3)
+        .mul_add(r, P4)
+        .mul_add(r, P5);
     let y = p.mul_add(r * r, r) + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -202,13 +207,24 @@ mod tests {
         let mut want_sum = 0f64;
         for (&x, &e) in xs.iter().zip(&v) {
             let want = ((x - 0.5) as f64).exp();
-            want_sum += if want < f32::MIN_POSITIVE as f64 { 0.0 } else { want };
+            want_sum += if want < f32::MIN_POSITIVE as f64 {
+                0.0
+            } else {
+                want
+            };
             if want >= f32::MIN_POSITIVE as f64 {
-                assert!(((e as f64) - want).abs() <= 4e-7 * want, "exp({x}) = {e}, want {want}");
+                assert!(
+                    ((e as f64) - want).abs() <= 4e-7 * want,
+                    "exp({x}) = {e}, want {want}"
+                );
             } else {
                 assert!(e < 2.0 * f32::MIN_POSITIVE);
             }
-            assert_eq!(e, exp_scalar(x - 0.5), "vector and scalar paths agree at {x}");
+            assert_eq!(
+                e,
+                exp_scalar(x - 0.5),
+                "vector and scalar paths agree at {x}"
+            );
         }
         // f32 accumulation over 20,000 terms.
         assert!(((sum as f64) - want_sum).abs() < 1e-4 * want_sum);

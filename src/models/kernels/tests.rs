@@ -49,22 +49,26 @@ fn fused_attention_matches_composed_values_and_gradients() -> candle_core::Resul
         let k = Var::from_tensor(&(Tensor::randn(0f32, 1.5, (b, m, c), &dev)?))?;
         let v = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (b, m, c), &dev)?))?;
         let op = FusedAttention::with_blocks(heads, causal, bq, bk);
-        let fused = q
-            .as_tensor()
-            .apply_op3_arc(k.as_tensor(), v.as_tensor(), Arc::new(Box::new(op)))?;
+        let fused =
+            q.as_tensor()
+                .apply_op3_arc(k.as_tensor(), v.as_tensor(), Arc::new(Box::new(op)))?;
         let mask = if causal {
             AttentionMask::Causal
         } else {
             AttentionMask::None
         };
-        let composed = composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask)?;
+        let composed =
+            composed_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask)?;
         let what = format!("b{b} n{n} m{m} h{heads} d{d} causal {causal} tiles {bq}x{bk}");
         assert!(max_diff(&fused, &composed) < 1e-5, "forward {what}");
         let r = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
         let gf = (&fused * &r)?.sum_all()?.backward()?;
         let gc = (&composed * &r)?.sum_all()?.backward()?;
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let (a, e) = (gf.get(var.as_tensor()).unwrap(), gc.get(var.as_tensor()).unwrap());
+            let (a, e) = (
+                gf.get(var.as_tensor()).unwrap(),
+                gc.get(var.as_tensor()).unwrap(),
+            );
             let err = max_diff(a, e) / scale_of(e);
             assert!(err < 1e-5, "grad {name} {what}: {err}");
         }
@@ -101,7 +105,13 @@ fn shifted_gemm_conv_matches_candle_conv_and_its_gradients() -> candle_core::Res
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, h, w), &dev)?)?;
         let wt = Var::from_tensor(&Tensor::randn(0f32, 1., (o, c, k, k), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., o, &dev)?)?;
-        let ours = super::conv::conv2d(x.as_tensor(), wt.as_tensor(), b.as_tensor(), stride, padding)?;
+        let ours = super::conv::conv2d(
+            x.as_tensor(),
+            wt.as_tensor(),
+            b.as_tensor(),
+            stride,
+            padding,
+        )?;
         let reference = x
             .as_tensor()
             .conv2d(wt.as_tensor(), padding, stride, 1, 1)?
@@ -115,7 +125,10 @@ fn shifted_gemm_conv_matches_candle_conv_and_its_gradients() -> candle_core::Res
         // divide the padded size evenly; the weight and bias gradients are still right there.
         let g_ref = (&reference * &r)?.sum_all()?.backward()?;
         for (name, v) in [("x", &x), ("weight", &wt), ("bias", &b)] {
-            let (a, e) = (g_ours.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap());
+            let (a, e) = (
+                g_ours.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
             if a.dims() != e.dims() {
                 assert_eq!(name, "x", "{what}");
                 continue;
@@ -124,14 +137,22 @@ fn shifted_gemm_conv_matches_candle_conv_and_its_gradients() -> candle_core::Res
         }
         // The input gradient, independently: the adjoint identity <conv(dx), r> = <dx, grad>.
         let dx = Tensor::randn(0f32, 1., x.shape(), &dev)?;
-        let lhs = (super::conv::conv2d(&dx, wt.as_tensor(), &b.as_tensor().zeros_like()?, stride, padding)?
-            * &r)?
+        let lhs = (super::conv::conv2d(
+            &dx,
+            wt.as_tensor(),
+            &b.as_tensor().zeros_like()?,
+            stride,
+            padding,
+        )? * &r)?
             .sum_all()?
             .to_scalar::<f32>()?;
         let rhs = (&dx * g_ours.get(x.as_tensor()).unwrap())?
             .sum_all()?
             .to_scalar::<f32>()?;
-        assert!((lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0), "adjoint {what}: {lhs} vs {rhs}");
+        assert!(
+            (lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0),
+            "adjoint {what}: {lhs} vs {rhs}"
+        );
     }
     Ok(())
 }
@@ -140,25 +161,37 @@ fn shifted_gemm_conv_matches_candle_conv_and_its_gradients() -> candle_core::Res
 fn fused_norms_match_composed_values_and_gradients() -> candle_core::Result<()> {
     use super::norm::{GroupNormOp, LayerNormOp};
     let dev = Device::Cpu;
-    let composed_gn = |x: &Tensor, w: &Tensor, b: &Tensor, groups: usize| -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let xg = x.reshape((dims[0], groups, ()))?;
-        let mean = xg.mean_keepdim(2)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(2)?;
-        let xn = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.reshape(dims.as_slice())?;
-        let c = dims[1];
-        xn.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&b.reshape((1, c, 1, 1))?)
-    };
-    for &(groups, c, silu) in &[(1usize, 6usize, false), (3, 6, true), (6, 6, true), (2, 4, false)] {
+    let composed_gn =
+        |x: &Tensor, w: &Tensor, b: &Tensor, groups: usize| -> candle_core::Result<Tensor> {
+            let dims = x.dims().to_vec();
+            let xg = x.reshape((dims[0], groups, ()))?;
+            let mean = xg.mean_keepdim(2)?;
+            let xc = xg.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(2)?;
+            let xn = xc
+                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                .reshape(dims.as_slice())?;
+            let c = dims[1];
+            xn.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
+                .broadcast_add(&b.reshape((1, c, 1, 1))?)
+        };
+    for &(groups, c, silu) in &[
+        (1usize, 6usize, false),
+        (3, 6, true),
+        (6, 6, true),
+        (2, 4, false),
+    ] {
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2., (2, c, 5, 3), &dev)? + 0.7)?)?;
         let w = Var::from_tensor(&Tensor::randn(1f32, 0.5, c, &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, c, &dev)?)?;
-        let op = GroupNormOp { groups, eps: 1e-5, silu };
-        let fused = x
-            .as_tensor()
-            .apply_op3_arc(w.as_tensor(), b.as_tensor(), Arc::new(Box::new(op)))?;
+        let op = GroupNormOp {
+            groups,
+            eps: 1e-5,
+            silu,
+        };
+        let fused =
+            x.as_tensor()
+                .apply_op3_arc(w.as_tensor(), b.as_tensor(), Arc::new(Box::new(op)))?;
         let mut composed = composed_gn(x.as_tensor(), w.as_tensor(), b.as_tensor(), groups)?;
         if silu {
             composed = composed.silu()?;
@@ -166,10 +199,19 @@ fn fused_norms_match_composed_values_and_gradients() -> candle_core::Result<()> 
         let r = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
         let gf = (&fused * &r)?.sum_all()?.backward()?;
         let gc = (&composed * &r)?.sum_all()?.backward()?;
-        assert!(max_diff(&fused, &composed) < 1e-5, "group norm forward g{groups} silu {silu}");
+        assert!(
+            max_diff(&fused, &composed) < 1e-5,
+            "group norm forward g{groups} silu {silu}"
+        );
         for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let (a, e) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
-            assert!(max_diff(a, e) / scale_of(e) < 1e-5, "group norm grad {name} g{groups} silu {silu}");
+            let (a, e) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, e) / scale_of(e) < 1e-5,
+                "group norm grad {name} g{groups} silu {silu}"
+            );
         }
     }
     for &(rows, d) in &[(7usize, 5usize), (3, 64)] {
@@ -189,14 +231,66 @@ fn fused_norms_match_composed_values_and_gradients() -> candle_core::Result<()> 
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(w.as_tensor())?
             .broadcast_add(b.as_tensor())?;
-        assert!(max_diff(&fused, &composed) < 1e-5, "layer norm forward {rows}x{d}");
+        assert!(
+            max_diff(&fused, &composed) < 1e-5,
+            "layer norm forward {rows}x{d}"
+        );
         let r = Tensor::randn(0f32, 1., fused.shape(), &dev)?;
         let gf = (&fused * &r)?.sum_all()?.backward()?;
         let gc = (&composed * &r)?.sum_all()?.backward()?;
         for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let (a, e) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
-            assert!(max_diff(a, e) / scale_of(e) < 1e-5, "layer norm grad {name} {rows}x{d}");
+            let (a, e) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_diff(a, e) / scale_of(e) < 1e-5,
+                "layer norm grad {name} {rows}x{d}"
+            );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn fused_linear_matches_matmul_and_gives_only_tracked_operands_a_gradient(
+) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for &(m, n, k, with_bias) in &[(5, 7, 3, true), (1, 4, 9, false), (33, 17, 70, true)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (n, k), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., n, &dev)?)?;
+        let bias = with_bias.then(|| b.as_tensor());
+        let ours = super::linear::linear(x.as_tensor(), w.as_tensor(), bias)?;
+        let mut reference = x.as_tensor().matmul(&w.as_tensor().t()?)?;
+        if with_bias {
+            reference = reference.broadcast_add(b.as_tensor())?;
+        }
+        let what = format!("m{m} n{n} k{k} bias {with_bias}");
+        assert!(max_diff(&ours, &reference) < 1e-4, "forward {what}");
+        let r = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
+        let g_ours = (&ours * &r)?.sum_all()?.backward()?;
+        let g_ref = (&reference * &r)?.sum_all()?.backward()?;
+        let mut vars = vec![("x", &x), ("weight", &w)];
+        if with_bias {
+            vars.push(("bias", &b));
+        }
+        for (name, v) in vars {
+            let (a, e) = (
+                g_ours.get(v.as_tensor()).unwrap(),
+                g_ref.get(v.as_tensor()).unwrap(),
+            );
+            assert!(!a.track_op(), "grad {name} {what} is a graph node");
+            let err = max_diff(a, e) / scale_of(e);
+            assert!(err < 1e-5, "grad {name} {what}: {err}");
+        }
+    }
+    // A frozen weight (plain tensor) gets no gradient computed at all.
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1., (4, 3), &dev)?)?;
+    let w = Tensor::randn(0f32, 1., (2, 3), &dev)?;
+    let grads = super::linear::linear(x.as_tensor(), &w, None)?
+        .sum_all()?
+        .backward()?;
+    assert!(grads.get(x.as_tensor()).is_some() && grads.get(&w).is_none());
     Ok(())
 }

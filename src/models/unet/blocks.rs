@@ -1,10 +1,13 @@
 //! UNet building blocks: ResNet blocks, spatial transformers, resamplers.
 
-use crate::models::nn::{attention, AttentionMask, Conv2d, GroupNorm, LayerNorm, Linear, LinearRegistry};
+use crate::models::nn::{
+    attention, AttentionMask, Conv2d, GroupNorm, LayerNorm, Linear, LinearRegistry,
+};
 use crate::models::weights::Weights;
 use crate::models::Result;
 use candle_core::{Module, Tensor};
 
+#[derive(Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -64,6 +67,7 @@ impl ResnetBlock2D {
     }
 }
 
+#[derive(Clone)]
 /// diffusers `Attention` as used in transformer blocks: q/k/v without bias, out with bias.
 pub struct CrossAttention {
     to_q: Linear,
@@ -102,6 +106,7 @@ impl CrossAttention {
 }
 
 /// GEGLU feed-forward: `proj(x) -> (h, gate)`, `h * gelu(gate)` with exact erf GELU.
+#[derive(Clone)]
 pub struct FeedForward {
     proj: Linear,
     out: Linear,
@@ -125,6 +130,7 @@ impl FeedForward {
     }
 }
 
+#[derive(Clone)]
 pub struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: CrossAttention,
@@ -162,12 +168,14 @@ impl BasicTransformerBlock {
     }
 }
 
+#[derive(Clone)]
 enum Proj {
     Conv(Conv2d),
     Linear(Linear),
 }
 
 /// `Transformer2DModel` over continuous NCHW input.
+#[derive(Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Proj,

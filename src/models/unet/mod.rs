@@ -8,6 +8,7 @@ use blocks::{Downsample, ResnetBlock2D, SpatialTransformer, TransformerSpec, Ups
 pub use config::UNetConfig;
 use config::{DownBlockType, UpBlockType};
 
+use super::checkpoint::checkpointed;
 use super::nn::{Conv2d, GroupNorm, Linear, LinearRegistry};
 use super::weights::Weights;
 use super::{ModelError, Result};
@@ -379,9 +380,9 @@ impl UNet2DConditionModel {
         let mut skips = vec![x.clone()];
         for blk in &self.down_blocks {
             for (j, res) in blk.resnets.iter().enumerate() {
-                x = res.forward(&x, Some(&emb))?;
+                x = resnet(res, &x, &emb)?;
                 if let Some(attn) = blk.attentions.get(j) {
-                    x = attn.forward(&x, encoder_hidden_states)?;
+                    x = transformer(attn, &x, encoder_hidden_states)?;
                 }
                 skips.push(x.clone());
             }
@@ -391,12 +392,9 @@ impl UNet2DConditionModel {
             }
         }
 
-        x = self.mid_block.resnet_0.forward(&x, Some(&emb))?;
-        x = self
-            .mid_block
-            .attention
-            .forward(&x, encoder_hidden_states)?;
-        x = self.mid_block.resnet_1.forward(&x, Some(&emb))?;
+        x = resnet(&self.mid_block.resnet_0, &x, &emb)?;
+        x = transformer(&self.mid_block.attention, &x, encoder_hidden_states)?;
+        x = resnet(&self.mid_block.resnet_1, &x, &emb)?;
 
         for blk in &self.up_blocks {
             let n_res = blk.resnets.len();
@@ -404,9 +402,9 @@ impl UNet2DConditionModel {
             for (j, res) in blk.resnets.iter().enumerate() {
                 let skip = res_samples.pop().expect("one skip per resnet");
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = res.forward(&x, Some(&emb))?;
+                x = resnet(res, &x, &emb)?;
                 if let Some(attn) = blk.attentions.get(j) {
-                    x = attn.forward(&x, encoder_hidden_states)?;
+                    x = transformer(attn, &x, encoder_hidden_states)?;
                 }
             }
             if let Some(up) = &blk.upsampler {
@@ -424,4 +422,22 @@ impl UNet2DConditionModel {
         let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
+}
+
+/// A ResNet block, checkpointed when training asks for it (`models::checkpoint`).
+fn resnet(block: &ResnetBlock2D, x: &Tensor, emb: &Tensor) -> candle_core::Result<Tensor> {
+    let block = block.clone();
+    checkpointed(x, Some(emb), move |x, emb| block.forward(x, emb))
+}
+
+/// A spatial transformer, checkpointed when training asks for it.
+fn transformer(
+    block: &SpatialTransformer,
+    x: &Tensor,
+    context: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let block = block.clone();
+    checkpointed(x, Some(context), move |x, context| {
+        block.forward(x, context.expect("a transformer gets its context"))
+    })
 }

@@ -1,0 +1,201 @@
+//! `y = x W^T (+ b)` as one custom op with its own backward.
+//!
+//! candle's composed `matmul` + `broadcast_add` is correct but, in a backward pass, costs twice:
+//! it computes the gradient of every operand, including a frozen base weight under LoRA (one
+//! wasted GEMM per layer and a weight-sized buffer kept until the step ends), and the gradient
+//! it hands a trainable weight is itself a graph node that keeps the layer's output gradient
+//! alive until the whole backward is over. Here the bias is folded into the GEMM's destination,
+//! only tracked operands get a gradient, and every gradient is a plain, detached tensor.
+
+use super::gemm::{sgemm, Par, Strided};
+use super::{cpu_f32, storage_f32, uninit_vec};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+/// `[M, K] x [N, K]^T`, the shapes checked.
+fn dims(xl: &Layout, wl: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, kw) = wl.shape().dims2()?;
+    if k != kw {
+        candle_core::bail!("linear: input [{m}, {k}] and weight [{n}, {kw}] do not fit");
+    }
+    Ok((m, n, k))
+}
+
+fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    let mut y = uninit_vec(m * n);
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+    }
+    sgemm(
+        (m, n, k),
+        &mut y,
+        Strided::new(0, n, 1),
+        b.is_some(),
+        x,
+        Strided::new(0, k, 1),
+        w,
+        Strided::new(0, 1, k),
+        1.0,
+        Par::Pool,
+    );
+    y
+}
+
+/// Gradients of the tracked operands among `x [M, K]`, `w [N, K]` and a bias `[N]`.
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    bias_tracked: bool,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (m, k) = x.dims2()?;
+    let (n, _) = w.dims2()?;
+    let dev = x.device();
+    let (gs, gl) = grad.storage_and_layout();
+    let g = storage_f32(&gs, gl, "linear backward")?;
+    let grad_x = if x.track_op() {
+        let (ws, wl) = w.storage_and_layout();
+        let wv = storage_f32(&ws, wl, "linear backward")?;
+        let mut dx = uninit_vec(m * k);
+        // dX [M, K] = G [M, N] x W [N, K]
+        sgemm(
+            (m, k, n),
+            &mut dx,
+            Strided::new(0, k, 1),
+            false,
+            g,
+            Strided::new(0, n, 1),
+            wv,
+            Strided::new(0, k, 1),
+            1.0,
+            Par::Pool,
+        );
+        Some(Tensor::from_vec(dx, (m, k), dev)?)
+    } else {
+        None
+    };
+    let grad_w = if w.track_op() {
+        let (xs, xl) = x.storage_and_layout();
+        let xv = storage_f32(&xs, xl, "linear backward")?;
+        let mut dw = uninit_vec(n * k);
+        // dW [N, K] = G^T [N, M] x X [M, K]
+        sgemm(
+            (n, k, m),
+            &mut dw,
+            Strided::new(0, k, 1),
+            false,
+            g,
+            Strided::new(0, 1, n),
+            xv,
+            Strided::new(0, k, 1),
+            1.0,
+            Par::Pool,
+        );
+        Some(Tensor::from_vec(dw, (n, k), dev)?)
+    } else {
+        None
+    };
+    let grad_b = if bias_tracked {
+        let mut db = vec![0f32; n];
+        for row in g.chunks_exact(n) {
+            for (d, v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        Some(Tensor::from_vec(db, n, dev)?)
+    } else {
+        None
+    };
+    Ok((grad_x, grad_w, grad_b))
+}
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mnk = dims(xl, wl)?;
+        let y = forward(
+            cpu_f32(xs, xl, "linear")?,
+            cpu_f32(ws, wl, "linear")?,
+            None,
+            mnk,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((mnk.0, mnk.1))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = backward(x, w, false, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+struct LinearBiasOp;
+
+impl CustomOp3 for LinearBiasOp {
+    fn name(&self) -> &'static str {
+        "linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mnk = dims(xl, wl)?;
+        let b = cpu_f32(bs, bl, "linear")?;
+        if b.len() != mnk.1 {
+            candle_core::bail!("linear: bias of {} for {} outputs", b.len(), mnk.1);
+        }
+        let y = forward(
+            cpu_f32(xs, xl, "linear")?,
+            cpu_f32(ws, wl, "linear")?,
+            Some(b),
+            mnk,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((mnk.0, mnk.1))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        backward(x, w, b.track_op(), grad)
+    }
+}
+
+/// `x [M, K] W^T [N, K] (+ b [N])` on contiguous f32 CPU tensors.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp),
+        None => x.apply_op2(&w, LinearOp),
+    }
+}
