@@ -41,6 +41,13 @@ impl Drop for Checkpointing {
     }
 }
 
+/// Whether to checkpoint on `device` when the option is `setting` (unset: on GPUs only, where
+/// activation memory limits the batch; the CPU kernels keep little and the recompute costs
+/// time there).
+pub fn wanted(setting: Option<bool>, device: &Device) -> bool {
+    setting.unwrap_or(!device.is_cpu())
+}
+
 /// `loss.backward()` plus the parameter gradients that checkpointed blocks computed during it.
 pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     SIDE.with(|s| *s.borrow_mut() = None);

@@ -38,9 +38,9 @@ pub struct TrainBenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Recompute each UNet block in the backward pass instead of keeping its activations
-    /// (the trainer's default)
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub gradient_checkpointing: bool,
+    /// (true|false; default as the trainer: on for GPUs, off on the CPU)
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 fn peak_rss_mib() -> Option<f64> {
@@ -112,10 +112,11 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
             Some(p) => (p, Reference::Model(&base)),
             None => (&base, Reference::AdaptersOff),
         };
-        let _checkpointing = match a.gradient_checkpointing {
-            true => Some(crate::models::checkpoint::enable(&device)?),
-            false => None,
-        };
+        let _checkpointing =
+            match crate::models::checkpoint::wanted(a.gradient_checkpointing, &device) {
+                true => Some(crate::models::checkpoint::enable(&device)?),
+                false => None,
+            };
         let out = batch_loss(policy, reference, &schedule, &batch, method, 1.0, 0.0)?;
         let grads = crate::models::checkpoint::backward(&out.loss)?;
         let g = clip(collect(&params, &grads)?, Some(1.0))?;
@@ -136,7 +137,7 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
         "pairs": b,
         "resolution": a.resolution,
         "trainable_params": n_params,
-        "gradient_checkpointing": a.gradient_checkpointing,
+        "gradient_checkpointing": crate::models::checkpoint::wanted(a.gradient_checkpointing, &device),
         "step_s_median": median,
         "step_s_min": times[0],
         "peak_rss_mib": peak_rss_mib(),

@@ -664,10 +664,11 @@ impl Pretrainer {
                 .collect();
             let mut rng = NoiseRng::new(mix(seed, k as u64));
             let _training = crate::models::nn::training_mode();
-            let _checkpointing = match h.gradient_checkpointing {
-                true => Some(crate::models::checkpoint::enable(&self.device)?),
-                false => None,
-            };
+            let _checkpointing =
+                match crate::models::checkpoint::wanted(h.gradient_checkpointing, &self.device) {
+                    true => Some(crate::models::checkpoint::enable(&self.device)?),
+                    false => None,
+                };
             let loss = match self.config.mode {
                 TrainMode::Autoencoder => self.autoencoder_loss(&rows, &mut rng)?,
                 _ => self.text_to_image_loss(&rows, &mut rng)?,

@@ -55,8 +55,8 @@ fn main() -> anyhow::Result<()> {
     // Diagnostic: hand AdamW detached gradients, to see whether what the optimiser keeps from
     // one step to the next is what makes memory grow with the number of steps.
     let detach_grads = args.iter().any(|a| a == "--detach-grads");
-    // As bench-train: blocks checkpointed unless `--gradient-checkpointing false`.
-    let checkpointing: bool = arg(&args, "--gradient-checkpointing", true);
+    // As bench-train: `--gradient-checkpointing true|false`, unset as the trainer on the CPU.
+    let checkpointing: bool = arg(&args, "--gradient-checkpointing", false);
 
     let device = Device::Cpu;
     let unet_dir = model.join("unet");
