@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # /generate latency while the server is idle vs while a fine-tuning job trains on the same
-# machine (issue 5: training must not starve inference; target p50 during training <= 2x idle).
+# machine (training must not starve inference; target p50 during training <= 2x idle).
 # Writes bench/CONTENTION.md. Usage: bench/finetune_contention.sh [N_REQUESTS] [MODEL_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
