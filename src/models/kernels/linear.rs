@@ -56,45 +56,52 @@ fn backward(
     let dev = x.device();
     let (gs, gl) = grad.storage_and_layout();
     let g = storage_f32(&gs, gl, "linear backward")?;
+    // One GEMM `(rows x cols) = lhs x rhs` into a fresh, detached tensor.
+    let product = |(rows, cols, inner): (usize, usize, usize),
+                   lhs: &[f32],
+                   a: Strided,
+                   rhs: &[f32],
+                   b: Strided| {
+        let mut out = uninit_vec(rows * cols);
+        sgemm(
+            (rows, cols, inner),
+            &mut out,
+            Strided::new(0, cols, 1),
+            false,
+            lhs,
+            a,
+            rhs,
+            b,
+            1.0,
+            Par::Pool,
+        );
+        Tensor::from_vec(out, (rows, cols), dev)
+    };
     let grad_x = if x.track_op() {
         let (ws, wl) = w.storage_and_layout();
         let wv = storage_f32(&ws, wl, "linear backward")?;
-        let mut dx = uninit_vec(m * k);
         // dX [M, K] = G [M, N] x W [N, K]
-        sgemm(
+        Some(product(
             (m, k, n),
-            &mut dx,
-            Strided::new(0, k, 1),
-            false,
             g,
             Strided::new(0, n, 1),
             wv,
             Strided::new(0, k, 1),
-            1.0,
-            Par::Pool,
-        );
-        Some(Tensor::from_vec(dx, (m, k), dev)?)
+        )?)
     } else {
         None
     };
     let grad_w = if w.track_op() {
         let (xs, xl) = x.storage_and_layout();
         let xv = storage_f32(&xs, xl, "linear backward")?;
-        let mut dw = uninit_vec(n * k);
         // dW [N, K] = G^T [N, M] x X [M, K]
-        sgemm(
+        Some(product(
             (n, k, m),
-            &mut dw,
-            Strided::new(0, k, 1),
-            false,
             g,
             Strided::new(0, 1, n),
             xv,
             Strided::new(0, k, 1),
-            1.0,
-            Par::Pool,
-        );
-        Some(Tensor::from_vec(dw, (n, k), dev)?)
+        )?)
     } else {
         None
     };
