@@ -105,7 +105,12 @@ impl Linear {
         bias: bool,
         registry: Option<&LinearRegistry>,
     ) -> Result<Self> {
-        let weight = w.get((out_dim, in_dim), "weight")?;
+        let mut weight = w.get((out_dim, in_dim), "weight")?;
+        if weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
+            // Frozen CPU weights are kept column-major (`W^T` contiguous): `x W^T` is then the
+            // product whose operands the GEMM kernels read in place (see kernels::linear).
+            weight = weight.t()?.contiguous()?.t()?;
+        }
         let bias = if bias {
             Some(w.get(out_dim, "bias")?)
         } else {
@@ -183,20 +188,11 @@ impl Module for Linear {
         let lead = if dims.len() > 1 { dims[0] } else { 1 };
         let rows = x.elem_count() / in_dim / lead.max(1);
         let x3 = x.reshape((lead, rows, in_dim))?;
-        let wt = self.weight.t()?;
-        let lora = self.lora.get();
         let mut outs = Vec::with_capacity(lead);
         for i in 0..lead {
-            let xi = x3.get(i)?.contiguous()?;
-            let mut y = xi.matmul(&wt)?;
-            if let Some(b) = &self.bias {
-                y = y.broadcast_add(b)?;
-            }
-            if let Some(d) = &lora {
-                let h = xi.matmul(&d.down.t()?)?.matmul(&d.up.t()?)?;
-                y = (y + (h * d.scale)?)?;
-            }
-            outs.push(y);
+            // The fused kernel on f32: both cores, bias folded in (candle's matmul would run
+            // on one thread, candle's own pool being pinned to one in main.rs).
+            outs.push(self.forward_fused(&x3.get(i)?)?);
         }
         let y = Tensor::stack(&outs, 0)?;
         let mut out_dims = dims;

@@ -29,6 +29,15 @@ pub enum Par {
     Pool,
 }
 
+/// Fewest rows (columns) per thread for which splitting a product ourselves pays.
+const SPLIT_MIN: usize = 32;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint parts of one destination to scoped tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 fn parallelism(par: Par) -> gemm::Parallelism {
     match par {
         Par::Pool if rayon::current_num_threads() > 1 => {
@@ -72,6 +81,83 @@ pub unsafe fn sgemm_raw(
     }
     assert!(a.last(m, k) < lhs.len(), "gemm: lhs view out of bounds");
     assert!(b.last(k, n) < rhs.len(), "gemm: rhs view out of bounds");
+    // The crate's kernels want a column-major left operand (they read it in place; a
+    // row-major one is gathered into panels, by strided scalar loads). When the right operand
+    // is row-major, computing the transposed product `C^T = B^T A^T` gives exactly that.
+    // Each element is the same dot product over k either way, in the same blocks (the crate's
+    // k-blocking depends on k alone), so the result does not change.
+    if a.rs != 1 && b.cs == 1 && b.rs != 1 {
+        return sgemm_raw(
+            (n, m, k),
+            dst,
+            Strided::new(d.off, d.cs, d.rs),
+            accumulate,
+            rhs,
+            Strided::new(b.off, b.cs, b.rs),
+            lhs,
+            Strided::new(a.off, a.cs, a.rs),
+            scale,
+            par,
+        );
+    }
+    let threads = match parallelism(par) {
+        gemm::Parallelism::Rayon(t) => t,
+        gemm::Parallelism::None => 1,
+    };
+    // The gemm crate packs a short row-major left operand on the calling thread before it
+    // fans out (its "prepack"), and the other core spins meanwhile: up to a tenth of a
+    // training step. Split such a product ourselves along its rows (or, for few rows, its
+    // columns), one sequential GEMM per thread, so that each packs only its own share. Each
+    // element is still one dot product over k in the same blocks (the crate's k-blocking
+    // depends on k alone), so the result is bit-for-bit the one-call result.
+    if threads > 1 && a.rs != 1 {
+        let split_rows = m >= threads * SPLIT_MIN;
+        let len = if split_rows { m } else { n };
+        if split_rows || n >= threads * SPLIT_MIN {
+            let chunk = len.div_ceil(threads).next_multiple_of(16);
+            let dst = SendPtr(dst);
+            let starts: Vec<usize> = (0..len).step_by(chunk).collect();
+            rayon::scope(|s| {
+                for &start in &starts {
+                    let end = (start + chunk).min(len);
+                    s.spawn(move |_| {
+                        let dst = dst;
+                        // SAFETY: the chunks write disjoint rows (columns) of the caller's view.
+                        unsafe {
+                            if split_rows {
+                                sgemm_raw(
+                                    (end - start, n, k),
+                                    dst.0,
+                                    Strided::new(d.off + start * d.rs, d.rs, d.cs),
+                                    accumulate,
+                                    lhs,
+                                    Strided::new(a.off + start * a.rs, a.rs, a.cs),
+                                    rhs,
+                                    b,
+                                    scale,
+                                    Par::Seq,
+                                )
+                            } else {
+                                sgemm_raw(
+                                    (m, end - start, k),
+                                    dst.0,
+                                    Strided::new(d.off + start * d.cs, d.rs, d.cs),
+                                    accumulate,
+                                    lhs,
+                                    a,
+                                    rhs,
+                                    Strided::new(b.off + start * b.cs, b.rs, b.cs),
+                                    scale,
+                                    Par::Seq,
+                                )
+                            }
+                        }
+                    });
+                }
+            });
+            return;
+        }
+    }
     gemm::gemm(
         m,
         n,

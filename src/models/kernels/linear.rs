@@ -21,7 +21,34 @@ fn dims(xl: &Layout, wl: &Layout) -> candle_core::Result<(usize, usize, usize)> 
     Ok((m, n, k))
 }
 
-fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+/// The slice behind a weight `[N, K]` and the strides of `W^T [K, N]` in it. The weight is
+/// row-major as loaded, or column-major (`W^T` contiguous, as `nn::Linear` keeps frozen CPU
+/// weights: the product `x W^T` then reads both operands in the order the GEMM's kernels
+/// want, without packing the activations).
+fn weight_view<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], Strided)> {
+    let (n, k) = l.shape().dims2()?;
+    if l.is_contiguous() {
+        return Ok((cpu_f32(s, l, "linear")?, Strided::new(0, 1, k)));
+    }
+    match (s, l.stride()) {
+        (CpuStorage::F32(v), [1, ld]) if *ld == n => {
+            let start = l.start_offset();
+            Ok((&v[start..start + n * k], Strided::new(0, n, 1)))
+        }
+        _ => candle_core::bail!("linear: weight must be contiguous or transposed-contiguous"),
+    }
+}
+
+/// Whether `linear` takes this weight as it is (see [`weight_view`]).
+pub fn weight_layout_ok(w: &Tensor) -> bool {
+    let l = w.layout();
+    match (l.shape().dims(), l.stride()) {
+        (&[n, _], &[1, ld]) => ld == n,
+        _ => l.is_contiguous(),
+    }
+}
+
+fn forward(x: &[f32], w: &[f32], wt: Strided, b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
     let mut y = uninit_vec(m * n);
     if let Some(b) = b {
         for row in y.chunks_exact_mut(n) {
@@ -36,7 +63,7 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, n, k): (usize, usize, us
         x,
         Strided::new(0, k, 1),
         w,
-        Strided::new(0, 1, k),
+        wt,
         1.0,
         Par::Pool,
     );
@@ -79,14 +106,17 @@ fn backward(
     };
     let grad_x = if x.track_op() {
         let (ws, wl) = w.storage_and_layout();
-        let wv = storage_f32(&ws, wl, "linear backward")?;
+        let (wv, wt) = match &*ws {
+            candle_core::Storage::Cpu(c) => weight_view(c, wl)?,
+            _ => candle_core::bail!("linear backward: CPU tensors expected"),
+        };
         // dX [M, K] = G [M, N] x W [N, K]
         Some(product(
             (m, k, n),
             g,
             Strided::new(0, n, 1),
             wv,
-            Strided::new(0, k, 1),
+            Strided::new(wt.off, wt.cs, wt.rs),
         )?)
     } else {
         None
@@ -134,12 +164,8 @@ impl CustomOp2 for LinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let mnk = dims(xl, wl)?;
-        let y = forward(
-            cpu_f32(xs, xl, "linear")?,
-            cpu_f32(ws, wl, "linear")?,
-            None,
-            mnk,
-        );
+        let (w, wt) = weight_view(ws, wl)?;
+        let y = forward(cpu_f32(xs, xl, "linear")?, w, wt, None, mnk);
         Ok((CpuStorage::F32(y), Shape::from((mnk.0, mnk.1))))
     }
 
@@ -176,12 +202,8 @@ impl CustomOp3 for LinearBiasOp {
         if b.len() != mnk.1 {
             candle_core::bail!("linear: bias of {} for {} outputs", b.len(), mnk.1);
         }
-        let y = forward(
-            cpu_f32(xs, xl, "linear")?,
-            cpu_f32(ws, wl, "linear")?,
-            Some(b),
-            mnk,
-        );
+        let (w, wt) = weight_view(ws, wl)?;
+        let y = forward(cpu_f32(xs, xl, "linear")?, w, wt, Some(b), mnk);
         Ok((CpuStorage::F32(y), Shape::from((mnk.0, mnk.1))))
     }
 
@@ -200,7 +222,7 @@ impl CustomOp3 for LinearBiasOp {
 /// `x [M, K] W^T [N, K] (+ b [N])` on contiguous f32 CPU tensors.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
+    let w = if weight_layout_ok(w) { w.clone() } else { w.contiguous()? };
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBiasOp),
         None => x.apply_op2(&w, LinearOp),
