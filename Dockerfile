@@ -1,5 +1,5 @@
 # dspo-server with CUDA. Untested here: the machines this project is built on run no Docker
-# engine and have no GPU (see README.md).
+# engine and have no GPU (see docs/gpu.md).
 #
 #   docker build -t dspo-server --build-arg CUDA_COMPUTE_CAP=80 .
 #   docker run --gpus all -p 8080:8080 -v $PWD/models:/app/models -v $PWD/data:/data \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns scripts/table1.sh's results into docs/table1/TABLE1.md, results.json and table1.png.
+"""Turns scripts/table1.sh's results into docs/table1/table.md, results.json and table1.png.
 
 Usage: table1_report.py WORK_DIR OUT_DIR   (needs matplotlib for the plot; the table without)
 """
@@ -77,8 +77,8 @@ for res in sorted((out / "runs").glob("*/result.json")):
         d = res.parent
         rows.append(make_row(name, load(res), load(d / "job.json"), load(d / "metrics.json"), load(d / "adapter.json")))
         seen.add(name)
-# Rows run before table1.sh recorded the hyperparameters used (sessions 5-9) left unset fields
-# at what models/shapes shipped then: 8 pairs per step, lr 1e-4.
+# Rows run before table1.sh recorded the hyperparameters used (the oldest rows of results.json)
+# left unset fields at what models/shapes shipped then: 8 pairs per step, lr 1e-4.
 THEN = {"lr": 1e-4, "batch": 8}
 for old in load(out / "results.json") or []:
     if old["run"] not in seen:

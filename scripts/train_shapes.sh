@@ -3,12 +3,12 @@
 # the project's own commands, then measures it with the world's scorer. On a 2-core CPU, when
 # first run: about 3 h (stage 1 ~50 min, stage 2 ~1.3 s/step x 6,000); ~4.3 h with
 # ARCH=scripts/shapes/arch-x4 (16x16 latents; stage 2 ~1.6 s/step x 7,000). Stage 2 now takes
-# ~0.5 s/step (measured in session 13), ~50 min; stage `upright` 2 x 3,000 such steps, ~45 min.
-# The committed model (session 15) is stage `upright`'s.
+# ~0.5 s/step (measured 2026-11-27), ~50 min; stage `upright` 2 x 3,000 such steps, ~45 min.
+# The committed model is stage `upright`'s.
 # Every stage resumes from its last checkpoint if interrupted (rerun with the same WORK).
 #
 #   scripts/train_shapes.sh            # the default stages (the committed model)
-#   STAGES="t2i install quality" scripts/train_shapes.sh   # the session-5 model (rotations as in the world)
+#   STAGES="t2i install quality" scripts/train_shapes.sh   # the rotated model (before the upright stage)
 #
 # Needs: the Rust toolchain, python3 with numpy + pillow (for score.py) and pyarrow (stage
 # `upright`: scripts/shapes/upright.py).
@@ -19,9 +19,9 @@ SHARED=${SHARED:-../shared}
 WORK=${WORK:-target/shapes-work}
 STAGES=${STAGES:-"init vae check t2i upright install quality"}
 # Architecture: scripts/shapes/arch holds every component config (8x8x4 latents: the committed
-# model, session 5). Another ARCH directory lays its component configs over it and may hold
+# model's). Another ARCH directory lays its component configs over it and may hold
 # t2i.set (extra `--set key=value` lines for stage 2): scripts/shapes/arch-x4 is the 16x16x4
-# latent model of sessions 6-7 (why, and how it measures: docs/SHAPES.md).
+# latent model, measured but not committed (why, and how it measures: docs/SHAPES.md).
 ARCH=${ARCH:-scripts/shapes/arch}
 PY=${PYTHON:-python3}
 BIN=target/release/dspo-server

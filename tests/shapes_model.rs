@@ -3,7 +3,7 @@
 //! (`../shared/shapes/score.py`, run as an external program: numpy + pillow, installed by
 //! .ci/run).
 //!
-//! The committed weights (session 15, docs/SHAPES.md: the session-5 model trained on for
+//! The committed weights (docs/SHAPES.md: the rotated 8x8 model trained on for
 //! 6,000 steps on the world's images turned upright) read colour in 0.995, shape in 0.97 and
 //! background in 0.964 of the 200 eval prompts (the targets: 0.90 / 0.75 / 0.90). The
 //! eval test holds those targets on the first 48 prompts (measured 1.0 / 1.0 / 1.0 on the

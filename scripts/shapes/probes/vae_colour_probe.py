@@ -1,4 +1,4 @@
-"""Throwaway PyTorch probe: trains diffusers' AutoencoderKL from the same initial weights as
+"""PyTorch probe: trains diffusers' AutoencoderKL from the same initial weights as
 scripts/train_shapes.sh (same loss without chroma weighting, batch 8, AdamW) and prints the
 reconstructed background colours, to tell a bug in our trainer from the recipe's own dynamics.
 

@@ -1,4 +1,4 @@
-"""Throwaway PyTorch probe: stage 1 of the shapes recipe (the autoencoder) in diffusers, with
+"""PyTorch probe: stage 1 of the shapes recipe (the autoencoder) in diffusers, with
 the same loss as `mode = "autoencoder"` (L1 + L2 in an opponent colour basis, chroma x4, the
 posterior mean decoded, 1e-4 * mean(z^2)), then a pipeline directory for t2i_probe.py (scaling
 factor 1/std, deterministic posterior, a fresh UNet with matching channels) and reconstructions

@@ -1,4 +1,4 @@
-"""Throwaway PyTorch probe: stage 2 of the shapes recipe (UNet + text encoder from random
+"""PyTorch probe: stage 2 of the shapes recipe (UNet + text encoder from random
 weights, the autoencoder frozen) in diffusers, to tell our trainer's problems from the recipe's.
 Same loss as `mode = "text_to_image"`: epsilon MSE, noise offset 0.05, caption dropout 0.1,
 AdamW, 100 warmup steps then cosine decay, global-norm clipping at 1.
@@ -7,7 +7,7 @@ AdamW, 100 warmup steps then cosine decay, global-norm clipping at 1.
 
 INIT_MODEL gives unet/, text_encoder/, tokenizer/, scheduler/; VAE_MODEL gives vae/. Writes
 OUT/step-N/ (a full pipeline directory) every SAVE steps; sample with
-bench/probes/sample_eval.py and score with ../shared/shapes/score.py.
+scripts/shapes/probes/sample_eval.py and score with ../shared/shapes/score.py.
 
 Findings (2026-11-26, docs/SHAPES.md): with 8x8x16 latents still at chance after 2,000 steps
 (batch 32, lr 1e-3); with 8x8x4 latents colour 0.68 / shape 0.47 / background 0.69 at 3,000.
