@@ -247,7 +247,7 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
             m.unet.linears().clear_all();
             out.insert("noise_pred".into(), pred?);
         }
-        other => return crate::training::conformance::run(other, case, cache, device),
+        other => return super::training::run(other, case, cache, device),
     }
     Ok(out)
 }

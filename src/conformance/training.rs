@@ -1,14 +1,15 @@
-//! Training kinds of the conformance suite.
+//! Training kinds of the conformance suite: noise, losses, one optimiser step, LoRA and
+//! full fine-tuning, each against the float64 reference of the Python trainer.
 
-use crate::conformance::Case;
+use super::{Case, ModelCache};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 
-use super::losses::{self, Method};
-use super::noise::NoiseSchedule;
-use super::optim::{collect_and_clip, AdamW, AdamWConfig};
-use super::step::{batch_loss, Batch, Reference};
+use crate::training::losses::{self, Method};
+use crate::training::noise::NoiseSchedule;
+use crate::training::optim::{collect_and_clip, AdamW, AdamWConfig};
+use crate::training::step::{batch_loss, Batch, Reference};
 use crate::models::lora::LoraAdapter;
 use crate::models::nn::LoraDelta;
 use crate::models::unet::UNet2DConditionModel;
@@ -18,7 +19,7 @@ use candle_core::DType;
 pub fn run(
     kind: &str,
     case: &Case,
-    cache: &mut crate::conformance::ModelCache,
+    cache: &mut ModelCache,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();

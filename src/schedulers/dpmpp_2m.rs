@@ -2,8 +2,10 @@
 //! (DPM-Solver++(2M)), optionally with Karras sigmas. `SchedulerConfig::from_json` refuses the
 //! other algorithm/solver types; solver_order 3 is refused here.
 
-use super::ddim::{lincomb, np_arange_down, np_linspace, np_round, step_out_of_range};
-use super::euler::{karras_sigmas, np_interp, sigma_to_t, training_sigmas, upcast};
+use super::common::{
+    karras_sigmas, lincomb, np_arange_down, np_interp, np_linspace, np_round, sigma_to_t,
+    step_out_of_range, training_sigmas, upcast,
+};
 use super::{
     BetaSchedule, PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError,
     TimestepSpacing,
@@ -218,7 +220,7 @@ impl Scheduler for DpmPp2M {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ddim::test_support::*;
+    use super::super::common::test_support::*;
     use super::*;
 
     #[test]

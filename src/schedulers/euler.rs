@@ -1,176 +1,9 @@
-//! EulerDiscreteScheduler, plus the sigma-space schedule it shares with Euler ancestral and the
-//! interpolation / Karras helpers DPM-Solver also uses.
+//! EulerDiscreteScheduler.
 
-use super::ddim::{lincomb, np_arange_down, np_linspace, np_round, step_out_of_range};
-use super::{PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError, TimestepSpacing};
+use super::common::{derivative_coeffs, lincomb, upcast, SigmaSchedule};
+use super::{PredictionType, Result, Scheduler, SchedulerConfig};
 use crate::rng::NoiseRng;
-use candle_core::{DType, Tensor};
-
-/// Training sigmas `sqrt((1 - acp) / acp)`, indexed by training timestep.
-pub(super) fn training_sigmas(cfg: &SchedulerConfig) -> Vec<f64> {
-    cfg.alphas_cumprod()
-        .iter()
-        .map(|a| ((1.0 - a) / a).sqrt())
-        .collect()
-}
-
-/// `np.interp(x, arange(len(fp)), fp)`: linear in between, clamped to the end values outside.
-pub(super) fn np_interp(x: f64, fp: &[f64]) -> f64 {
-    let last = fp.len() - 1;
-    if x.is_nan() {
-        return f64::NAN;
-    }
-    if x <= 0.0 {
-        return fp[0];
-    }
-    if x >= last as f64 {
-        return fp[last];
-    }
-    let j = x.floor() as usize;
-    (fp[j + 1] - fp[j]) * (x - j as f64) + fp[j]
-}
-
-/// diffusers' `_sigma_to_t`: the fractional training timestep whose log-sigma (linearly
-/// interpolated between neighbours) equals `ln(sigma)`.
-pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    let n = log_sigmas.len();
-    // `argmax(cumsum(dists >= 0))` is the last index at or below log_sigma, or 0 if none.
-    let low = log_sigmas
-        .iter()
-        .rposition(|&l| log_sigma - l >= 0.0)
-        .unwrap_or(0)
-        .min(n.saturating_sub(2));
-    let high = (low + 1).min(n - 1);
-    let (lo, hi) = (log_sigmas[low], log_sigmas[high]);
-    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * high as f64
-}
-
-/// Karras et al. (2022) sigmas, rho = 7, from `sigma_max` down to `sigma_min` in `n` steps.
-pub(super) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    let rho = 7.0;
-    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    np_linspace(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
-}
-
-/// The float32 values diffusers stores: the UNet sees f32 timesteps, and the sigma
-/// interpolation runs on them, so we round the same way to feed identical inputs.
-fn as_f32(x: f64) -> f64 {
-    x as f32 as f64
-}
-
-/// Half-precision models: diffusers upcasts the sample to float32 for Euler/DPM steps, because
-/// `x + d * dt` with sigmas of order 10 loses visible precision in f16/bf16.
-pub(super) fn upcast(t: &Tensor) -> Result<Tensor> {
-    Ok(match t.dtype() {
-        DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
-        _ => t.clone(),
-    })
-}
-
-/// Timesteps and sigmas (one more sigma than timesteps) of the Euler-family schedulers.
-pub(super) struct SigmaSchedule {
-    pub timesteps: Vec<f64>,
-    pub sigmas: Vec<f64>,
-    pub init_noise_sigma: f64,
-}
-
-impl SigmaSchedule {
-    pub fn new(cfg: &SchedulerConfig, n: usize, karras: bool, final_zero: bool) -> Result<Self> {
-        let t = cfg.num_train_timesteps;
-        if n == 0 || n > t {
-            return Err(SchedulerError::Steps { got: n, max: t });
-        }
-        let mut timesteps: Vec<f64> = match cfg.timestep_spacing {
-            // Unlike DDIM, Euler does not round linspace timesteps: the UNet gets fractions.
-            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = t / n;
-                (0..n)
-                    .rev()
-                    .map(|i| (i * ratio) as f64 + cfg.steps_offset as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
-                .into_iter()
-                .map(|x| np_round(x) - 1.0)
-                .collect(),
-        };
-        timesteps.iter_mut().for_each(|x| *x = as_f32(*x));
-
-        let train = training_sigmas(cfg);
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&ts| np_interp(ts, &train)).collect();
-        if karras {
-            // diffusers' Euler takes the Karras range from the interpolated inference sigmas
-            // (first and last), not from the full training table as DPM-Solver does.
-            let (max, min) = (sigmas[0], sigmas[sigmas.len() - 1]);
-            sigmas = karras_sigmas(min, max, n);
-            let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
-            timesteps = sigmas
-                .iter()
-                .map(|&s| as_f32(sigma_to_t(s, &log_sigmas)))
-                .collect();
-        }
-        sigmas.push(if final_zero { 0.0 } else { train[0] });
-
-        let max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        // "leading" starts from pure noise at a sigma that is not the largest training sigma,
-        // and diffusers scales the initial noise to unit-variance-plus-signal for it.
-        let init_noise_sigma = match cfg.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-            TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
-        };
-        Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
-        })
-    }
-
-    /// `(sigma_i, sigma_{i+1})`.
-    pub fn pair(&self, step_index: usize) -> Result<(f64, f64)> {
-        if step_index >= self.timesteps.len() {
-            return Err(step_out_of_range(step_index, self.timesteps.len()));
-        }
-        Ok((self.sigmas[step_index], self.sigmas[step_index + 1]))
-    }
-
-    pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        let (sigma, _) = self.pair(step_index)?;
-        Ok(sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)?)
-    }
-
-    pub fn add_noise(
-        &self,
-        original: &Tensor,
-        noise: &Tensor,
-        step_index: usize,
-    ) -> Result<Tensor> {
-        let (sigma, _) = self.pair(step_index)?;
-        lincomb(&[(original, 1.0), (noise, sigma)])
-    }
-}
-
-/// The ODE derivative `(x - x0) / sigma` as `cx * x + cm * model_output`. For epsilon it is the
-/// model output itself; writing it out avoids the `x - (x - sigma*eps)` cancellation at small
-/// sigma.
-pub(super) fn derivative_coeffs(prediction: PredictionType, sigma: f64) -> (f64, f64) {
-    match prediction {
-        PredictionType::Epsilon => (0.0, 1.0),
-        // x0 = -sigma/sqrt(s2) * v + x / s2 with s2 = sigma^2 + 1.
-        PredictionType::VPrediction => {
-            let s2 = sigma * sigma + 1.0;
-            (sigma / s2, 1.0 / s2.sqrt())
-        }
-    }
-}
+use candle_core::Tensor;
 
 pub struct Euler {
     schedule: SigmaSchedule,
@@ -231,7 +64,10 @@ impl Scheduler for Euler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ddim::test_support::*;
+    use super::super::common::test_support::*;
+    use super::super::common::*;
+    use super::super::TimestepSpacing;
+    use candle_core::DType;
     use super::*;
 
     /// diffusers builds the schedule in float32 (README section 4); ours is float64.

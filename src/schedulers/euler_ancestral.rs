@@ -4,8 +4,7 @@
 //! diffusers' class has neither Karras sigmas nor `final_sigmas_type`: it always ends at 0, so
 //! those config fields are ignored here as they are there.
 
-use super::ddim::lincomb;
-use super::euler::{derivative_coeffs, upcast, SigmaSchedule};
+use super::common::{derivative_coeffs, lincomb, upcast, SigmaSchedule};
 use super::{PredictionType, Result, Scheduler, SchedulerConfig};
 use crate::rng::NoiseRng;
 use candle_core::Tensor;
@@ -76,7 +75,7 @@ impl Scheduler for EulerAncestral {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ddim::test_support::*;
+    use super::super::common::test_support::*;
     use super::super::euler::Euler;
     use super::super::TimestepSpacing;
     use super::*;

@@ -7,6 +7,7 @@
 //! Schedule constants (betas, alphas_cumprod, sigmas) are computed in f64; model tensors stay
 //! in whatever dtype the caller uses.
 
+mod common;
 mod config;
 mod ddim;
 mod dpmpp_2m;

@@ -4,7 +4,7 @@
 //! Runge-Kutta steps) still gets PLMS here: `SchedulerConfig` does not carry that field, and the
 //! Stable Diffusion checkpoints we serve all set it to true.
 
-use super::ddim::{acp_at, discrete_timesteps, lincomb, plain_alphas_cumprod, step_out_of_range};
+use super::common::{acp_at, discrete_timesteps, lincomb, plain_alphas_cumprod, step_out_of_range};
 use super::{PredictionType, Result, Scheduler, SchedulerConfig, SchedulerError};
 use crate::rng::NoiseRng;
 use candle_core::Tensor;
@@ -168,7 +168,7 @@ impl Scheduler for Pndm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ddim::test_support::*;
+    use super::super::common::test_support::*;
     use super::super::ddim::Ddim;
     use super::super::TimestepSpacing;
     use super::*;

@@ -97,10 +97,10 @@ pub fn load_latest(
 pub(crate) trait StepLoop {
     /// Optimiser steps taken so far (after a resume, those of the checkpoint).
     fn steps_done(&self) -> usize;
-    fn step(&mut self) -> Result<super::trainer::StepMetrics, TrainError>;
+    fn step(&mut self) -> Result<super::config::StepMetrics, TrainError>;
     fn save_checkpoint(&self) -> Result<PathBuf, TrainError>;
     /// Writes the final artifact and reports the run.
-    fn finish(&self) -> Result<super::trainer::TrainOutcome, TrainError>;
+    fn finish(&self) -> Result<super::config::TrainOutcome, TrainError>;
 }
 
 /// Steps until `max_steps`, checkpointing every `checkpoint_every` steps (the last step's state
@@ -108,9 +108,9 @@ pub(crate) trait StepLoop {
 pub(crate) fn run_loop(
     t: &mut impl StepLoop,
     output_dir: &Path,
-    h: &super::trainer::Hyperparameters,
-    control: &mut dyn FnMut(&super::trainer::StepMetrics) -> bool,
-) -> Result<super::trainer::TrainOutcome, TrainError> {
+    h: &super::config::Hyperparameters,
+    control: &mut dyn FnMut(&super::config::StepMetrics) -> bool,
+) -> Result<super::config::TrainOutcome, TrainError> {
     std::fs::create_dir_all(output_dir).map_err(|e| TrainError::Io(e.to_string()))?;
     while t.steps_done() < h.max_steps {
         let m = t.step()?;

@@ -3,7 +3,8 @@
 
 use super::dataset::DatasetStats;
 use super::pretrain::Pretrainer;
-use super::trainer::{load_config, Trainer};
+use super::config::load_config;
+use super::trainer::Trainer;
 use super::{StepMetrics, TrainError, TrainMode, TrainOutcome};
 use std::io::Write;
 use std::path::Path;

@@ -4,7 +4,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
-pub mod conformance;
+pub mod config;
 pub mod dataset;
 pub mod lora;
 pub mod losses;
@@ -15,7 +15,9 @@ pub mod step;
 pub mod trainer;
 
 pub use losses::Method;
-pub use trainer::{Hyperparameters, StepMetrics, TrainConfig, TrainMode, TrainOutcome};
+pub use config::{
+    load_config, Hyperparameters, PretrainOptions, StepMetrics, TrainConfig, TrainMode, TrainOutcome,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

@@ -11,8 +11,8 @@ use super::checkpoint;
 use super::dataset::{DatasetStats, Preprocess};
 use super::noise::{NoiseSchedule, TimestepSampler};
 use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::trainer::{mix, parse_device, TrainMode};
-use super::{StepMetrics, TrainConfig, TrainError, TrainOutcome};
+use super::config::{mix, parse_device, StepMetrics, TrainConfig, TrainMode, TrainOutcome};
+use super::TrainError;
 use crate::models::clip::ClipTextModel;
 use crate::models::pipeline_model::{Architecture, LoadOptions};
 use crate::models::unet::UNet2DConditionModel;
@@ -26,87 +26,9 @@ use parquet::record::Field;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PretrainOptions {
-    /// text_to_image: train the text encoder jointly with the UNet (a random CLIP trained
-    /// with the UNet beats a frozen random one by far on a small caption language).
-    pub train_text_encoder: bool,
-    /// text_to_image: diffusers' `--noise_offset`, a per-channel constant added to the noise.
-    /// Without it the model cannot move an image's mean far from the noise's mean at sampling
-    /// time, and flat white or black backgrounds come out grey.
-    pub noise_offset: f64,
-    /// text_to_image: diffusers' `--snr_gamma` (Min-SNR-γ, Hang et al. 2023; 0 = off): each
-    /// sample's loss is weighted by min(SNR(t), γ) / SNR(t) (/ (SNR(t) + 1) for v-prediction).
-    /// Read as an error in x0, the ε-loss weights timestep t by SNR(t), so the low-noise steps
-    /// (fine detail) dominate the gradient; capping the weight at γ moves it toward the noise
-    /// levels where the layout is decided. The paper reports ~3x faster convergence at γ = 5.
-    pub snr_gamma: f64,
-    /// text_to_image: diffusers' `--timestep_bias_*` (strategy none / earlier / later / range,
-    /// multiplier, portion, begin, end): draw some timesteps more often than uniform.
-    pub timestep_bias: super::noise::TimestepBias,
-    /// autoencoder: weight of the KL term (per-element means, like the reconstruction term).
-    pub kl_weight: f64,
-    /// Decay the learning rate to zero on a cosine after warmup (else constant).
-    pub cosine_decay: bool,
-    /// Exponential moving average of the weights (0 = off); the written model holds the EMA.
-    pub ema_decay: f64,
-    /// dtype of the written weights: "f32", "f16" or "bf16".
-    pub save_dtype: String,
-    /// autoencoder: images whose latents set the VAE's `scaling_factor` (1 / their std).
-    pub scaling_samples: usize,
-    /// autoencoder: decode a posterior sample (a KL autoencoder, as SD's) rather than its mean.
-    /// With `false` the model is a plain autoencoder whose latents are kept small by
-    /// `kl_weight * mean(latent^2)`; it is written as an AutoencoderKL with a zero-variance
-    /// posterior (logvar rows of quant_conv set to the clamp floor), so every pipeline that
-    /// samples the posterior gets the mean. From random weights the sampled variant first has
-    /// to learn to shrink a unit-variance posterior that drowns the signal, which stalled a
-    /// small CPU budget at the "predict the mean image" loss.
-    pub sample_posterior: bool,
-    /// autoencoder: the reconstruction loss is taken in an orthonormal opponent colour basis
-    /// (luma (R+G+B)/sqrt3, chroma (R-B)/sqrt2 and (R-2G+B)/sqrt6) with both chroma axes
-    /// multiplied by this (1 = plain RGB for L2). Luma carries most of the pixel variance, so
-    /// an autoencoder learns it first and hue much later: ours reconstructed white, light blue
-    /// and beige as one colour after 400 steps. Weighting chroma up makes hue learnable on a
-    /// CPU budget.
-    pub chroma_weight: f64,
-}
-
-impl Default for PretrainOptions {
-    fn default() -> Self {
-        Self {
-            train_text_encoder: false,
-            noise_offset: 0.0,
-            snr_gamma: 0.0,
-            timestep_bias: Default::default(),
-            kl_weight: 1e-6,
-            cosine_decay: false,
-            ema_decay: 0.0,
-            save_dtype: "f32".into(),
-            scaling_samples: 512,
-            sample_posterior: true,
-            chroma_weight: 1.0,
-        }
-    }
-}
-
-impl PretrainOptions {
-    pub fn save_dtype(&self) -> Result<DType, TrainError> {
-        match self.save_dtype.as_str() {
-            "f32" => Ok(DType::F32),
-            "f16" => Ok(DType::F16),
-            "bf16" => Ok(DType::BF16),
-            o => Err(TrainError::Config(format!(
-                "pretrain.save_dtype must be f32, f16 or bf16, got '{o}'"
-            ))),
-        }
-    }
-}
 
 /// An image–caption parquet (`image` PNG/JPEG bytes, `caption`), held in memory: the files
 /// this mode is for (the shapes world: 11 MB) are small; a LAION-scale run needs streaming.

@@ -7,11 +7,12 @@
 //! same weights as an uninterrupted one.
 
 use super::dataset::{ParquetPairs, Preprocess, RawPair};
-use super::lora::{LoraSpec, TrainableLora};
+use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
 use super::step::{batch_loss, Batch, Reference};
+use super::config::{mix, parse_device, StepMetrics, TrainConfig, TrainOutcome};
 use super::TrainError;
 use crate::models::checkpoint;
 use crate::models::lora::LoraAdapter;
@@ -21,250 +22,8 @@ use crate::models::weights::{VarRegistry, Weights};
 use crate::models::{DiffusionModel, ModelSource};
 use crate::rng::NoiseRng;
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(default, deny_unknown_fields)]
-pub struct Hyperparameters {
-    /// Preference strength. Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
-    /// diffusion_dpo 5000; unused by sft.
-    pub beta: Option<f64>,
-    /// Peak learning rate; default: the official scaling 1e-8 x pairs per optimiser step.
-    pub learning_rate: Option<f64>,
-    /// Optimiser steps.
-    pub max_steps: usize,
-    /// Pairs per micro-batch.
-    pub batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    /// Linear warmup from 0 (diffusers' constant_with_warmup).
-    pub warmup_steps: usize,
-    /// Training image side; default: the model's native size.
-    pub resolution: Option<usize>,
-    /// Probability that a pair's caption is replaced by "".
-    pub caption_dropout: f64,
-    /// Standard deviation of a per-channel constant added to the training noise (diffusers'
-    /// `--noise_offset`), for a base model pretrained with offset noise: fine-tuning under
-    /// another noise process than the model learned shifts what it reads from x_t's mean,
-    /// i.e. flat colours. 0 (default): plain Gaussian noise, as the official trainers.
-    /// Fine-tuning only; the text_to_image mode takes `pretrain.noise_offset`.
-    pub noise_offset: f64,
-    /// Weight of a data anchor added to the pair losses: the plain denoising MSE on both images
-    /// of every pair. DSPO regresses the winners toward an extrapolated target (gain
-    /// 1 / (1 - beta / 2) at the reference) and Diffusion-DPO only their margin, so nothing holds
-    /// what the two images of a pair share, the caption's colour and background, where the data
-    /// has it; the anchor does, and its loser half pulls against the preference only where the
-    /// pair differs. 0 (default): the published losses. Not for sft, which is this loss already.
-    pub anchor_weight: f64,
-    pub seed: u64,
-    /// Write a checkpoint every N optimiser steps (0: only at the end).
-    pub checkpoint_every: usize,
-    pub max_grad_norm: f64,
-    pub weight_decay: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_eps: f64,
-    pub random_crop: bool,
-    /// SDXL: use the real image size as time ids (diffusers' script) instead of the official
-    /// trainer's fixed [res, res, 0, 0, res, res].
-    pub sdxl_real_time_ids: bool,
-    /// Use only the first N usable pairs of the dataset (quick experiments, tests).
-    pub max_pairs: Option<usize>,
-    /// Recompute each UNet ResNet and transformer block in the backward pass instead of keeping
-    /// its activations (diffusers' `gradient_checkpointing`): a step holds one block's
-    /// activations at a time instead of the whole network's, for about one more forward pass
-    /// of compute. Gradients are the same. Default: on for GPUs, where activations are what
-    /// limits the batch; off on the CPU, where the fused kernels already keep less than PyTorch
-    /// does without it and the recompute would cost 25-40% more time per step.
-    pub gradient_checkpointing: Option<bool>,
-}
-
-impl Default for Hyperparameters {
-    fn default() -> Self {
-        Self {
-            beta: None,
-            learning_rate: None,
-            max_steps: 100,
-            batch_size: 1,
-            gradient_accumulation_steps: 1,
-            warmup_steps: 500,
-            resolution: None,
-            caption_dropout: 0.2,
-            noise_offset: 0.0,
-            anchor_weight: 0.0,
-            seed: 0,
-            checkpoint_every: 0,
-            max_grad_norm: 1.0,
-            weight_decay: 1e-2,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_eps: 1e-8,
-            random_crop: false,
-            sdxl_real_time_ids: false,
-            max_pairs: None,
-            gradient_checkpointing: None,
-        }
-    }
-}
-
-/// A training run (`dspo-server train --config FILE`, and what POST /finetune builds).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Base model: a diffusers directory or a hub id.
-    pub model: String,
-    /// A Pick-a-Pic v2 schema parquet file.
-    pub dataset: PathBuf,
-    pub output_dir: PathBuf,
-    pub method: Method,
-    #[serde(default)]
-    pub lora: Option<LoraSpec>,
-    #[serde(default)]
-    pub full_finetune: bool,
-    #[serde(default)]
-    pub hyperparameters: Hyperparameters,
-    #[serde(default = "default_device")]
-    pub device: String,
-    /// What is trained: preference pairs (default), or a model from image–caption rows.
-    #[serde(default)]
-    pub mode: TrainMode,
-    /// Options of the `text_to_image` and `autoencoder` modes.
-    #[serde(default)]
-    pub pretrain: super::pretrain::PretrainOptions,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainMode {
-    /// Pick-a-Pic v2 pairs through `method` (LoRA or full UNet).
-    #[default]
-    Preference,
-    /// Plain denoising on an image–caption parquet (`image`, `caption`): the whole UNet and
-    /// optionally the text encoder, from whatever weights `model` holds (random ones included).
-    TextToImage,
-    /// The VAE alone on the images of an image–caption parquet (reconstruction + KL).
-    Autoencoder,
-}
-
-fn default_device() -> String {
-    "cpu".into()
-}
-
-impl TrainConfig {
-    pub fn beta(&self) -> f64 {
-        self.hyperparameters.beta.unwrap_or(match self.method {
-            Method::DiffusionDpo => 5000.0,
-            _ => 0.001,
-        })
-    }
-
-    pub fn pairs_per_step(&self) -> usize {
-        self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
-    }
-
-    pub fn learning_rate(&self) -> f64 {
-        self.hyperparameters
-            .learning_rate
-            .unwrap_or(1e-8 * self.pairs_per_step() as f64)
-    }
-
-    /// Everything that can be checked without loading the model.
-    pub fn validate(&self) -> Result<(), TrainError> {
-        let h = &self.hyperparameters;
-        let bad = |m: String| Err(TrainError::Config(m));
-        if self.method != Method::Sft && !(self.beta() > 0.0 && self.beta().is_finite()) {
-            return bad(format!(
-                "beta must be a positive number, got {}",
-                self.beta()
-            ));
-        }
-        if let Some(lr) = h.learning_rate {
-            if !(lr > 0.0 && lr.is_finite()) {
-                return bad(format!("learning_rate must be positive, got {lr}"));
-            }
-        }
-        if h.max_steps == 0 {
-            return bad("max_steps must be at least 1".into());
-        }
-        if h.batch_size == 0 || h.gradient_accumulation_steps == 0 {
-            return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
-        }
-        if !(h.noise_offset >= 0.0 && h.noise_offset.is_finite()) {
-            return bad(format!(
-                "noise_offset must be a number >= 0, got {}",
-                h.noise_offset
-            ));
-        }
-        if !(h.anchor_weight >= 0.0 && h.anchor_weight.is_finite()) {
-            return bad(format!(
-                "anchor_weight must be a number >= 0, got {}",
-                h.anchor_weight
-            ));
-        }
-        if self.method == Method::Sft && h.anchor_weight != 0.0 {
-            return bad(
-                "anchor_weight is for the pair methods (dspo, diffusion_dpo, dspo_e): sft's loss \
-                 already is the plain denoising MSE"
-                    .into(),
-            );
-        }
-        if !(0.0..=1.0).contains(&h.caption_dropout) {
-            return bad(format!(
-                "caption_dropout must be in [0, 1], got {}",
-                h.caption_dropout
-            ));
-        }
-        if !(h.max_grad_norm > 0.0) {
-            return bad("max_grad_norm must be positive".into());
-        }
-        if self.full_finetune && self.lora.is_some() {
-            return bad("choose either lora or full_finetune, not both".into());
-        }
-        if let Some(l) = &self.lora {
-            if l.rank == 0 {
-                return bad("lora rank must be at least 1".into());
-            }
-            if !(l.alpha > 0.0) {
-                return bad("lora alpha must be positive".into());
-            }
-        }
-        if let Some(r) = h.resolution {
-            if r == 0 || r % 8 != 0 {
-                return bad(format!(
-                    "resolution must be a positive multiple of 8, got {r}"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What every optimiser step reports.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct StepMetrics {
-    pub step: usize,
-    pub total_steps: usize,
-    pub loss: f64,
-    /// Share of pairs with u > 0 (model prefers the winner more than the reference does).
-    pub implicit_accuracy: Option<f64>,
-    /// With `anchor_weight` > 0: the plain denoising MSE on both images of the step's pairs,
-    /// before its weight (how far the model has left the data).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anchor_mse: Option<f64>,
-    pub learning_rate: f64,
-    pub grad_norm: f64,
-    pub seconds: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainOutcome {
-    /// The adapter (LoRA) or UNet directory (full fine-tuning) written.
-    pub artifact: PathBuf,
-    pub metrics: Vec<StepMetrics>,
-    pub dataset: super::dataset::DatasetStats,
-    pub resumed_from: Option<usize>,
-}
+use std::path::PathBuf;
 
 /// What one micro-batch hands its optimiser step.
 struct MicroBatch {
@@ -292,18 +51,6 @@ impl Params {
             Params::Full { registry, .. } => registry.all(),
         }
     }
-}
-
-pub(crate) fn parse_device(s: &str) -> Result<Device, TrainError> {
-    crate::models::device::parse_device(s).map_err(TrainError::Config)
-}
-
-/// Seeds of independent streams derived from the run seed (splitmix64).
-pub(crate) fn mix(seed: u64, k: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k.wrapping_add(1)));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 pub struct Trainer {
@@ -530,7 +277,7 @@ impl Trainer {
             // The frozen VAE encodes both images of every pair at every step. In training mode
             // its convolutions and norms take the batched training kernels (nn.rs) instead of
             // the per-image inference ones: on the shapes model, 64 images of 64x64 per step,
-            // the inference path was ~40% of a fine-tuning step (perf, session 10).
+            // the inference path was ~40% of a fine-tuning step (measured with perf).
             let _batched = crate::models::nn::training_mode();
             self.model.vae.encode(&images)?
         };
@@ -756,18 +503,6 @@ impl Trainer {
         ) = saved;
         result?;
         Ok(positive as f64 / total.max(1) as f64)
-    }
-}
-
-/// Loads a train config from TOML or JSON (by extension).
-pub fn load_config(path: &Path) -> Result<TrainConfig, TrainError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    if path.extension().and_then(|e| e.to_str()) == Some("json") {
-        serde_json::from_str(&text)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
-    } else {
-        toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }
 }
 
