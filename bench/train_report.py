@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import cpu_flags, cpu_model, crate_version, mem_gib, ratio, secs, sh  # noqa: E402
 
-MODELS = ("tiny", "mid")
+# "big": the mid model at a higher resolution (train_step.sh BIG_RES).
+MODELS = ("tiny", "mid", "big")
 MODES = ("lora", "full")
 METHODS = ("dspo", "diffusion_dpo", "sft")
 # Paper (DSPO, SD1.5 on an A100): minutes per optimiser step.
@@ -58,6 +59,12 @@ def load(res, name):
             d[k] = statistics.median(vals)
     d["rounds"] = len(runs)
     return d
+
+
+def shown(model, d):
+    """A model's name in the tables: "big" is the mid model at another resolution."""
+    name = "mid" if model == "big" else model
+    return f"{name} {d['resolution']}px" if d and "resolution" in d else name
 
 
 def mib(x):
@@ -157,7 +164,7 @@ def main():
         ld = max((x.get("other_cores", 0.0) for x in (o, t) if x), default=0.0)
         params_note = "" if not t or t["trainable_params"] == o["trainable_params"] else \
             f" (PyTorch {t['trainable_params']:,})"
-        w(f"| {model} {o['pairs']} pair(s) {o['resolution']}px | {method} | {mode} | {o['trainable_params']:,}{params_note} | "
+        w(f"| {'mid' if model == 'big' else model} {o['pairs']} pair(s) {o['resolution']}px | {method} | {mode} | {o['trainable_params']:,}{params_note} | "
           f"{secs(o['step_s_median'])} ({secs(o['step_s_min'])}) | {tcol} | "
           f"{ratio(o['step_s_median'], t['step_s_median'] if t else None)} | {mib(o['peak_rss_mib'])} | {trss} | "
           f"{rr} | {ld:.2f} |")
@@ -245,7 +252,7 @@ def main():
                     cells.append(f"{secs(ov)} / {secs(tv)} ({ov / tv:.1f}x)")
                 else:
                     cells.append(secs(ov))
-            w(f"| {model} | {method} | {mode} | " + " | ".join(cells) + f" | {secs(ph['step_s_median'])} | "
+            w(f"| {shown(model, ph)} | {method} | {mode} | " + " | ".join(cells) + f" | {secs(ph['step_s_median'])} | "
               f"{mib(ph['rss_loaded_mib'])} / {mib(ph['rss_first_forward_mib'])} / {mib(ph['rss_first_backward_mib'])} / "
               f"{mib(ph['rss_first_update_mib'])} / "
               f"{mib(ph['peak_rss_mib'])} | {max(ph.get('other_cores', 0.0), t.get('other_cores', 0.0) if t else 0.0):.2f} |")
@@ -260,7 +267,7 @@ def main():
                 name = max(excess, key=excess.get)
                 total = sum(v for v in excess.values() if v > 0)
                 if total > 0:
-                    worst.append(f"{model} {method} {mode}: {name} "
+                    worst.append(f"{shown(model, ph)} {method} {mode}: {name} "
                                  f"({excess[name] / total * 100:.0f}% of the excess)")
         if worst:
             w("Largest part of our excess over PyTorch, per configuration: " + "; ".join(worst) + ".\n")
@@ -298,17 +305,11 @@ def main():
       "run\"): the main table's figure is after its warm-up plus timed steps.")
     w("- sft with full fine-tuning: the PyTorch step builds no reference (SFT needs none); ours keeps the frozen "
       "base UNet loaded in that case too (`bench.rs` as `trainer.rs`), one extra copy of the weights.")
-    w("- What the code does that PyTorch does not (read from the sources at this commit, not measured here): "
-      "candle-core's backward (`backprop.rs`) computes the gradient of both operands of every conv and matmul on "
-      "the tracked path, frozen weights included, so a LoRA backward also pays for the base weights' gradients; "
-      "every gradient is accumulated into a fresh zero tensor (`or_insert` then `add`); the autograd graph keeps "
-      "every intermediate alive until the backward ends. `AdamW::update` and `clip` are out of place: each "
-      "parameter's update allocates about a dozen full-size temporaries where `torch.optim.AdamW` updates "
-      "in place.")
-    w("- Memory over a run: candle's backward leaves the gradients of variables attached to the graph (it "
-      "detaches only the gradients of intermediate nodes), and `collect` / `clip` / `AdamW::update` build the "
-      "moments from them, which AdamW keeps to the next step; the table above compares that with the same "
-      "step given detached gradients.")
+    w("- Gradient checkpointing: `bench-train` uses the trainer's default, off on the CPU (our fused kernels "
+      "already keep less than PyTorch does without it, and the recompute costs time), on for GPUs; the PyTorch "
+      "side does not checkpoint. `--gradient-checkpointing true` measures the other setting.")
+    w("- Memory over a run: the section above compares `bench-train` with the same steps given detached "
+      "gradients (the probe's `--detach-grads`); equal figures mean AdamW keeps nothing of the graph.")
     w("- Few timed steps on a shared 2-core machine: between separate processes, ratios within about 20% are noise "
       "(compare median and min); runs with `other load` well above 0 are not clean.\n")
     w("## Models\n")

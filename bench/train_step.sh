@@ -9,8 +9,9 @@
 # Knobs (environment, default in brackets): PYTHON [python3], THREADS [nproc], STEPS [3] timed
 # steps after one warm-up, ROUNDS [1] processes per configuration and side, AB_STEPS [6] timed
 # steps of each method when dspo and diffusion_dpo alternate in one process, LORA_RANK [4],
-# TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25], MID_PAIRS [1], MID_RES [128],
-# METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"], PHASES [1] (also split our step into
+# TINY_PAIRS [2], TINY_RES [128], MID_SCALE [0.25], MID_PAIRS [1], MID_RES [128], BIG_RES [256]
+# (the mid model again at this resolution, where attention's share of time and memory is larger;
+# methods BIG_METHODS ["dspo"]; empty BIG_RES skips it), METHODS ["dspo diffusion_dpo sft"], MODES ["lora full"], PHASES [1] (also split our step into
 # forward / reference / backward / optimiser with the bench/train_phases probe, and check peak
 # RSS over a longer run), QUIET_WAIT [120] (seconds to wait for other processes to leave the
 # CPUs before each run), QUIET_BUDGET [600] (all such waits together), RETRY_LOAD [0.3] (run
@@ -31,6 +32,8 @@ TINY_RES=${TINY_RES:-128}
 MID_SCALE=${MID_SCALE:-0.25}
 MID_PAIRS=${MID_PAIRS:-1}
 MID_RES=${MID_RES:-128}
+BIG_RES=${BIG_RES-256}
+BIG_METHODS=${BIG_METHODS:-dspo}
 METHODS=${METHODS:-dspo diffusion_dpo sft}
 MODES=${MODES:-lora full}
 PHASES=${PHASES:-1}
@@ -44,7 +47,7 @@ SHARED=${SHARED:-$ROOT/../shared}
 RAW=$ROOT/bench/results/train
 BIN=$ROOT/target/release/dspo-server
 PROBE=$ROOT/target/release/train-phases
-COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS ROUNDS=$ROUNDS AB_STEPS=$AB_STEPS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES PHASES=$PHASES bench/train_step.sh"
+COMMAND="PYTHON=$PYTHON THREADS=$THREADS STEPS=$STEPS ROUNDS=$ROUNDS AB_STEPS=$AB_STEPS LORA_RANK=$LORA_RANK TINY_PAIRS=$TINY_PAIRS TINY_RES=$TINY_RES MID_SCALE=$MID_SCALE MID_PAIRS=$MID_PAIRS MID_RES=$MID_RES BIG_RES=$BIG_RES PHASES=$PHASES bench/train_step.sh"
 
 log() { echo "[train_step] $*" >&2; }
 
@@ -147,12 +150,19 @@ START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for round in $(seq 1 "$ROUNDS"); do
     suffix=""
     ((round > 1)) && suffix=".r$round"
-    for model in tiny mid; do
-        if [[ $model == tiny ]]; then dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES; else dir=$MID pairs=$MID_PAIRS res=$MID_RES; fi
+    models="tiny mid"
+    [[ -n $BIG_RES ]] && models+=" big"
+    for model in $models; do
+        methods=$METHODS
+        case $model in
+        tiny) dir=$TINY pairs=$TINY_PAIRS res=$TINY_RES ;;
+        mid) dir=$MID pairs=$MID_PAIRS res=$MID_RES ;;
+        big) dir=$MID pairs=$MID_PAIRS res=$BIG_RES methods=$BIG_METHODS ;;
+        esac
         for mode in $MODES; do
             full=()
             [[ $mode == full ]] && full=(--full)
-            for method in $METHODS; do
+            for method in $methods; do
                 args=(--model "$dir" --method "$method" "${full[@]}" --lora-rank "$LORA_RANK" --pairs "$pairs"
                     --resolution "$res" --steps "$STEPS")
                 key=$model-$method-$mode
