@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The diffusers side of `dspo-server bench txt2img`: same directory, same protocol, same JSON lines.
 
-Protocol (mirrors src/bench.rs): time the load, run one untimed warm-up generation, then
+Protocol (mirrors src/cli/bench.rs): time the load, run one untimed warm-up generation, then
 `--repeats` timed generations and report median and min wall-clock seconds; then time each
 stage (text encoder on the prompt batch, one UNet call on the CFG-doubled latents, VAE
 decode) the same way. Runs on the CPU in float32 with `--threads` intra-op threads.
@@ -68,7 +68,7 @@ def timed(repeats, f):
 
 def cpu_clocks():
     """CPU seconds of this process and busy seconds of the whole machine (Linux /proc), as
-    src/bench.rs reads them; None where /proc/stat is missing."""
+    src/cli/bench.rs reads them; None where /proc/stat is missing."""
     try:
         with open("/proc/stat") as f:
             cpu = [float(x) for x in f.readline().split()[1:9]]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The PyTorch side of `dspo-server bench-train`: same flags, same JSON line.
 
-One optimiser step, as src/training/bench.rs times it: synthetic latents x0 [2P, C, R/8, R/8]
+One optimiser step, as src/cli/bench_train.rs times it: synthetic latents x0 [2P, C, R/8, R/8]
 (winners then losers), one noise draw and one timestep per pair shared by both rows, random
 encoder_hidden_states [P, 77, D] shared by the pair; DDPMScheduler.add_noise; the policy UNet on
 the 2P rows (sft: the winner half only); the frozen reference on the same rows without grad
@@ -56,6 +56,8 @@ def parse_args():
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--phases", action="store_true", help="also time forward / reference / backward / optimiser")
+    p.add_argument("--gradient-checkpointing", choices=("true", "false"), default="false",
+                   help="diffusers' enable_gradient_checkpointing() on the policy UNet (as ours per block)")
     return p.parse_args()
 
 
@@ -119,6 +121,9 @@ def main():
     if cfg.addition_embed_type is not None:
         sys.exit("SDXL-style UNets (added conditions) are not supported by this benchmark")
 
+    checkpointing = a.gradient_checkpointing == "true"
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     reference = None
     if a.full:
         unet.requires_grad_(True)
@@ -199,6 +204,7 @@ def main():
         "pairs": b,
         "resolution": a.resolution,
         "trainable_params": n_params,
+        "gradient_checkpointing": checkpointing,
         "peak_rss_mib": rss_mib(),
         "peak_gpu_allocated_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         "device": a.device,

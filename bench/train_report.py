@@ -118,7 +118,7 @@ def main():
     w("bench/setup_python.sh            # once: torch, diffusers, peft (bench/requirements.txt)")
     w(a.command)
     w("```\n")
-    w("One optimiser step on synthetic latents, the same on both sides (`src/training/bench.rs`, "
+    w("One optimiser step on synthetic latents, the same on both sides (`src/cli/bench_train.rs`, "
       "`bench/torch_train_step.py`): x0 `[2P, 4, R/8, R/8]` (winners, losers), one noise draw, timestep "
       "and random text embedding `[77, D]` per pair shared by its two rows; `add_noise`; the policy UNet "
       "on the 2P rows (sft: the P winner rows); the frozen reference on the same rows without grad (LoRA: "

@@ -170,13 +170,7 @@ impl ModelSpec {
 /// Adapter names become directory names under the data dir, so names (of models too, for one
 /// rule) are restricted to characters that can never climb out of a directory.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    crate::adapters::valid_name(name)
 }
 
 /// Command-line values that override every other layer (None: not given).
@@ -328,14 +322,8 @@ impl Config {
     }
 
     pub fn dtype(&self) -> Result<candle_core::DType, ConfigError> {
-        match self.models.dtype.as_str() {
-            "f32" => Ok(candle_core::DType::F32),
-            "f16" => Ok(candle_core::DType::F16),
-            "bf16" => Ok(candle_core::DType::BF16),
-            o => Err(ConfigError::Invalid(format!(
-                "models.dtype '{o}': expected f32, f16 or bf16"
-            ))),
-        }
+        crate::models::device::parse_dtype(&self.models.dtype)
+            .map_err(|e| ConfigError::Invalid(format!("models.dtype: {e}")))
     }
 
     pub fn variant(&self) -> Option<String> {
@@ -383,8 +371,8 @@ impl Config {
         Ok(specs)
     }
 
-    pub fn adapters_dir(&self) -> PathBuf {
-        self.server.data_dir.join("adapters")
+    pub fn adapters(&self) -> crate::adapters::AdapterDir {
+        crate::adapters::AdapterDir::in_data_dir(&self.server.data_dir)
     }
 }
 

@@ -143,8 +143,9 @@ fn generate(
         let noise = Tensor::cat(&rows, 0)?;
         let mut rng = NoiseRng::merge(rngs);
         let mut notes = Notes::default();
-        let images = pipelines::txt2img::run(
+        let images = pipelines::run(
             m,
+            pipelines::Task::Txt2Img,
             &pp,
             params,
             &noise,

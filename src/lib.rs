@@ -1,7 +1,8 @@
 //! dspo-server: Stable Diffusion serving and DSPO preference fine-tuning in one binary.
 
+pub mod adapters;
 pub mod api;
-pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod conformance;
 pub mod eval;

@@ -371,10 +371,7 @@ fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
     let job = m.submit(s).unwrap();
     let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
     assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
-    let file = cfg
-        .adapters_dir()
-        .join("self-q")
-        .join("adapter.safetensors");
+    let file = cfg.adapters().weights("self-q");
     let adapter =
         dspo_server::models::lora::LoraAdapter::load(&file, &candle_core::Device::Cpu).unwrap();
     assert!(!adapter.modules.is_empty());
@@ -390,7 +387,7 @@ fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
     let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
     assert_eq!(done.status, JobStatus::Completed, "{:?}", done.error);
     let all = dspo_server::models::lora::LoraAdapter::load(
-        &cfg.adapters_dir().join("all").join("adapter.safetensors"),
+        &cfg.adapters().weights("all"),
         &candle_core::Device::Cpu,
     )
     .unwrap();

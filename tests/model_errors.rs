@@ -145,8 +145,9 @@ fn bad_sizes_steps_and_scheduler_names_are_errors() {
     let mut rng = NoiseRng::new(0);
     let mut notes = Notes::default();
     for (h, w) in [(60, 64), (64, 0), (0, 0), (64, 66)] {
-        let e = pipelines::txt2img::run(
+        let e = pipelines::run(
             &m,
+            pipelines::Task::Txt2Img,
             &prompt,
             &params(h, w),
             &noise,
@@ -162,8 +163,9 @@ fn bad_sizes_steps_and_scheduler_names_are_errors() {
     }
     let mut p = params(64, 64);
     p.steps = 0;
-    let e = pipelines::txt2img::run(
+    let e = pipelines::run(
         &m,
+        pipelines::Task::Txt2Img,
         &prompt,
         &p,
         &noise,
@@ -186,12 +188,14 @@ fn bad_sizes_steps_and_scheduler_names_are_errors() {
     assert!(e.to_string().contains("warp_drive"));
     // instruct_pix2pix on a 4-channel UNet is refused, not attempted.
     let img = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
-    let e = pipelines::instruct_pix2pix::run(
+    let e = pipelines::run(
         &m,
+        pipelines::Task::InstructPix2Pix {
+            image_guidance_scale: 1.5,
+            image: &img,
+        },
         &prompt,
         &params(64, 64),
-        1.5,
-        &img,
         &noise,
         &mut rng,
         &mut |_, _| true,
@@ -217,8 +221,9 @@ fn long_prompts_are_truncated_with_a_warning() {
     let mut notes = Notes::default();
     let mut p = params(64, 64);
     p.steps = 1;
-    pipelines::txt2img::run(
+    pipelines::run(
         &m,
+        pipelines::Task::Txt2Img,
         &prompt,
         &p,
         &noise,
@@ -245,8 +250,9 @@ fn cancellation_stops_the_loop() {
     let mut calls = 0;
     let mut p = params(64, 64);
     p.steps = 5;
-    let e = pipelines::txt2img::run(
+    let e = pipelines::run(
         &m,
+        pipelines::Task::Txt2Img,
         &prompt,
         &p,
         &noise,

@@ -74,8 +74,9 @@ fn random_tiny_sd15_has_the_real_layout_and_generates() {
         prompt: "a red cube".into(),
         negative_prompt: None,
     }];
-    let img = pipelines::txt2img::run(
+    let img = pipelines::run(
         &model,
+        pipelines::Task::Txt2Img,
         &prompts,
         &params,
         &noise,

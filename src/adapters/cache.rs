@@ -1,20 +1,15 @@
-//! LoRA adapters as a worker sees them: a small least-recently-used cache of loaded files and
+//! Adapters as a model worker sees them: a small least-recently-used cache of loaded files and
 //! the one adapter currently attached to its model.
 //!
 //! Attaching mutates the UNet's LoRA slots, so only the worker thread that owns the model
 //! touches any of this; the HTTP layer only checks that the file exists.
 
-use super::task::AdapterChoice;
+use super::AdapterChoice;
 use crate::models::lora::LoraAdapter;
 use crate::models::DiffusionModel;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
-
-/// `<adapters_dir>/<name>/adapter.safetensors`
-pub fn adapter_path(adapters_dir: &Path, name: &str) -> PathBuf {
-    adapters_dir.join(name).join("adapter.safetensors")
-}
 
 /// A loaded file is identified by path and modification time, so an adapter retrained in
 /// place is reloaded rather than served stale.

@@ -7,7 +7,6 @@ use super::types::*;
 use super::validate;
 use super::AppState;
 use crate::schedulers::SchedulerKind;
-use crate::server::task::architecture_name;
 use crate::server::{GenerationTask, LoadStatus, Mode, ModelWorker};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
@@ -356,7 +355,7 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
                 source: w.source().to_string(),
                 architecture: info
                     .as_ref()
-                    .map(|i| architecture_name(i.architecture).to_string()),
+                    .map(|i| i.architecture.name().to_string()),
                 loaded: info.is_some(),
                 error,
                 default: w.name() == app.pool.default_model(),

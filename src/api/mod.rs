@@ -3,13 +3,11 @@
 //! Layering: handlers (`handlers`) parse and validate (`validate`) into tasks for the model
 //! workers (`crate::server`); every error becomes a response in one place (`error`).
 
-pub mod cli;
 pub mod docs;
 pub mod error;
 pub mod finetune;
 pub mod handlers;
 pub mod images;
-pub mod loadtest;
 pub mod running;
 pub mod types;
 pub mod validate;

@@ -5,10 +5,10 @@
 use super::error::ApiError;
 use super::images;
 use super::types::{EditRequest, GenerateRequest, Parameters};
-use crate::config::{valid_name, Config};
+use crate::adapters::AdapterDir;
+use crate::config::Config;
 use crate::pipelines::PromptPair;
 use crate::schedulers::SchedulerKind;
-use crate::server::adapters::adapter_path;
 use crate::server::{AdapterChoice, GenerationTask, Mode, ModelInfo, Task};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -120,13 +120,13 @@ fn check_common(c: &Common, info: &ModelInfo, config: &Config) -> Result<Checked
     let adapter = match &c.adapter {
         None => None,
         Some(name) => {
-            let path = adapter_path(&config.adapters_dir(), name);
-            if !valid_name(name) || !path.is_file() {
+            let Some(path) = config.adapters().find(name) else {
+                let shown = AdapterDir::in_data_dir(std::path::Path::new("<data_dir>"));
                 return Err(ApiError::AdapterNotFound(format!(
                     "no adapter named '{name}' (looked for {})",
-                    adapter_path(std::path::Path::new("<data_dir>/adapters"), name).display()
+                    shown.weights(name).display()
                 )));
-            }
+            };
             let scale = c.adapter_scale.unwrap_or(config.defaults.adapter_scale);
             let (lo, hi) = ADAPTER_SCALE_RANGE;
             if !scale.is_finite() || !(lo..=hi).contains(&scale) {
@@ -185,7 +185,7 @@ fn unsupported(mode: Mode, info: &ModelInfo) -> ApiError {
     ApiError::UnsupportedMode(format!(
         "model '{}' ({}) does not support {}; it supports: {}",
         info.name,
-        crate::server::task::architecture_name(info.architecture),
+        info.architecture.name(),
         mode.name(),
         modes.join(", ")
     ))

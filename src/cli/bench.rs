@@ -87,20 +87,11 @@ pub struct MakeRandomModelArgs {
     pub torch_init: bool,
 }
 
-pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
-    Ok(match s {
-        "f32" | "float32" => DType::F32,
-        "f16" | "float16" | "fp16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        o => bail!("unknown dtype '{o}' (f32, f16 or bf16)"),
-    })
-}
-
 pub fn run_make_random_model(args: &MakeRandomModelArgs) -> anyhow::Result<()> {
     let opts = RandomModelOptions {
         width_scale: args.width_scale,
         seed: args.seed,
-        dtype: parse_dtype(&args.dtype)?,
+        dtype: crate::models::device::parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?,
         std: args.std,
         torch_init: args.torch_init,
     };
@@ -196,7 +187,7 @@ pub fn txt2img(args: &Txt2ImgArgs, emit: &mut dyn FnMut(Value)) -> anyhow::Resul
     }
     let scheduler: SchedulerKind = args.scheduler.parse()?;
     let device = crate::models::device::parse_device(&args.device).map_err(anyhow::Error::msg)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let dtype = crate::models::device::parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let model = DiffusionModel::load(
         &args.model,
@@ -299,11 +290,6 @@ fn time_pipeline(
     let b = prompts.len();
     let (lh, lw) = params.validate(model)?;
 
-    let run = if model.architecture == Architecture::StableDiffusionXl {
-        pipelines::sdxl::run
-    } else {
-        pipelines::txt2img::run
-    };
     // The noise is drawn inside the timed region, as diffusers draws its latents inside
     // the pipeline call.
     let seeds: Vec<u64> = (0..b as u64).collect();
@@ -315,8 +301,9 @@ fn time_pipeline(
             DType::F32,
         )?;
         let mut notes = Notes::default();
-        let img = run(
+        let img = pipelines::run(
             model,
+            pipelines::Task::Txt2Img,
             prompts,
             params,
             &noise,
@@ -387,14 +374,16 @@ fn breakdown(
     let mut notes = Notes::default();
     if wanted("text_encoder") {
         let te = timed(repeats, || {
-            let e = pipelines::encode_sd(model, &prompts, &mut notes)?;
-            sync(&e)
+            let e = pipelines::encode_prompts(model, &prompts, &mut notes)?;
+            sync(&e.embeds)
         })?;
         out["text_encoder_s"] = median_min(&te).0.into();
     }
     let mut rng = NoiseRng::new(0);
     if wanted("unet") {
-        let embeds = pipelines::encode_sd(model, &prompts, &mut notes)?;
+        // The UNet stage alone runs without SDXL's added conditions (the breakdown is an SD
+        // 1.x/2.x tool; SDXL is timed as a whole pipeline).
+        let embeds = pipelines::encode_prompts(model, &prompts, &mut notes)?.embeds;
         let x = rng.randn(
             (prompts.len(), model.unet.config.in_channels, lh, lw),
             &model.device,

@@ -6,7 +6,7 @@
 //! all (distinct prompts and seeds, same size/steps so they can batch) and measures the wall
 //! time until the last response. The mean batch size comes from the server's own counters.
 
-use super::running::RunningServer;
+use crate::api::running::RunningServer;
 use crate::config::{Config, ModelSpec};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};

@@ -3,11 +3,11 @@
 //! training step costs once data is encoded). `bench/train_step.sh` runs each configuration
 //! in its own process so peak RSS is per configuration, next to a PyTorch step when present.
 
-use super::lora::{LoraSpec, TrainableLora};
-use super::losses::Method;
-use super::noise::NoiseSchedule;
-use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::step::{batch_loss, Batch, Reference};
+use crate::training::lora::{LoraSpec, TrainableLora};
+use crate::training::losses::Method;
+use crate::training::noise::NoiseSchedule;
+use crate::training::optim::{clip, collect, AdamW, AdamWConfig};
+use crate::training::step::{batch_loss, Batch, Reference};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::{VarRegistry, Weights};
 use crate::rng::NoiseRng;

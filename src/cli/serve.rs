@@ -1,7 +1,7 @@
 //! `dspo-server serve` and `dspo-server openapi`: the command-line side of the API, kept in
 //! the library so main.rs only dispatches.
 
-use super::ApiBuilder;
+use crate::api::ApiBuilder;
 use crate::config::{Config, Overrides};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -131,5 +131,5 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
 
 /// The committed `openapi/openapi.json`, byte for byte.
 pub fn print_openapi() {
-    print!("{}", super::openapi_json());
+    print!("{}", crate::api::openapi_json());
 }

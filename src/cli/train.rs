@@ -1,11 +1,11 @@
 //! `dspo-server train --config FILE`: a training run from the command line with a progress
 //! line per step and a final summary (the same Trainer that POST /finetune runs).
 
-use super::dataset::DatasetStats;
-use super::pretrain::Pretrainer;
-use super::config::load_config;
-use super::trainer::Trainer;
-use super::{StepMetrics, TrainError, TrainMode, TrainOutcome};
+use crate::training::dataset::DatasetStats;
+use crate::training::pretrain::Pretrainer;
+use crate::training::config::load_config;
+use crate::training::trainer::Trainer;
+use crate::training::{StepMetrics, TrainConfig, TrainError, TrainMode, TrainOutcome};
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
@@ -72,7 +72,7 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
     eprintln!();
     let n = outcome.metrics.len().max(1);
     let tail = &outcome.metrics[n.saturating_sub(10).min(outcome.metrics.len())..];
-    let mean = |f: &dyn Fn(&super::StepMetrics) -> Option<f64>| {
+    let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
         let v: Vec<f64> = tail.iter().filter_map(f).collect();
         if v.is_empty() {
             None
@@ -98,7 +98,7 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
 }
 
 /// `--set key=value` overrides of hyperparameters (e.g. `--set max_steps=10`).
-fn apply_override(cfg: &mut super::TrainConfig, kv: &str) -> anyhow::Result<()> {
+fn apply_override(cfg: &mut TrainConfig, kv: &str) -> anyhow::Result<()> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| anyhow::anyhow!("--set expects key=value, got {kv}"))?;

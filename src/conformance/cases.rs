@@ -117,18 +117,10 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
         "text_encoder" => {
             let m = cache.get(&model()?, device)?;
             let prompt = case.param_str("prompt").unwrap_or_default();
-            if m.text_encoder_2.is_some() {
-                let e = pipelines::sdxl::encode(&m, &[prompt.as_str()], &mut notes)?;
-                out.insert("prompt_embeds".into(), e.prompt_embeds);
-                out.insert("pooled_prompt_embeds".into(), e.pooled);
-            } else {
-                let ids = m.tokenizer.encode(&prompt)?.ids;
-                let l = ids.len();
-                let ids = Tensor::from_vec(ids, (1, l), device)?;
-                out.insert(
-                    "prompt_embeds".into(),
-                    m.text_encoder.forward(&ids)?.last_hidden_state,
-                );
+            let e = pipelines::encode_prompts(&m, &[prompt.as_str()], &mut notes)?;
+            out.insert("prompt_embeds".into(), e.embeds);
+            if let Some(pooled) = e.pooled {
+                out.insert("pooled_prompt_embeds".into(), pooled);
             }
         }
         "unet" => {
@@ -177,40 +169,33 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
             let p = sampling(case)?;
             let latents = dev(case.input("latents")?)?;
             let mut rng = NoiseRng::new(0);
-            let img = if case.kind == "txt2img" {
-                pipelines::txt2img::run(
-                    &m,
-                    &[prompt_pair(case)],
-                    &p,
-                    &latents,
-                    &mut rng,
-                    &mut always,
-                    &mut notes,
-                )?
-            } else {
-                pipelines::sdxl::run(
-                    &m,
-                    &[prompt_pair(case)],
-                    &p,
-                    &latents,
-                    &mut rng,
-                    &mut always,
-                    &mut notes,
-                )?
-            };
+            let img = pipelines::run(
+                &m,
+                pipelines::Task::Txt2Img,
+                &[prompt_pair(case)],
+                &p,
+                &latents,
+                &mut rng,
+                &mut always,
+                &mut notes,
+            )?;
             out.insert("image".into(), img);
         }
         "img2img" => {
             let m = cache.get(&model()?, device)?;
             let p = sampling(case)?;
             let strength = case.param_f64("strength")?;
-            let img = pipelines::img2img::run(
+            let (image, vae_noise) = (dev(case.input("init_image")?)?, dev(case.input("vae_noise")?)?);
+            let task = pipelines::Task::Img2Img {
+                strength,
+                image: &image,
+                vae_noise: &vae_noise,
+            };
+            let img = pipelines::run(
                 &m,
+                task,
                 &[prompt_pair(case)],
                 &p,
-                strength,
-                &dev(case.input("init_image")?)?,
-                &dev(case.input("vae_noise")?)?,
                 &dev(case.input("noise")?)?,
                 &mut NoiseRng::new(0),
                 &mut always,
@@ -221,12 +206,16 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
         "instruct_pix2pix" => {
             let m = cache.get(&model()?, device)?;
             let p = sampling(case)?;
-            let img = pipelines::instruct_pix2pix::run(
+            let image = dev(case.input("image")?)?;
+            let task = pipelines::Task::InstructPix2Pix {
+                image_guidance_scale: case.param_f64("image_guidance_scale")?,
+                image: &image,
+            };
+            let img = pipelines::run(
                 &m,
+                task,
                 &[prompt_pair(case)],
                 &p,
-                case.param_f64("image_guidance_scale")?,
-                &dev(case.input("image")?)?,
                 &dev(case.input("latents")?)?,
                 &mut NoiseRng::new(0),
                 &mut always,

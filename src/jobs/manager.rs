@@ -9,6 +9,7 @@ use super::types::{
     AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress,
 };
 use super::webhook;
+use crate::adapters::{valid_name, AdapterDir};
 use crate::training::trainer::Trainer;
 use crate::training::{Hyperparameters, StepMetrics, TrainConfig, TrainError};
 use std::collections::{HashMap, VecDeque};
@@ -46,8 +47,8 @@ impl JobsConfig {
             device: "cpu".into(),
         }
     }
-    pub fn adapters_dir(&self) -> PathBuf {
-        self.data_dir.join("adapters")
+    pub fn adapters(&self) -> AdapterDir {
+        AdapterDir::in_data_dir(&self.data_dir)
     }
     fn defaults_for(&self, model: &str) -> FinetuneDefaults {
         self.defaults.get(model).cloned().unwrap_or_default()
@@ -77,14 +78,6 @@ pub struct JobManager {
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     stop: AtomicBool,
-}
-
-fn valid_adapter_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        && !n.starts_with('.')
 }
 
 fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
@@ -268,13 +261,13 @@ impl JobManager {
             Some(n) => n.clone(),
             None => format!("{}-{}", spec.method.name(), &id[..8]),
         };
-        if !valid_adapter_name(&name) {
+        if !valid_name(&name) {
             return Err(JobError::Invalid(format!(
                 "adapter_name {name:?}: use 1-64 characters of letters, digits, '-', '_' and '.'"
             )));
         }
         if self.store.adapters()?.iter().any(|a| a.name == name)
-            || self.cfg.adapters_dir().join(&name).exists()
+            || self.cfg.adapters().taken(&name)
         {
             return Err(JobError::AdapterExists(name));
         }
@@ -352,24 +345,19 @@ impl JobManager {
     }
 
     pub fn adapter_file(&self, name: &str) -> Result<PathBuf, JobError> {
-        let p = self
-            .cfg
-            .adapters_dir()
-            .join(name)
-            .join("adapter.safetensors");
-        if valid_adapter_name(name) && p.exists() {
-            Ok(p)
-        } else {
-            Err(JobError::AdapterNotFound(name.to_string()))
-        }
+        self.cfg
+            .adapters()
+            .find(name)
+            .ok_or_else(|| JobError::AdapterNotFound(name.to_string()))
     }
 
     pub fn delete_adapter(&self, name: &str) -> Result<(), JobError> {
-        let file = self.adapter_file(name)?;
+        self.adapter_file(name)?;
         self.store.delete_adapter(name)?;
-        if let Some(dir) = file.parent() {
-            std::fs::remove_dir_all(dir).map_err(|e| JobError::Store(e.to_string()))?;
-        }
+        self.cfg
+            .adapters()
+            .remove(name)
+            .map_err(|e| JobError::Store(e.to_string()))?;
         Ok(())
     }
 
@@ -548,13 +536,12 @@ impl JobManager {
 
         // Register the adapter: copy into the adapters directory, visible only once complete.
         let name = spec.adapter_name.clone().unwrap_or_else(|| id.to_string());
-        let dir = self.cfg.adapters_dir().join(&name);
         let io =
             |e: std::io::Error| fail(err_body("internal_error", format!("saving adapter: {e}")));
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let tmp = dir.join(".adapter.safetensors.tmp");
-        std::fs::copy(&outcome.artifact, &tmp).map_err(io)?;
-        std::fs::rename(&tmp, dir.join("adapter.safetensors")).map_err(io)?;
+        self.cfg
+            .adapters()
+            .install(&name, &outcome.artifact)
+            .map_err(io)?;
         let tail = &outcome.metrics[outcome.metrics.len().saturating_sub(10)..];
         let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
             let v: Vec<f64> = tail.iter().filter_map(f).collect();

@@ -1,6 +1,17 @@
-//! Device names as users write them in configs and flags: `cpu`, `cuda`, `cuda:N`.
+//! Device and dtype names as users write them in configs and flags: `cpu`, `cuda`, `cuda:N`;
+//! `f32`, `f16`, `bf16`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
+
+/// A dtype by name (also the long names torch users write). The error is a sentence.
+pub fn parse_dtype(name: &str) -> Result<DType, String> {
+    Ok(match name {
+        "f32" | "float32" | "fp32" => DType::F32,
+        "f16" | "float16" | "fp16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        o => return Err(format!("unknown dtype '{o}' (f32, f16 or bf16)")),
+    })
+}
 
 /// Opens the named device. The error is a sentence for the user; a CUDA device asked of a
 /// binary built without the `cuda` feature says how to get one that has it.

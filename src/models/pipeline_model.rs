@@ -17,7 +17,20 @@ pub enum Architecture {
     /// SD 1.x / 2.x text-to-image (also serves img2img).
     StableDiffusion,
     StableDiffusionXl,
+    // snake_case alone would write "instruct_pix2_pix".
+    #[serde(rename = "instruct_pix2pix")]
     InstructPix2Pix,
+}
+
+impl Architecture {
+    /// The name clients see, as serialised.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::StableDiffusion => "stable_diffusion",
+            Architecture::StableDiffusionXl => "stable_diffusion_xl",
+            Architecture::InstructPix2Pix => "instruct_pix2pix",
+        }
+    }
 }
 
 /// Where a model comes from: a local diffusers directory or a hub repository id.

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 /// `image`: `[N, 3, H, W]` in [0, 1]. `vae_noise` and `noise` are the two normal draws of the
 /// pipeline (posterior sample, then forward noising), each `[N, C, h, w]`.
 #[allow(clippy::too_many_arguments)]
-pub fn run(
+pub(super) fn run(
     model: &DiffusionModel,
     prompts: &[PromptPair],
     params: &SamplingParams,

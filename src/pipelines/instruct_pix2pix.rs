@@ -11,7 +11,7 @@ use crate::schedulers::make_scheduler;
 use candle_core::Tensor;
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(
+pub(super) fn run(
     model: &DiffusionModel,
     prompts: &[PromptPair],
     params: &SamplingParams,

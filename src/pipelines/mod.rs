@@ -4,12 +4,13 @@
 //! Every pipeline takes a batch of requests that share shape, steps, scheduler and guidance
 //! (what the server's batcher groups), each with its own prompt and its own noise.
 
-pub mod img2img;
-pub mod instruct_pix2pix;
-pub mod sdxl;
-pub mod txt2img;
+mod img2img;
+mod instruct_pix2pix;
+mod sdxl;
+mod txt2img;
 
 use crate::models::{Architecture, DiffusionModel, ModelError};
+use crate::rng::NoiseRng;
 use crate::schedulers::{SchedulerError, SchedulerKind};
 use candle_core::{DType, Tensor};
 
@@ -70,6 +71,131 @@ impl SamplingParams {
     }
 }
 
+/// What a batch asks of the model, with the inputs the task needs besides prompts and noise.
+#[derive(Debug, Clone, Copy)]
+pub enum Task<'a> {
+    Txt2Img,
+    /// `image`: `[N, 3, H, W]` in [0, 1]; `vae_noise`: the posterior sample's noise, drawn
+    /// before the forward noise as diffusers does.
+    Img2Img {
+        strength: f64,
+        image: &'a Tensor,
+        vae_noise: &'a Tensor,
+    },
+    /// `image`: the images to edit, `[N, 3, H, W]` in [0, 1].
+    InstructPix2Pix {
+        image_guidance_scale: f64,
+        image: &'a Tensor,
+    },
+}
+
+/// The one way to run a model: dispatches on the task and the model's architecture, and
+/// returns the images `[N, 3, H, W]` in [0, 1]. `noise` is the initial latent noise, one row
+/// per prompt; `progress` is called after every denoising step.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &DiffusionModel,
+    task: Task<'_>,
+    prompts: &[PromptPair],
+    params: &SamplingParams,
+    noise: &Tensor,
+    rng: &mut NoiseRng,
+    progress: Progress<'_>,
+    notes: &mut Notes,
+) -> Result<Tensor> {
+    match (task, model.architecture) {
+        (Task::Txt2Img, Architecture::StableDiffusionXl) => {
+            sdxl::run(model, prompts, params, noise, rng, progress, notes)
+        }
+        (Task::Txt2Img, _) => txt2img::run(model, prompts, params, noise, rng, progress, notes),
+        (
+            Task::Img2Img {
+                strength,
+                image,
+                vae_noise,
+            },
+            _,
+        ) => img2img::run(
+            model, prompts, params, strength, image, vae_noise, noise, rng, progress, notes,
+        ),
+        (
+            Task::InstructPix2Pix {
+                image_guidance_scale,
+                image,
+            },
+            _,
+        ) => instruct_pix2pix::run(
+            model,
+            prompts,
+            params,
+            image_guidance_scale,
+            image,
+            noise,
+            rng,
+            progress,
+            notes,
+        ),
+    }
+}
+
+/// A model's text conditioning of a batch of prompts.
+pub struct Conditioning {
+    /// `[N, 77, D]`: the text encoder's last hidden state (SD 1.x/2.x), or both encoders'
+    /// penultimate states side by side (SDXL).
+    pub embeds: Tensor,
+    /// SDXL: the second encoder's pooled projection `[N, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+/// The one prompt-encoding path, for any architecture (the pipelines, training, evaluation).
+pub fn encode_prompts(
+    model: &DiffusionModel,
+    prompts: &[&str],
+    notes: &mut Notes,
+) -> Result<Conditioning> {
+    if model.architecture == Architecture::StableDiffusionXl {
+        let e = sdxl::encode(model, prompts, notes)?;
+        Ok(Conditioning {
+            embeds: e.prompt_embeds,
+            pooled: Some(e.pooled),
+        })
+    } else {
+        Ok(Conditioning {
+            embeds: encode_sd(model, prompts, notes)?,
+            pooled: None,
+        })
+    }
+}
+
+/// Token ids of a batch of prompts as one `[N, L]` tensor, with a warning in `notes` for
+/// each prompt cut at the tokenizer's limit.
+pub(crate) fn token_ids(
+    tokenizer: &crate::models::tokenizer::ClipTokenizer,
+    prompts: &[&str],
+    device: &candle_core::Device,
+    notes: Option<&mut Notes>,
+) -> Result<Tensor> {
+    let mut ids = Vec::with_capacity(prompts.len());
+    let mut cut = Vec::new();
+    for p in prompts {
+        let t = tokenizer.encode(p)?;
+        if t.truncated > 0 {
+            cut.push(t.truncated);
+        }
+        ids.push(t.ids);
+    }
+    if let Some(notes) = notes {
+        for n in cut {
+            notes.warnings.push(format!(
+                "prompt truncated: the last {n} tokens exceed CLIP's {} token limit",
+                tokenizer.max_len()
+            ));
+        }
+    }
+    let l = ids.first().map_or(tokenizer.max_len(), Vec::len);
+    Ok(Tensor::from_vec(ids.concat(), (prompts.len(), l), device)?)
+}
+
 /// Warnings diffusers would log (prompt truncation).
 #[derive(Debug, Default, Clone)]
 pub struct Notes {
@@ -82,21 +208,7 @@ pub(crate) fn encode_sd(
     prompts: &[&str],
     notes: &mut Notes,
 ) -> Result<Tensor> {
-    let mut ids = Vec::new();
-    for p in prompts {
-        let t = model.tokenizer.encode(p)?;
-        if t.truncated > 0 {
-            notes.warnings.push(format!(
-                "prompt truncated: the last {} tokens exceed CLIP's {} token limit",
-                t.truncated,
-                model.tokenizer.max_len()
-            ));
-        }
-        ids.push(t.ids);
-    }
-    let n = ids.len();
-    let l = ids[0].len();
-    let ids = Tensor::from_vec(ids.concat(), (n, l), &model.device)?;
+    let ids = token_ids(&model.tokenizer, prompts, &model.device, Some(notes))?;
     Ok(model.text_encoder.forward(&ids)?.last_hidden_state)
 }
 

@@ -9,7 +9,7 @@ use crate::rng::NoiseRng;
 use crate::schedulers::make_scheduler;
 use candle_core::Tensor;
 
-pub struct SdxlEmbeds {
+pub(super) struct SdxlEmbeds {
     /// `[N, 77, d1 + d2]`
     pub prompt_embeds: Tensor,
     /// `[N, proj]`
@@ -17,7 +17,7 @@ pub struct SdxlEmbeds {
 }
 
 /// Encodes prompts with both encoders: concat of the penultimate layers, pooled from the second.
-pub fn encode(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Result<SdxlEmbeds> {
+pub(super) fn encode(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Result<SdxlEmbeds> {
     let (tok2, enc2) = match (&model.tokenizer_2, &model.text_encoder_2) {
         (Some(t), Some(e)) => (t, e),
         _ => {
@@ -33,19 +33,9 @@ pub fn encode(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Re
         (&model.tokenizer, &model.text_encoder, false),
         (tok2, enc2, true),
     ] {
-        let mut ids = Vec::new();
-        for p in prompts {
-            let t = tok.encode(p)?;
-            if t.truncated > 0 && !second {
-                notes.warnings.push(format!(
-                    "prompt truncated: the last {} tokens exceed CLIP's token limit",
-                    t.truncated
-                ));
-            }
-            ids.push(t.ids);
-        }
-        let (n, l) = (ids.len(), ids[0].len());
-        let out = enc.forward(&Tensor::from_vec(ids.concat(), (n, l), &model.device)?)?;
+        // The second tokenizer cuts the same prompts: one warning, from the first, is enough.
+        let ids = super::token_ids(tok, prompts, &model.device, (!second).then_some(&mut *notes))?;
+        let out = enc.forward(&ids)?;
         hidden.push(out.penultimate);
         if second {
             pooled = Some(out.pooled);
@@ -57,7 +47,7 @@ pub fn encode(model: &DiffusionModel, prompts: &[&str], notes: &mut Notes) -> Re
     })
 }
 
-pub fn run(
+pub(super) fn run(
     model: &DiffusionModel,
     prompts: &[PromptPair],
     params: &SamplingParams,

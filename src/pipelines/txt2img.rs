@@ -11,7 +11,7 @@ use candle_core::Tensor;
 
 /// `noise`: the initial latents `[N, C, h, w]` before `init_noise_sigma` (what diffusers takes
 /// as `latents=`). Returns images `[N, 3, H, W]` in [0, 1].
-pub fn run(
+pub(super) fn run(
     model: &DiffusionModel,
     prompts: &[PromptPair],
     params: &SamplingParams,

@@ -5,7 +5,7 @@
 //! whether it ran alone or batched with strangers.
 
 use super::task::{GenerationTask, Task};
-use crate::models::{Architecture, DiffusionModel};
+use crate::models::DiffusionModel;
 use crate::pipelines::{self, Notes, PipelineError, PromptPair, SamplingParams};
 use crate::rng::NoiseRng;
 use candle_core::{DType, Tensor};
@@ -65,61 +65,39 @@ pub fn run_batch(
     let mut rng = NoiseRng::merge(rngs);
     let mut notes = Notes::default();
     let mut progress = |_: usize, _: usize| keep_going();
-    let images = match (first.task, model.architecture) {
-        (Task::Txt2Img, Architecture::StableDiffusionXl) => pipelines::sdxl::run(
-            model,
-            &prompts,
-            &params,
-            &noise,
-            &mut rng,
-            &mut progress,
-            &mut notes,
-        )?,
-        (Task::Txt2Img, _) => pipelines::txt2img::run(
-            model,
-            &prompts,
-            &params,
-            &noise,
-            &mut rng,
-            &mut progress,
-            &mut notes,
-        )?,
-        (Task::Img2Img { strength }, _) => {
-            let image = Tensor::cat(&image_rows, 0)?;
-            let vae_noise = Tensor::cat(&vae_noise_rows, 0)?;
-            pipelines::img2img::run(
-                model,
-                &prompts,
-                &params,
-                strength,
-                &image,
-                &vae_noise,
-                &noise,
-                &mut rng,
-                &mut progress,
-                &mut notes,
-            )?
-        }
-        (
-            Task::InstructPix2Pix {
-                image_guidance_scale,
-            },
-            _,
-        ) => {
-            let image = Tensor::cat(&image_rows, 0)?;
-            pipelines::instruct_pix2pix::run(
-                model,
-                &prompts,
-                &params,
-                image_guidance_scale,
-                &image,
-                &noise,
-                &mut rng,
-                &mut progress,
-                &mut notes,
-            )?
-        }
+    let image = match image_rows.is_empty() {
+        true => None,
+        false => Some(Tensor::cat(&image_rows, 0)?),
     };
+    let vae_noise = match vae_noise_rows.is_empty() {
+        true => None,
+        false => Some(Tensor::cat(&vae_noise_rows, 0)?),
+    };
+    let missing = || PipelineError::Invalid("an edit task came without its image".into());
+    let task = match first.task {
+        Task::Txt2Img => pipelines::Task::Txt2Img,
+        Task::Img2Img { strength } => pipelines::Task::Img2Img {
+            strength,
+            image: image.as_ref().ok_or_else(missing)?,
+            vae_noise: vae_noise.as_ref().ok_or_else(missing)?,
+        },
+        Task::InstructPix2Pix {
+            image_guidance_scale,
+        } => pipelines::Task::InstructPix2Pix {
+            image_guidance_scale,
+            image: image.as_ref().ok_or_else(missing)?,
+        },
+    };
+    let images = pipelines::run(
+        model,
+        task,
+        &prompts,
+        &params,
+        &noise,
+        &mut rng,
+        &mut progress,
+        &mut notes,
+    )?;
     let mut rgb = pipelines::to_rgb8(&images)?.into_iter();
     let mut out = Vec::with_capacity(tasks.len());
     for task in tasks {

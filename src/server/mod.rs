@@ -2,7 +2,6 @@
 //! batcher. Nothing here knows about HTTP; `crate::api` turns requests into
 //! `GenerationTask`s and worker errors into responses.
 
-pub mod adapters;
 pub mod compute;
 pub mod stats;
 pub mod task;

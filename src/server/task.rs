@@ -3,10 +3,10 @@
 //! A `GenerationTask` is only built by the HTTP layer's validation, so the worker never
 //! re-checks input: past this type boundary every value is in range for the model.
 
+pub use crate::adapters::AdapterChoice;
 use crate::models::{Architecture, DiffusionModel};
 use crate::pipelines::PromptPair;
 use crate::schedulers::SchedulerKind;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// The ways a request can use a model.
@@ -35,15 +35,6 @@ impl Mode {
             Architecture::StableDiffusionXl => &[Mode::Txt2Img],
             Architecture::InstructPix2Pix => &[Mode::InstructPix2Pix],
         }
-    }
-}
-
-/// The name clients see (serde's snake_case would split "Pix2Pix" into "pix2_pix").
-pub fn architecture_name(arch: Architecture) -> &'static str {
-    match arch {
-        Architecture::StableDiffusion => "stable_diffusion",
-        Architecture::StableDiffusionXl => "stable_diffusion_xl",
-        Architecture::InstructPix2Pix => "instruct_pix2pix",
     }
 }
 
@@ -105,14 +96,6 @@ impl Task {
             Task::InstructPix2Pix { .. } => Mode::InstructPix2Pix,
         }
     }
-}
-
-/// A LoRA adapter chosen by a request; the file was seen to exist at validation time.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdapterChoice {
-    pub name: String,
-    pub path: PathBuf,
-    pub scale: f64,
 }
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@
 //! `is_closed()`: such requests are dropped before compute, and a batch whose clients have
 //! all gone is abandoned between denoising steps.
 
-use super::adapters::AdapterState;
+use crate::adapters::cache::AdapterState;
 use super::compute::run_batch;
 use super::stats::WorkerStats;
 use super::task::{BatchKey, GenerationTask, ModelInfo, TaskOutput};

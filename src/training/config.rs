@@ -319,14 +319,8 @@ impl Default for PretrainOptions {
 
 impl PretrainOptions {
     pub fn save_dtype(&self) -> Result<DType, TrainError> {
-        match self.save_dtype.as_str() {
-            "f32" => Ok(DType::F32),
-            "f16" => Ok(DType::F16),
-            "bf16" => Ok(DType::BF16),
-            o => Err(TrainError::Config(format!(
-                "pretrain.save_dtype must be f32, f16 or bf16, got '{o}'"
-            ))),
-        }
+        crate::models::device::parse_dtype(&self.save_dtype)
+            .map_err(|e| TrainError::Config(format!("pretrain.save_dtype: {e}")))
     }
 }
 

@@ -1,9 +1,7 @@
 //! Preference fine-tuning: losses (DSPO, Diffusion-DPO, SFT, DSPO-E), LoRA and full
 //! fine-tuning, optimiser, checkpoints, the trainer loop.
 
-pub mod bench;
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod lora;

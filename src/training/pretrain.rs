@@ -456,17 +456,15 @@ impl Pretrainer {
         let (mean, std) = self.posterior(rows)?;
         let eps = rng.randn(mean.dims(), &self.device, DType::F32)?;
         let x0 = ((mean + (std * eps)?)? * self.model.vae.config.scaling_factor)?;
-        let mut ids = Vec::with_capacity(b);
-        for &i in rows {
-            let caption = if rng.uniform() < h.caption_dropout {
-                ""
-            } else {
-                self.data.caption(i)
-            };
-            ids.push(self.model.tokenizer.encode(caption)?.ids);
-        }
-        let l = ids[0].len();
-        let ids = Tensor::from_vec(ids.concat(), (b, l), &self.device)?;
+        let captions: Vec<&str> = rows
+            .iter()
+            .map(|&i| match rng.uniform() < h.caption_dropout {
+                true => "",
+                false => self.data.caption(i),
+            })
+            .collect();
+        let ids = crate::pipelines::token_ids(&self.model.tokenizer, &captions, &self.device, None)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         let ehs = match &self.train.text_encoder {
             Some(te) => te.forward(&ids)?.last_hidden_state,
             None => self

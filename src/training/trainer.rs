@@ -230,25 +230,8 @@ impl Trainer {
         let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
         let mut notes = crate::pipelines::Notes::default();
         let map = |e: crate::pipelines::PipelineError| TrainError::Config(e.to_string());
-        if self.model.architecture == Architecture::StableDiffusionXl {
-            let e = crate::pipelines::sdxl::encode(&self.model, &refs, &mut notes).map_err(map)?;
-            Ok((e.prompt_embeds.detach(), Some(e.pooled.detach())))
-        } else {
-            let mut ids = Vec::new();
-            for c in &refs {
-                ids.push(self.model.tokenizer.encode(c)?.ids);
-            }
-            let (n, l) = (ids.len(), ids[0].len());
-            let ids = Tensor::from_vec(ids.concat(), (n, l), &self.device)?;
-            Ok((
-                self.model
-                    .text_encoder
-                    .forward(&ids)?
-                    .last_hidden_state
-                    .detach(),
-                None,
-            ))
-        }
+        let c = crate::pipelines::encode_prompts(&self.model, &refs, &mut notes).map_err(map)?;
+        Ok((c.embeds.detach(), c.pooled.map(|p| p.detach())))
     }
 
     /// One micro-batch: forward, backward, and what its step reports.

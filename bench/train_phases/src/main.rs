@@ -1,5 +1,5 @@
 //! Splits one optimiser step of `dspo-server bench-train` into its parts, to see where our step
-//! is slower than PyTorch's. The step is the one src/training/bench.rs runs (same calls, same
+//! is slower than PyTorch's. The step is the one src/cli/bench_train.rs runs (same calls, same
 //! synthetic batch); each part is timed on its own, and the reference pass, which batch_loss
 //! runs inside the forward, is timed again separately on the same inputs.
 //!
