@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# GPU benchmark and parity check in one call of a lent GPU machine (issue 7), rehearsed on the CPU.
+# GPU benchmark and parity check in one run, for a GPU machine that may have no network access
+# (everything it needs travels in one bundle), rehearsed on the CPU.
 #
-#   bench/gpu.sh pack        # here: CUDA binary (scripts/build-cuda.sh) + conformance suite +
-#                            # configs + the diffusers wheel -> .device/bundle.tar.xz
-#   bench/gpu.sh run         # there: the device tool's command, with carry [".device"]
-#   bench/gpu.sh report DIR  # here or there: results.jsonl -> the side-by-side table (markdown)
+#   bench/gpu.sh pack        # build machine: CUDA binary (scripts/build-cuda.sh) + conformance
+#                            # suite + configs + the diffusers wheel -> .device/bundle.tar.xz
+#   bench/gpu.sh run         # GPU machine, in a copy of this repository with .device/ beside it
+#   bench/gpu.sh report DIR  # anywhere: results.jsonl -> the side-by-side table (markdown)
 #
 # CPU rehearsal of every phase with the tiny conformance models (minutes, no GPU):
 #   PACK_BIN=target/release/dspo-server bench/gpu.sh pack && DEVICE=cpu SCALE=tiny bench/gpu.sh run
 #
+# A/B of two builds in the same run (e.g. with and without cuDNN convolutions): set PACK_BIN_B
+# to the second binary when packing; the `ab ...` tasks then run it under the label suffix -B.
+#
 # What `run` does, most important first (each task gets what is left of BUDGET, at most its own
-# limit, so a slow task cannot eat the lease; the table is printed with whatever finished):
+# limit, so one slow task cannot starve the rest; the table is printed with whatever finished):
 #   1. conformance suite on $DEVICE in f32 (parity with the float64 reference holds on the GPU)
 #   2. full-size random-weight SD1.5 / SDXL in f16 from the real configs (make-random-model)
-#   3. txt2img latency, ours then diffusers on the same files: SD1.5 512² 50 DDIM steps, batch 1
-#      and 4, f16 and bf16; SDXL 1024² 30 steps f16 batch 1
-#   4. one DSPO optimiser step on SD1.5 at 512² (LoRA and full, f32), ours vs PyTorch (same loss)
+#   3. txt2img latency, ours then diffusers on the same files: SD1.5 512² 50 DDIM steps and
+#      SDXL 1024² 30 steps, batch 1 and 4, f16 (and bf16 for SD1.5)
+#   4. DSPO optimiser steps on SD1.5 at 512², ours vs PyTorch with the same loss and the same
+#      gradient-checkpointing setting: LoRA with 1 and 4 pairs (the paper's per-GPU batch),
+#      LoRA without checkpointing (its memory A/B), full fine-tuning
 #   5. peak GPU memory of every process (nvidia-smi, 50 ms samples, minus the idle baseline)
 # Everything lands in $OUT (results.jsonl, table.md, gpu.log); OUT defaults to target/gpu-out.
 #
-# Knobs: DEVICE [cuda:0], SCALE [full | tiny], REPEATS [3], BUDGET [540 s for everything;
-# the device tool allows 600 s a call], TASKS (a quoted task list, default at the end of run()),
-# PYTHON [python3], OUT [target/gpu-out].
+# Knobs: DEVICE [cuda:0], SCALE [full | tiny], REPEATS [3], BUDGET [540 s for everything],
+# TASKS (a quoted task list, default at the end of run()), PYTHON [python3],
+# OUT [target/gpu-out], MAX_BUNDLE_MIB [64: pack refuses a larger bundle plus tree, for
+# machines that take the repository and bundle through a size-limited copy; 0 = no limit].
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -34,8 +41,9 @@ pack() {
     if [ -z "${PACK_BIN:-}" ] && [ ! -x "$bin" ]; then scripts/build-cuda.sh; fi
     rm -rf .device/stage && mkdir -p .device/stage/shared .device/stage/wheels
     cp "$bin" .device/stage/dspo-server
+    [ -n "${PACK_BIN_B:-}" ] && cp "$PACK_BIN_B" .device/stage/dspo-server-b
     [ -d "$(dirname "$bin")/cuda-libs" ] && cp -r "$(dirname "$bin")/cuda-libs" .device/stage/
-    # ip2p's tiny model is left out: the bundle must fit the 64 MiB a call carries, and its
+    # ip2p's tiny model is left out: the bundle must stay under MAX_BUNDLE_MIB, and its
     # UNet/pipeline path is the SD1.5 one with 8 input channels, covered by the CPU suite.
     # So are full-UNet training cases resumed from a saved optimiser state (several MiB of
     # incompressible moments each): resuming is host-side file handling, covered on the CPU,
@@ -48,19 +56,19 @@ pack() {
         cp "${f%.json}".* .device/stage/shared/conformance/cases/
     done
     cp -r "$shared/configs/stable-diffusion-v1-5" "$shared/configs/stable-diffusion-xl-base-1.0" .device/stage/shared/configs/
-    # The GPU machine has torch, transformers and peft but not diffusers (KINDS.md).
+    # The GPU machine is expected to have torch, transformers and peft; diffusers travels here.
     "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
         -d .device/stage/wheels "diffusers==$DIFFUSERS_VERSION"
     cp bench/gpu_diffusers.py bench/torch_train_step.py .device/stage/
     (cd .device/stage && XZ_OPT='-9 -T2' tar -cJf ../bundle.tar.xz .)
     rm -rf .device/stage
     grep -qx '/.device/' .gitignore || echo '/.device/' >> .gitignore
-    # What a device call carries: tracked and untracked-not-ignored files, plus the bundle.
-    local tree bundle
+    # What goes to the GPU machine: tracked and untracked-not-ignored files, plus the bundle.
+    local tree bundle max=${MAX_BUNDLE_MIB:-64}
     tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
     bundle=$(stat -c %s .device/bundle.tar.xz)
-    echo "[gpu] .device/bundle.tar.xz $((bundle >> 20)) MiB + working tree $((tree >> 20)) MiB = $(((bundle + tree) >> 20)) MiB (a call carries at most 64)" >&2
-    (( bundle + tree < 64 << 20 )) || { echo "[gpu] too large for one device call" >&2; return 1; }
+    echo "[gpu] .device/bundle.tar.xz $((bundle >> 20)) MiB + working tree $((tree >> 20)) MiB = $(((bundle + tree) >> 20)) MiB (limit $max MiB)" >&2
+    (( max == 0 || bundle + tree < max << 20 )) || { echo "[gpu] bundle and tree exceed MAX_BUNDLE_MIB=$max" >&2; return 1; }
 }
 
 run() {
@@ -179,17 +187,34 @@ EOF
         ok_to_start "diffusers $m-$dt-b$b" && measure diffusers "$m-$dt-b$b" "$(limit 180)" "$PY" "$W/b/gpu_diffusers.py" --model "$dir" \
             --size "$sz" --steps "$st" --batch "$b" --repeats "$rp" --scheduler ddim --device "${dev%%:*}" --dtype "$dtu" --label "$m-$dt-b$b"
     }
-    train() {  # train lora|full: one DSPO optimiser step, ours then PyTorch
-        local flag=""; [ "$1" = full ] && flag=--full
+    train() {  # train lora|full PAIRS CHECKPOINTING: one DSPO optimiser step, ours then PyTorch
+        local mode=$1 pairs=${2:-1} ck=${3:-true} flag=""
+        [ "$mode" = full ] && flag=--full
+        local label=dspo-$mode-p$pairs; [ "$ck" = true ] || label=$label-nockpt
         [ -f "$sd15/model_index.json" ] || { log "train: no model"; return; }
-        ok_to_start "train ours $1" && measure train "ours-dspo-$1" "$(limit 150)" "$BIN" bench-train --model "$sd15" --method dspo $flag \
-            --pairs 1 --resolution "$tres" --steps 3 --device "$dev"
-        ok_to_start "train torch $1" && measure train "torch-dspo-$1" "$(limit 150)" "$PY" "$W/b/torch_train_step.py" --model "$sd15" \
-            --method dspo $flag --pairs 1 --resolution "$tres" --steps 3 --device "${dev%%:*}"
+        ok_to_start "train ours $label" && measure train "ours-$label" "$(limit 150)" "$BIN" bench-train --model "$sd15" --method dspo $flag \
+            --pairs "$pairs" --resolution "$tres" --steps 3 --device "$dev" --gradient-checkpointing "$ck"
+        ok_to_start "train torch $label" && measure train "torch-$label" "$(limit 150)" "$PY" "$W/b/torch_train_step.py" --model "$sd15" \
+            --method dspo $flag --pairs "$pairs" --resolution "$tres" --steps 3 --device "${dev%%:*}" --gradient-checkpointing "$ck"
+    }
+    ab() {  # ab gen|train ARGS...: the same task with the second packed binary, labels suffixed -B
+        [ -x "$W/b/dspo-server-b" ] || { log "ab $*: no second binary packed (PACK_BIN_B)"; return; }
+        local what=$1; shift
+        if [ "$what" = gen ]; then
+            local m=$1 dt=$2 b=$3 dir=$sd15 sz=$size st=$steps
+            [ "$m" = sdxl ] && { dir=$sdxl; sz=$xsize; st=$xsteps; }
+            local dtu=$dt; [ $gpu = 0 ] && dtu=f32
+            ok_to_start "ab $m-$dt-b$b" && measure ours "$m-$dt-b$b-B" "$(limit 180)" "$W/b/dspo-server-b" bench txt2img --model "$dir" \
+                --size "$sz" --steps "$st" --batch "$b" --repeats 2 --scheduler ddim --device "$dev" --dtype "$dtu" --label "$m-$dt-b$b-B"
+        else
+            local mode=$1 pairs=${2:-1} flag=""; [ "$mode" = full ] && flag=--full
+            ok_to_start "ab train $mode" && measure train "ours-dspo-$mode-p$pairs-B" "$(limit 150)" "$W/b/dspo-server-b" bench-train \
+                --model "$sd15" --method dspo $flag --pairs "$pairs" --resolution "$tres" --steps 3 --device "$dev"
+        fi
     }
 
     # Most important first: parity, the headline SD1.5 comparison, training, SDXL, the rest.
-    local tasks=${TASKS:-'conformance "model sd15" "gen sd15 f16 1" "train lora" "model sdxl" "gen sdxl f16 1" "gen sd15 bf16 1" "gen sd15 f16 4" "train full" "gen sd15 bf16 4"'}
+    local tasks=${TASKS:-'conformance "model sd15" "gen sd15 f16 1" "ab gen sd15 f16 1" "train lora 1 true" "train lora 4 true" "ab train lora 1" "gen sd15 f16 4" "model sdxl" "gen sdxl f16 1" "train lora 1 false" "train full 1 true" "gen sdxl f16 4" "gen sd15 bf16 1" "gen sd15 bf16 4"'}
     eval "set -- $tasks"
     local task
     for task in "$@"; do $task; done
@@ -213,18 +238,20 @@ if gen:
     print("\n| run | ours s (median) | diffusers s (median) | ours / diffusers | ours peak MiB | diffusers peak MiB | finite |")
     print("|---|---|---|---|---|---|---|")
     for label, d in gen.items():
-        o, p = d.get("ours", {}), d.get("diffusers", {})
+        # An A/B row (-B) is compared with diffusers' run of the same case.
+        o, p = d.get("ours", {}), d.get("diffusers") or gen.get(label.removesuffix("-B"), {}).get("diffusers", {})
         ratio = o["median_s"] / p["median_s"] if o.get("median_s") and p.get("median_s") else None
         print(f"| {label} | {f(o.get('median_s'), 3)} | {f(p.get('median_s'), 3)} | {f(ratio)} | {f(o.get('peak_gpu_mib'), 0)} | {f(p.get('peak_gpu_mib'), 0)} | {o.get('finite')}/{p.get('finite')} |")
 tr = {r["label"]: r for r in rows if r["phase"] == "train"}
 if tr:
-    print("\n| training step (SD1.5, DSPO) | ours s | PyTorch s | ours / PyTorch | ours peak MiB | PyTorch peak MiB |")
-    print("|---|---|---|---|---|---|")
-    for mode in ("lora", "full"):
-        o, p = tr.get(f"ours-dspo-{mode}", {}), tr.get(f"torch-dspo-{mode}", {})
+    print("\n| training step (SD1.5, DSPO) | ours s | PyTorch s | ours / PyTorch | ours peak MiB | PyTorch peak MiB | ours / PyTorch memory |")
+    print("|---|---|---|---|---|---|---|")
+    for label in sorted({k.split("-", 1)[1] for k in tr}):
+        o, p = tr.get(f"ours-{label}", {}), tr.get(f"torch-{label.removesuffix('-B')}", {})
         os_, ps = o.get("step_s_median"), p.get("step_s_median")
-        ratio = os_ / ps if os_ and ps else None
-        print(f"| {mode} | {f(os_, 3)} | {f(ps, 3)} | {f(ratio)} | {f(o.get('peak_gpu_mib'), 0)} | {f(p.get('peak_gpu_mib'), 0)} |")
+        om, pm = o.get("peak_gpu_mib"), p.get("peak_gpu_mib")
+        print(f"| {label} | {f(os_, 3)} | {f(ps, 3)} | {f(os_ / ps if os_ and ps else None)} | {f(om, 0)} | {f(pm, 0)} | "
+              f"{f(om / pm if om and pm else None)} |")
 bad = [r for r in rows if r.get("rc")]
 for r in bad:
     print(f"\n{r['phase']}/{r['label']}: exit {r['rc']} (see gpu.log)")
