@@ -218,7 +218,11 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = w.get((out_c, in_c, k, k), "weight")?;
+        let mut weight = w.get((out_c, in_c, k, k), "weight")?;
+        if k > 1 && weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
+            // Frozen CPU weights tap by tap (see kernels::conv::tap_major).
+            weight = kernels::conv::tap_major(&weight)?;
+        }
         let bias = Some(w.get(out_c, "bias")?);
         Ok(Self {
             weight,

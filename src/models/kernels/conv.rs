@@ -21,6 +21,52 @@ pub struct Conv2dOp {
     pub padding: usize,
 }
 
+/// How a weight `[O, C, k, k]` lies in memory: as loaded (`Standard`), or with each tap's
+/// `[O, C]` matrix contiguous (`TapMajor`, physically `[k, k, O, C]`), how `nn::Conv2d` keeps
+/// frozen CPU weights. Tap-major, a tap's GEMM reads the weight along its contiguous input
+/// channels instead of at a stride of k² floats (a cache line per one or two values), and
+/// nothing has to be packed for the small images of the inner blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WeightOrder {
+    Standard,
+    TapMajor,
+}
+
+impl WeightOrder {
+    fn of(l: &Layout) -> Option<Self> {
+        if l.is_contiguous() {
+            return Some(Self::Standard);
+        }
+        let (o, c, k, _) = l.shape().dims4().ok()?;
+        (l.stride() == [c, 1, k * o * c, o * c]).then_some(Self::TapMajor)
+    }
+
+    /// Tap `t`'s `[O, C]` matrix: offset, row (output channel) stride, column stride.
+    fn tap(self, g: &Geo, t: usize) -> (usize, usize, usize) {
+        match self {
+            Self::Standard => (t, g.c * g.taps(), g.taps()),
+            Self::TapMajor => (t * g.o * g.c, g.c, 1),
+        }
+    }
+}
+
+/// The slice behind a weight in either order (from its start offset).
+fn weight_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], WeightOrder)> {
+    match (WeightOrder::of(l), s) {
+        (Some(WeightOrder::Standard), _) => Ok((cpu_f32(s, l, "conv2d")?, WeightOrder::Standard)),
+        (Some(WeightOrder::TapMajor), CpuStorage::F32(v)) => {
+            let start = l.start_offset();
+            Ok((&v[start..start + l.shape().elem_count()], WeightOrder::TapMajor))
+        }
+        _ => candle_core::bail!("conv2d: weight must be contiguous or tap-major f32"),
+    }
+}
+
+/// The same weight, tap-major (see [`WeightOrder`]); the logical shape is unchanged.
+pub fn tap_major(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.permute((2, 3, 0, 1))?.contiguous()?.permute((2, 3, 0, 1))
+}
+
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
 struct Geo {
@@ -167,7 +213,7 @@ fn all_phases(x: &[f32], g: &Geo) -> Vec<f32> {
 fn forward_tile(
     g: &Geo,
     ph: &[f32],
-    weight: &[f32],
+    (weight, order): (&[f32], WeightOrder),
     bias: &[f32],
     (bi, y0, rows): (usize, usize, usize),
     out: SharedMut,
@@ -178,13 +224,14 @@ fn forward_tile(
     let kk = g.taps();
     let img = &ph[bi * g.image_len()..][..g.image_len()];
     for t in 0..kk {
+        let (off, rs, cs) = order.tap(g, t);
         sgemm(
             (g.o, cols, g.c),
             &mut tmp,
             Strided::new(0, cols, 1),
             t > 0,
             weight,
-            Strided::new(t, g.c * kk, kk),
+            Strided::new(off, rs, cs),
             img,
             Strided::new(g.tap_offset(t, y0), g.phase_len(), 1),
             1.0,
@@ -223,7 +270,7 @@ impl candle_core::CustomOp3 for Conv2dOp {
         let g = Geo::new(xl.shape(), wl.shape(), self.stride, self.padding)?;
         let (x, w, bias) = (
             cpu_f32(xs, xl, "conv2d")?,
-            cpu_f32(ws, wl, "conv2d")?,
+            weight_slice(ws, wl)?,
             cpu_f32(bs, bl, "conv2d")?,
         );
         if bias.len() != g.o {
@@ -265,11 +312,14 @@ impl candle_core::CustomOp3 for Conv2dOp {
         let (xg, xl) = x.storage_and_layout();
         let (wg, wl) = weight.storage_and_layout();
         let (gg, gl) = grad.storage_and_layout();
-        let (xv, wv, gv) = (
+        let (xv, gv) = (
             storage_f32(&xg, xl, "conv2d backward")?,
-            storage_f32(&wg, wl, "conv2d backward")?,
             storage_f32(&gg, gl, "conv2d backward")?,
         );
+        let (wv, order) = match &*wg {
+            candle_core::Storage::Cpu(c) => weight_slice(c, wl)?,
+            _ => candle_core::bail!("conv2d backward: CPU tensors expected"),
+        };
         let (kk, cols) = (g.taps(), g.cols(g.ho));
         let dev = x.device();
         // The output gradient in phase coordinates ([O, cols] per image), zero in the gaps
@@ -331,13 +381,14 @@ impl candle_core::CustomOp3 for Conv2dOp {
                 // window [C, cols] += W_tap^T [C, O] x G [O, cols], tap by tap.
                 for t in 0..kk {
                     let off = g.tap_offset(t, 0);
+                    let (w_off, w_rs, w_cs) = order.tap(&g, t);
                     sgemm(
                         (g.c, cols, g.o),
                         &mut gph,
                         Strided::new(off, g.phase_len(), 1),
                         true,
                         wv,
-                        Strided::new(t, kk, g.c * kk),
+                        Strided::new(w_off, w_cs, w_rs),
                         &gq[bi * g.o * cols..][..g.o * cols],
                         Strided::new(0, cols, 1),
                         1.0,
@@ -363,8 +414,12 @@ pub fn conv2d(
     padding: usize,
 ) -> candle_core::Result<Tensor> {
     let op = Conv2dOp { stride, padding };
+    let weight = match WeightOrder::of(weight.layout()) {
+        Some(_) => weight.clone(),
+        None => weight.contiguous()?,
+    };
     x.contiguous()?.apply_op3_arc(
-        &weight.contiguous()?,
+        &weight,
         bias,
         std::sync::Arc::new(Box::new(op)),
     )

@@ -84,8 +84,10 @@ pub unsafe fn sgemm_raw(
     // The crate's kernels want a column-major left operand (they read it in place; a
     // row-major one is gathered into panels, by strided scalar loads). When the right operand
     // is row-major, computing the transposed product `C^T = B^T A^T` gives exactly that.
-    // Each element is the same dot product over k either way, in the same blocks (the crate's
-    // k-blocking depends on k alone), so the result does not change.
+    // Each element is the same dot product over k either way, in the same k-blocks (the
+    // crate's k-blocking depends on k alone); the kernels may still split a short product
+    // differently, so results agree to f32 rounding, and a sample's result still depends only
+    // on its own shapes (batched == alone).
     if a.rs != 1 && b.cs == 1 && b.rs != 1 {
         return sgemm_raw(
             (n, m, k),
@@ -107,9 +109,8 @@ pub unsafe fn sgemm_raw(
     // The gemm crate packs a short row-major left operand on the calling thread before it
     // fans out (its "prepack"), and the other core spins meanwhile: up to a tenth of a
     // training step. Split such a product ourselves along its rows (or, for few rows, its
-    // columns), one sequential GEMM per thread, so that each packs only its own share. Each
-    // element is still one dot product over k in the same blocks (the crate's k-blocking
-    // depends on k alone), so the result is bit-for-bit the one-call result.
+    // columns), one sequential GEMM per thread, so that each packs only its own share. The
+    // split depends only on the product's own shape.
     if threads > 1 && a.rs != 1 {
         let split_rows = m >= threads * SPLIT_MIN;
         let len = if split_rows { m } else { n };

@@ -294,3 +294,48 @@ fn fused_linear_matches_matmul_and_gives_only_tracked_operands_a_gradient(
     assert!(grads.get(x.as_tensor()).is_some() && grads.get(&w).is_none());
     Ok(())
 }
+
+/// Frozen weights are kept in the layouts the GEMMs read best (`nn::Linear`: column-major;
+/// `nn::Conv2d`: tap-major). Outputs and input gradients must equal those of the weights as
+/// loaded: the same dot products, only read differently (the GEMM kernels may split a short
+/// one differently, so equal up to f32 rounding).
+#[test]
+fn frozen_weight_layouts_give_the_same_results() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for &(c, o, k, stride, padding, h, w) in &[
+        (3, 4, 3, 1, 1, 7, 6),
+        (3, 5, 3, 2, 1, 8, 8),
+        (16, 24, 3, 1, 1, 2, 2),
+        (5, 3, 3, 1, 1, 40, 33),
+    ] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, h, w), &dev)?)?;
+        let wt = Tensor::randn(0f32, 1., (o, c, k, k), &dev)?;
+        let tap = super::conv::tap_major(&wt)?;
+        assert!(!tap.is_contiguous(), "tap-major is a non-contiguous view");
+        let b = Tensor::randn(0f32, 1., o, &dev)?;
+        let a = super::conv::conv2d(x.as_tensor(), &wt, &b, stride, padding)?;
+        let t = super::conv::conv2d(x.as_tensor(), &tap, &b, stride, padding)?;
+        let what = format!("c{c} o{o} k{k} s{stride} p{padding} {h}x{w}");
+        assert!(max_diff(&a, &t) / scale_of(&a) < 1e-6, "forward {what}");
+        let r = Tensor::randn(0f32, 1., a.shape(), &dev)?;
+        let ga = (&a * &r)?.sum_all()?.backward()?;
+        let gt = (&t * &r)?.sum_all()?.backward()?;
+        let (ga, gt) = (ga.get(x.as_tensor()).unwrap(), gt.get(x.as_tensor()).unwrap());
+        assert!(max_diff(ga, gt) / scale_of(ga) < 1e-6, "grad x {what}");
+    }
+    for &(m, n, k) in &[(5, 7, 3), (77, 96, 64), (300, 40, 33)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (m, k), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+        let wc = w.t()?.contiguous()?.t()?;
+        let b = Tensor::randn(0f32, 1., n, &dev)?;
+        let a = super::linear::linear(x.as_tensor(), &w, Some(&b))?;
+        let c = super::linear::linear(x.as_tensor(), &wc, Some(&b))?;
+        assert!(max_diff(&a, &c) / scale_of(&a) < 1e-6, "linear forward m{m} n{n} k{k}");
+        let r = Tensor::randn(0f32, 1., a.shape(), &dev)?;
+        let ga = (&a * &r)?.sum_all()?.backward()?;
+        let gc = (&c * &r)?.sum_all()?.backward()?;
+        let (ga, gc) = (ga.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+        assert!(max_diff(ga, gc) / scale_of(ga) < 1e-6, "linear grad x m{m} n{n} k{k}");
+    }
+    Ok(())
+}
