@@ -220,8 +220,8 @@ impl Conv2d {
     ) -> Result<Self> {
         let mut weight = w.get((out_c, in_c, k, k), "weight")?;
         if k > 1 && weight.device().is_cpu() && weight.dtype() == DType::F32 && !weight.is_variable() {
-            // Frozen CPU weights tap by tap (see kernels::conv::tap_major).
-            weight = kernels::conv::tap_major(&weight)?;
+            // Frozen CPU weights channels last (see kernels::conv::channels_last).
+            weight = kernels::conv::channels_last(&weight)?;
         }
         let bias = Some(w.get(out_c, "bias")?);
         Ok(Self {

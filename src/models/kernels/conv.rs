@@ -21,15 +21,16 @@ pub struct Conv2dOp {
     pub padding: usize,
 }
 
-/// How a weight `[O, C, k, k]` lies in memory: as loaded (`Standard`), or with each tap's
-/// `[O, C]` matrix contiguous (`TapMajor`, physically `[k, k, O, C]`), how `nn::Conv2d` keeps
-/// frozen CPU weights. Tap-major, a tap's GEMM reads the weight along its contiguous input
-/// channels instead of at a stride of k² floats (a cache line per one or two values), and
-/// nothing has to be packed for the small images of the inner blocks.
+/// How a weight `[O, C, k, k]` lies in memory: as loaded (`Standard`), or channels last
+/// (`ChannelsLast`, physically `[O, k, k, C]`), how `nn::Conv2d` keeps frozen CPU weights.
+/// Channels last, a tap's GEMM reads the weight along its contiguous input channels instead
+/// of at a stride of k² floats (a cache line per one or two values). Either way the weight is
+/// a row-major `[O, k²C]` matrix, in its own column order, which the one-GEMM path for small
+/// images uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WeightOrder {
     Standard,
-    TapMajor,
+    ChannelsLast,
 }
 
 impl WeightOrder {
@@ -37,15 +38,23 @@ impl WeightOrder {
         if l.is_contiguous() {
             return Some(Self::Standard);
         }
-        let (o, c, k, _) = l.shape().dims4().ok()?;
-        (l.stride() == [c, 1, k * o * c, o * c]).then_some(Self::TapMajor)
+        let (_, c, k, _) = l.shape().dims4().ok()?;
+        (l.stride() == [k * k * c, 1, k * c, c]).then_some(Self::ChannelsLast)
     }
 
     /// Tap `t`'s `[O, C]` matrix: offset, row (output channel) stride, column stride.
     fn tap(self, g: &Geo, t: usize) -> (usize, usize, usize) {
         match self {
             Self::Standard => (t, g.c * g.taps(), g.taps()),
-            Self::TapMajor => (t * g.o * g.c, g.c, 1),
+            Self::ChannelsLast => (t * g.c, g.taps() * g.c, 1),
+        }
+    }
+
+    /// The column of the `[O, k²C]` weight matrix that holds tap `t`, input channel `c`.
+    fn column(self, g: &Geo, t: usize, c: usize) -> usize {
+        match self {
+            Self::Standard => c * g.taps() + t,
+            Self::ChannelsLast => t * g.c + c,
         }
     }
 }
@@ -54,17 +63,17 @@ impl WeightOrder {
 fn weight_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f32], WeightOrder)> {
     match (WeightOrder::of(l), s) {
         (Some(WeightOrder::Standard), _) => Ok((cpu_f32(s, l, "conv2d")?, WeightOrder::Standard)),
-        (Some(WeightOrder::TapMajor), CpuStorage::F32(v)) => {
+        (Some(WeightOrder::ChannelsLast), CpuStorage::F32(v)) => {
             let start = l.start_offset();
-            Ok((&v[start..start + l.shape().elem_count()], WeightOrder::TapMajor))
+            Ok((&v[start..start + l.shape().elem_count()], WeightOrder::ChannelsLast))
         }
-        _ => candle_core::bail!("conv2d: weight must be contiguous or tap-major f32"),
+        _ => candle_core::bail!("conv2d: weight must be contiguous or channels-last f32"),
     }
 }
 
-/// The same weight, tap-major (see [`WeightOrder`]); the logical shape is unchanged.
-pub fn tap_major(w: &Tensor) -> candle_core::Result<Tensor> {
-    w.permute((2, 3, 0, 1))?.contiguous()?.permute((2, 3, 0, 1))
+/// The same weight, channels last (see [`WeightOrder`]); the logical shape is unchanged.
+pub fn channels_last(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
 }
 
 /// Geometry of one convolution.
@@ -143,6 +152,13 @@ impl Geo {
         (cols / self.wq).clamp(1, self.ho)
     }
 
+    /// Whether an image is small enough to run as one GEMM over its unfolded input
+    /// (`[k²C, cols]`, at most 4 MiB): nine short GEMMs cost more in calls and packing than
+    /// the copy, in the inner blocks of a UNet. Depends on the image alone.
+    fn unfolds(&self) -> bool {
+        self.taps() > 1 && self.taps() * self.c * self.cols(self.ho) <= 1 << 20
+    }
+
     /// Whether to run one image's tiles in parallel (with sequential GEMMs) rather than one
     /// tile at a time with the GEMM on the pool. Depends on the image alone.
     fn parallel_tiles(&self) -> bool {
@@ -207,6 +223,21 @@ fn all_phases(x: &[f32], g: &Geo) -> Vec<f32> {
     out
 }
 
+/// One image's input unfolded: row `order.column(t, c)` holds what tap `t` reads of channel
+/// `c`, `[k²C, cols]`, so that the weight's `[O, k²C]` matrix multiplies it in one GEMM.
+fn unfold(g: &Geo, img: &[f32], order: WeightOrder) -> Vec<f32> {
+    let cols = g.cols(g.ho);
+    let mut out = uninit_vec(g.taps() * g.c * cols);
+    for t in 0..g.taps() {
+        let base = g.tap_offset(t, 0);
+        for c in 0..g.c {
+            let j = order.column(g, t, c);
+            out[j * cols..][..cols].copy_from_slice(&img[base + c * g.phase_len()..][..cols]);
+        }
+    }
+    out
+}
+
 /// Output rows `y0..y0+rows` of image `bi`: the taps' GEMMs into `tmp`, then cropped and
 /// biased into `out`.
 #[allow(clippy::too_many_arguments)]
@@ -223,7 +254,22 @@ fn forward_tile(
     let mut tmp = uninit_vec(g.o * cols);
     let kk = g.taps();
     let img = &ph[bi * g.image_len()..][..g.image_len()];
-    for t in 0..kk {
+    if g.unfolds() && rows == g.ho {
+        let unfolded = unfold(g, img, order);
+        sgemm(
+            (g.o, cols, kk * g.c),
+            &mut tmp,
+            Strided::new(0, cols, 1),
+            false,
+            weight,
+            Strided::new(0, kk * g.c, 1),
+            &unfolded,
+            Strided::new(0, cols, 1),
+            1.0,
+            par,
+        );
+    }
+    for t in (0..kk).filter(|_| !(g.unfolds() && rows == g.ho)) {
         let (off, rs, cs) = order.tap(g, t);
         sgemm(
             (g.o, cols, g.c),
@@ -376,8 +422,38 @@ impl candle_core::CustomOp3 for Conv2dOp {
         let grad_x = if x.track_op() {
             let mut dx = uninit_vec(xv.len());
             let mut gph = vec![0f32; g.image_len()];
+            let mut unfolded = if g.unfolds() { uninit_vec(kk * g.c * cols) } else { Vec::new() };
             for bi in 0..g.b {
                 gph.fill(0.0);
+                let gi = &gq[bi * g.o * cols..][..g.o * cols];
+                if g.unfolds() {
+                    // unfolded [k²C, cols] = W^T [k²C, O] x G [O, cols], then each row added
+                    // back where the forward's unfold read it.
+                    sgemm(
+                        (kk * g.c, cols, g.o),
+                        &mut unfolded,
+                        Strided::new(0, cols, 1),
+                        false,
+                        wv,
+                        Strided::new(0, 1, kk * g.c),
+                        gi,
+                        Strided::new(0, cols, 1),
+                        1.0,
+                        Par::Pool,
+                    );
+                    for t in 0..kk {
+                        let base = g.tap_offset(t, 0);
+                        for c in 0..g.c {
+                            let src = &unfolded[order.column(&g, t, c) * cols..][..cols];
+                            let dst = &mut gph[base + c * g.phase_len()..][..cols];
+                            for (d, v) in dst.iter_mut().zip(src) {
+                                *d += v;
+                            }
+                        }
+                    }
+                    unphase(&gph, &g, &mut dx[bi * g.c * g.h * g.w..][..g.c * g.h * g.w]);
+                    continue;
+                }
                 // window [C, cols] += W_tap^T [C, O] x G [O, cols], tap by tap.
                 for t in 0..kk {
                     let off = g.tap_offset(t, 0);

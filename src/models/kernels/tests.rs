@@ -101,6 +101,9 @@ fn shifted_gemm_conv_matches_candle_conv_and_its_gradients() -> candle_core::Res
         (3, 3, 3, 1, 0, 6, 5),
         (2, 4, 3, 1, 1, 1, 1),
         (5, 3, 3, 1, 1, 40, 33),
+        // Large enough for the tap-by-tap path (the ones above run as one unfolded GEMM).
+        (16, 8, 3, 1, 1, 90, 90),
+        (32, 4, 3, 2, 1, 130, 130),
     ] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, h, w), &dev)?)?;
         let wt = Var::from_tensor(&Tensor::randn(0f32, 1., (o, c, k, k), &dev)?)?;
@@ -296,7 +299,7 @@ fn fused_linear_matches_matmul_and_gives_only_tracked_operands_a_gradient(
 }
 
 /// Frozen weights are kept in the layouts the GEMMs read best (`nn::Linear`: column-major;
-/// `nn::Conv2d`: tap-major). Outputs and input gradients must equal those of the weights as
+/// `nn::Conv2d`: channels last). Outputs and input gradients must equal those of the weights as
 /// loaded: the same dot products, only read differently (the GEMM kernels may split a short
 /// one differently, so equal up to f32 rounding).
 #[test]
@@ -307,11 +310,13 @@ fn frozen_weight_layouts_give_the_same_results() -> candle_core::Result<()> {
         (3, 5, 3, 2, 1, 8, 8),
         (16, 24, 3, 1, 1, 2, 2),
         (5, 3, 3, 1, 1, 40, 33),
+        (16, 8, 3, 1, 1, 90, 90),
+        (32, 4, 3, 2, 1, 130, 130),
     ] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c, h, w), &dev)?)?;
         let wt = Tensor::randn(0f32, 1., (o, c, k, k), &dev)?;
-        let tap = super::conv::tap_major(&wt)?;
-        assert!(!tap.is_contiguous(), "tap-major is a non-contiguous view");
+        let tap = super::conv::channels_last(&wt)?;
+        assert!(!tap.is_contiguous(), "channels-last is a non-contiguous view");
         let b = Tensor::randn(0f32, 1., o, &dev)?;
         let a = super::conv::conv2d(x.as_tensor(), &wt, &b, stride, padding)?;
         let t = super::conv::conv2d(x.as_tensor(), &tap, &b, stride, padding)?;
