@@ -7,6 +7,7 @@
 //! element is computed by the same sequence of floating-point operations whatever the batch
 //! size, which keeps the server's "batched == alone, bit for bit" guarantee.
 
+pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod gemm;

@@ -344,3 +344,24 @@ fn frozen_weight_layouts_give_the_same_results() -> candle_core::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn fused_geglu_matches_composed_values_and_gradient() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    for dims in [vec![3usize, 8], vec![2, 5, 6], vec![2, 300, 40]] {
+        let h = Var::from_tensor(&(Tensor::randn(0f32, 1., dims.as_slice(), &dev)? * 2.0)?)?;
+        let ours = super::activation::geglu(h.as_tensor())?;
+        let half = *dims.last().unwrap() / 2;
+        let a = h.as_tensor().narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = h.as_tensor().narrow(candle_core::D::Minus1, half, half)?;
+        let reference = (a * gate.gelu_erf()?)?;
+        assert_eq!(max_diff(&ours, &reference), 0.0, "forward {dims:?}");
+        let r = Tensor::randn(0f32, 1., ours.shape(), &dev)?;
+        let g_ours = (&ours * &r)?.sum_all()?.backward()?;
+        let g_ref = (&reference * &r)?.sum_all()?.backward()?;
+        let (a, e) = (g_ours.get(h.as_tensor()).unwrap(), g_ref.get(h.as_tensor()).unwrap());
+        let err = max_diff(a, e) / scale_of(e);
+        assert!(err < 1e-5, "gradient {dims:?}: {err}");
+    }
+    Ok(())
+}

@@ -123,6 +123,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if h.device().is_cpu() && h.dtype() == candle_core::DType::F32 {
+            return self.out.forward(&crate::models::kernels::activation::geglu(&h)?);
+        }
         let half = h.dim(candle_core::D::Minus1)? / 2;
         let a = h.narrow(candle_core::D::Minus1, 0, half)?;
         let gate = h.narrow(candle_core::D::Minus1, half, half)?;
