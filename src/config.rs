@@ -213,28 +213,23 @@ impl Config {
             merge(&mut value, layer);
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
-        for (path, default) in leaves(&defaults) {
+        for (path, _) in leaves(&defaults) {
             let var = format!("DSPO_{}", path.replace('.', "_").to_ascii_uppercase());
             if let Some(raw) = env.get(&var) {
-                let v =
-                    parse_like(raw, &default).map_err(|e| ConfigError::Parse(var.clone(), e))?;
-                set_path(&mut value, &path, v);
+                override_one(&mut value, &path, raw).map_err(|e| ConfigError::Parse(var.clone(), e))?;
             }
         }
         for kv in &overrides.set {
             let (path, raw) = kv.split_once('=').ok_or_else(|| {
                 ConfigError::Invalid(format!("--set {kv}: expected section.key=value"))
             })?;
-            let default = leaves(&defaults)
-                .into_iter()
-                .find(|(p, _)| p == path.trim())
-                .map(|(_, d)| d)
-                .ok_or_else(|| {
-                    ConfigError::Invalid(format!("--set {kv}: no setting named '{}'", path.trim()))
-                })?;
-            let v = parse_like(raw.trim(), &default)
-                .map_err(|e| ConfigError::Parse(format!("--set {kv}"), e))?;
-            set_path(&mut value, path.trim(), v);
+            override_one(&mut value, path.trim(), raw).map_err(|e| {
+                if e.starts_with("no setting") {
+                    ConfigError::Invalid(format!("--set {kv}: {e}"))
+                } else {
+                    ConfigError::Parse(format!("--set {kv}"), e)
+                }
+            })?;
         }
         let str_val = |s: &str| toml::Value::String(s.to_string());
         if let Some(l) = &overrides.listen {
@@ -433,40 +428,13 @@ fn set_path(root: &mut toml::Value, path: &str, value: toml::Value) {
     }
 }
 
-/// Parses a string from the environment or `--set` into the type the default has, so
-/// `DSPO_BATCHING_MAX_BATCH=4` becomes an integer and a typo like `4x` is an error.
-fn parse_like(raw: &str, like: &toml::Value) -> Result<toml::Value, String> {
-    Ok(match like {
-        toml::Value::String(_) => toml::Value::String(raw.to_string()),
-        toml::Value::Integer(_) => toml::Value::Integer(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("'{raw}' is not an integer"))?,
-        ),
-        toml::Value::Float(_) => toml::Value::Float(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("'{raw}' is not a number"))?,
-        ),
-        toml::Value::Boolean(_) => toml::Value::Boolean(
-            raw.trim()
-                .parse()
-                .map_err(|_| format!("'{raw}' is not true/false"))?,
-        ),
-        toml::Value::Array(_) => toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_string()))
-                .collect(),
-        ),
-        other => {
-            return Err(format!(
-                "cannot override a {} from a string",
-                other.type_str()
-            ))
-        }
-    })
+/// One environment or `--set` override, by the rule every subcommand shares
+/// (`crate::util::set_override`: the value is read as the setting's type).
+fn override_one(value: &mut toml::Value, path: &str, raw: &str) -> Result<(), String> {
+    let mut tree = serde_json::to_value(&*value).map_err(|e| e.to_string())?;
+    crate::util::set_override(&mut tree, path, raw)?;
+    *value = serde_json::from_value(tree).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -321,10 +321,15 @@ fn module_graph_has_no_cycles() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let graph = module_graph(&src);
     assert!(graph.len() > 20, "read only {} modules from src/", graph.len());
-    if let Some(cycle) = find_cycle(&graph) {
-        let groups: Vec<String> = tangles(&graph).iter().map(|g| g.join(", ")).collect();
+    assert_acyclic(&graph, "modules");
+}
+
+/// Panics with the cycle found and every group of nodes that reach each other.
+fn assert_acyclic(graph: &BTreeMap<String, BTreeSet<String>>, what: &str) {
+    if let Some(cycle) = find_cycle(graph) {
+        let groups: Vec<String> = tangles(graph).iter().map(|g| g.join(", ")).collect();
         panic!(
-            "import cycle between modules: {}\nall modules on cycles, by group:\n  {}",
+            "import cycle between {what}: {}\nall {what} on cycles, by group:\n  {}",
             cycle.join(" -> "),
             groups.join("\n  ")
         );
@@ -372,12 +377,5 @@ fn top_level_modules_have_no_cycles() {
             }
         }
     }
-    if let Some(cycle) = find_cycle(&graph) {
-        let groups: Vec<String> = tangles(&graph).iter().map(|g| g.join(", ")).collect();
-        panic!(
-            "import cycle between top-level modules: {}\nall top-level modules on cycles:\n  {}",
-            cycle.join(" -> "),
-            groups.join("\n  ")
-        );
-    }
+    assert_acyclic(&graph, "top-level modules");
 }

@@ -380,7 +380,7 @@ fn timestep_bias_runs_and_bad_values_are_config_errors() {
         .unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
-        !r.status.success() && err.contains("unknown pretrain option 'timestep_bias.middle'"),
+        !r.status.success() && err.contains("no setting named 'pretrain.timestep_bias.middle'"),
         "{err}"
     );
 }

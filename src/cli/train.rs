@@ -97,37 +97,23 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--set key=value` overrides of hyperparameters (e.g. `--set max_steps=10`).
+/// `--set path=value`: the same rule as `serve --set` (crate::util::set_override) on the
+/// training config, where a bare name is a hyperparameter (`--set max_steps=10`, the same as
+/// `--set hyperparameters.max_steps=10`) unless it is a top-level key (`model`, `dataset`,
+/// `output_dir`, `method`, ...); nested options by dotted path (`pretrain.snr_gamma=5`).
 fn apply_override(cfg: &mut TrainConfig, kv: &str) -> anyhow::Result<()> {
     let (k, v) = kv
         .split_once('=')
         .ok_or_else(|| anyhow::anyhow!("--set expects key=value, got {kv}"))?;
-    let mut h = serde_json::to_value(&cfg.hyperparameters)?;
-    let parsed: serde_json::Value =
-        serde_json::from_str(v).unwrap_or(serde_json::Value::String(v.into()));
-    match k {
-        "output_dir" => cfg.output_dir = v.into(),
-        "dataset" => cfg.dataset = v.into(),
-        "model" => cfg.model = v.into(),
-        "method" => cfg.method = v.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-        _ if k.starts_with("pretrain.") => {
-            // Nested tables by dotted path: pretrain.timestep_bias.strategy=range.
-            let key = &k["pretrain.".len()..];
-            let mut p = serde_json::to_value(&cfg.pretrain)?;
-            let slot = p
-                .pointer_mut(&format!("/{}", key.replace('.', "/")))
-                .ok_or_else(|| anyhow::anyhow!("unknown pretrain option '{key}'"))?;
-            *slot = parsed;
-            cfg.pretrain = serde_json::from_value(p)?;
-        }
-        _ => {
-            if h.get(k).is_none() {
-                anyhow::bail!("unknown hyperparameter '{k}'");
-            }
-            h[k] = parsed;
-            cfg.hyperparameters = serde_json::from_value(h)?;
-        }
-    }
+    let k = k.trim();
+    let mut tree = serde_json::to_value(&*cfg)?;
+    let path = if k.contains('.') || tree.get(k).is_some() {
+        k.to_string()
+    } else {
+        format!("hyperparameters.{k}")
+    };
+    crate::util::set_override(&mut tree, &path, v).map_err(|e| anyhow::anyhow!("--set {kv}: {e}"))?;
+    *cfg = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("--set {kv}: {e}"))?;
     Ok(())
 }
 

@@ -98,7 +98,8 @@ impl Drop for QueueSlot {
     }
 }
 
-struct Job {
+/// A generation request admitted to the queue (not a fine-tuning job: those are `jobs::`).
+struct Queued {
     task: GenerationTask,
     key: BatchKey,
     reply: oneshot::Sender<Reply>,
@@ -107,7 +108,7 @@ struct Job {
     slot: Option<QueueSlot>,
 }
 
-impl Job {
+impl Queued {
     fn client_gone(&self) -> bool {
         self.reply.is_closed()
     }
@@ -117,7 +118,7 @@ pub struct ModelWorker {
     name: String,
     source: String,
     status: watch::Receiver<LoadStatus>,
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    tx: Mutex<Option<mpsc::Sender<Queued>>>,
     queued: Arc<AtomicUsize>,
     stats: Arc<WorkerStats>,
     settings: WorkerSettings,
@@ -232,7 +233,7 @@ impl ModelWorker {
             });
         }
         let (reply, rx) = oneshot::channel();
-        let job = Job {
+        let job = Queued {
             key: task.batch_key(),
             task,
             reply,
@@ -294,7 +295,7 @@ impl Inner {
         spec: ModelSpec,
         load: LoadOptions,
         status: watch::Sender<LoadStatus>,
-        rx: mpsc::Receiver<Job>,
+        rx: mpsc::Receiver<Queued>,
     ) {
         let started = Instant::now();
         info!(model = %spec.name, source = %spec.source, "loading model");
@@ -330,7 +331,7 @@ impl Inner {
         info!(model = %spec.name, "worker stopped");
     }
 
-    fn drop_if_gone(&self, job: &Job) -> bool {
+    fn drop_if_gone(&self, job: &Queued) -> bool {
         if job.client_gone() {
             WorkerStats::bump(&self.stats.dropped_disconnected);
             info!(model = %self.name, request_id = %job.request_id, "client disconnected while queued; dropped");
@@ -340,9 +341,9 @@ impl Inner {
         }
     }
 
-    fn serve(&self, model: &DiffusionModel, rx: mpsc::Receiver<Job>) {
+    fn serve(&self, model: &DiffusionModel, rx: mpsc::Receiver<Queued>) {
         let max_batch = self.settings.max_batch;
-        let mut pending: VecDeque<Job> = VecDeque::new();
+        let mut pending: VecDeque<Queued> = VecDeque::new();
         let mut adapters = AdapterState::new(self.settings.adapter_cache);
         loop {
             while let Ok(job) = rx.try_recv() {
@@ -412,7 +413,7 @@ impl Inner {
         }
     }
 
-    fn compute(&self, model: &DiffusionModel, mut batch: Vec<Job>, adapters: &mut AdapterState) {
+    fn compute(&self, model: &DiffusionModel, mut batch: Vec<Queued>, adapters: &mut AdapterState) {
         let images: usize = batch.iter().map(|j| j.task.num_images()).sum();
         let start = Instant::now();
         for job in &mut batch {
@@ -431,7 +432,7 @@ impl Inner {
         );
         let result = {
             let tasks: Vec<&GenerationTask> = batch.iter().map(|j| &j.task).collect();
-            let mut keep_going = || !batch.iter().all(Job::client_gone);
+            let mut keep_going = || !batch.iter().all(Queued::client_gone);
             catch_unwind(AssertUnwindSafe(|| {
                 if let Some(hook) = &self.hook {
                     hook(&tasks);
