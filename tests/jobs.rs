@@ -187,7 +187,14 @@ fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
     let (_root, www) = served_dir();
     let data = tmp("cancel");
     let m = manager(&data, true);
-    let long = m.submit(spec(&www.url("prefs.parquet"), 1000)).unwrap();
+    let mut held = spec(&www.url("prefs.parquet"), 1000);
+    held.adapter_name = Some("held".into());
+    let long = m.submit(held.clone()).unwrap();
+    // A queued or running job reserves its adapter name: a second job may not take it.
+    assert!(matches!(
+        m.submit(held.clone()),
+        Err(dspo_server::jobs::JobError::AdapterExists(n)) if n == "held"
+    ));
     let queued = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
     let third = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
     wait_for(
@@ -207,6 +214,9 @@ fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
     assert!(!c.status.is_terminal() || c.status == JobStatus::Cancelled);
     let l = wait_for(&m, &long.id, |j| j.status.is_terminal(), 60);
     assert_eq!(l.status, JobStatus::Cancelled);
+    // A cancelled job registers nothing: its name is free again.
+    let again = m.submit(held).unwrap();
+    assert_eq!(m.cancel(&again.id).unwrap().status, JobStatus::Cancelled);
     // The JSONL job then runs to completion.
     let q = wait_for(&m, &queued.id, |j| j.status.is_terminal(), 300);
     assert_eq!(q.status, JobStatus::Completed, "{:?}", q.error);

@@ -78,6 +78,9 @@ pub struct JobManager {
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     stop: AtomicBool,
+    /// Held from the adapter-name check to the insert, so that two submissions cannot both
+    /// take one name.
+    submitting: Mutex<()>,
 }
 
 fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
@@ -118,6 +121,7 @@ impl JobManager {
             cancels: Mutex::new(HashMap::new()),
             events,
             stop: AtomicBool::new(false),
+            submitting: Mutex::new(()),
         });
         for job in m.store.list(None)? {
             if !job.status.is_terminal() {
@@ -266,7 +270,15 @@ impl JobManager {
                 "adapter_name {name:?}: use 1-64 characters of letters, digits, '-', '_' and '.'"
             )));
         }
-        if self.store.adapters()?.iter().any(|a| a.name == name)
+        let _reserving = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
+        // A name is taken by a registered adapter, by whatever holds its directory, and by a
+        // queued or running job that will register it (else the second job's adapter would
+        // silently replace the first's).
+        let pending = self.store.list(None)?.into_iter().any(|j| {
+            !j.status.is_terminal() && j.spec.adapter_name.as_deref() == Some(name.as_str())
+        });
+        if pending
+            || self.store.adapters()?.iter().any(|a| a.name == name)
             || self.cfg.adapters().taken(&name)
         {
             return Err(JobError::AdapterExists(name));
