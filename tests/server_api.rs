@@ -193,6 +193,18 @@ fn generate_json_png_metadata_and_determinism() {
         "a client's request id is kept"
     );
     assert!(&raw.body == png_a, "the PNG body is the JSON one");
+    // An id that could forge log fields or flood the log is replaced, not echoed.
+    let long = "x".repeat(200);
+    for bad in ["a b", "a\"b=c", long.as_str()] {
+        let r = post_raw(
+            &server,
+            "/generate",
+            &[("content-type", "application/json"), ("x-request-id", bad)],
+            body.to_string().as_bytes(),
+        );
+        let id = r.header("x-request-id").unwrap_or_default().to_string();
+        assert!(id != bad && uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} -> {id:?}");
+    }
 
     // SDXL and another scheduler through the same endpoint.
     let xl = post_json(

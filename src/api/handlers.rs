@@ -20,6 +20,22 @@ use std::time::Instant;
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// A client's request id is kept (and logged, and echoed) only when it is 1-128 characters of
+/// letters, digits and `-_.:`; anything else (spaces and quotes forge log fields, an 8 KB id
+/// floods the log) is replaced by a fresh UUID as if none had been sent.
+pub async fn drop_unsafe_request_id(mut req: axum::extract::Request) -> axum::extract::Request {
+    let ok = req.headers().get(REQUEST_ID_HEADER).is_none_or(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    if !ok {
+        req.headers_mut().remove(REQUEST_ID_HEADER);
+    }
+    req
+}
+
 /// The request id the request-id layer put in the headers (a fresh one if it is missing).
 pub struct RequestId(pub String);
 

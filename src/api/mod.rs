@@ -273,6 +273,7 @@ impl Api {
             ))
             .layer(
                 ServiceBuilder::new()
+                    .layer(axum::middleware::map_request(handlers::drop_unsafe_request_id))
                     .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
                     .layer(trace)
                     .layer(PropagateRequestIdLayer::new(request_id)),
