@@ -401,6 +401,22 @@ fn error_codes() {
         (r.status, r.code().as_str()),
         (415, "unsupported_media_type")
     );
+    // A huge declared length is refused from the headers alone: no body is ever sent here.
+    {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        write!(
+            sock,
+            "POST /generate HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\n",
+            server.addr
+        )
+        .unwrap();
+        let mut reply = String::new();
+        let _ = sock.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+        assert!(reply.contains("payload_too_large"), "{reply}");
+    }
     let big = json!({"prompt": "x".repeat(100 * 1024)}).to_string();
     let (status, body) =
         post_expect_continue(&server, "/generate", "application/json", big.as_bytes());

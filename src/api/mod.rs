@@ -271,6 +271,10 @@ impl Api {
             .layer(DefaultBodyLimit::max(
                 self.state.config.limits.max_body_bytes,
             ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.config.limits.max_body_bytes,
+                handlers::refuse_declared_oversize,
+            ))
             .layer(
                 ServiceBuilder::new()
                     .layer(axum::middleware::map_request(handlers::drop_unsafe_request_id))
