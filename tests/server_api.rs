@@ -401,6 +401,9 @@ fn error_codes() {
         (r.status, r.code().as_str()),
         (415, "unsupported_media_type")
     );
+    // A bad query string is a JSON error like any other bad input.
+    let r = get(&server, "/finetune?status=bogus");
+    assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"), "{}", String::from_utf8_lossy(&r.body));
     // A huge declared length is refused from the headers alone: no body is ever sent here.
     {
         use std::io::{Read, Write};

@@ -94,8 +94,10 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/finetune", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<JobRecord>>, ApiError> {
+    // A bad query string gets the JSON error envelope like every other bad input.
+    let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     Ok(Json(jobs(&state)?.list(q.status)?))
 }
 
