@@ -77,6 +77,18 @@ pub struct FinetuneSection {
 pub struct ServerConfig {
     pub listen: String,
     pub data_dir: PathBuf,
+    pub allowed_hosts: Vec<String>,
+}
+
+impl ServerConfig {
+    /// Whether the server listens on a loopback address only (a name that does not parse as
+    /// an address, e.g. `localhost:8080`, counts as loopback when it is "localhost").
+    pub fn listens_on_loopback(&self) -> bool {
+        match self.listen.parse::<std::net::SocketAddr>() {
+            Ok(a) => a.ip().is_loopback(),
+            Err(_) => self.listen.rsplit_once(':').is_some_and(|(h, _)| h == "localhost"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -401,6 +401,18 @@ fn error_codes() {
         (r.status, r.code().as_str()),
         (415, "unsupported_media_type")
     );
+    // On loopback, only loopback Host names are served (DNS rebinding).
+    for (host, want) in [("evil.example:80", "HTTP/1.1 403"), ("localhost:1", "HTTP/1.1 200"), ("[::1]", "HTTP/1.1 200")] {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
+        write!(sock, "GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        let _ = sock.read_to_string(&mut reply);
+        assert!(reply.starts_with(want), "{host}: {reply}");
+        if want.ends_with("403") {
+            assert!(reply.contains("host_not_allowed"), "{reply}");
+        }
+    }
     // A bad query string is a JSON error like any other bad input.
     let r = get(&server, "/finetune?status=bogus");
     assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"), "{}", String::from_utf8_lossy(&r.body));

@@ -268,12 +268,12 @@ fn a_panicking_batch_is_a_500_and_the_server_goes_on() {
 fn abandoned_connections_are_harmless() {
     let server = start(only_sd15(tiny_config()));
     let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
-    write!(sock, "POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"pro").unwrap();
+    write!(sock, "POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"pro").unwrap();
     drop(sock);
     let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
     write!(
         sock,
-        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut reply = String::new();

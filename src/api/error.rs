@@ -22,6 +22,8 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    HostNotAllowed(String),
+    #[error("{0}")]
     NotAcceptable(String),
     #[error("{0}")]
     InvalidSize(String),
@@ -83,6 +85,7 @@ impl ApiError {
             InvalidRequest(_) => "invalid_request",
             UnsupportedMediaType(_) => "unsupported_media_type",
             PayloadTooLarge(_) => "payload_too_large",
+            HostNotAllowed(_) => "host_not_allowed",
             NotAcceptable(_) => "not_acceptable",
             InvalidSize(_) => "invalid_size",
             InvalidSteps(_) => "invalid_steps",
@@ -117,6 +120,7 @@ impl ApiError {
             MalformedJson(_) | MalformedMultipart(_) => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HostNotAllowed(_) => StatusCode::FORBIDDEN,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             InvalidRequest(_)
             | InvalidSize(_)

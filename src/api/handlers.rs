@@ -42,6 +42,51 @@ pub async fn refuse_declared_oversize(
     }
 }
 
+/// Which `Host` values a server accepts (see `server.allowed_hosts`).
+#[derive(Clone, Debug)]
+pub struct HostRule {
+    /// Only loopback-bound servers check.
+    pub enforce: bool,
+    pub allowed: Vec<String>,
+}
+
+/// The host part of a `Host` header value, lower-cased, without port or IPv6 brackets.
+fn host_name(value: &str) -> String {
+    let v = value.trim().to_ascii_lowercase();
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default().to_string();
+    }
+    match v.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h.to_string(),
+        _ => v,
+    }
+}
+
+/// Refuses (403 host_not_allowed) a request to a loopback-bound server whose `Host` is neither a
+/// loopback name nor allowed: how a browser page on another domain would reach it after
+/// re-pointing its domain at 127.0.0.1.
+pub async fn check_host(
+    axum::extract::State(rule): axum::extract::State<std::sync::Arc<HostRule>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if rule.enforce {
+        if let Some(host) = req.headers().get(axum::http::header::HOST).and_then(|v| v.to_str().ok()) {
+            let name = host_name(host);
+            let loopback = name == "localhost"
+                || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !loopback && !rule.allowed.iter().any(|a| a.eq_ignore_ascii_case(&name)) {
+                return ApiError::HostNotAllowed(format!(
+                    "Host '{name}' is not a loopback name; a server on a loopback address \
+                     answers only to those and to server.allowed_hosts"
+                ))
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
 /// A client's request id is kept (and logged, and echoed) only when it is 1-128 characters of
 /// letters, digits and `-_.:`; anything else (spaces and quotes forge log fields, an 8 KB id
 /// floods the log) is replaced by a fresh UUID as if none had been sent.

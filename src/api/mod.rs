@@ -275,6 +275,13 @@ impl Api {
                 self.state.config.limits.max_body_bytes,
                 handlers::refuse_declared_oversize,
             ))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(handlers::HostRule {
+                    enforce: self.state.config.server.listens_on_loopback(),
+                    allowed: self.state.config.server.allowed_hosts.clone(),
+                }),
+                handlers::check_host,
+            ))
             .layer(
                 ServiceBuilder::new()
                     .layer(axum::middleware::map_request(handlers::drop_unsafe_request_id))
