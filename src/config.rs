@@ -78,6 +78,7 @@ pub struct ServerConfig {
     pub listen: String,
     pub data_dir: PathBuf,
     pub allowed_hosts: Vec<String>,
+    pub cors_origins: Vec<String>,
 }
 
 impl ServerConfig {
@@ -271,6 +272,17 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        for o in &self.server.cors_origins {
+            let shaped = o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && o.chars().all(|c| c.is_ascii_graphic()));
+            if !shaped {
+                return bad(format!(
+                    "server.cors_origins: '{o}' is not an origin (scheme://host[:port], no path) or \"*\""
+                ));
+            }
+        }
         if l.min_size == 0
             || !l.min_size.is_multiple_of(8)
             || !l.max_size.is_multiple_of(8)

@@ -705,3 +705,44 @@ fn steps_the_schedule_cannot_make_are_refused_up_front() {
         "refused before reaching the worker"
     );
 }
+
+/// Raw HTTP/1.1 exchange (for methods and headers the test client does not send).
+fn raw_http(server: &dspo_server::api::running::RunningServer, head: &str) -> String {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(server.addr).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    write!(sock, "{head}Host: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    let _ = sock.read_to_string(&mut reply);
+    reply.to_ascii_lowercase()
+}
+
+#[test]
+fn cors_only_for_configured_origins() {
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /generate HTTP/1.1\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n"
+        )
+    };
+    let mut config = tiny_config();
+    config.server.cors_origins = vec!["https://app.example".into()];
+    let server = start(config);
+    let ok = raw_http(&server, &preflight("https://app.example"));
+    assert!(ok.starts_with("http/1.1 200"), "{ok}");
+    assert!(ok.contains("access-control-allow-origin: https://app.example"), "{ok}");
+    assert!(ok.contains("access-control-allow-methods"), "{ok}");
+    let other = raw_http(&server, &preflight("https://evil.example"));
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+    // A simple request from the allowed origin carries the header too.
+    let get = raw_http(&server, "GET /health HTTP/1.1\r\nOrigin: https://app.example\r\n");
+    assert!(get.contains("access-control-allow-origin: https://app.example"), "{get}");
+    drop(server);
+    // By default no origin is allowed.
+    let server = start(tiny_config());
+    let none = raw_http(&server, &preflight("https://app.example"));
+    assert!(!none.contains("access-control-allow-origin"), "{none}");
+    // A malformed origin is a configuration error.
+    let mut config = tiny_config();
+    config.server.cors_origins = vec!["app.example/".into()];
+    assert!(config.check().unwrap_err().to_string().contains("not an origin"));
+}

@@ -289,6 +289,7 @@ impl Api {
                     .layer(trace)
                     .layer(PropagateRequestIdLayer::new(request_id)),
             )
+            .layer(cors(&self.state.config.server.cors_origins))
             .with_state(self.state.clone())
     }
 
@@ -314,4 +315,24 @@ impl Api {
             .map_err(std::io::Error::other)?;
         Ok(())
     }
+}
+
+/// CORS for the configured origins (none: no CORS headers at all). Preflights are answered
+/// here, before routing, so an OPTIONS request no longer meets 405.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers(Any)
+        .max_age(std::time::Duration::from_secs(600))
 }
