@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub allowed_hosts: Vec<String>,
     pub cors_origins: Vec<String>,
+    pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -272,6 +275,12 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.header_timeout_secs == 0
+            || self.server.body_timeout_secs == 0
+            || self.server.max_connections == 0
+        {
+            return bad("server.header_timeout_secs, body_timeout_secs and max_connections must be positive".into());
+        }
         for o in &self.server.cors_origins {
             let shaped = o == "*"
                 || ((o.starts_with("http://") || o.starts_with("https://"))

@@ -324,3 +324,62 @@ fn a_batch_whose_clients_all_left_is_abandoned_mid_denoising() {
         200
     );
 }
+
+/// Reads until the server closes the connection (or `limit` passes): what it sent, and how
+/// long that took.
+fn read_until_closed(sock: &mut std::net::TcpStream, limit: Duration, what: &str) -> (String, Duration) {
+    let start = std::time::Instant::now();
+    sock.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{what}: connection still open after {limit:?} ({e})"),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+}
+
+/// Slowloris: connections that send nothing, trickle their headers or stall in their body are
+/// closed on the configured timeouts, and connections past the limit are closed at once; the
+/// server keeps serving throughout.
+#[test]
+fn idle_and_trickling_connections_are_cut_off() {
+    let mut config = only_sd15(tiny_config());
+    config.server.header_timeout_secs = 1;
+    config.server.body_timeout_secs = 1;
+    config.server.max_connections = 4;
+    let server = start(config);
+    let limit = Duration::from_secs(10);
+    // Nothing sent at all.
+    let mut silent = std::net::TcpStream::connect(server.addr).unwrap();
+    // Headers that never finish.
+    let mut partial = std::net::TcpStream::connect(server.addr).unwrap();
+    write!(partial, "GET /health HTTP/1.1\r\nHost: local").unwrap();
+    // A body that stalls: 408 once the body timeout passes.
+    let mut stalled = std::net::TcpStream::connect(server.addr).unwrap();
+    write!(stalled, "POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"pro").unwrap();
+    // Three connections are open: a fourth is served, a fifth is closed at once.
+    let mut fifth_holder = std::net::TcpStream::connect(server.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = std::net::TcpStream::connect(server.addr).unwrap();
+    let (sent, took) = read_until_closed(&mut fifth, limit, "fifth");
+    assert!(sent.is_empty() && took < Duration::from_millis(900), "{sent:?} after {took:?}");
+    let (sent, took) = read_until_closed(&mut silent, limit, "silent");
+    assert!(sent.is_empty() && took < Duration::from_secs(5), "silent: {sent:?} {took:?}");
+    let (_, took) = read_until_closed(&mut partial, limit, "partial");
+    assert!(took < Duration::from_secs(5), "partial headers: {took:?}");
+    let (sent, took) = read_until_closed(&mut stalled, limit, "stalled");
+    assert!(sent.starts_with("HTTP/1.1 408"), "stalled body: {sent:?} after {took:?}");
+    let (_, took) = read_until_closed(&mut fifth_holder, limit, "fifth_holder");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Every slot is free again, and the server serves.
+    assert_eq!(get(&server, "/health").status, 200);
+    assert_eq!(
+        post_json(&server, "/generate", &json!({"prompt": "x", "steps": 1})).status,
+        200
+    );
+}

@@ -24,6 +24,8 @@ pub enum ApiError {
     #[error("{0}")]
     HostNotAllowed(String),
     #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     NotAcceptable(String),
     #[error("{0}")]
     InvalidSize(String),
@@ -86,6 +88,7 @@ impl ApiError {
             UnsupportedMediaType(_) => "unsupported_media_type",
             PayloadTooLarge(_) => "payload_too_large",
             HostNotAllowed(_) => "host_not_allowed",
+            RequestTimeout(_) => "request_timeout",
             NotAcceptable(_) => "not_acceptable",
             InvalidSize(_) => "invalid_size",
             InvalidSteps(_) => "invalid_steps",
@@ -121,6 +124,7 @@ impl ApiError {
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HostNotAllowed(_) => StatusCode::FORBIDDEN,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             InvalidRequest(_)
             | InvalidSize(_)
@@ -170,7 +174,8 @@ pub struct ErrorBody {
     /// invalid_image_guidance_scale, invalid_strength, invalid_adapter_scale, too_many_images,
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
     /// invalid_adapter, model_not_found, adapter_not_found, not_found, method_not_allowed,
-    /// queue_full, model_loading, model_unavailable, internal_error.
+    /// host_not_allowed, request_timeout, queue_full, model_loading, model_unavailable,
+    /// internal_error.
     pub code: String,
     /// For people: what was wrong and what is accepted.
     pub message: String,
@@ -201,9 +206,32 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Whether reading a body failed because the client stopped sending it (the server's
+/// `body_timeout_secs`), somewhere down an error's chain of causes.
+pub fn body_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The answer to a body that stopped arriving.
+pub fn body_timeout() -> ApiError {
+    ApiError::RequestTimeout(
+        "the request body did not arrive within server.body_timeout_secs".into(),
+    )
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let text = r.body_text();
+        if body_timed_out(&r) {
+            return body_timeout();
+        }
         match r {
             JsonRejection::JsonSyntaxError(_) => ApiError::MalformedJson(text),
             JsonRejection::JsonDataError(_) => ApiError::InvalidRequest(text),

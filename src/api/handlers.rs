@@ -339,7 +339,9 @@ async fn read_multipart(mut form: Multipart) -> Result<(EditRequest, Vec<u8>), A
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if super::error::body_timed_out(&e) {
+        super::error::body_timeout()
+    } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(e.body_text())
     } else {
         ApiError::MalformedMultipart(e.body_text())

@@ -300,10 +300,10 @@ impl Api {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let router = self.router();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let router = self.router().layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs(self.state.config.server.body_timeout_secs),
+        ));
+        accept_loop(listener, router, &self.state.config.server, shutdown).await;
         tracing::info!("listener closed; waiting for the model workers to finish");
         if let Some(jobs) = &self.state.jobs {
             // The running job stops at its next step and is resumed at the next start.
@@ -335,4 +335,65 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
         .allow_headers(Any)
         .expose_headers(Any)
         .max_age(std::time::Duration::from_secs(600))
+}
+
+/// Accepts connections until `shutdown`, then waits for the open ones to finish. Each connection
+/// must deliver a request's headers within `header_timeout_secs` (hyper closes it otherwise),
+/// and connections past `max_connections` are closed as soon as they are accepted: what
+/// `axum::serve` does not limit, and what let idle and trickling connections exhaust the
+/// process's file descriptors.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    cfg: &crate::config::ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(cfg.header_timeout_secs));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let first_byte = std::time::Duration::from_secs(cfg.header_timeout_secs);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(limit = cfg.max_connections, "connection refused: server.max_connections open");
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // hyper's header timeout starts at a request's first byte; a connection that sends
+            // nothing at all is closed here, on the same timeout.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn.into_owned()).await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
