@@ -5,7 +5,6 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod conformance;
-pub mod eval;
 pub mod jobs;
 pub mod models;
 pub mod pipelines;

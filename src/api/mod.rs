@@ -155,57 +155,13 @@ fn start_jobs(
     config: &Config,
     pool: &Arc<ModelPool>,
 ) -> Result<Arc<crate::jobs::JobManager>, ConfigError> {
-    use crate::jobs::{FinetuneDefaults, JobsConfig};
-    let mut jc = JobsConfig::new(&config.server.data_dir);
-    let d = &config.datasets;
-    jc.fetch.allow_private_networks = d.allow_private_networks;
-    jc.fetch.max_bytes = d.max_bytes;
-    jc.fetch.timeout = std::time::Duration::from_secs(d.timeout_s);
-    jc.fetch.file_roots = d.file_roots.clone();
-    jc.webhook_secret = Some(config.jobs.webhook_secret.clone()).filter(|s| !s.is_empty());
-    jc.webhook_retries = config.jobs.webhook_retries;
-    jc.device = config.models.device.clone();
-    let f = &config.finetune;
-    let method: crate::training::Method = f
-        .method
-        .parse()
-        .map_err(|e: String| ConfigError::Invalid(format!("finetune.method: {e}")))?;
-    let defaults = FinetuneDefaults {
-        method,
-        hyperparameters: crate::training::Hyperparameters {
-            learning_rate: Some(f.learning_rate),
-            max_steps: f.max_steps,
-            batch_size: f.batch_size,
-            gradient_accumulation_steps: f.gradient_accumulation_steps,
-            warmup_steps: f.warmup_steps,
-            checkpoint_every: f.checkpoint_every,
-            ..Default::default()
-        },
-        lora: crate::training::lora::LoraSpec {
-            rank: f.lora_rank,
-            alpha: f.lora_alpha,
-            ..Default::default()
-        },
-        by_method: Default::default(),
-    };
-    for w in pool.workers() {
-        let mut d = defaults.clone();
-        if let crate::models::ModelSource::Local(dir) =
-            crate::models::ModelSource::parse(w.source())
-        {
-            let own = crate::models::defaults::ModelDefaults::load(&dir)
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            if let Some(f) = own.finetune {
-                d = d.merged(&f).map_err(|e| {
-                    ConfigError::Invalid(format!(
-                        "{}: finetune: {e}",
-                        dir.join(crate::models::defaults::FILE_NAME).display()
-                    ))
-                })?;
-            }
-        }
-        jc.defaults.insert(w.name().to_string(), d);
-    }
+    let served: Vec<(String, String)> = pool
+        .workers()
+        .iter()
+        .map(|w| (w.name().to_string(), w.source().to_string()))
+        .collect();
+    let jc = crate::jobs::JobsConfig::from_config(config, &served)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let variant = Some(config.models.variant.clone()).filter(|v| !v.is_empty());
     let p = pool.clone();
     let resolver: crate::jobs::manager::ModelResolver = Arc::new(move |name: Option<&str>| {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_serve;
 pub mod bench_train;
+pub mod eval;
 pub mod serve;
 pub mod train;
 
@@ -41,9 +42,9 @@ pub enum Command {
     /// Time one optimiser step (synthetic latents) and report peak memory, as JSON.
     BenchTrain(bench_train::TrainBenchArgs),
     /// Win rate of model/adapter A over B on a prompt file (fixed seeds, external reward).
-    Eval(crate::eval::EvalArgs),
+    Eval(eval::EvalArgs),
     /// VAE round trips of a dataset's last images, for checking an autoencoder with a scorer.
-    Reconstruct(crate::eval::ReconstructArgs),
+    Reconstruct(eval::ReconstructArgs),
     /// Train: preference pairs (DSPO, Diffusion-DPO, SFT, DSPO-E), or with `mode` a
     /// text-to-image model or its VAE from an image–caption parquet.
     Train {
@@ -83,12 +84,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Train { config, overrides } => {
             train::run_train(&config, &overrides).map(|_| ExitCode::SUCCESS)
         }
-        Command::Eval(args) => crate::eval::run_eval(&args).map(|v| {
+        Command::Eval(args) => eval::run_eval(&args).map(|v| {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             ExitCode::SUCCESS
         }),
         Command::Reconstruct(args) => {
-            crate::eval::run_reconstruct(&args).map(|_| ExitCode::SUCCESS)
+            eval::run_reconstruct(&args).map(|_| ExitCode::SUCCESS)
         }
         Command::Bench(cmd) => bench::run(&cmd).map(|_| ExitCode::SUCCESS),
         Command::MakeRandomModel(args) => {

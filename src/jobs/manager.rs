@@ -37,6 +37,67 @@ pub struct JobsConfig {
 }
 
 impl JobsConfig {
+    /// The job layer's settings from the server's configuration: dataset fetching, webhooks,
+    /// the training device, and the fine-tuning defaults of each served model (`NAME`,
+    /// `SOURCE` pairs): `[finetune]`, overridden by the `finetune` section of a local model
+    /// directory's `dspo_server.json`.
+    pub fn from_config(
+        config: &crate::config::Config,
+        served: &[(String, String)],
+    ) -> Result<Self, JobError> {
+        let invalid = |m: String| JobError::Invalid(m);
+        let mut jc = JobsConfig::new(&config.server.data_dir);
+        let d = &config.datasets;
+        jc.fetch.allow_private_networks = d.allow_private_networks;
+        jc.fetch.max_bytes = d.max_bytes;
+        jc.fetch.timeout = Duration::from_secs(d.timeout_s);
+        jc.fetch.file_roots = d.file_roots.clone();
+        jc.webhook_secret = Some(config.jobs.webhook_secret.clone()).filter(|s| !s.is_empty());
+        jc.webhook_retries = config.jobs.webhook_retries;
+        jc.device = config.models.device.clone();
+        let f = &config.finetune;
+        let method: crate::training::Method = f
+            .method
+            .parse()
+            .map_err(|e: String| invalid(format!("finetune.method: {e}")))?;
+        let defaults = FinetuneDefaults {
+            method,
+            hyperparameters: Hyperparameters {
+                learning_rate: Some(f.learning_rate),
+                max_steps: f.max_steps,
+                batch_size: f.batch_size,
+                gradient_accumulation_steps: f.gradient_accumulation_steps,
+                warmup_steps: f.warmup_steps,
+                checkpoint_every: f.checkpoint_every,
+                ..Default::default()
+            },
+            lora: crate::training::lora::LoraSpec {
+                rank: f.lora_rank,
+                alpha: f.lora_alpha,
+                ..Default::default()
+            },
+            by_method: Default::default(),
+        };
+        for (name, source) in served {
+            let mut d = defaults.clone();
+            if let crate::models::ModelSource::Local(dir) = crate::models::ModelSource::parse(source)
+            {
+                let own = crate::models::defaults::ModelDefaults::load(&dir)
+                    .map_err(|e| invalid(e.to_string()))?;
+                if let Some(f) = own.finetune {
+                    d = d.merged(&f).map_err(|e| {
+                        invalid(format!(
+                            "{}: finetune: {e}",
+                            dir.join(crate::models::defaults::FILE_NAME).display()
+                        ))
+                    })?;
+                }
+            }
+            jc.defaults.insert(name.clone(), d);
+        }
+        Ok(jc)
+    }
+
     pub fn new(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
