@@ -44,27 +44,64 @@ fn derr(m: impl Into<String>) -> JobError {
     JobError::Dataset(m.into())
 }
 
-/// True for addresses a server-side fetch must not reach by default.
+/// True for addresses a server-side fetch must not reach by default: every range that is not
+/// the public internet, including IPv6 forms that carry an IPv4 address inside them
+/// (IPv4-mapped, IPv4-compatible, NAT64, 6to4), which would otherwise smuggle a private
+/// IPv4 address past the check.
 pub fn is_private(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v) => {
+            let o = v.octets();
             v.is_loopback()
                 || v.is_private()
                 || v.is_link_local()
                 || v.is_unspecified()
                 || v.is_broadcast()
-                || v.octets()[0] == 100 && (v.octets()[1] & 0xC0) == 64 // 100.64/10 carrier-grade NAT
-                || v.octets()[0] == 0
+                || v.is_multicast()
+                || o[0] == 0 // 0/8 "this network"
+                || o[0] == 100 && (o[1] & 0xC0) == 64 // 100.64/10 carrier-grade NAT
+                || o[0] >= 240 // 240/4 reserved
+                || o[0] == 192 && o[1] == 0 && o[2] == 0 // 192.0.0/24 protocol assignments
+                || o[0] == 198 && (o[1] & 0xFE) == 18 // 198.18/15 benchmarking
+                || o[0] == 192 && o[1] == 0 && o[2] == 2 // documentation
+                || o[0] == 198 && o[1] == 51 && o[2] == 100
+                || o[0] == 203 && o[1] == 0 && o[2] == 113
         }
         IpAddr::V6(v) => {
+            let s = v.segments();
+            let embedded = |hi: u16, lo: u16| {
+                is_private(&IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                )))
+            };
             if let Some(m) = v.to_ipv4_mapped() {
                 return is_private(&IpAddr::V4(m));
             }
-            let s = v.segments()[0];
+            // ::/96 (IPv4-compatible, and :: and ::1 themselves): never a public address.
+            if s[..6] == [0; 6] {
+                return true;
+            }
+            // 64:ff9b::/96 NAT64: the IPv4 address it translates to decides.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return embedded(s[6], s[7]);
+            }
+            // 2002::/16 6to4: the IPv4 address in bits 16-48 decides.
+            if s[0] == 0x2002 {
+                return embedded(s[1], s[2]);
+            }
             v.is_loopback()
                 || v.is_unspecified()
-                || (s & 0xfe00) == 0xfc00
-                || (s & 0xffc0) == 0xfe80
+                || v.is_multicast()
+                || s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 // 64:ff9b:1::/48 local NAT64
+                || s[0] == 0x2001 && s[1] == 0 // 2001::/32 Teredo (hides its IPv4 peer)
+                || s[0] == 0x2001 && s[1] == 0xdb8 // documentation
+                || s[0] == 0x100 && s[1..4] == [0, 0, 0] // 100::/64 discard
+                || (s[0] & 0xfe00) == 0xfc00 // fc00::/7 unique local
+                || (s[0] & 0xffc0) == 0xfe80 // fe80::/10 link local
+                || (s[0] & 0xffc0) == 0xfec0 // fec0::/10 site local (deprecated)
         }
     }
 }
@@ -343,4 +380,34 @@ fn hub_dataset(rest: &str) -> Result<PathBuf, JobError> {
     Err(JobError::Invalid(format!(
         "hf://datasets/{rest}: this build has no hub support"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_private;
+    use std::net::IpAddr;
+
+    #[test]
+    fn every_special_range_is_private_and_public_addresses_are_not() {
+        let private = [
+            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
+            "0.1.2.3", "100.64.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255", "192.0.0.8",
+            "198.18.0.1", "192.0.2.1", "::", "::1", "::127.0.0.1", "::7f00:1", "::10.0.0.1",
+            "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1",
+            "64:ff9b:1::1", "2002:7f00:1::", "2002:a00:1::1", "2001::1", "2001:db8::1", "100::1",
+            "fc00::1", "fd12:3456::1", "fe80::1", "fec0::1", "ff02::1",
+        ];
+        for a in private {
+            let ip: IpAddr = a.parse().unwrap();
+            assert!(is_private(&ip), "{a} should be refused");
+        }
+        let public = [
+            "8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "2a00:1450:4001::1",
+            "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1",
+        ];
+        for a in public {
+            let ip: IpAddr = a.parse().unwrap();
+            assert!(!is_private(&ip), "{a} is public");
+        }
+    }
 }
