@@ -45,6 +45,9 @@ pub struct JobsSection {
     pub enabled: bool,
     pub webhook_secret: String,
     pub webhook_retries: usize,
+    pub max_steps: usize,
+    pub max_pairs_per_step: usize,
+    pub max_lora_rank: usize,
 }
 
 /// Where job datasets may come from and how big they may be.

@@ -190,6 +190,24 @@ fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
     let mut held = spec(&www.url("prefs.parquet"), 1000);
     held.adapter_name = Some("held".into());
     let long = m.submit(held.clone()).unwrap();
+    // Requests past the server's limits are refused up front, each naming its setting.
+    for (key, value, setting) in [
+        ("max_steps", serde_json::json!(1_000_000_000_000u64), "jobs.max_steps"),
+        ("batch_size", serde_json::json!(100_000), "jobs.max_pairs_per_step"),
+    ] {
+        let mut big = spec(&www.url("prefs.parquet"), 2);
+        big.hyperparameters.as_mut().unwrap()[key] = value;
+        match m.submit(big) {
+            Err(dspo_server::jobs::JobError::Invalid(e)) => assert!(e.contains(setting), "{e}"),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+    let mut big = spec(&www.url("prefs.parquet"), 2);
+    big.lora = Some(serde_json::from_value(serde_json::json!({"rank": 100_000})).unwrap());
+    match m.submit(big) {
+        Err(dspo_server::jobs::JobError::Invalid(e)) => assert!(e.contains("jobs.max_lora_rank"), "{e}"),
+        other => panic!("lora rank: {other:?}"),
+    }
     // A queued or running job reserves its adapter name: a second job may not take it.
     assert!(matches!(
         m.submit(held.clone()),

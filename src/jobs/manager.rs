@@ -34,6 +34,10 @@ pub struct JobsConfig {
     /// Fine-tuning defaults per served model name; `default` for the rest.
     pub defaults: HashMap<String, FinetuneDefaults>,
     pub device: String,
+    /// The largest job a request may ask for: steps, pairs per optimiser step, LoRA rank.
+    pub max_steps: usize,
+    pub max_pairs_per_step: usize,
+    pub max_lora_rank: usize,
 }
 
 impl JobsConfig {
@@ -55,6 +59,9 @@ impl JobsConfig {
         jc.webhook_secret = Some(config.jobs.webhook_secret.clone()).filter(|s| !s.is_empty());
         jc.webhook_retries = config.jobs.webhook_retries;
         jc.device = config.models.device.clone();
+        jc.max_steps = config.jobs.max_steps;
+        jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
+        jc.max_lora_rank = config.jobs.max_lora_rank;
         let f = &config.finetune;
         let method: crate::training::Method = f
             .method
@@ -106,6 +113,9 @@ impl JobsConfig {
             webhook_retries: 5,
             defaults: HashMap::new(),
             device: "cpu".into(),
+            max_steps: 100_000,
+            max_pairs_per_step: 4096,
+            max_lora_rank: 256,
         }
     }
     pub fn adapters(&self) -> AdapterDir {
@@ -349,6 +359,27 @@ impl JobManager {
         let cfg = self.train_config(&id, &spec, PathBuf::from("<dataset>"))?;
         cfg.validate()
             .map_err(|e| JobError::Invalid(e.to_string()))?;
+        let h = &cfg.hyperparameters;
+        let over = |what: &str, got: usize, max: usize, key: &str| {
+            JobError::Invalid(format!(
+                "{what} is {got}; this server takes at most {max} (jobs.{key})"
+            ))
+        };
+        if h.max_steps > self.cfg.max_steps {
+            return Err(over("max_steps", h.max_steps, self.cfg.max_steps, "max_steps"));
+        }
+        let pairs = h.batch_size.saturating_mul(h.gradient_accumulation_steps);
+        if pairs > self.cfg.max_pairs_per_step {
+            return Err(over(
+                "batch_size x gradient_accumulation_steps",
+                pairs,
+                self.cfg.max_pairs_per_step,
+                "max_pairs_per_step",
+            ));
+        }
+        if let Some(l) = cfg.lora.as_ref().filter(|l| l.rank > self.cfg.max_lora_rank) {
+            return Err(over("lora rank", l.rank, self.cfg.max_lora_rank, "max_lora_rank"));
+        }
         if let Some(l) = &cfg.lora {
             l.validate().map_err(JobError::Invalid)?;
             // A typo in a target is a 422 now rather than a job failing after its download.
