@@ -213,6 +213,10 @@ fn cancel_stops_only_its_job_and_jsonl_manifests_work() {
         m.submit(held.clone()),
         Err(dspo_server::jobs::JobError::AdapterExists(n)) if n == "held"
     ));
+    // ... in any case, since a case-insensitive filesystem would make them one directory.
+    let mut upper = held.clone();
+    upper.adapter_name = Some("HELD".into());
+    assert!(matches!(m.submit(upper), Err(dspo_server::jobs::JobError::AdapterExists(_))));
     let queued = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
     let third = m.submit(spec(&www.url("pairs.jsonl"), 2)).unwrap();
     wait_for(

@@ -56,9 +56,15 @@ impl AdapterDir {
         self.dir(name).join(WEIGHTS_FILE)
     }
 
-    /// Whether anything (even an incomplete install) holds this name.
+    /// Whether anything (even an incomplete install) holds this name, compared without case:
+    /// on a case-insensitive filesystem `Held` and `held` are one directory.
     pub fn taken(&self, name: &str) -> bool {
         self.dir(name).exists()
+            || std::fs::read_dir(&self.root).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(name))
+            })
     }
 
     /// An existing adapter's weights, if the name is valid and the file is there.
@@ -112,6 +118,7 @@ mod tests {
         assert_eq!(dirs.find("a"), Some(p.clone()));
         assert_eq!(std::fs::read(&p).unwrap(), b"weights");
         assert!(!dirs.dir("a").join(".adapter.safetensors.tmp").exists());
+        assert!(dirs.taken("A"), "names compare without case");
         dirs.remove("a").unwrap();
         assert!(!dirs.taken("a"));
         let _ = std::fs::remove_dir_all(&tmp);

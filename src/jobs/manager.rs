@@ -345,11 +345,13 @@ impl JobManager {
         // A name is taken by a registered adapter, by whatever holds its directory, and by a
         // queued or running job that will register it (else the second job's adapter would
         // silently replace the first's).
+        // Names compare without case, as they would on a case-insensitive filesystem.
         let pending = self.store.list(None)?.into_iter().any(|j| {
-            !j.status.is_terminal() && j.spec.adapter_name.as_deref() == Some(name.as_str())
+            !j.status.is_terminal()
+                && j.spec.adapter_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
         });
         if pending
-            || self.store.adapters()?.iter().any(|a| a.name == name)
+            || self.store.adapters()?.iter().any(|a| a.name.eq_ignore_ascii_case(&name))
             || self.cfg.adapters().taken(&name)
         {
             return Err(JobError::AdapterExists(name));
