@@ -70,16 +70,7 @@ pub fn run_train(config: &Path, overrides: &[String]) -> anyhow::Result<()> {
         true
     })?;
     eprintln!();
-    let n = outcome.metrics.len().max(1);
-    let tail = &outcome.metrics[n.saturating_sub(10).min(outcome.metrics.len())..];
-    let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
-        let v: Vec<f64> = tail.iter().filter_map(f).collect();
-        if v.is_empty() {
-            None
-        } else {
-            Some(v.iter().sum::<f64>() / v.len() as f64)
-        }
-    };
+    let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| outcome.mean_of_last(10, f);
     let summary = serde_json::json!({
         "artifact": outcome.artifact,
         "steps": outcome.metrics.len(),

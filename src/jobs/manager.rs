@@ -648,15 +648,7 @@ impl JobManager {
             .adapters()
             .install(&name, &outcome.artifact)
             .map_err(io)?;
-        let tail = &outcome.metrics[outcome.metrics.len().saturating_sub(10)..];
-        let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| {
-            let v: Vec<f64> = tail.iter().filter_map(f).collect();
-            if v.is_empty() {
-                None
-            } else {
-                Some(v.iter().sum::<f64>() / v.len() as f64)
-            }
-        };
+        let mean = |f: &dyn Fn(&StepMetrics) -> Option<f64>| outcome.mean_of_last(10, f);
         let info = AdapterInfo {
             name: name.clone(),
             base_model: spec.base_model.clone().unwrap_or_default(),

@@ -253,6 +253,16 @@ pub struct TrainOutcome {
     pub resumed_from: Option<usize>,
 }
 
+impl TrainOutcome {
+    /// The mean of a per-step figure over the last `n` steps that report it (what a run's
+    /// summary and a registered adapter quote as its final loss and implicit accuracy).
+    pub fn mean_of_last(&self, n: usize, f: impl Fn(&StepMetrics) -> Option<f64>) -> Option<f64> {
+        let tail = &self.metrics[self.metrics.len().saturating_sub(n)..];
+        let v: Vec<f64> = tail.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainOptions {
