@@ -135,6 +135,8 @@ run_case tiny "$TINY" "$TINY_SIZE" "$TINY_STEPS"
 run_case mid "$MID" "$MID_SIZE" "$MID_STEPS"
 
 END=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# Kept results name files relative to the repository, not by this machine's paths.
+sed -i "s#$ROOT/##g" "$RAW"/tiny-*.jsonl "$RAW"/mid-*.jsonl
 python3 "$ROOT/bench/report.py" --results "$RAW" --out "$ROOT/bench/RESULTS.md" --command "$COMMAND" \
     --started "$START" --finished "$END" --diffusers "$DIFFUSERS" --python "$PYTHON"
 log "wrote bench/RESULTS.md"

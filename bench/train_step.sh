@@ -217,6 +217,8 @@ if [[ $PHASES == 1 && " $MODES " == *" full "* ]]; then
 fi
 uptime > "$RAW/uptime-end.txt"
 
+# Kept results name files relative to the repository, not by this machine's paths.
+sed -i "s#$ROOT/##g" "$RAW"/*.json
 python3 bench/train_report.py --results "$RAW" --out bench/TRAINING.md --command "$COMMAND" \
     --started "$START" --torch "$TORCH" --python "$PYTHON" --threads "$THREADS" --lora-rank "$LORA_RANK"
 log "wrote bench/TRAINING.md"
