@@ -346,10 +346,12 @@ impl JobManager {
         // queued or running job that will register it (else the second job's adapter would
         // silently replace the first's).
         // Names compare without case, as they would on a case-insensitive filesystem.
-        let pending = self.store.list(None)?.into_iter().any(|j| {
-            !j.status.is_terminal()
-                && j.spec.adapter_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
-        });
+        let mut pending = false;
+        for status in [JobStatus::Queued, JobStatus::Downloading, JobStatus::Training] {
+            pending |= self.store.list(Some(status))?.iter().any(|j| {
+                j.spec.adapter_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
+            });
+        }
         if pending
             || self.store.adapters()?.iter().any(|a| a.name.eq_ignore_ascii_case(&name))
             || self.cfg.adapters().taken(&name)

@@ -11,19 +11,16 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// SD 1.x / 2.x text-to-image (also serves img2img).
     StableDiffusion,
     StableDiffusionXl,
-    // snake_case alone would write "instruct_pix2_pix".
-    #[serde(rename = "instruct_pix2pix")]
     InstructPix2Pix,
 }
 
 impl Architecture {
-    /// The name clients see, as serialised.
+    /// The name clients see (snake_case would split "Pix2Pix" into "pix2_pix").
     pub fn name(&self) -> &'static str {
         match self {
             Architecture::StableDiffusion => "stable_diffusion",

@@ -30,8 +30,8 @@ fn weight_view<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f
     if l.is_contiguous() {
         return Ok((cpu_f32(s, l, "linear")?, Strided::new(0, 1, k)));
     }
-    match (s, l.stride()) {
-        (CpuStorage::F32(v), [1, ld]) if *ld == n => {
+    match s {
+        CpuStorage::F32(v) if column_major(l) => {
             let start = l.start_offset();
             Ok((&v[start..start + n * k], Strided::new(0, n, 1)))
         }
@@ -39,13 +39,14 @@ fn weight_view<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<(&'a [f
     }
 }
 
+/// A `[N, K]` layout whose transpose is contiguous.
+fn column_major(l: &Layout) -> bool {
+    matches!((l.shape().dims(), l.stride()), (&[n, _], &[1, ld]) if ld == n)
+}
+
 /// Whether `linear` takes this weight as it is (see [`weight_view`]).
 pub fn weight_layout_ok(w: &Tensor) -> bool {
-    let l = w.layout();
-    match (l.shape().dims(), l.stride()) {
-        (&[n, _], &[1, ld]) => ld == n,
-        _ => l.is_contiguous(),
-    }
+    w.layout().is_contiguous() || column_major(w.layout())
 }
 
 fn forward(x: &[f32], w: &[f32], wt: Strided, b: Option<&[f32]>, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
