@@ -12,9 +12,12 @@
 #
 # A/B of two builds in the same run (e.g. with and without cuDNN convolutions): set PACK_BIN_B
 # to the second binary when packing; the `ab ...` tasks then run it under the label suffix -B.
+# The `composed ...` tasks rerun a case with the composed attention instead of the fused kernel
+# (DSPO_ATTENTION_KERNEL=composed), labelled -composed.
 #
 # What `run` does, most important first (each task gets what is left of BUDGET, at most its own
 # limit, so one slow task cannot starve the rest; the table is printed with whatever finished):
+#   0. the fused kernels against the composed form (check-kernels: values and gradients)
 #   1. conformance suite on $DEVICE in f32 (parity with the float64 reference holds on the GPU)
 #   2. full-size random-weight SD1.5 / SDXL in f16 from the real configs (make-random-model)
 #   3. txt2img latency, ours then diffusers on the same files: SD1.5 512² 50 DDIM steps and
@@ -197,24 +200,51 @@ EOF
         ok_to_start "train torch $label" && measure train "torch-$label" "$(limit 150)" "$PY" "$W/b/torch_train_step.py" --model "$sd15" \
             --method dspo $flag --pairs "$pairs" --resolution "$tres" --steps 3 --device "${dev%%:*}" --gradient-checkpointing "$ck"
     }
-    ab() {  # ab gen|train ARGS...: the same task with the second packed binary, labels suffixed -B
-        [ -x "$W/b/dspo-server-b" ] || { log "ab $*: no second binary packed (PACK_BIN_B)"; return; }
-        local what=$1; shift
+    # variant B|composed gen|train ARGS...: a gen or train task again with the second packed
+    # binary (B) or with this binary's composed attention instead of the fused kernel
+    # (composed); the labels get the suffix -B or -composed and are compared with the same
+    # diffusers or PyTorch run.
+    variant() {
+        local v=$1 what=$2; shift 2
+        local bin=$BIN
+        if [ "$v" = B ]; then
+            [ -x "$W/b/dspo-server-b" ] || { log "ab $what $*: no second binary packed (PACK_BIN_B)"; return; }
+            bin=$W/b/dspo-server-b
+        fi
+        local run=(env "DSPO_ATTENTION_KERNEL=$([ "$v" = composed ] && echo composed || echo fused)" "$bin")
         if [ "$what" = gen ]; then
             local m=$1 dt=$2 b=$3 dir=$sd15 sz=$size st=$steps
             [ "$m" = sdxl ] && { dir=$sdxl; sz=$xsize; st=$xsteps; }
             local dtu=$dt; [ $gpu = 0 ] && dtu=f32
-            ok_to_start "ab $m-$dt-b$b" && measure ours "$m-$dt-b$b-B" "$(limit 180)" "$W/b/dspo-server-b" bench txt2img --model "$dir" \
-                --size "$sz" --steps "$st" --batch "$b" --repeats 2 --scheduler ddim --device "$dev" --dtype "$dtu" --label "$m-$dt-b$b-B"
+            ok_to_start "$v $m-$dt-b$b" && measure ours "$m-$dt-b$b-$v" "$(limit 180)" "${run[@]}" bench txt2img --model "$dir" \
+                --size "$sz" --steps "$st" --batch "$b" --repeats 2 --scheduler ddim --device "$dev" --dtype "$dtu" --label "$m-$dt-b$b-$v"
         else
             local mode=$1 pairs=${2:-1} flag=""; [ "$mode" = full ] && flag=--full
-            ok_to_start "ab train $mode" && measure train "ours-dspo-$mode-p$pairs-B" "$(limit 150)" "$W/b/dspo-server-b" bench-train \
+            ok_to_start "$v train $mode" && measure train "ours-dspo-$mode-p$pairs-$v" "$(limit 150)" "${run[@]}" bench-train \
                 --model "$sd15" --method dspo $flag --pairs "$pairs" --resolution "$tres" --steps 3 --device "$dev"
         fi
     }
+    ab() { variant B "$@"; }
+    composed() { variant composed "$@"; }
+    kernels() {  # the fused kernels against the composed form they replace, values and gradients
+        ok_to_start kernels || return
+        local dts=f32,f16,bf16; [ $gpu = 0 ] && dts=f32
+        log "kernel check on $dev ($dts)"
+        # The first use of each kernel variant is JIT-compiled by the driver (then cached).
+        timeout "$(limit 240)" "$BIN" check-kernels --device "$dev" --dtypes "$dts" > "$OUT/kernels.jsonl" 2>>"$LOG"
+        local rc=$?
+        "$PY" - "$OUT/kernels.jsonl" "$rc" >> "$RES" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+bad = [f'{r["kernel"]} {r["case"]} {r["dtype"]}: output {r["output_error"]:.1e}, gradients {r["gradient_error"]:.1e}'
+       for r in rows if not r["passed"]]
+print(json.dumps({"phase": "kernels", "label": "check", "rc": int(sys.argv[2]),
+                  "passed": len(rows) - len(bad), "failed": len(bad), "failures": bad}))
+EOF
+    }
 
     # Most important first: parity, the headline SD1.5 comparison, training, SDXL, the rest.
-    local tasks=${TASKS:-'conformance "model sd15" "gen sd15 f16 1" "ab gen sd15 f16 1" "train lora 1 true" "train lora 4 true" "ab train lora 1" "gen sd15 f16 4" "model sdxl" "gen sdxl f16 1" "train lora 1 false" "train full 1 true" "gen sdxl f16 4" "gen sd15 bf16 1" "gen sd15 bf16 4"'}
+    local tasks=${TASKS:-'kernels conformance "model sd15" "gen sd15 f16 1" "composed gen sd15 f16 1" "ab gen sd15 f16 1" "train lora 1 true" "composed train lora 1" "train lora 4 true" "ab train lora 1" "gen sd15 f16 4" "model sdxl" "gen sdxl f16 1" "train lora 1 false" "train full 1 true" "gen sdxl f16 4" "gen sd15 bf16 1" "gen sd15 bf16 4"'}
     eval "set -- $tasks"
     local task
     for task in "$@"; do $task; done
@@ -227,6 +257,8 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 def f(x, d=2):
     return "—" if x is None else f"{x:.{d}f}"
+for c in (r for r in rows if r["phase"] == "kernels"):
+    print(f"fused kernels vs composed: {c.get('passed')} passed, {c.get('failed')} failed {c.get('failures') or ''}")
 conf = [r for r in rows if r["phase"] == "conformance"]
 for c in conf:
     print(f"conformance: {c.get('passed')} passed, {c.get('failed')} failed {c.get('failures') or ''}")
@@ -238,8 +270,9 @@ if gen:
     print("\n| run | ours s (median) | diffusers s (median) | ours / diffusers | ours peak MiB | diffusers peak MiB | finite |")
     print("|---|---|---|---|---|---|---|")
     for label, d in gen.items():
-        # An A/B row (-B) is compared with diffusers' run of the same case.
-        o, p = d.get("ours", {}), d.get("diffusers") or gen.get(label.removesuffix("-B"), {}).get("diffusers", {})
+        # A variant row (-B, -composed) is compared with diffusers' run of the same case.
+        base = label.removesuffix("-B").removesuffix("-composed")
+        o, p = d.get("ours", {}), d.get("diffusers") or gen.get(base, {}).get("diffusers", {})
         ratio = o["median_s"] / p["median_s"] if o.get("median_s") and p.get("median_s") else None
         print(f"| {label} | {f(o.get('median_s'), 3)} | {f(p.get('median_s'), 3)} | {f(ratio)} | {f(o.get('peak_gpu_mib'), 0)} | {f(p.get('peak_gpu_mib'), 0)} | {o.get('finite')}/{p.get('finite')} |")
 tr = {r["label"]: r for r in rows if r["phase"] == "train"}
@@ -247,7 +280,8 @@ if tr:
     print("\n| training step (SD1.5, DSPO) | ours s | PyTorch s | ours / PyTorch | ours peak MiB | PyTorch peak MiB | ours / PyTorch memory |")
     print("|---|---|---|---|---|---|---|")
     for label in sorted({k.split("-", 1)[1] for k in tr}):
-        o, p = tr.get(f"ours-{label}", {}), tr.get(f"torch-{label.removesuffix('-B')}", {})
+        base = label.removesuffix("-B").removesuffix("-composed")
+        o, p = tr.get(f"ours-{label}", {}), tr.get(f"torch-{base}", {})
         os_, ps = o.get("step_s_median"), p.get("step_s_median")
         om, pm = o.get("peak_gpu_mib"), p.get("peak_gpu_mib")
         print(f"| {label} | {f(os_, 3)} | {f(ps, 3)} | {f(os_ / ps if os_ and ps else None)} | {f(om, 0)} | {f(pm, 0)} | "

@@ -39,6 +39,16 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Compare the fused kernels with the composed form they replace (values and gradients):
+    /// one JSON line per case, exit 1 if any exceeds its tolerance.
+    CheckKernels {
+        /// cpu or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Storage types to check, comma-separated (f32, f16, bf16; the CPU kernel is f32 only)
+        #[arg(long, default_value = "f32")]
+        dtypes: String,
+    },
     /// Time one optimiser step (synthetic latents) and report peak memory, as JSON.
     BenchTrain(bench_train::TrainBenchArgs),
     /// Win rate of model/adapter A over B on a prompt file (fixed seeds, external reward).
@@ -77,6 +87,7 @@ pub fn run(cli: Cli) -> ExitCode {
             cases,
             device,
         } => run_conformance(&suite, &kinds, &cases, &device),
+        Command::CheckKernels { device, dtypes } => run_check_kernels(&device, &dtypes),
         Command::BenchTrain(args) => bench_train::run(&args).map(|v| {
             println!("{v}");
             ExitCode::SUCCESS
@@ -111,6 +122,27 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_check_kernels(device: &str, dtypes: &str) -> anyhow::Result<ExitCode> {
+    use crate::models::device::{parse_device, parse_dtype};
+    let device = parse_device(device).map_err(anyhow::Error::msg)?;
+    let mut failed = 0;
+    for name in dtypes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let dtype = parse_dtype(name).map_err(anyhow::Error::msg)?;
+        for row in crate::models::kernels::check::check_attention(&device, dtype)? {
+            failed += usize::from(!row.passed());
+            let mut line = serde_json::to_value(&row)?;
+            line["passed"] = row.passed().into();
+            println!("{line}");
+        }
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{failed} kernel check(s) failed");
+        ExitCode::from(1)
+    })
 }
 
 fn run_conformance(

@@ -386,11 +386,20 @@ pub enum AttentionMask {
     Causal,
 }
 
+/// Whether [`attention`] may take the fused kernel: yes unless `DSPO_ATTENTION_KERNEL=composed`
+/// is set, which exists to compare the two forms on the same build (benchmarks, diagnosis).
+fn fused_attention_enabled() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| {
+        std::env::var("DSPO_ATTENTION_KERNEL").map_or(true, |v| !v.eq_ignore_ascii_case("composed"))
+    })
+}
+
 /// Scaled dot-product attention over `[B, N, heads*d]` queries and `[B, M, heads*d]` keys and
-/// values. On the CPU in f32 it is the fused kernel (no score matrix is ever stored, forward or
-/// backward); elsewhere it is composed from tensor ops, split along the query axis so the score
-/// matrix never exceeds a fixed budget (SDXL at 1024² would otherwise need tens of GB for the
-/// first self-attention).
+/// values. On the CPU in f32, and on CUDA builds in f32/f16/bf16 with heads up to 160 wide, it
+/// is the fused kernel (no score matrix is ever stored, forward or backward); elsewhere it is
+/// composed from tensor ops, split along the query axis so the score matrix never exceeds a
+/// fixed budget (SDXL at 1024² would otherwise need tens of GB for the first self-attention).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -398,8 +407,20 @@ pub fn attention(
     heads: usize,
     mask: AttentionMask,
 ) -> candle_core::Result<Tensor> {
-    if is_cpu_f32(&[q, k, v]) {
-        return kernels::attention::fused_attention(q, k, v, heads, mask == AttentionMask::Causal);
+    let causal = mask == AttentionMask::Causal;
+    if fused_attention_enabled() {
+        if is_cpu_f32(&[q, k, v]) {
+            return kernels::attention::fused_attention(q, k, v, heads, causal);
+        }
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda()
+            && q.dtype() == k.dtype()
+            && q.dtype() == v.dtype()
+            && heads > 0
+            && kernels::cuda::attention_supported(q.dtype(), q.dim(2)? / heads)
+        {
+            return kernels::attention::fused_attention(q, k, v, heads, causal);
+        }
     }
     composed_attention(q, k, v, heads, mask)
 }

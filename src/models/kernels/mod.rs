@@ -1,15 +1,19 @@
-//! Fused CPU kernels behind the layers of `nn`: attention that never materialises the score
+//! Fused kernels behind the layers of `nn`: attention that never materialises the score
 //! matrix, convolutions as shifted GEMMs without an unfolded input, and single-pass norms, each
 //! a candle custom op with an analytic backward that keeps only what it recomputes from.
 //!
-//! Every kernel works on contiguous f32 CPU storage; `nn` routes other devices and dtypes to the
-//! composed candle ops, which compute the same function. Work is split so that each output
+//! Every kernel works on contiguous f32 CPU storage; attention also runs on CUDA (feature
+//! `cuda`, the kernels in `cuda/`). `nn` routes other devices and dtypes to the composed candle
+//! ops, which compute the same function, and `check` compares the two forms on any device. Work is split so that each output
 //! element is computed by the same sequence of floating-point operations whatever the batch
 //! size, which keeps the server's "batched == alone, bit for bit" guarantee.
 
 pub mod activation;
 pub mod attention;
+pub mod check;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
