@@ -28,6 +28,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub auth: AuthSection,
     pub models: ModelsConfig,
     pub limits: Limits,
     pub defaults: Defaults,
@@ -36,6 +37,17 @@ pub struct Config {
     pub jobs: JobsSection,
     pub datasets: DatasetsSection,
     pub finetune: FinetuneSection,
+}
+
+/// API keys and what each may do (see `api::auth`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub api_keys: Vec<String>,
+    pub api_keys_file: String,
+    pub protect_docs: bool,
+    pub requests_per_minute: u32,
+    pub max_active_jobs_per_key: usize,
 }
 
 /// Fine-tuning jobs (POST /finetune).

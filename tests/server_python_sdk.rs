@@ -1,6 +1,7 @@
 //! The generated-SDK path users take: a Python client generated from the committed
-//! openapi/openapi.json by `openapi-python-client` drives /generate and /edit (multipart)
-//! against a real server. Skipped, saying so, only when the generator is not installed;
+//! openapi/openapi.json by `openapi-python-client` calls every operation of the document
+//! (images, service, a fine-tuning job through to its adapter) against a real server with API
+//! keys, authenticating as the document's bearer scheme says. Skipped, saying so, only when the generator is not installed;
 //! `.ci/run` installs it, so CI always runs this.
 
 mod common;
@@ -9,15 +10,37 @@ use common::*;
 use std::process::Command;
 
 const SCRIPT: &str = r#"
-import base64, io, sys
-from dspo_client import Client
+import base64, io, sys, time
+from dspo_client import AuthenticatedClient, Client
 from dspo_client.api.images import generate, edit
-from dspo_client.models import GenerateRequest, GenerateResponse, EditForm, EditMode, Scheduler
+from dspo_client.api.service import health, ready, models, openapi_json
+from dspo_client.api.finetune import (create, list_, get_job, cancel, metrics, events, adapters,
+                                      adapter_weights, delete_adapter)
+from dspo_client.models import (GenerateRequest, GenerateResponse, EditForm, EditMode, Scheduler,
+                                JobSpec, JobStatus)
 from dspo_client.types import File
 
-client = Client(base_url=sys.argv[1], timeout=120.0)
+base, full_key, generate_key, dataset_url = sys.argv[1:5]
+anon = Client(base_url=base, timeout=120.0)
+client = AuthenticatedClient(base_url=base, token=full_key, timeout=120.0)
+inference = AuthenticatedClient(base_url=base, token=generate_key, timeout=120.0)
 
-r = generate.sync_detailed(client=client, body=GenerateRequest(
+# Service: open without a key.
+assert health.sync_detailed(client=anon).status_code == 200
+for _ in range(1200):
+    r = ready.sync_detailed(client=anon)
+    if r.status_code == 200:
+        break
+    time.sleep(0.1)
+assert r.status_code == 200, r.content[:300]
+assert openapi_json.sync_detailed(client=anon).status_code == 200
+m = models.sync_detailed(client=inference)
+assert m.status_code == 200 and {x.name for x in m.parsed.models} >= {"tiny-sd15", "tiny-ip2p"}, m.content[:300]
+
+# Images, with the inference-only key; none at all is a 401.
+no_key = generate.sync_detailed(client=anon, body=GenerateRequest(prompt="x", model="tiny-sd15", steps=2))
+assert no_key.status_code == 401 and no_key.parsed.error.code == "unauthorized", no_key.content
+r = generate.sync_detailed(client=inference, body=GenerateRequest(
     prompt="a red circle", model="tiny-sd15", steps=3, seed=5, scheduler=Scheduler("euler_a")))
 assert r.status_code == 200, (r.status_code, r.content[:300])
 assert isinstance(r.parsed, GenerateResponse), type(r.parsed)
@@ -26,15 +49,55 @@ assert png[:8] == b"\x89PNG\r\n\x1a\n"
 assert r.parsed.images[0].seed == 5
 assert r.parsed.parameters.scheduler == "euler_a"
 
-e = edit.sync_detailed(client=client, body=EditForm(
+e = edit.sync_detailed(client=inference, body=EditForm(
     image=File(payload=io.BytesIO(png), file_name="in.png", mime_type="image/png"),
     prompt="make it blue", model="tiny-ip2p", mode=EditMode("instruct_pix2pix"), steps=2, seed=9))
 assert e.status_code == 200, (e.status_code, e.content[:300])
 assert e.parsed.parameters.mode == "instruct_pix2pix"
 assert (e.parsed.parameters.width, e.parsed.parameters.height) == (64, 64)
 
-bad = generate.sync_detailed(client=client, body=GenerateRequest(prompt="x", model="tiny-sd15", steps=0))
+bad = generate.sync_detailed(client=inference, body=GenerateRequest(prompt="x", model="tiny-sd15", steps=0))
 assert bad.status_code == 422 and bad.parsed.error.code == "invalid_steps", bad.content
+
+# Fine-tuning: a job from submission to a registered adapter, then every job and adapter call.
+spec = JobSpec.from_dict({
+    "dataset_url": dataset_url, "method": "dspo", "base_model": "tiny-sd15", "adapter_name": "sdk-adapter",
+    "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+    "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_pairs": 8, "learning_rate": 1e-2,
+                        "resolution": 64, "warmup_steps": 0, "checkpoint_every": 2, "beta": 1.0}})
+forbidden = create.sync_detailed(client=inference, body=spec)
+assert forbidden.status_code == 403 and forbidden.parsed.error.code == "forbidden", forbidden.content
+c = create.sync_detailed(client=client, body=spec)
+assert c.status_code == 202, c.content[:500]
+job_id = c.parsed.job_id
+for _ in range(1200):
+    job = get_job.sync(job_id, client=client)
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
+        break
+    time.sleep(0.1)
+assert job.status == JobStatus.COMPLETED, job.to_dict()
+assert job.adapter == "sdk-adapter"
+assert [j.id for j in list_.sync(client=client, status=JobStatus.COMPLETED)] == [job_id]
+assert list_.sync(client=client, status=JobStatus.FAILED) == []
+steps = metrics.sync(job_id, client=client)
+assert [s.step for s in steps] == [1, 2], [s.to_dict() for s in steps]
+ev = events.sync_detailed(job_id, client=client)
+assert ev.status_code == 200 and b"event: status" in ev.content, ev.content[:300]
+assert "sdk-adapter" in [a.name for a in adapters.sync(client=inference)]
+w = adapter_weights.sync_detailed("sdk-adapter", client=client)
+assert w.status_code == 200 and len(w.content) > 8, w.status_code
+header_len = int.from_bytes(w.content[:8], "little")
+assert w.content[8:9] == b"{" and 8 + header_len <= len(w.content)  # a safetensors file
+ended = cancel.sync_detailed(job_id, client=client)
+assert ended.status_code == 200 and ended.parsed.status == JobStatus.COMPLETED, ended.content[:300]
+tuned = generate.sync_detailed(client=inference, body=GenerateRequest.from_dict(
+    {"prompt": "a red circle", "model": "tiny-sd15", "steps": 3, "seed": 5, "adapter": "sdk-adapter"}))
+assert tuned.status_code == 200, tuned.content[:300]
+d = delete_adapter.sync_detailed("sdk-adapter", client=client)
+assert d.status_code == 204, (d.status_code, d.content)
+assert "sdk-adapter" not in [a.name for a in adapters.sync(client=client)]
+gone = get_job.sync_detailed("00000000-0000-0000-0000-000000000000", client=client)
+assert gone.status_code == 404 and gone.parsed.error.code == "job_not_found"
 print("python sdk ok")
 "#;
 
@@ -54,10 +117,10 @@ fn generator_installed() -> bool {
 }
 
 #[test]
-fn generated_python_client_drives_generate_and_edit() {
+fn generated_python_client_drives_every_operation() {
     if !generator_installed() {
         eprintln!(
-            "SKIPPED generated_python_client_drives_generate_and_edit: openapi-python-client is not installed \
+            "SKIPPED generated_python_client_drives_every_operation: openapi-python-client is not installed \
              (pip install openapi-python-client; .ci/run installs it)"
         );
         return;
@@ -82,13 +145,27 @@ fn generated_python_client_drives_generate_and_edit() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    let www = common::fileserver::FileServer::start({
+        let root = temp_dir("www");
+        std::fs::copy(
+            models_dir().join("../../shapes/prefs_centered.parquet"),
+            root.join("prefs.parquet"),
+        )
+        .unwrap();
+        root
+    });
+    const FULL: &str = "sdk-full-key-0123456789";
+    const GENERATE: &str = "sdk-generate-key-0123456789";
     let mut config = tiny_config();
     config.models.serve.truncate(2);
+    config.auth.api_keys = vec![FULL.into(), format!("{GENERATE}:generate")];
+    config.datasets.allow_private_networks = true;
     let server = start(config);
     let run = Command::new("python3")
         .arg("-c")
         .arg(SCRIPT)
         .arg(format!("http://{}", server.addr))
+        .args([FULL, GENERATE, &www.url("prefs.parquet")])
         .env("PYTHONPATH", &dir)
         .output()
         .unwrap();

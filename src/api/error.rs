@@ -24,6 +24,12 @@ pub enum ApiError {
     #[error("{0}")]
     HostNotAllowed(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
+    #[error("{0}")]
     RequestTimeout(String),
     #[error("{0}")]
     NotAcceptable(String),
@@ -88,6 +94,9 @@ impl ApiError {
             UnsupportedMediaType(_) => "unsupported_media_type",
             PayloadTooLarge(_) => "payload_too_large",
             HostNotAllowed(_) => "host_not_allowed",
+            Unauthorized(_) => "unauthorized",
+            Forbidden(_) => "forbidden",
+            RateLimited { .. } => "rate_limited",
             RequestTimeout(_) => "request_timeout",
             NotAcceptable(_) => "not_acceptable",
             InvalidSize(_) => "invalid_size",
@@ -123,7 +132,9 @@ impl ApiError {
             MalformedJson(_) | MalformedMultipart(_) => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            HostNotAllowed(_) => StatusCode::FORBIDDEN,
+            HostNotAllowed(_) | Forbidden(_) => StatusCode::FORBIDDEN,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             InvalidRequest(_)
@@ -155,6 +166,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::QueueFull { retry_after_s, .. }
+            | ApiError::RateLimited { retry_after_s, .. }
             | ApiError::ModelLoading { retry_after_s, .. } => Some(*retry_after_s),
             _ => None,
         }
@@ -174,8 +186,8 @@ pub struct ErrorBody {
     /// invalid_image_guidance_scale, invalid_strength, invalid_adapter_scale, too_many_images,
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
     /// invalid_adapter, model_not_found, adapter_not_found, not_found, method_not_allowed,
-    /// host_not_allowed, request_timeout, queue_full, model_loading, model_unavailable,
-    /// internal_error.
+    /// host_not_allowed, unauthorized, forbidden, rate_limited, request_timeout, queue_full,
+    /// model_loading, model_unavailable, internal_error.
     pub code: String,
     /// For people: what was wrong and what is accepted.
     pub message: String,
@@ -201,6 +213,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: tells clients which scheme to answer with.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"dspo-server\""),
+            );
         }
         response
     }

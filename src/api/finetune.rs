@@ -1,12 +1,13 @@
 //! /finetune (asynchronous fine-tuning jobs) and /adapters (their results). Handlers only
 //! translate HTTP to `JobManager` calls; the manager owns queueing, training and persistence.
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
 use crate::jobs::{AdapterInfo, JobError, JobRecord, JobSpec, JobStatus};
 use crate::training::StepMetrics;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,10 @@ impl From<JobError> for ApiError {
             }
             JobError::Dataset(m) => ApiError::InvalidJob(m),
             JobError::Store(m) => ApiError::Internal(m),
+            JobError::TooManyJobs(m) => ApiError::RateLimited {
+                message: m,
+                retry_after_s: 60,
+            },
         }
     }
 }
@@ -37,6 +42,35 @@ fn jobs(state: &AppState) -> Result<&std::sync::Arc<crate::jobs::JobManager>, Ap
         .jobs
         .as_ref()
         .ok_or_else(|| ApiError::Internal("fine-tuning jobs are not enabled on this server".into()))
+}
+
+/// A job exists for this caller only if it owns it; another key's job is a 404, as if it did
+/// not exist, so job ids cannot be probed.
+fn check_job_owner(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    let owner = jobs(state)?.owner(id)?;
+    if caller.owns(owner.as_deref()) {
+        Ok(())
+    } else {
+        Err(JobError::NotFound(id.to_string()).into())
+    }
+}
+
+/// Only the key whose job made an adapter may download or delete it (403 for others).
+fn check_adapter_owner(state: &AppState, caller: &Caller, name: &str) -> Result<(), ApiError> {
+    let owner = match jobs(state)?.adapter_owner(name) {
+        Ok(o) => o,
+        // Not in the registry (e.g. copied into the data directory by hand): nobody's; the
+        // handler answers for a name that does not exist at all.
+        Err(JobError::AdapterNotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if caller.owns(owner.as_deref()) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "adapter {name} was made by another API key's job"
+        )))
+    }
 }
 
 /// 202 body of POST /finetune.
@@ -63,11 +97,12 @@ pub struct JobCreated {
 )]
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<JobSpec>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(spec) = body.map_err(ApiError::from)?;
     let m = jobs(&state)?.clone();
-    let job = tokio::task::spawn_blocking(move || m.submit(spec))
+    let job = tokio::task::spawn_blocking(move || m.submit_as(spec, caller.key_id.as_deref()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let status_url = format!("/finetune/{}", job.id);
@@ -85,6 +120,7 @@ pub async fn create(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only jobs in this state.
     pub status: Option<JobStatus>,
@@ -94,11 +130,12 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/finetune", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<JobRecord>>, ApiError> {
     // A bad query string gets the JSON error envelope like every other bad input.
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    Ok(Json(jobs(&state)?.list(q.status)?))
+    Ok(Json(jobs(&state)?.list_visible(q.status, caller.key_id.as_deref())?))
 }
 
 /// A job: status, progress {step, total_steps, loss, implicit_accuracy, eta_seconds}, error, adapter.
@@ -111,8 +148,10 @@ pub async fn list(
 )]
 pub async fn get_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
+    check_job_owner(&state, &caller, &id)?;
     Ok(Json(jobs(&state)?.get(&id)?))
 }
 
@@ -126,8 +165,10 @@ pub async fn get_job(
 )]
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
+    check_job_owner(&state, &caller, &id)?;
     Ok(Json(jobs(&state)?.cancel(&id)?))
 }
 
@@ -141,8 +182,10 @@ pub async fn cancel(
 )]
 pub async fn metrics(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<StepMetrics>>, ApiError> {
+    check_job_owner(&state, &caller, &id)?;
     Ok(Json(jobs(&state)?.metrics(&id)?))
 }
 
@@ -157,8 +200,10 @@ pub async fn metrics(
 )]
 pub async fn events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    check_job_owner(&state, &caller, &id)?;
     let m = jobs(&state)?.clone();
     // Subscribe before reading the current state, so no transition falls in between.
     let rx = m.subscribe();
@@ -219,8 +264,10 @@ pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterI
 )]
 pub async fn adapter_weights(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    check_adapter_owner(&state, &caller, &name)?;
     let path = jobs(&state)?.adapter_file(&name)?;
     let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
         .await
@@ -249,8 +296,10 @@ pub async fn adapter_weights(
 )]
 pub async fn delete_adapter(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    check_adapter_owner(&state, &caller, &name)?;
     let m = jobs(&state)?.clone();
     tokio::task::spawn_blocking(move || m.delete_adapter(&name))
         .await

@@ -3,6 +3,7 @@
 //! Layering: handlers (`handlers`) parse and validate (`validate`) into tasks for the model
 //! workers (`crate::server`); every error becomes a response in one place (`error`).
 
+pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod finetune;
@@ -79,7 +80,49 @@ pub struct ApiDoc;
 
 /// The OpenAPI document the server describes itself with.
 pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
     let mut doc = ApiDoc::openapi();
+    // API keys as bearer tokens, so generated clients carry them. Operations that need none
+    // (/health, /ready, and the document itself unless auth.protect_docs) say so.
+    let mut bearer = Http::new(HttpAuthScheme::Bearer);
+    bearer.description = Some(
+        "An API key from the server's [auth] settings. Servers without keys accept requests \
+         without this header."
+            .into(),
+    );
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme("api_key", SecurityScheme::Http(bearer));
+    doc.security = Some(vec![SecurityRequirement::new("api_key", Vec::<String>::new())]);
+    let open = ["/health", "/ready", "/openapi.json"];
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch];
+        for op in ops.into_iter().flatten() {
+            if open.contains(&path.as_str()) {
+                op.security = Some(vec![SecurityRequirement::default()]);
+                continue;
+            }
+            // Declared, so generated clients parse these errors like every other.
+            for (status, what) in [
+                ("401", "No API key, or not a valid one (unauthorized)"),
+                ("403", "The key lacks the scope, or the resource is another key's (forbidden)"),
+                ("429", "Past the key's request rate or job limit (rate_limited), or the queue is full (queue_full); see Retry-After"),
+            ] {
+                op.responses.responses.entry(status.to_string()).or_insert_with(|| {
+                    utoipa::openapi::ResponseBuilder::new()
+                        .description(what)
+                        .content(
+                            "application/json",
+                            utoipa::openapi::ContentBuilder::new()
+                                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorResponse")))
+                                .build(),
+                        )
+                        .build()
+                        .into()
+                });
+            }
+        }
+    }
     // /edit's body is marked optional although the server requires one: openapi-python-client
     // (0.29, issue #1451) generates code that does not import for a *required* body with
     // several content types. An absent body is answered 415 all the same.
@@ -112,6 +155,7 @@ pub struct AppState {
     pub started: Instant,
     /// None when `jobs.enabled` is false.
     pub jobs: Option<Arc<crate::jobs::JobManager>>,
+    pub keys: Arc<auth::KeyRing>,
 }
 
 pub struct ApiBuilder {
@@ -132,6 +176,10 @@ impl ApiBuilder {
 
     /// Starts the model workers (they load in the background) and builds the API.
     pub fn build(self) -> Result<Api, ConfigError> {
+        let keys = Arc::new(
+            auth::KeyRing::from_config(&self.config.auth)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
+        );
         let pool = Arc::new(ModelPool::start(&self.config, self.hook)?);
         let jobs = if self.config.jobs.enabled {
             Some(start_jobs(&self.config, &pool)?)
@@ -144,6 +192,7 @@ impl ApiBuilder {
                 config: Arc::new(self.config),
                 started: Instant::now(),
                 jobs,
+                keys,
             },
         })
     }
@@ -190,6 +239,15 @@ impl Api {
         &self.state.pool
     }
 
+    /// Whether requests need an API key (any key configured).
+    pub fn auth_enabled(&self) -> bool {
+        self.state.keys.enabled()
+    }
+
+    pub fn listens_on_loopback(&self) -> bool {
+        self.state.config.server.listens_on_loopback()
+    }
+
     /// The complete router: routes, body limit, request ids and tracing.
     pub fn router(&self) -> Router {
         let request_id = HeaderName::from_static(handlers::REQUEST_ID_HEADER);
@@ -233,10 +291,16 @@ impl Api {
             ))
             .layer(axum::middleware::from_fn_with_state(
                 Arc::new(handlers::HostRule {
-                    enforce: self.state.config.server.listens_on_loopback(),
+                    // With keys, a page that rebinds a domain to 127.0.0.1 has no key to send.
+                    enforce: self.state.config.server.listens_on_loopback()
+                        && !self.state.keys.enabled(),
                     allowed: self.state.config.server.allowed_hosts.clone(),
                 }),
                 handlers::check_host,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.keys.clone(),
+                auth::require_key,
             ))
             .layer(
                 ServiceBuilder::new()

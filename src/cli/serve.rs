@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// (datasets.allow_private_networks)
     #[arg(long)]
     pub allow_private_dataset_urls: bool,
+    /// Listen on a non-loopback address without API keys ([auth] api_keys): anyone who
+    /// reaches the port may then start jobs and delete adapters
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 impl ServeArgs {
@@ -58,6 +62,17 @@ impl ServeArgs {
         let config = Config::load(self.config.as_deref(), std::env::vars(), &self.overrides())?;
         // Fails here, before anything starts, when no model is named.
         config.model_specs()?;
+        let keys = crate::api::auth::KeyRing::from_config(&config.auth)?;
+        if !keys.enabled() && !config.server.listens_on_loopback() {
+            if !self.insecure_no_auth {
+                anyhow::bail!(
+                    "refusing to listen on {} without API keys: anyone who reaches it could start \
+                     fine-tuning jobs and delete adapters. Configure [auth] api_keys (or \
+                     DSPO_AUTH_API_KEYS, or auth.api_keys_file), or pass --insecure-no-auth",
+                    config.server.listen
+                );
+            }
+        }
         Ok(config)
     }
 }
@@ -98,6 +113,9 @@ pub fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         tracing::info!("listening on http://{}", listener.local_addr()?);
+        if !api.auth_enabled() && !api.listens_on_loopback() {
+            tracing::warn!("serving without API keys on a non-loopback address (--insecure-no-auth)");
+        }
         let load_error = Arc::new(Mutex::new(None::<String>));
         let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
         let pool = api.pool().clone();

@@ -38,6 +38,8 @@ pub struct JobsConfig {
     pub max_steps: usize,
     pub max_pairs_per_step: usize,
     pub max_lora_rank: usize,
+    /// Queued or running jobs one API key may have (0: no limit).
+    pub max_active_jobs_per_key: usize,
 }
 
 impl JobsConfig {
@@ -62,6 +64,7 @@ impl JobsConfig {
         jc.max_steps = config.jobs.max_steps;
         jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
         jc.max_lora_rank = config.jobs.max_lora_rank;
+        jc.max_active_jobs_per_key = config.auth.max_active_jobs_per_key;
         let f = &config.finetune;
         let method: crate::training::Method = f
             .method
@@ -116,6 +119,7 @@ impl JobsConfig {
             max_steps: 100_000,
             max_pairs_per_step: 4096,
             max_lora_rank: 256,
+            max_active_jobs_per_key: 0,
         }
     }
     pub fn adapters(&self) -> AdapterDir {
@@ -300,7 +304,13 @@ impl JobManager {
     }
 
     /// Validates and queues a job. Errors here are the client's (422 / 404).
-    pub fn submit(&self, mut spec: JobSpec) -> Result<JobRecord, JobError> {
+    pub fn submit(&self, spec: JobSpec) -> Result<JobRecord, JobError> {
+        self.submit_as(spec, None)
+    }
+
+    /// [`submit`](Self::submit) on behalf of an API key (its id), which then owns the job and
+    /// counts it against `max_active_jobs_per_key`.
+    pub fn submit_as(&self, mut spec: JobSpec, owner: Option<&str>) -> Result<JobRecord, JobError> {
         let (model_name, _) = (self.models)(spec.base_model.as_deref()).ok_or_else(|| {
             JobError::Invalid(format!("unknown base_model {:?}", spec.base_model))
         })?;
@@ -358,6 +368,15 @@ impl JobManager {
         {
             return Err(JobError::AdapterExists(name));
         }
+        if let Some(o) = owner.filter(|_| self.cfg.max_active_jobs_per_key > 0) {
+            let active = self.store.active_jobs_of(o)?;
+            if active >= self.cfg.max_active_jobs_per_key {
+                return Err(JobError::TooManyJobs(format!(
+                    "this key has {active} jobs queued or running, the most it may \
+                     (auth.max_active_jobs_per_key); submit again when one has ended"
+                )));
+            }
+        }
         spec.adapter_name = Some(name);
         // Validate the whole training config now, so a typo fails the request, not the job.
         let cfg = self.train_config(&id, &spec, PathBuf::from("<dataset>"))?;
@@ -399,7 +418,7 @@ impl JobManager {
                 }
             }
         }
-        self.store.insert(&id, &spec)?;
+        self.store.insert(&id, &spec, owner)?;
         // The record as submitted (queued), read before the worker can see the job: read after
         // enqueueing, a fast worker made it "downloading" in the reply to the POST.
         let record = self
@@ -419,6 +438,36 @@ impl JobManager {
 
     pub fn list(&self, status: Option<JobStatus>) -> Result<Vec<JobRecord>, JobError> {
         self.store.list(status)
+    }
+
+    /// Jobs `owner` may see (see [`Store::list_visible`]).
+    pub fn list_visible(
+        &self,
+        status: Option<JobStatus>,
+        owner: Option<&str>,
+    ) -> Result<Vec<JobRecord>, JobError> {
+        self.store.list_visible(status, owner)
+    }
+
+    /// The API key id whose job made an adapter (None: made without keys, or not by a job).
+    pub fn adapter_owner(&self, name: &str) -> Result<Option<String>, JobError> {
+        let a = self
+            .store
+            .adapters()?
+            .into_iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| JobError::AdapterNotFound(name.to_string()))?;
+        Ok(match a.job_id {
+            Some(j) => self.store.owner(&j)?.flatten(),
+            None => None,
+        })
+    }
+
+    /// The API key id that submitted a job (None: submitted without keys).
+    pub fn owner(&self, id: &str) -> Result<Option<String>, JobError> {
+        self.store
+            .owner(id)?
+            .ok_or_else(|| JobError::NotFound(id.to_string()))
     }
 
     pub fn metrics(&self, id: &str) -> Result<Vec<StepMetrics>, JobError> {

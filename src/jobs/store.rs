@@ -60,23 +60,57 @@ impl Store {
              );",
         )
         .map_err(db)?;
+        // Databases written before jobs had owners gain the column (NULL: no owner).
+        let has_owner = conn
+            .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'owner'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(db)?;
+        if !has_owner {
+            conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT").map_err(db)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    pub fn insert(&self, id: &str, spec: &JobSpec) -> Result<(), JobError> {
+    /// Records a queued job; `owner` is the submitting API key's id (None without keys).
+    pub fn insert(&self, id: &str, spec: &JobSpec, owner: Option<&str>) -> Result<(), JobError> {
         let t = now();
         let spec = serde_json::to_string(spec).map_err(|e| JobError::Store(e.to_string()))?;
         self.conn
             .lock()
             .unwrap()
             .execute(
-                "INSERT INTO jobs (id, status, spec, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
-                params![id, JobStatus::Queued.as_str(), spec, t],
+                "INSERT INTO jobs (id, status, spec, created_at, updated_at, owner) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+                params![id, JobStatus::Queued.as_str(), spec, t, owner],
             )
             .map_err(db)?;
         Ok(())
+    }
+
+    /// The owner of a job: None if there is no such job, Some(None) if it has no owner.
+    pub fn owner(&self, id: &str) -> Result<Option<Option<String>>, JobError> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row("SELECT owner FROM jobs WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()
+            .map_err(db)
+    }
+
+    /// How many of an owner's jobs are queued or running.
+    pub fn active_jobs_of(&self, owner: &str) -> Result<usize, JobError> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE owner = ?1 AND status IN (?2, ?3, ?4)",
+            params![
+                owner,
+                JobStatus::Queued.as_str(),
+                JobStatus::Downloading.as_str(),
+                JobStatus::Training.as_str()
+            ],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n as usize)
+        .map_err(db)
     }
 
     pub fn set_status(
@@ -222,15 +256,26 @@ impl Store {
     }
 
     pub fn list(&self, status: Option<JobStatus>) -> Result<Vec<JobRecord>, JobError> {
+        self.list_visible(status, None)
+    }
+
+    /// Jobs (optionally of one status) that `owner` may see: its own and those without an
+    /// owner; every job when `owner` is None.
+    pub fn list_visible(
+        &self,
+        status: Option<JobStatus>,
+        owner: Option<&str>,
+    ) -> Result<Vec<JobRecord>, JobError> {
         let conn = self.conn.lock().unwrap();
         let mut st = conn
             .prepare(
                 "SELECT id, status, spec, created_at, updated_at, progress, error, adapter, dataset_stats FROM jobs
-                 WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at, id",
+                 WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR owner IS NULL OR owner = ?2)
+                 ORDER BY created_at, id",
             )
             .map_err(db)?;
         let rows = st
-            .query_map(params![status.map(|s| s.as_str())], Self::row_to_job)
+            .query_map(params![status.map(|s| s.as_str()), owner], Self::row_to_job)
             .map_err(db)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
     }

@@ -19,6 +19,9 @@ pub enum JobError {
     Dataset(String),
     #[error("store: {0}")]
     Store(String),
+    /// The submitting key has as many active jobs as it may.
+    #[error("{0}")]
+    TooManyJobs(String),
 }
 
 impl JobError {
@@ -27,6 +30,7 @@ impl JobError {
         match self {
             JobError::Invalid(_) => "invalid_job",
             JobError::NotFound(_) => "job_not_found",
+            JobError::TooManyJobs(_) => "rate_limited",
             JobError::AdapterNotFound(_) => "adapter_not_found",
             JobError::AdapterExists(_) => "adapter_exists",
             JobError::Dataset(_) => "dataset_error",
@@ -56,7 +60,7 @@ pub struct JobSpec {
     pub full_finetune: bool,
     /// Any subset; missing fields take the server's per-model fine-tuning defaults.
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub hyperparameters: Option<serde_json::Value>,
     /// POSTed the final job object (signed, see README) when the job ends.
     #[serde(default)]
@@ -166,7 +170,7 @@ pub struct JobRecord {
     /// The registered adapter's name once completed.
     pub adapter: Option<String>,
     /// Rows read, pairs kept, ties dropped, undecodable images skipped.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub dataset: Option<serde_json::Value>,
 }
 
@@ -178,7 +182,7 @@ pub struct AdapterInfo {
     pub method: String,
     #[schema(value_type = Object)]
     pub hyperparameters: serde_json::Value,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub final_metrics: Option<serde_json::Value>,
     pub job_id: Option<String>,
     pub created_at: f64,
