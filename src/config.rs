@@ -57,6 +57,7 @@ pub struct JobsSection {
     pub enabled: bool,
     pub webhook_secret: String,
     pub webhook_retries: usize,
+    pub webhook_progress_interval_secs: u64,
     pub max_steps: usize,
     pub max_pairs_per_step: usize,
     pub max_lora_rank: usize,

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A Standard Webhooks secret (24 bytes, base64).
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
 }
@@ -24,8 +27,9 @@ fn tmp(name: &str) -> PathBuf {
 fn manager(data: &Path, allow_private: bool) -> Arc<JobManager> {
     let mut cfg = JobsConfig::new(data);
     cfg.fetch.allow_private_networks = allow_private;
-    cfg.webhook_secret = Some("s3cret".into());
+    cfg.webhook_secret = Some(WEBHOOK_SECRET.into());
     cfg.webhook_retries = 2;
+    cfg.webhook_progress_interval = Duration::ZERO;
     start_tiny(cfg)
 }
 
@@ -68,7 +72,46 @@ fn spec(url: &str, steps: usize) -> JobSpec {
             "learning_rate": 1e-3, "warmup_steps": 0, "checkpoint_every": 2
         })),
         webhook_url: None,
+        webhook_events_filter: None,
     }
+}
+
+/// Checks one webhook delivery with the Standard Webhooks reference library (PyPI
+/// `standardwebhooks`, which .ci/run installs); says so and skips that part without it.
+fn verify_with_standardwebhooks(headers: &std::collections::HashMap<String, String>, body: &[u8]) {
+    const SCRIPT: &str = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook
+secret, headers = sys.argv[1], json.loads(sys.argv[2])
+payload = Webhook(secret).verify(sys.stdin.buffer.read(), headers)
+print("verified", payload["type"])
+"#;
+    let installed = std::process::Command::new("python3")
+        .args(["-c", "import standardwebhooks"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!("SKIPPED the standardwebhooks check: pip install standardwebhooks (.ci/run does)");
+        return;
+    }
+    let wanted: std::collections::HashMap<&str, &str> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .iter()
+        .map(|k| (*k, headers.get(*k).map(String::as_str).unwrap_or_default()))
+        .collect();
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT, WEBHOOK_SECRET, &serde_json::to_string(&wanted).unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("verified"),
+        "standardwebhooks refused a delivery: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn wait_for(
@@ -137,6 +180,11 @@ fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
     let mut s = spec(&www.url("prefs.parquet"), 3);
     s.adapter_name = Some("centred-v1".into());
     s.webhook_url = Some(www.url("hook"));
+    s.webhook_events_filter = Some(vec![
+        dspo_server::jobs::webhook::WebhookEvent::Start,
+        dspo_server::jobs::webhook::WebhookEvent::Progress,
+        dspo_server::jobs::webhook::WebhookEvent::Completed,
+    ]);
     let job = m.submit(s).unwrap();
     assert_eq!(job.status, JobStatus::Queued);
     let done = wait_for(&m, &job.id, |j| j.status.is_terminal(), 300);
@@ -159,21 +207,47 @@ fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
         Err(dspo_server::jobs::JobError::AdapterExists(_))
     ));
 
+    // Every event the filter asked for arrives, signed; the last says the job completed.
     let t0 = Instant::now();
-    while www.posts.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(20) {
+    let types = || -> Vec<String> {
+        www.posts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice::<serde_json::Value>(b).unwrap()["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    while !types().iter().any(|t| t == "job.completed") && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let seen = types();
+    for t in ["job.started", "job.progress", "job.completed"] {
+        assert!(seen.iter().any(|s| s == t), "no {t} webhook among {seen:?}");
+    }
+    let secret = dspo_server::jobs::webhook::WebhookSecret::parse(WEBHOOK_SECRET).unwrap();
+    let other = dspo_server::jobs::webhook::WebhookSecret::parse(
+        "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    )
+    .unwrap();
     let posts = www.posts.lock().unwrap();
-    let (headers, body) = posts.first().expect("webhook delivered");
-    let sig = headers.get("webhook-signature").expect("signature header");
-    assert!(
-        dspo_server::jobs::webhook::verify("s3cret", sig, body),
-        "bad signature {sig}"
-    );
-    assert!(!dspo_server::jobs::webhook::verify("other", sig, body));
-    let obj: serde_json::Value = serde_json::from_slice(body).unwrap();
-    assert_eq!(obj["id"], job.id.as_str());
-    assert_eq!(obj["status"], "completed");
+    let mut ids = std::collections::HashSet::new();
+    for (headers, body) in posts.iter() {
+        let (id, ts, sig) = (
+            headers.get("webhook-id").expect("webhook-id"),
+            headers.get("webhook-timestamp").expect("webhook-timestamp"),
+            headers.get("webhook-signature").expect("webhook-signature"),
+        );
+        let ts: u64 = ts.parse().unwrap();
+        assert!(secret.verify(id, ts, body, sig), "bad signature {sig}");
+        assert!(!other.verify(id, ts, body, sig));
+        assert!(ids.insert(id.clone()), "webhook-id {id} used for two events");
+        verify_with_standardwebhooks(headers, body);
+    }
+    let last: serde_json::Value =
+        serde_json::from_slice(&posts.iter().rev().find(|(_, b)| b.windows(13).any(|w| w == b"job.completed")).unwrap().1).unwrap();
+    assert_eq!(last["data"]["id"], job.id.as_str());
+    assert_eq!(last["data"]["status"], "completed");
+    assert!(last["timestamp"].as_str().unwrap().ends_with('Z'));
     drop(posts);
 
     m.delete_adapter("centred-v1").unwrap();

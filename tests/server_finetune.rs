@@ -29,7 +29,7 @@ fn config() -> dspo_server::config::Config {
         common::models_dir().join("tiny-sd15").display()
     )];
     c.datasets.allow_private_networks = true;
-    c.jobs.webhook_secret = "k".into();
+    c.jobs.webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into();
     c
 }
 

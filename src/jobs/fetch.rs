@@ -107,18 +107,24 @@ pub fn is_private(ip: &IpAddr) -> bool {
 }
 
 fn agent(cfg: &FetchConfig) -> ureq::Agent {
-    let allow = cfg.allow_private_networks;
+    guarded_agent(cfg.allow_private_networks, cfg.timeout)
+}
+
+/// An HTTP agent whose resolver drops loopback/private/link-local addresses unless allowed:
+/// the check happens where the connection's address is chosen, so a DNS answer cannot change
+/// between a check and the connect. Used for dataset downloads and webhooks.
+pub(crate) fn guarded_agent(allow_private: bool, timeout: Duration) -> ureq::Agent {
     ureq::AgentBuilder::new()
-        .timeout(cfg.timeout)
+        .timeout(timeout)
         .timeout_connect(Duration::from_secs(20))
         .redirects(5)
         .resolver(move |addr: &str| -> std::io::Result<Vec<SocketAddr>> {
             let all: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-            let ok: Vec<SocketAddr> = all.iter().copied().filter(|a| allow || !is_private(&a.ip())).collect();
+            let ok: Vec<SocketAddr> = all.iter().copied().filter(|a| allow_private || !is_private(&a.ip())).collect();
             if ok.is_empty() && !all.is_empty() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{addr} resolves to a loopback/private/link-local address (allow with --allow-private-dataset-urls)"),
+                    format!("{addr} resolves to a loopback/private/link-local address (allow with datasets.allow_private_networks, or serve --allow-private-dataset-urls)"),
                 ));
             }
             Ok(ok)

@@ -28,9 +28,11 @@ pub type BusyProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 pub struct JobsConfig {
     pub data_dir: PathBuf,
     pub fetch: FetchConfig,
-    /// HMAC-SHA256 key for webhook signatures; webhooks are refused without one.
+    /// The `whsec_...` key webhooks are signed with; webhooks are refused without one.
     pub webhook_secret: Option<String>,
     pub webhook_retries: usize,
+    /// Training-progress webhooks of one job come at most this often.
+    pub webhook_progress_interval: Duration,
     /// Fine-tuning defaults per served model name; `default` for the rest.
     pub defaults: HashMap<String, FinetuneDefaults>,
     pub device: String,
@@ -60,6 +62,8 @@ impl JobsConfig {
         jc.fetch.file_roots = d.file_roots.clone();
         jc.webhook_secret = Some(config.jobs.webhook_secret.clone()).filter(|s| !s.is_empty());
         jc.webhook_retries = config.jobs.webhook_retries;
+        jc.webhook_progress_interval =
+            Duration::from_secs(config.jobs.webhook_progress_interval_secs);
         jc.device = config.models.device.clone();
         jc.max_steps = config.jobs.max_steps;
         jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
@@ -114,6 +118,7 @@ impl JobsConfig {
             fetch: FetchConfig::default(),
             webhook_secret: None,
             webhook_retries: 5,
+            webhook_progress_interval: Duration::from_secs(5),
             defaults: HashMap::new(),
             device: "cpu".into(),
             max_steps: 100_000,
@@ -156,6 +161,8 @@ pub struct JobManager {
     /// Held from the adapter-name check to the insert, so that two submissions cannot both
     /// take one name.
     submitting: Mutex<()>,
+    /// None without a webhook secret (jobs with a webhook_url are then refused).
+    webhooks: Option<webhook::Dispatcher>,
 }
 
 fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
@@ -184,6 +191,18 @@ impl JobManager {
     ) -> Result<Arc<Self>, JobError> {
         let store = Store::open(&cfg.data_dir.join("jobs.sqlite"))?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
+        let webhooks = match &cfg.webhook_secret {
+            Some(s) => {
+                let secret = webhook::WebhookSecret::parse(s)
+                    .map_err(|e| JobError::Invalid(format!("jobs.webhook_secret: {e}")))?;
+                Some(webhook::Dispatcher::start(
+                    secret,
+                    cfg.webhook_retries,
+                    cfg.fetch.allow_private_networks,
+                ))
+            }
+            None => None,
+        };
         let m = Arc::new(Self {
             cfg,
             store,
@@ -197,6 +216,7 @@ impl JobManager {
             events,
             stop: AtomicBool::new(false),
             submitting: Mutex::new(()),
+            webhooks,
         });
         for job in m.store.list(None)? {
             if !job.status.is_terminal() {
@@ -335,11 +355,16 @@ impl JobManager {
                     "webhook_url must be an http(s) URL".into(),
                 ));
             }
-            if self.cfg.webhook_secret.is_none() {
+            if self.webhooks.is_none() {
                 return Err(JobError::Invalid(
                     "this server has no webhook secret configured (jobs.webhook_secret)".into(),
                 ));
             }
+        }
+        if spec.webhook_events_filter.as_ref().is_some_and(|f| f.is_empty()) {
+            return Err(JobError::Invalid(
+                "webhook_events_filter is empty; leave it out for [\"completed\"]".into(),
+            ));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let name = match &spec.adapter_name {
@@ -524,16 +549,19 @@ impl JobManager {
         }
         self.cancels.lock().unwrap().remove(id);
         self.emit_status(id);
-        if let Ok(job) = self.get(id) {
-            if let (Some(url), Some(secret)) = (&job.spec.webhook_url, &self.cfg.webhook_secret) {
-                webhook::deliver_in_background(
-                    url.clone(),
-                    secret.clone(),
-                    &job,
-                    self.cfg.webhook_retries,
-                    self.cfg.fetch.clone(),
-                );
-            }
+        self.webhook(id, webhook::WebhookEvent::Completed);
+    }
+
+    /// Sends a webhook about a job if it has a URL and its filter takes the event.
+    fn webhook(&self, id: &str, event: webhook::WebhookEvent) {
+        let Some(dispatcher) = &self.webhooks else { return };
+        let Ok(job) = self.get(id) else { return };
+        let wanted = match &job.spec.webhook_events_filter {
+            Some(f) => f.contains(&event),
+            None => event == webhook::WebhookEvent::Completed,
+        };
+        if let (Some(url), true) = (&job.spec.webhook_url, wanted) {
+            dispatcher.send(url, event, &job);
         }
     }
 
@@ -604,6 +632,7 @@ impl JobManager {
             .set_status(id, JobStatus::Downloading, None)
             .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         self.emit_status(id);
+        self.webhook(id, webhook::WebhookEvent::Start);
         let mut last_emit = Instant::now() - Duration::from_secs(1);
         let dataset = fetch_dataset(
             &spec.dataset_url,
@@ -647,6 +676,7 @@ impl JobManager {
         let started = Instant::now();
         let first = trainer.step();
         let mut last_emit = Instant::now() - Duration::from_secs(1);
+        let mut last_hook: Option<Instant> = None;
         let result = trainer.run(&mut |m| {
             let done = (m.step - first).max(1) as f64;
             let eta = started.elapsed().as_secs_f64() / done * (m.total_steps - m.step) as f64;
@@ -668,6 +698,10 @@ impl JobManager {
                     event: "progress",
                     data: serde_json::to_value(&p).unwrap_or_default(),
                 });
+            }
+            if last_hook.is_none_or(|t| t.elapsed() >= self.cfg.webhook_progress_interval) {
+                last_hook = Some(Instant::now());
+                self.webhook(id, webhook::WebhookEvent::Progress);
             }
             // Inference first: wait (bounded) while requests are queued.
             if let Some(busy) = &self.busy {

@@ -62,9 +62,14 @@ pub struct JobSpec {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub hyperparameters: Option<serde_json::Value>,
-    /// POSTed the final job object (signed, see README) when the job ends.
+    /// Receives Standard Webhooks (signed `{"type", "timestamp", "data": <job>}` POSTs, see
+    /// docs/api.md) for the events in `webhook_events_filter`.
     #[serde(default)]
     pub webhook_url: Option<String>,
+    /// Which events reach `webhook_url`: any of start, progress, completed. Default:
+    /// completed only.
+    #[serde(default)]
+    pub webhook_events_filter: Option<Vec<super::webhook::WebhookEvent>>,
 }
 
 /// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
