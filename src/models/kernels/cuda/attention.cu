@@ -13,20 +13,27 @@
 // Head dimensions are padded to DP (a template constant) so the per-thread vectors live in
 // registers; the padding is zero and does not change any sum.
 
+// DSPO_CUDA_EMULATION: compiled as plain C++ against tests/cuda_emulation/emulation.h, which
+// runs each block's threads on CPU threads, so the tests check this source's logic without a
+// GPU (f32 only).
+#ifndef DSPO_CUDA_EMULATION
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <math_constants.h>
+#endif
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+#ifndef DSPO_CUDA_EMULATION
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
+#endif
 
 // Keys per shared-memory tile (forward and dQ), query rows per tile (dK/dV).
 #define TILE 32
