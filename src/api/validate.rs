@@ -9,7 +9,7 @@ use crate::adapters::AdapterDir;
 use crate::config::Config;
 use crate::pipelines::PromptPair;
 use crate::schedulers::SchedulerKind;
-use crate::server::{AdapterChoice, GenerationTask, Mode, ModelInfo, Task};
+use crate::server::{AdapterChoice, GenerationTask, Mode, ModelInfo, TaskParams};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -225,7 +225,7 @@ pub fn generate(
     let checked = check_common(&common, info, config)?;
     let params = parameters(Mode::Txt2Img, &common, &checked, info, width, height);
     let task = GenerationTask {
-        task: Task::Txt2Img,
+        task: TaskParams::Txt2Img,
         prompt: PromptPair {
             prompt: common.prompt,
             negative_prompt: common.negative_prompt,
@@ -272,9 +272,9 @@ pub fn edit(
                     "strength is {strength}; it must be in (0, 1]"
                 )));
             }
-            Task::Img2Img { strength }
+            TaskParams::Img2Img { strength }
         }
-        _ => Task::InstructPix2Pix {
+        _ => TaskParams::InstructPix2Pix {
             image_guidance_scale: check_guidance(
                 "image_guidance_scale",
                 req.image_guidance_scale
@@ -300,7 +300,7 @@ pub fn edit(
         num_images: req.num_images,
     };
     let checked = check_common(&common, info, config)?;
-    if let Task::Img2Img { strength } = task {
+    if let TaskParams::Img2Img { strength } = task {
         // diffusers denoises int(steps * strength) steps; zero would return the input noised.
         if ((checked.steps as f64 * strength) as usize) < 1 {
             return Err(ApiError::InvalidStrength(format!(
@@ -336,11 +336,11 @@ pub fn edit(
     params.input_height = Some(input_h);
     params.resized = Some(input_w as usize != width || input_h as usize != height);
     match task {
-        Task::Img2Img { strength } => params.strength = Some(strength),
-        Task::InstructPix2Pix {
+        TaskParams::Img2Img { strength } => params.strength = Some(strength),
+        TaskParams::InstructPix2Pix {
             image_guidance_scale,
         } => params.image_guidance_scale = Some(image_guidance_scale),
-        Task::Txt2Img => {}
+        TaskParams::Txt2Img => {}
     }
     let task = GenerationTask {
         task,

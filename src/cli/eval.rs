@@ -21,8 +21,7 @@
 use crate::models::lora::LoraAdapter;
 use crate::models::pipeline_model::LoadOptions;
 use crate::models::{DiffusionModel, ModelSource};
-use crate::pipelines::{self, Notes, PromptPair, SamplingParams};
-use crate::rng::NoiseRng;
+use crate::pipelines::{self, Mode, PromptPair, SamplingParams, SeededRequest, TaskParams};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
@@ -80,6 +79,74 @@ pub struct EvalArgs {
     /// Only model A: generate and score it (caption correctness of one model), no win rate
     #[arg(long)]
     pub single: bool,
+    /// Evaluate edits: a folder of input images (png, jpg, webp); the i-th in file-name order
+    /// is edited by the i-th prompt, after resizing to the evaluation size
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// txt2img, img2img or instruct_pix2pix (default: txt2img, or with --images the model's
+    /// edit mode)
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// img2img: how far the input is noised (0-1]
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
+    /// instruct_pix2pix: the image guidance scale
+    #[arg(long, default_value_t = 1.5)]
+    pub image_guidance_scale: f64,
+    /// Image side in pixels (default: the model's native size)
+    #[arg(long)]
+    pub size: Option<usize>,
+}
+
+/// The task an evaluation runs, checked against the model's pipelines.
+fn eval_task(args: &EvalArgs, model: &DiffusionModel) -> anyhow::Result<TaskParams> {
+    let supported = Mode::supported_by(model.architecture);
+    let mode = match (&args.mode, &args.images) {
+        (Some(m), _) => Mode::parse(m)
+            .ok_or_else(|| anyhow::anyhow!("--mode {m}: use txt2img, img2img or instruct_pix2pix"))?,
+        (None, None) => Mode::Txt2Img,
+        (None, Some(_)) => *supported
+            .iter()
+            .find(|m| **m != Mode::Txt2Img)
+            .ok_or_else(|| anyhow::anyhow!("this model ({}) has no edit pipeline", model.architecture.name()))?,
+    };
+    if !supported.contains(&mode) {
+        bail!("this model ({}) does not run {}", model.architecture.name(), mode.name());
+    }
+    if (mode == Mode::Txt2Img) != args.images.is_none() {
+        bail!("--images goes with an edit mode (img2img, instruct_pix2pix), and edits need --images");
+    }
+    Ok(match mode {
+        Mode::Txt2Img => TaskParams::Txt2Img,
+        Mode::Img2Img => TaskParams::Img2Img { strength: args.strength },
+        Mode::InstructPix2Pix => TaskParams::InstructPix2Pix {
+            image_guidance_scale: args.image_guidance_scale,
+        },
+    })
+}
+
+/// The first `n` images of a folder in file-name order, resized to `size` x `size`.
+fn input_images(dir: &Path, n: usize, size: usize) -> anyhow::Result<Vec<image::RgbImage>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| dir.display().to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg", "webp"].contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.len() < n {
+        bail!("{}: {} images for {n} prompts", dir.display(), files.len());
+    }
+    files[..n]
+        .iter()
+        .map(|f| {
+            let img = image::open(f).with_context(|| f.display().to_string())?.to_rgb8();
+            Ok(image::imageops::resize(&img, size as u32, size as u32, image::imageops::FilterType::Lanczos3))
+        })
+        .collect()
 }
 
 struct Side {
@@ -101,9 +168,11 @@ fn load_side(source: &str, adapter: Option<&Path>, device: &Device) -> anyhow::R
     Ok(Side { model, adapter })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn generate(
     side: &Side,
     prompts: &[String],
+    (task, inputs): (TaskParams, Option<&[image::RgbImage]>),
     seeds: usize,
     params: &SamplingParams,
     scale: f64,
@@ -117,7 +186,7 @@ fn generate(
     if let Some(a) = &side.adapter {
         a.attach(m.unet.linears(), scale, m.dtype)?;
     }
-    let (h, w) = params.validate(m)?;
+    params.validate(m)?;
     let mut jobs: Vec<(usize, usize)> = Vec::new();
     for i in 0..prompts.len() {
         for k in 0..seeds {
@@ -126,36 +195,27 @@ fn generate(
             }
         }
     }
+    let pairs: Vec<PromptPair> = prompts
+        .iter()
+        .map(|p| PromptPair {
+            prompt: p.clone(),
+            negative_prompt: None,
+        })
+        .collect();
     let total = jobs.len();
     for (n, chunk) in jobs.chunks(batch.max(1)).enumerate() {
-        let mut rngs = Vec::new();
-        let mut rows = Vec::new();
-        let mut pp = Vec::new();
-        for &(i, k) in chunk {
-            let mut rng = NoiseRng::new((i * 1000 + k) as u64);
-            rows.push(rng.randn((1, m.latent_channels(), h, w), &m.device, DType::F32)?);
-            rngs.push(rng);
-            pp.push(PromptPair {
-                prompt: prompts[i].clone(),
-                negative_prompt: None,
-            });
-        }
-        let noise = Tensor::cat(&rows, 0)?;
-        let mut rng = NoiseRng::merge(rngs);
-        let mut notes = Notes::default();
-        let images = pipelines::run(
-            m,
-            pipelines::Task::Txt2Img,
-            &pp,
-            params,
-            &noise,
-            &mut rng,
-            &mut |_, _| true,
-            &mut notes,
-        )?;
-        for (&(i, k), (iw, ih, bytes)) in chunk.iter().zip(pipelines::to_rgb8(&images)?) {
-            let img = image::RgbImage::from_raw(iw as u32, ih as u32, bytes)
-                .context("malformed image")?;
+        let seeds: Vec<[u64; 1]> = chunk.iter().map(|&(i, k)| [(i * 1000 + k) as u64]).collect();
+        let requests: Vec<SeededRequest<'_>> = chunk
+            .iter()
+            .zip(&seeds)
+            .map(|(&(i, _), s)| SeededRequest {
+                prompt: &pairs[i],
+                seeds: s,
+                image: inputs.map(|imgs| &imgs[i]),
+            })
+            .collect();
+        let images = pipelines::generate(m, task, &requests, params, &mut || true)?;
+        for (&(i, k), img) in chunk.iter().zip(images.into_iter().flatten()) {
             img.save(out.join(format!("{i:04}_{k}.png")))?;
         }
         eprint!(
@@ -330,7 +390,13 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         None => a.model.default_scheduler,
     };
     let f = a.model.vae_scale_factor();
-    let size = a.model.unet.config.sample_size * f;
+    let size = args.size.unwrap_or(a.model.unet.config.sample_size * f);
+    let task = eval_task(args, &a.model)?;
+    let inputs = match &args.images {
+        Some(dir) => Some(input_images(dir, prompts.len(), size)?),
+        None => None,
+    };
+    let work = (task, inputs.as_deref());
     let params = SamplingParams {
         height: size,
         width: size,
@@ -342,6 +408,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     generate(
         &a,
         &prompts,
+        work,
         args.seeds,
         &params,
         args.adapter_scale,
@@ -364,6 +431,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         generate(
             &b,
             &prompts,
+            work,
             args.seeds,
             &params,
             args.adapter_scale,
@@ -381,6 +449,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         generate(
             &b,
             &prompts,
+            work,
             args.seeds,
             &params,
             args.adapter_scale,

@@ -1,13 +1,18 @@
 //! Orchestration only: encode prompts, run the denoising loop with a per-request scheduler,
-//! decode. The maths lives in `models` and `schedulers`.
+//! decode. The maths lives in `models` and `schedulers`. Two entry points: [`run`] for a batch
+//! whose noise and inputs are already tensors (conformance, benchmarks), and [`generate`] for
+//! seeded requests (the server and `eval`), which draws the noise and calls `run`.
 //!
 //! Every pipeline takes a batch of requests that share shape, steps, scheduler and guidance
 //! (what the server's batcher groups), each with its own prompt and its own noise.
 
 mod img2img;
 mod instruct_pix2pix;
+mod requests;
 mod sdxl;
 mod txt2img;
+
+pub use requests::{generate, Mode, SeededRequest, TaskParams};
 
 use crate::models::{Architecture, DiffusionModel, ModelError};
 use crate::rng::NoiseRng;

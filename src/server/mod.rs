@@ -8,7 +8,7 @@ pub mod task;
 pub mod worker;
 
 pub use stats::StatsSnapshot;
-pub use task::{AdapterChoice, GenerationTask, Mode, ModelInfo, Task, TaskOutput};
+pub use task::{AdapterChoice, GenerationTask, Mode, ModelInfo, TaskOutput, TaskParams};
 pub use worker::{BatchHook, LoadStatus, ModelWorker, WorkerError, WorkerSettings};
 
 use crate::config::{Config, ConfigError};

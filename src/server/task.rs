@@ -5,38 +5,10 @@
 
 pub use crate::adapters::AdapterChoice;
 use crate::models::{Architecture, DiffusionModel};
+pub use crate::pipelines::{Mode, TaskParams};
 use crate::pipelines::PromptPair;
 use crate::schedulers::SchedulerKind;
 use std::sync::Arc;
-
-/// The ways a request can use a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    Txt2Img,
-    Img2Img,
-    InstructPix2Pix,
-}
-
-impl Mode {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Mode::Txt2Img => "txt2img",
-            Mode::Img2Img => "img2img",
-            Mode::InstructPix2Pix => "instruct_pix2pix",
-        }
-    }
-
-    /// Which pipelines exist for an architecture: img2img runs on SD 1.x/2.x only (there is no
-    /// SDXL img2img pipeline yet), and an 8-channel InstructPix2Pix UNet only edits.
-    pub fn supported_by(arch: Architecture) -> &'static [Mode] {
-        match arch {
-            Architecture::StableDiffusion => &[Mode::Txt2Img, Mode::Img2Img],
-            Architecture::StableDiffusionXl => &[Mode::Txt2Img],
-            Architecture::InstructPix2Pix => &[Mode::InstructPix2Pix],
-        }
-    }
-}
 
 /// What a worker publishes once its model is loaded; validation reads it without touching
 /// the weights (which only the worker thread may use).
@@ -81,26 +53,9 @@ impl ModelInfo {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Task {
-    Txt2Img,
-    Img2Img { strength: f64 },
-    InstructPix2Pix { image_guidance_scale: f64 },
-}
-
-impl Task {
-    pub fn mode(&self) -> Mode {
-        match self {
-            Task::Txt2Img => Mode::Txt2Img,
-            Task::Img2Img { .. } => Mode::Img2Img,
-            Task::InstructPix2Pix { .. } => Mode::InstructPix2Pix,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct GenerationTask {
-    pub task: Task,
+    pub task: TaskParams,
     pub prompt: PromptPair,
     pub width: usize,
     pub height: usize,
@@ -132,9 +87,9 @@ pub struct BatchKey {
 impl GenerationTask {
     pub fn batch_key(&self) -> BatchKey {
         let mode_param = match self.task {
-            Task::Txt2Img => 0,
-            Task::Img2Img { strength } => strength.to_bits(),
-            Task::InstructPix2Pix {
+            TaskParams::Txt2Img => 0,
+            TaskParams::Img2Img { strength } => strength.to_bits(),
+            TaskParams::InstructPix2Pix {
                 image_guidance_scale,
             } => image_guidance_scale.to_bits(),
         };
