@@ -379,3 +379,18 @@ fn top_level_modules_have_no_cycles() {
     }
     assert_acyclic(&graph, "top-level modules");
 }
+
+/// The public API's schemas are defined in src/api only: a type elsewhere that derived them
+/// would change the OpenAPI document whenever that layer changed.
+#[test]
+fn only_the_api_layer_defines_openapi_schemas() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let offenders: Vec<_> = files
+        .iter()
+        .filter(|f| !f.starts_with(src.join("api")))
+        .filter(|f| code_only(&std::fs::read_to_string(f).unwrap()).contains("utoipa"))
+        .collect();
+    assert!(offenders.is_empty(), "utoipa used outside src/api: {offenders:?}");
+}

@@ -181,9 +181,9 @@ fn a_job_completes_registers_its_adapter_and_calls_the_webhook() {
     s.adapter_name = Some("centred-v1".into());
     s.webhook_url = Some(www.url("hook"));
     s.webhook_events_filter = Some(vec![
-        dspo_server::jobs::webhook::WebhookEvent::Start,
-        dspo_server::jobs::webhook::WebhookEvent::Progress,
-        dspo_server::jobs::webhook::WebhookEvent::Completed,
+        dspo_server::jobs::types::WebhookEvent::Start,
+        dspo_server::jobs::types::WebhookEvent::Progress,
+        dspo_server::jobs::types::WebhookEvent::Completed,
     ]);
     let job = m.submit(s).unwrap();
     assert_eq!(job.status, JobStatus::Queued);

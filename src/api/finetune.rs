@@ -4,8 +4,8 @@
 use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
-use crate::jobs::{AdapterInfo, JobError, JobRecord, JobSpec, JobStatus};
-use crate::training::StepMetrics;
+use super::job_types::{AdapterInfo, JobRecord, JobSpec, JobStatus, StepMetrics};
+use crate::jobs::JobError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -102,9 +102,11 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let Json(spec) = body.map_err(ApiError::from)?;
     let m = jobs(&state)?.clone();
-    let job = tokio::task::spawn_blocking(move || m.submit_as(spec, caller.key_id.as_deref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let job: JobRecord =
+        tokio::task::spawn_blocking(move || m.submit_as(spec.into(), caller.key_id.as_deref()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??
+            .into();
     let status_url = format!("/finetune/{}", job.id);
     let body = JobCreated {
         job_id: job.id.clone(),
@@ -135,7 +137,8 @@ pub async fn list(
 ) -> Result<Json<Vec<JobRecord>>, ApiError> {
     // A bad query string gets the JSON error envelope like every other bad input.
     let Query(q) = q.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    Ok(Json(jobs(&state)?.list_visible(q.status, caller.key_id.as_deref())?))
+    let records = jobs(&state)?.list_visible(q.status.map(Into::into), caller.key_id.as_deref())?;
+    Ok(Json(records.into_iter().map(Into::into).collect()))
 }
 
 /// A job: status, progress {step, total_steps, loss, implicit_accuracy, eta_seconds}, error, adapter.
@@ -152,7 +155,7 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     check_job_owner(&state, &caller, &id)?;
-    Ok(Json(jobs(&state)?.get(&id)?))
+    Ok(Json(jobs(&state)?.get(&id)?.into()))
 }
 
 /// Cancel this job (and no other). A queued job ends at once, a running one at its next step.
@@ -169,7 +172,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     check_job_owner(&state, &caller, &id)?;
-    Ok(Json(jobs(&state)?.cancel(&id)?))
+    Ok(Json(jobs(&state)?.cancel(&id)?.into()))
 }
 
 /// The metrics history: one entry per optimiser step.
@@ -186,7 +189,7 @@ pub async fn metrics(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<StepMetrics>>, ApiError> {
     check_job_owner(&state, &caller, &id)?;
-    Ok(Json(jobs(&state)?.metrics(&id)?))
+    Ok(Json(jobs(&state)?.metrics(&id)?.into_iter().map(Into::into).collect()))
 }
 
 /// Server-Sent Events: `status` (the job object) on every state change, `progress` at most
@@ -230,7 +233,7 @@ pub async fn events(
                                 .data
                                 .get("status")
                                 .and_then(|s| s.as_str())
-                                .and_then(JobStatus::parse)
+                                .and_then(crate::jobs::JobStatus::parse)
                                 .map(|s| s.is_terminal())
                                 .unwrap_or(false);
                         let out = Event::default().event(ev.event).data(ev.data.to_string());
@@ -251,7 +254,7 @@ pub async fn events(
 /// Registered adapters (name, base model, method, hyperparameters, final metrics, created).
 #[utoipa::path(get, path = "/adapters", tag = "finetune", responses((status = 200, body = Vec<AdapterInfo>)))]
 pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterInfo>>, ApiError> {
-    Ok(Json(jobs(&state)?.adapters()?))
+    Ok(Json(jobs(&state)?.adapters()?.into_iter().map(Into::into).collect()))
 }
 
 /// The adapter's safetensors file (diffusers LoRA format: `pipe.load_lora_weights` reads it).

@@ -9,6 +9,7 @@ pub mod error;
 pub mod finetune;
 pub mod handlers;
 pub mod images;
+pub mod job_types;
 pub mod running;
 pub mod types;
 pub mod validate;
@@ -59,15 +60,15 @@ use utoipa::OpenApi;
         types::EditForm,
         types::PngFile,
         error::ErrorResponse,
-        crate::jobs::JobSpec,
-        crate::jobs::JobRecord,
-        crate::jobs::JobStatus,
-        crate::jobs::Progress,
-        crate::jobs::types::JobErrorBody,
-        crate::jobs::AdapterInfo,
-        crate::training::StepMetrics,
-        crate::training::Method,
-        crate::jobs::types::LoraRequest,
+        job_types::JobSpec,
+        job_types::JobRecord,
+        job_types::JobStatus,
+        job_types::Progress,
+        job_types::JobErrorBody,
+        job_types::AdapterInfo,
+        job_types::StepMetrics,
+        job_types::Method,
+        job_types::LoraRequest,
         finetune::JobCreated
     )),
     tags(

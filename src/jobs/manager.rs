@@ -7,6 +7,7 @@ use super::fetch::{fetch_dataset, FetchConfig};
 use super::store::Store;
 use super::types::{
     AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress,
+    WebhookEvent,
 };
 use super::webhook;
 use crate::adapters::{valid_name, AdapterDir};
@@ -549,16 +550,16 @@ impl JobManager {
         }
         self.cancels.lock().unwrap().remove(id);
         self.emit_status(id);
-        self.webhook(id, webhook::WebhookEvent::Completed);
+        self.webhook(id, WebhookEvent::Completed);
     }
 
     /// Sends a webhook about a job if it has a URL and its filter takes the event.
-    fn webhook(&self, id: &str, event: webhook::WebhookEvent) {
+    fn webhook(&self, id: &str, event: WebhookEvent) {
         let Some(dispatcher) = &self.webhooks else { return };
         let Ok(job) = self.get(id) else { return };
         let wanted = match &job.spec.webhook_events_filter {
             Some(f) => f.contains(&event),
-            None => event == webhook::WebhookEvent::Completed,
+            None => event == WebhookEvent::Completed,
         };
         if let (Some(url), true) = (&job.spec.webhook_url, wanted) {
             dispatcher.send(url, event, &job);
@@ -632,7 +633,7 @@ impl JobManager {
             .set_status(id, JobStatus::Downloading, None)
             .map_err(|e| fail(err_body("internal_error", e.to_string())))?;
         self.emit_status(id);
-        self.webhook(id, webhook::WebhookEvent::Start);
+        self.webhook(id, WebhookEvent::Start);
         let mut last_emit = Instant::now() - Duration::from_secs(1);
         let dataset = fetch_dataset(
             &spec.dataset_url,
@@ -701,7 +702,7 @@ impl JobManager {
             }
             if last_hook.is_none_or(|t| t.elapsed() >= self.cfg.webhook_progress_interval) {
                 last_hook = Some(Instant::now());
-                self.webhook(id, webhook::WebhookEvent::Progress);
+                self.webhook(id, WebhookEvent::Progress);
             }
             // Inference first: wait (bounded) while requests are queued.
             if let Some(busy) = &self.busy {

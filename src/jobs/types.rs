@@ -1,9 +1,9 @@
-//! The fine-tuning job API's data types (also the OpenAPI schemas of /finetune and /adapters).
+//! The fine-tuning job layer's data types (the API mirrors the public ones in
+//! `api::job_types`, which own the OpenAPI schemas).
 
 use crate::training::lora::LoraSpec;
 use crate::training::{Hyperparameters, Method};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -40,7 +40,7 @@ impl JobError {
 }
 
 /// POST /finetune body.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// `http(s)://` parquet (Pick-a-Pic v2 schema) or JSONL manifest, `hf://datasets/<owner>/<name>[/<file>]`,
@@ -60,7 +60,6 @@ pub struct JobSpec {
     pub full_finetune: bool,
     /// Any subset; missing fields take the server's per-model fine-tuning defaults.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
     pub hyperparameters: Option<serde_json::Value>,
     /// Receives Standard Webhooks (signed `{"type", "timestamp", "data": <job>}` POSTs, see
     /// docs/api.md) for the events in `webhook_events_filter`.
@@ -69,12 +68,24 @@ pub struct JobSpec {
     /// Which events reach `webhook_url`: any of start, progress, completed. Default:
     /// completed only.
     #[serde(default)]
-    pub webhook_events_filter: Option<Vec<super::webhook::WebhookEvent>>,
+    pub webhook_events_filter: Option<Vec<WebhookEvent>>,
+}
+
+/// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// The job left the queue (its dataset download began).
+    Start,
+    /// Training progress, at most once per `jobs.webhook_progress_interval_secs`.
+    Progress,
+    /// The job ended: completed, failed or cancelled (the job object says which).
+    Completed,
 }
 
 /// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
 /// `{"target_modules": ["attn1.to_q"]}` changes where the adapter goes, not its rank.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraRequest {
     /// Rank of the low-rank update (>= 1).
@@ -103,7 +114,7 @@ impl LoraRequest {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -144,7 +155,7 @@ impl JobStatus {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Progress {
     pub step: usize,
     pub total_steps: usize,
@@ -156,14 +167,14 @@ pub struct Progress {
     pub total_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobErrorBody {
     pub code: String,
     pub message: String,
 }
 
 /// GET /finetune/{id}
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: String,
     pub status: JobStatus,
@@ -175,19 +186,16 @@ pub struct JobRecord {
     /// The registered adapter's name once completed.
     pub adapter: Option<String>,
     /// Rows read, pairs kept, ties dropped, undecodable images skipped.
-    #[schema(value_type = Option<Object>)]
     pub dataset: Option<serde_json::Value>,
 }
 
 /// GET /adapters
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterInfo {
     pub name: String,
     pub base_model: String,
     pub method: String,
-    #[schema(value_type = Object)]
     pub hyperparameters: serde_json::Value,
-    #[schema(value_type = Option<Object>)]
     pub final_metrics: Option<serde_json::Value>,
     pub job_id: Option<String>,
     pub created_at: f64,

@@ -13,10 +13,9 @@
 //! private addresses at connect time, so DNS cannot switch the target after a check.
 
 use super::fetch::guarded_agent;
-use super::types::JobRecord;
+use super::types::{JobRecord, WebhookEvent};
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::time::Duration;
 
@@ -67,28 +66,6 @@ impl WebhookSecret {
     }
 }
 
-/// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum WebhookEvent {
-    /// The job left the queue (its dataset download began).
-    Start,
-    /// Training progress, at most once per `jobs.webhook_progress_interval_secs`.
-    Progress,
-    /// The job ended: completed, failed or cancelled (the job object says which).
-    Completed,
-}
-
-impl WebhookEvent {
-    fn type_name(self) -> &'static str {
-        match self {
-            WebhookEvent::Start => "job.started",
-            WebhookEvent::Progress => "job.progress",
-            WebhookEvent::Completed => "job.completed",
-        }
-    }
-}
-
 struct Delivery {
     url: String,
     msg_id: String,
@@ -134,7 +111,7 @@ impl Dispatcher {
     /// Sends `event` about `job` to `url` (in the background; failures are logged).
     pub fn send(&self, url: &str, event: WebhookEvent, job: &JobRecord) {
         let body = serde_json::json!({
-            "type": event.type_name(),
+            "type": type_name(event),
             "timestamp": rfc3339_now(),
             "data": job,
         });
@@ -144,6 +121,15 @@ impl Dispatcher {
             body: serde_json::to_vec(&body).unwrap_or_default(),
             job_id: job.id.clone(),
         });
+    }
+}
+
+/// The event's `type` in the body.
+fn type_name(event: WebhookEvent) -> &'static str {
+    match event {
+        WebhookEvent::Start => "job.started",
+        WebhookEvent::Progress => "job.progress",
+        WebhookEvent::Completed => "job.completed",
     }
 }
 

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Hyperparameters {
     /// Preference strength. Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
@@ -228,7 +228,7 @@ impl TrainConfig {
 }
 
 /// What every optimiser step reports.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepMetrics {
     pub step: usize,
     pub total_steps: usize,

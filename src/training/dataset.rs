@@ -28,7 +28,7 @@ pub struct RawPair {
     pub loser: Arc<Vec<u8>>,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct DatasetStats {
     pub rows: usize,
     pub kept: usize,

@@ -6,7 +6,7 @@ use crate::models::nn::{LinearRegistry, LoraDelta, LoraSlot};
 use crate::rng::NoiseRng;
 use candle_core::{DType, Tensor, Var};
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,

@@ -4,9 +4,7 @@
 use crate::models::nn::sigmoid;
 use candle_core::{Result, Tensor};
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Official DSPO (SD1.5 branch): score matching toward the preference-tilted score.

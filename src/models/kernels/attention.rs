@@ -55,17 +55,30 @@ impl FusedAttention {
 
 /// Problem geometry shared by the forward and the backward.
 #[derive(Clone, Copy)]
-pub(crate) struct Dims {
-    pub(crate) b: usize,
-    pub(crate) n: usize,
-    pub(crate) m: usize,
-    pub(crate) c: usize,
-    pub(crate) heads: usize,
-    pub(crate) d: usize,
-    pub(crate) scale: f32,
+struct Dims {
+    b: usize,
+    n: usize,
+    m: usize,
+    c: usize,
+    heads: usize,
+    d: usize,
+    scale: f32,
 }
 
 impl Dims {
+    #[cfg(feature = "cuda")]
+    fn for_cuda(&self) -> super::cuda::Dims {
+        super::cuda::Dims {
+            b: self.b,
+            n: self.n,
+            m: self.m,
+            c: self.c,
+            heads: self.heads,
+            d: self.d,
+            scale: self.scale,
+        }
+    }
+
     fn q_off(&self, bi: usize, hi: usize) -> usize {
         bi * self.n * self.c + hi * self.d
     }
@@ -242,7 +255,7 @@ impl candle_core::CustomOp3 for FusedAttention {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let g = dims(self.heads, ql, kl, vl)?;
+        let g = dims(self.heads, ql, kl, vl)?.for_cuda();
         let (out, lse) =
             super::cuda::attention_forward((qs, ql), (ks, kl), (vs, vl), &g, self.causal)?;
         *self.lse_cuda.lock().unwrap() = Some(lse);
@@ -261,7 +274,7 @@ impl candle_core::CustomOp3 for FusedAttention {
         let grad = grad.contiguous()?;
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
-            let g = dims(self.heads, q.layout(), k.layout(), v.layout())?;
+            let g = dims(self.heads, q.layout(), k.layout(), v.layout())?.for_cuda();
             let lse = self.lse_cuda.lock().unwrap();
             let Some(lse) = lse.as_ref() else {
                 candle_core::bail!("attention backward: no forward statistics");

@@ -1,7 +1,6 @@
 //! The GPU side of the fused kernels (feature `cuda`): launches of the PTX that build.rs
 //! compiles from the `.cu` files beside this one.
 
-use super::attention::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -11,6 +10,19 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
 
 include!(concat!(env!("OUT_DIR"), "/attention_ptx.rs"));
+
+/// An attention problem's shape: batch, query rows, key rows, channels (`heads * d`), heads,
+/// head dimension, and the score scale.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) n: usize,
+    pub(crate) m: usize,
+    pub(crate) c: usize,
+    pub(crate) heads: usize,
+    pub(crate) d: usize,
+    pub(crate) scale: f32,
+}
 
 /// Query rows per forward block (`ROWS_FWD` in attention.cu, which sizes shared memory by it).
 const ROWS_FWD: u32 = 64;

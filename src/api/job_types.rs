@@ -1,0 +1,406 @@
+//! The request and response bodies of /finetune and /adapters, owned by the API so that
+//! changing a job or training type cannot change the public document by accident: each is a
+//! mirror of its `jobs`/`training` counterpart with the same JSON shape (a test checks), and
+//! conversions at the boundary.
+
+use crate::jobs;
+use crate::training;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Official DSPO (SD1.5 branch): score matching toward the preference-tilted score.
+    Dspo,
+    /// Diffusion-DPO: `-log sigmoid(u)`.
+    DiffusionDpo,
+    /// Plain denoising loss on the winners.
+    Sft,
+    /// The paper's energy-based variant (Eq. 45), constant weight, losers unused.
+    DspoE,
+}
+
+/// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// The job left the queue (its dataset download began).
+    Start,
+    /// Training progress, at most once per `jobs.webhook_progress_interval_secs`.
+    Progress,
+    /// The job ended: completed, failed or cancelled (the job object says which).
+    Completed,
+}
+
+/// POST /finetune body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// `http(s)://` parquet (Pick-a-Pic v2 schema) or JSONL manifest, `hf://datasets/<owner>/<name>[/<file>]`,
+    /// or `file://` under a directory allowed by the server's config.
+    pub dataset_url: String,
+    /// A served model's name; default: the server's default model.
+    #[serde(default)]
+    pub base_model: Option<String>,
+    pub method: Method,
+    /// Name of the adapter to register; default: `<method>-<job id prefix>`.
+    #[serde(default)]
+    pub adapter_name: Option<String>,
+    /// Any subset; missing fields take the base model's LoRA defaults.
+    #[serde(default)]
+    pub lora: Option<LoraRequest>,
+    #[serde(default)]
+    pub full_finetune: bool,
+    /// Any subset; missing fields take the server's per-model fine-tuning defaults.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub hyperparameters: Option<serde_json::Value>,
+    /// Receives Standard Webhooks (signed `{"type", "timestamp", "data": <job>}` POSTs, see
+    /// docs/api.md) for the events in `webhook_events_filter`.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// Which events reach `webhook_url`: any of start, progress, completed. Default:
+    /// completed only.
+    #[serde(default)]
+    pub webhook_events_filter: Option<Vec<WebhookEvent>>,
+}
+
+/// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
+/// `{"target_modules": ["attn1.to_q"]}` changes where the adapter goes, not its rank.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// Rank of the low-rank update (>= 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// The update is scaled by `alpha / rank` (PEFT's `lora_alpha`; > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// UNet modules to adapt, by PEFT's rule: an entry matches a module whose name equals it or
+    /// ends with `.<entry>` (`to_q` every attention query, `attn1.to_q` self-attention only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Downloading,
+    Training,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: Option<f64>,
+    pub implicit_accuracy: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    /// While downloading: bytes received and expected (if known).
+    pub downloaded_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// GET /finetune/{id}
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobRecord {
+    pub id: String,
+    pub status: JobStatus,
+    pub spec: JobSpec,
+    pub created_at: f64,
+    pub updated_at: f64,
+    pub progress: Option<Progress>,
+    pub error: Option<JobErrorBody>,
+    /// The registered adapter's name once completed.
+    pub adapter: Option<String>,
+    /// Rows read, pairs kept, ties dropped, undecodable images skipped.
+    #[schema(value_type = Option<Object>)]
+    pub dataset: Option<serde_json::Value>,
+}
+
+/// GET /adapters
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub base_model: String,
+    pub method: String,
+    #[schema(value_type = Object)]
+    pub hyperparameters: serde_json::Value,
+    #[schema(value_type = Option<Object>)]
+    pub final_metrics: Option<serde_json::Value>,
+    pub job_id: Option<String>,
+    pub created_at: f64,
+}
+
+/// What every optimiser step reports.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    /// Share of pairs with u > 0 (model prefers the winner more than the reference does).
+    pub implicit_accuracy: Option<f64>,
+    /// With `anchor_weight` > 0: the plain denoising MSE on both images of the step's pairs,
+    /// before its weight (how far the model has left the data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_mse: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+}
+
+// Conversions at the boundary. Enums map variant by variant, so a variant added on one side
+// only fails to compile until it is added on the other.
+
+impl From<Method> for training::Method {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::Dspo => Self::Dspo,
+            Method::DiffusionDpo => Self::DiffusionDpo,
+            Method::Sft => Self::Sft,
+            Method::DspoE => Self::DspoE,
+        }
+    }
+}
+
+impl From<training::Method> for Method {
+    fn from(m: training::Method) -> Self {
+        match m {
+            training::Method::Dspo => Self::Dspo,
+            training::Method::DiffusionDpo => Self::DiffusionDpo,
+            training::Method::Sft => Self::Sft,
+            training::Method::DspoE => Self::DspoE,
+        }
+    }
+}
+
+impl From<WebhookEvent> for jobs::types::WebhookEvent {
+    fn from(e: WebhookEvent) -> Self {
+        match e {
+            WebhookEvent::Start => Self::Start,
+            WebhookEvent::Progress => Self::Progress,
+            WebhookEvent::Completed => Self::Completed,
+        }
+    }
+}
+
+impl From<jobs::types::WebhookEvent> for WebhookEvent {
+    fn from(e: jobs::types::WebhookEvent) -> Self {
+        use jobs::types::WebhookEvent as E;
+        match e {
+            E::Start => Self::Start,
+            E::Progress => Self::Progress,
+            E::Completed => Self::Completed,
+        }
+    }
+}
+
+impl From<JobStatus> for jobs::JobStatus {
+    fn from(s: JobStatus) -> Self {
+        match s {
+            JobStatus::Queued => Self::Queued,
+            JobStatus::Downloading => Self::Downloading,
+            JobStatus::Training => Self::Training,
+            JobStatus::Completed => Self::Completed,
+            JobStatus::Failed => Self::Failed,
+            JobStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<jobs::JobStatus> for JobStatus {
+    fn from(s: jobs::JobStatus) -> Self {
+        use jobs::JobStatus as S;
+        match s {
+            S::Queued => Self::Queued,
+            S::Downloading => Self::Downloading,
+            S::Training => Self::Training,
+            S::Completed => Self::Completed,
+            S::Failed => Self::Failed,
+            S::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<LoraRequest> for jobs::types::LoraRequest {
+    fn from(l: LoraRequest) -> Self {
+        Self {
+            rank: l.rank,
+            alpha: l.alpha,
+            target_modules: l.target_modules,
+        }
+    }
+}
+
+impl From<jobs::types::LoraRequest> for LoraRequest {
+    fn from(l: jobs::types::LoraRequest) -> Self {
+        Self {
+            rank: l.rank,
+            alpha: l.alpha,
+            target_modules: l.target_modules,
+        }
+    }
+}
+
+impl From<JobSpec> for jobs::JobSpec {
+    fn from(s: JobSpec) -> Self {
+        Self {
+            dataset_url: s.dataset_url,
+            base_model: s.base_model,
+            method: s.method.into(),
+            adapter_name: s.adapter_name,
+            lora: s.lora.map(Into::into),
+            full_finetune: s.full_finetune,
+            hyperparameters: s.hyperparameters,
+            webhook_url: s.webhook_url,
+            webhook_events_filter: s
+                .webhook_events_filter
+                .map(|f| f.into_iter().map(Into::into).collect()),
+        }
+    }
+}
+
+impl From<jobs::JobSpec> for JobSpec {
+    fn from(s: jobs::JobSpec) -> Self {
+        Self {
+            dataset_url: s.dataset_url,
+            base_model: s.base_model,
+            method: s.method.into(),
+            adapter_name: s.adapter_name,
+            lora: s.lora.map(Into::into),
+            full_finetune: s.full_finetune,
+            hyperparameters: s.hyperparameters,
+            webhook_url: s.webhook_url,
+            webhook_events_filter: s
+                .webhook_events_filter
+                .map(|f| f.into_iter().map(Into::into).collect()),
+        }
+    }
+}
+
+impl From<jobs::Progress> for Progress {
+    fn from(p: jobs::Progress) -> Self {
+        Self {
+            step: p.step,
+            total_steps: p.total_steps,
+            loss: p.loss,
+            implicit_accuracy: p.implicit_accuracy,
+            eta_seconds: p.eta_seconds,
+            downloaded_bytes: p.downloaded_bytes,
+            total_bytes: p.total_bytes,
+        }
+    }
+}
+
+impl From<jobs::JobRecord> for JobRecord {
+    fn from(j: jobs::JobRecord) -> Self {
+        Self {
+            id: j.id,
+            status: j.status.into(),
+            spec: j.spec.into(),
+            created_at: j.created_at,
+            updated_at: j.updated_at,
+            progress: j.progress.map(Into::into),
+            error: j.error.map(|e| JobErrorBody {
+                code: e.code,
+                message: e.message,
+            }),
+            adapter: j.adapter,
+            dataset: j.dataset,
+        }
+    }
+}
+
+impl From<jobs::AdapterInfo> for AdapterInfo {
+    fn from(a: jobs::AdapterInfo) -> Self {
+        Self {
+            name: a.name,
+            base_model: a.base_model,
+            method: a.method,
+            hyperparameters: a.hyperparameters,
+            final_metrics: a.final_metrics,
+            job_id: a.job_id,
+            created_at: a.created_at,
+        }
+    }
+}
+
+impl From<training::StepMetrics> for StepMetrics {
+    fn from(m: training::StepMetrics) -> Self {
+        Self {
+            step: m.step,
+            total_steps: m.total_steps,
+            loss: m.loss,
+            implicit_accuracy: m.implicit_accuracy,
+            anchor_mse: m.anchor_mse,
+            learning_rate: m.learning_rate,
+            grad_norm: m.grad_norm,
+            seconds: m.seconds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mirrors serialise exactly as the types they mirror (what the SSE stream and the
+    /// webhooks send, from the `jobs` side, must read as the documented schemas).
+    #[test]
+    fn mirrors_have_the_same_json_shape() {
+        let spec: jobs::JobSpec = serde_json::from_value(serde_json::json!({
+            "dataset_url": "https://example.com/p.parquet", "method": "diffusion_dpo",
+            "adapter_name": "a", "lora": {"rank": 8, "target_modules": ["to_q"]},
+            "hyperparameters": {"beta": 2.0}, "webhook_url": "https://example.com/h",
+            "webhook_events_filter": ["start", "completed"]}))
+        .unwrap();
+        let record = jobs::JobRecord {
+            id: "j".into(),
+            status: jobs::JobStatus::Training,
+            spec: spec.clone(),
+            created_at: 1.0,
+            updated_at: 2.0,
+            progress: Some(jobs::Progress {
+                step: 3,
+                total_steps: 9,
+                loss: Some(0.5),
+                ..Default::default()
+            }),
+            error: Some(jobs::types::JobErrorBody {
+                code: "c".into(),
+                message: "m".into(),
+            }),
+            adapter: None,
+            dataset: Some(serde_json::json!({"rows": 4})),
+        };
+        let mirrored = serde_json::to_value(JobRecord::from(record.clone())).unwrap();
+        assert_eq!(serde_json::to_value(&record).unwrap(), mirrored);
+        let back: jobs::JobSpec = JobSpec::from(spec.clone()).into();
+        assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&spec).unwrap());
+        let m = training::StepMetrics {
+            step: 1,
+            total_steps: 2,
+            loss: 0.1,
+            implicit_accuracy: Some(0.5),
+            anchor_mse: None,
+            learning_rate: 1e-5,
+            grad_norm: 3.0,
+            seconds: 0.2,
+        };
+        assert_eq!(
+            serde_json::to_value(&m).unwrap(),
+            serde_json::to_value(StepMetrics::from(m.clone())).unwrap()
+        );
+    }
+}
