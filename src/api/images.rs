@@ -49,6 +49,13 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ApiError>
             ))
         }
     };
+    // The JPEG decoder fills a cut-off scan with grey instead of failing; a file without an
+    // end-of-image marker is an upload that did not finish (PIL refuses it too).
+    if format == ImageFormat::Jpeg && !bytes.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err(ApiError::InvalidImage(
+            "the JPEG is truncated (it has no end-of-image marker)".into(),
+        ));
+    }
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| ApiError::InvalidImage(format!("image header could not be decoded: {e}")))?;
