@@ -508,3 +508,18 @@ fn a_partial_lora_request_keeps_the_models_rank_and_alpha() {
     assert_eq!(all.modules.len(), 8 * queries);
     m.shutdown();
 }
+
+#[test]
+fn file_urls_outside_the_roots_are_refused_at_submission_without_probing_the_filesystem() {
+    let data = tmp("fileurl");
+    let m = manager(&data, true);
+    let mut words = Vec::new();
+    for url in ["file:///etc/passwd", "file:///etc/no-such-file", "file://localhost/../etc/passwd"] {
+        match m.submit(spec(url, 1)) {
+            Err(dspo_server::jobs::JobError::Invalid(msg)) => words.push(msg.replace(url, "<url>")),
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    assert!(words.iter().all(|w| w == &words[0]), "{words:?}");
+    assert!(m.list(None).unwrap().is_empty(), "a refused job must not be queued");
+}

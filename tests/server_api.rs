@@ -746,3 +746,26 @@ fn cors_only_for_configured_origins() {
     config.server.cors_origins = vec!["app.example/".into()];
     assert!(config.check().unwrap_err().to_string().contains("not an origin"));
 }
+
+#[test]
+fn contract_details_wrong_types_ignored_parameters_and_ended_jobs() {
+    let mut config = tiny_config();
+    config.models.serve.truncate(2);
+    let server = start(config);
+    // A wrong JSON type for an enum field is a 422 like an unknown name, not a 400.
+    let r = post_json(&server, "/finetune", &json!({"dataset_url": "https://example.com/p.parquet", "method": 1}));
+    assert_eq!((r.status, r.code().as_str()), (422, "invalid_request"), "{:?}", r.json());
+    // Parameters the mode ignores are named in the warnings.
+    let r = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sd15", "steps": 2, "adapter_scale": 0.5}));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["warnings"][0].as_str().unwrap().contains("adapter_scale was ignored"), "{:?}", r.json()["warnings"]);
+    let input = test_png(64, 64);
+    let r = post_json(&server, "/edit", &json!({"image": b64(&input), "prompt": "x", "model": "tiny-ip2p", "steps": 2, "strength": 0.5}));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["warnings"][0].as_str().unwrap().contains("strength was ignored"), "{:?}", r.json()["warnings"]);
+    let r = post_json(&server, "/edit", &json!({"image": b64(&input), "prompt": "x", "model": "tiny-sd15", "mode": "img2img", "steps": 4, "image_guidance_scale": 2.0}));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["warnings"][0].as_str().unwrap().contains("image_guidance_scale was ignored"), "{:?}", r.json()["warnings"]);
+    let r = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sd15", "steps": 2}));
+    assert_eq!(r.json()["warnings"], json!([]));
+}

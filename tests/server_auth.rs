@@ -178,7 +178,8 @@ fn each_key_sees_and_limits_only_its_own_jobs() {
     assert_eq!(call(&server, "GET", &format!("/finetune/{id}"), Some(FULL_A), None).status, 200);
     for (key, job) in [(FULL_A, &id), (FULL_B, &b_id)] {
         let r = call(&server, "DELETE", &format!("/finetune/{job}"), Some(key), None);
-        assert_eq!(r.status, 200, "{:?}", r.body);
+        // 409 if its download already timed out (datasets.timeout_s) and ended the job.
+        assert!(r.status == 200 || r.code() == "job_finished", "{:?}", r.body);
     }
 }
 

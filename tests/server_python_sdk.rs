@@ -89,7 +89,7 @@ assert w.status_code == 200 and len(w.content) > 8, w.status_code
 header_len = int.from_bytes(w.content[:8], "little")
 assert w.content[8:9] == b"{" and 8 + header_len <= len(w.content)  # a safetensors file
 ended = cancel.sync_detailed(job_id, client=client)
-assert ended.status_code == 200 and ended.parsed.status == JobStatus.COMPLETED, ended.content[:300]
+assert ended.status_code == 409 and ended.parsed.error.code == "job_finished", ended.content[:300]
 tuned = generate.sync_detailed(client=inference, body=GenerateRequest.from_dict(
     {"prompt": "a red circle", "model": "tiny-sd15", "steps": 3, "seed": 5, "adapter": "sdk-adapter"}))
 assert tuned.status_code == 200, tuned.content[:300]

@@ -66,6 +66,8 @@ pub enum ApiError {
     #[error("{0}")]
     AdapterExists(String),
     #[error("{0}")]
+    JobFinished(String),
+    #[error("{0}")]
     ModelNotFound(String),
     #[error("{0}")]
     AdapterNotFound(String),
@@ -115,6 +117,7 @@ impl ApiError {
             InvalidJob(_) => "invalid_job",
             JobNotFound(_) => "job_not_found",
             AdapterExists(_) => "adapter_exists",
+            JobFinished(_) => "job_finished",
             ModelNotFound(_) => "model_not_found",
             AdapterNotFound(_) => "adapter_not_found",
             RouteNotFound(_) => "not_found",
@@ -155,7 +158,7 @@ impl ApiError {
             ModelNotFound(_) | AdapterNotFound(_) | RouteNotFound(_) | JobNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            AdapterExists(_) => StatusCode::CONFLICT,
+            AdapterExists(_) | JobFinished(_) => StatusCode::CONFLICT,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ModelLoading { .. } | ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -185,7 +188,7 @@ pub struct ErrorBody {
     /// payload_too_large, not_acceptable, invalid_size, invalid_steps, invalid_guidance_scale,
     /// invalid_image_guidance_scale, invalid_strength, invalid_adapter_scale, too_many_images,
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
-    /// invalid_adapter, model_not_found, adapter_not_found, not_found, method_not_allowed,
+    /// invalid_adapter, adapter_exists, job_finished, model_not_found, adapter_not_found, not_found, method_not_allowed,
     /// host_not_allowed, unauthorized, forbidden, rate_limited, request_timeout, queue_full,
     /// model_loading, model_unavailable, internal_error.
     pub code: String,

@@ -158,13 +158,18 @@ pub async fn get_job(
     Ok(Json(jobs(&state)?.get(&id)?.into()))
 }
 
-/// Cancel this job (and no other). A queued job ends at once, a running one at its next step.
+/// Cancel this job (and no other). A queued job ends at once, a running one at its next step;
+/// a job that has already ended is a 409 (job_finished).
 #[utoipa::path(
     delete,
     path = "/finetune/{id}",
     tag = "finetune",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, body = JobRecord), (status = 404, body = super::error::ErrorResponse))
+    responses(
+        (status = 200, body = JobRecord),
+        (status = 404, body = super::error::ErrorResponse),
+        (status = 409, description = "The job had already ended", body = super::error::ErrorResponse)
+    )
 )]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -172,7 +177,15 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     check_job_owner(&state, &caller, &id)?;
-    Ok(Json(jobs(&state)?.cancel(&id)?.into()))
+    let m = jobs(&state)?;
+    let job = m.get(&id)?;
+    if job.status.is_terminal() {
+        return Err(ApiError::JobFinished(format!(
+            "job {id} already ended ({}); there is nothing to cancel",
+            job.status.as_str()
+        )));
+    }
+    Ok(Json(m.cancel(&id)?.into()))
 }
 
 /// The metrics history: one entry per optimiser step.

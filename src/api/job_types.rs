@@ -8,7 +8,7 @@ use crate::training;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Official DSPO (SD1.5 branch): score matching toward the preference-tilted score.
@@ -22,7 +22,7 @@ pub enum Method {
 }
 
 /// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookEvent {
     /// The job left the queue (its dataset download began).
@@ -31,6 +31,47 @@ pub enum WebhookEvent {
     Progress,
     /// The job ended: completed, failed or cancelled (the job object says which).
     Completed,
+}
+
+/// Reads a string enum from any JSON value, so a value of the wrong type (`"method": 1`) is
+/// a data error (422 invalid_request) like an unknown name, not a syntax error (400).
+fn string_enum<'de, D, T>(d: D, names: &[(&str, T)]) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Copy,
+{
+    let v = serde_json::Value::deserialize(d)?;
+    let known = || names.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    v.as_str()
+        .and_then(|s| names.iter().find(|(n, _)| *n == s).map(|(_, t)| *t))
+        .ok_or_else(|| serde::de::Error::custom(format!("expected one of {}, got {v}", known())))
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        string_enum(
+            d,
+            &[
+                ("dspo", Method::Dspo),
+                ("diffusion_dpo", Method::DiffusionDpo),
+                ("sft", Method::Sft),
+                ("dspo_e", Method::DspoE),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        string_enum(
+            d,
+            &[
+                ("start", WebhookEvent::Start),
+                ("progress", WebhookEvent::Progress),
+                ("completed", WebhookEvent::Completed),
+            ],
+        )
+    }
 }
 
 /// POST /finetune body.

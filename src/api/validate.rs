@@ -191,6 +191,13 @@ fn unsupported(mode: Mode, info: &ModelInfo) -> ApiError {
     ))
 }
 
+/// Parameters a request may send that its mode does not use are accepted (clients send one
+/// body shape for every mode) but named in the response's warnings, not silently dropped.
+fn ignored_adapter_scale(c: &Common) -> Option<String> {
+    (c.adapter.is_none() && c.adapter_scale.is_some())
+        .then(|| "adapter_scale was ignored: it applies only with an adapter".to_string())
+}
+
 pub fn generate(
     req: GenerateRequest,
     info: &ModelInfo,
@@ -224,6 +231,7 @@ pub fn generate(
     };
     let checked = check_common(&common, info, config)?;
     let params = parameters(Mode::Txt2Img, &common, &checked, info, width, height);
+    let warnings = ignored_adapter_scale(&common).into_iter().collect();
     let task = GenerationTask {
         task: TaskParams::Txt2Img,
         prompt: PromptPair {
@@ -238,6 +246,7 @@ pub fn generate(
         adapter: checked.adapter,
         seeds: checked.seeds,
         image: None,
+        warnings,
     };
     Ok((task, params))
 }
@@ -263,6 +272,17 @@ pub fn edit(
     };
     if !info.supports(mode) {
         return Err(unsupported(mode, info));
+    }
+    let mut warnings = Vec::new();
+    match mode {
+        Mode::InstructPix2Pix if req.strength.is_some() => warnings.push(
+            "strength was ignored: it applies to img2img, not instruct_pix2pix".to_string(),
+        ),
+        Mode::Img2Img if req.image_guidance_scale.is_some() => warnings.push(
+            "image_guidance_scale was ignored: it applies to instruct_pix2pix, not img2img"
+                .to_string(),
+        ),
+        _ => {}
     }
     let task = match mode {
         Mode::Img2Img => {
@@ -300,6 +320,7 @@ pub fn edit(
         num_images: req.num_images,
     };
     let checked = check_common(&common, info, config)?;
+    warnings.extend(ignored_adapter_scale(&common));
     if let TaskParams::Img2Img { strength } = task {
         // diffusers denoises int(steps * strength) steps; zero would return the input noised.
         if ((checked.steps as f64 * strength) as usize) < 1 {
@@ -356,6 +377,7 @@ pub fn edit(
         adapter: checked.adapter,
         seeds: checked.seeds,
         image: Some(Arc::new(resized)),
+        warnings,
     };
     Ok((task, params))
 }

@@ -203,20 +203,67 @@ enum Base {
     Dir(PathBuf),
 }
 
+/// `.` and `..` removed by the text alone; None if `..` would climb above the root.
+fn lexical_normalize(p: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                if !out.pop() || out.as_os_str().is_empty() {
+                    return None;
+                }
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
+fn file_url_refused(url: &str) -> JobError {
+    JobError::Invalid(format!(
+        "{url:?}: a file:// dataset URL must name an absolute path (file:///... or \
+         file://localhost/...) under a directory of datasets.file_roots"
+    ))
+}
+
+/// The path a `file://` URL names, if it lies under one of `file_roots`. Judged from the text
+/// alone, without touching the filesystem, so a refusal (always the same message) tells
+/// nothing about what exists; submission checks this before a job is queued.
+pub fn file_url_path(url: &str, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
+    let rest = url.strip_prefix("file://").ok_or_else(|| file_url_refused(url))?;
+    let path = rest.strip_prefix("localhost").unwrap_or(rest);
+    if !path.starts_with('/') {
+        return Err(file_url_refused(url));
+    }
+    let p = lexical_normalize(Path::new(path)).ok_or_else(|| file_url_refused(url))?;
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let allowed = cfg
+        .file_roots
+        .iter()
+        .filter_map(|r| lexical_normalize(&cwd.join(r)))
+        .any(|root| p.starts_with(&root));
+    if allowed {
+        Ok(p)
+    } else {
+        Err(file_url_refused(url))
+    }
+}
+
+/// At fetch time: the URL's path with symlinks resolved, still under a root.
 fn resolve_file_url(url: &str, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
-    let raw = url.strip_prefix("file://").unwrap_or(url);
-    let p = std::fs::canonicalize(raw).map_err(|e| derr(format!("{url}: {e}")))?;
+    let p = file_url_path(url, cfg)?;
+    let real = std::fs::canonicalize(&p).map_err(|e| derr(format!("{url}: {e}")))?;
     let allowed = cfg
         .file_roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
-        .any(|root| p.starts_with(&root));
+        .any(|root| real.starts_with(&root));
     if !allowed {
-        return Err(JobError::Invalid(format!(
-            "{url} is not under a directory allowed for file:// datasets (config datasets.file_roots)"
-        )));
+        // A symbolic link under a root that points out of every root.
+        return Err(file_url_refused(url));
     }
-    Ok(p)
+    Ok(real)
 }
 
 /// Fetches `url` into `work_dir` and returns the parquet file to train on.
@@ -415,5 +462,42 @@ mod tests {
             let ip: IpAddr = a.parse().unwrap();
             assert!(!is_private(&ip), "{a} is public");
         }
+    }
+}
+
+#[cfg(test)]
+mod file_url_tests {
+    use super::{file_url_path, FetchConfig};
+    use std::path::PathBuf;
+
+    #[test]
+    fn file_urls_are_judged_by_their_text_under_the_roots() {
+        let cfg = FetchConfig {
+            file_roots: vec![PathBuf::from("/srv/datasets")],
+            ..FetchConfig::default()
+        };
+        for ok in [
+            "file:///srv/datasets/p.parquet",
+            "file://localhost/srv/datasets/sub/p.parquet",
+            "file:///srv/datasets/./sub/../p.parquet",
+            "file:///srv/datasets/does-not-exist.parquet",
+        ] {
+            assert!(file_url_path(ok, &cfg).is_ok(), "{ok}");
+        }
+        let message = |url: &str| file_url_path(url, &cfg).unwrap_err().to_string().replace(url, "<url>");
+        let refused = [
+            "file:///etc/passwd",
+            "file:///etc/does-not-exist",
+            "file:///srv/datasets/../../etc/passwd",
+            "file://srv/datasets/p.parquet",
+            "file://localhostsrv/datasets/p.parquet",
+            "file:///srv/datasets-evil/p.parquet",
+        ];
+        // The same words for every refusal: whether a path exists cannot be probed.
+        let first = message(refused[0]);
+        for url in refused {
+            assert_eq!(message(url), first, "{url}");
+        }
+        assert!(first.contains("datasets.file_roots"), "{first}");
     }
 }

@@ -345,6 +345,9 @@ impl JobManager {
                 "dataset_url must start with http://, https://, hf://datasets/ or file://, got {url:?}"
             )));
         }
+        if url.starts_with("file://") {
+            super::fetch::file_url_path(url, &self.cfg.fetch)?;
+        }
         if spec.full_finetune {
             return Err(JobError::Invalid(
                 "full fine-tuning jobs are not served (their result is a whole UNet, not an adapter); use `dspo-server train` with full_finetune = true".into(),

@@ -40,8 +40,12 @@ pub fn run_batch(
     // The pipeline's notes mix every prompt of the batch; each request is told only about its own.
     let warnings = tasks
         .iter()
-        .map(|t| prompt_warnings(model, &t.prompt))
-        .collect::<Result<_, _>>()?;
+        .map(|t| {
+            let mut w = t.warnings.clone();
+            w.extend(prompt_warnings(model, &t.prompt)?);
+            Ok(w)
+        })
+        .collect::<Result<_, PipelineError>>()?;
     Ok(BatchOutput {
         images: out,
         warnings,

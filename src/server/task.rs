@@ -67,6 +67,9 @@ pub struct GenerationTask {
     pub seeds: Vec<u64>,
     /// Edits: the input, already at `width` x `height`.
     pub image: Option<Arc<image::RgbImage>>,
+    /// What validation noticed but let through (e.g. a parameter this mode ignores); returned
+    /// to the client with the images.
+    pub warnings: Vec<String>,
 }
 
 /// Requests with equal keys can share one UNet batch: everything the pipelines take once per
