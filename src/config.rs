@@ -58,6 +58,7 @@ pub struct JobsSection {
     pub webhook_secret: String,
     pub webhook_retries: usize,
     pub webhook_progress_interval_secs: u64,
+    pub keep_job_files: bool,
     pub max_steps: usize,
     pub max_pairs_per_step: usize,
     pub max_lora_rank: usize,

@@ -400,6 +400,9 @@ fn a_restart_resumes_training_from_the_last_checkpoint() {
         j.status
     );
     drop(m);
+    // What resuming reads: the newest checkpoint of the interrupted run.
+    let checkpoints = data.join(format!("jobs/{}/train/checkpoints", job.id));
+    assert!(checkpoints.join("step-00000002").exists());
 
     let m2 = manager(&data, true);
     let done = wait_for(&m2, &job.id, |j| j.status.is_terminal(), 300);
@@ -411,9 +414,8 @@ fn a_restart_resumes_training_from_the_last_checkpoint() {
         .map(|s| s.step)
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
-    assert!(data
-        .join(format!("jobs/{}/train/checkpoints/step-00000002", job.id))
-        .exists());
+    // Once it ended, only the adapter and the record remain (jobs.keep_job_files = false).
+    assert!(!data.join(format!("jobs/{}", job.id)).exists());
     m2.shutdown();
 }
 

@@ -82,6 +82,8 @@ pub enum ApiError {
     #[error("{0}")]
     ModelUnavailable(String),
     #[error("{0}")]
+    StorageUnavailable(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -125,6 +127,7 @@ impl ApiError {
             QueueFull { .. } => "queue_full",
             ModelLoading { .. } => "model_loading",
             ModelUnavailable(_) => "model_unavailable",
+            StorageUnavailable(_) => "storage_unavailable",
             Internal(_) => "internal_error",
         }
     }
@@ -161,7 +164,9 @@ impl ApiError {
             AdapterExists(_) | JobFinished(_) => StatusCode::CONFLICT,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ModelLoading { .. } | ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ModelLoading { .. } | ModelUnavailable(_) | StorageUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -190,7 +195,7 @@ pub struct ErrorBody {
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
     /// invalid_adapter, adapter_exists, job_finished, model_not_found, adapter_not_found, not_found, method_not_allowed,
     /// host_not_allowed, unauthorized, forbidden, rate_limited, request_timeout, queue_full,
-    /// model_loading, model_unavailable, internal_error.
+    /// model_loading, model_unavailable, storage_unavailable, internal_error.
     pub code: String,
     /// For people: what was wrong and what is accepted.
     pub message: String,

@@ -29,6 +29,9 @@ impl From<JobError> for ApiError {
             }
             JobError::Dataset(m) => ApiError::InvalidJob(m),
             JobError::Store(m) => ApiError::Internal(m),
+            JobError::Storage(m) => ApiError::StorageUnavailable(format!(
+                "{m}; the server's data directory is full or read-only"
+            )),
             JobError::TooManyJobs(m) => ApiError::RateLimited {
                 message: m,
                 retry_after_s: 60,

@@ -535,13 +535,31 @@ pub async fn ready(State(app): State<AppState>) -> Response {
             }
         })
         .collect();
-    let ready = app.pool.is_ready();
+    let storage_error = match &app.jobs {
+        Some(m) => {
+            let m = m.clone();
+            tokio::task::spawn_blocking(move || m.storage_writable())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+                .err()
+        }
+        None => None,
+    };
+    let ready = app.pool.is_ready() && storage_error.is_none();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(ReadyResponse { ready, models })).into_response()
+    (
+        status,
+        Json(ReadyResponse {
+            ready,
+            models,
+            storage_error,
+        }),
+    )
+        .into_response()
 }
 
 /// This API's OpenAPI 3.1 document (the committed `openapi/openapi.json`).

@@ -256,9 +256,13 @@ pub struct HealthResponse {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReadyResponse {
-    /// True once every model is loaded (200); false while any is loading or failed (503).
+    /// True once every model is loaded and the data directory takes writes (200); false while
+    /// a model is loading or failed, or storage is full or read-only (503).
     pub ready: bool,
     pub models: Vec<ModelReadiness>,
+    /// With fine-tuning jobs enabled: null while the data directory takes writes, else why it
+    /// does not (full, read-only); the server is then not ready.
+    pub storage_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

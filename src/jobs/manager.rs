@@ -43,6 +43,9 @@ pub struct JobsConfig {
     pub max_lora_rank: usize,
     /// Queued or running jobs one API key may have (0: no limit).
     pub max_active_jobs_per_key: usize,
+    /// Keep a finished job's dataset copy and checkpoints (for inspection); otherwise they are
+    /// removed when it ends, and only the registered adapter and the job record remain.
+    pub keep_job_files: bool,
 }
 
 impl JobsConfig {
@@ -70,6 +73,7 @@ impl JobsConfig {
         jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
         jc.max_lora_rank = config.jobs.max_lora_rank;
         jc.max_active_jobs_per_key = config.auth.max_active_jobs_per_key;
+        jc.keep_job_files = config.jobs.keep_job_files;
         let f = &config.finetune;
         let method: crate::training::Method = f
             .method
@@ -126,6 +130,7 @@ impl JobsConfig {
             max_pairs_per_step: 4096,
             max_lora_rank: 256,
             max_active_jobs_per_key: 0,
+            keep_job_files: false,
         }
     }
     pub fn adapters(&self) -> AdapterDir {
@@ -164,6 +169,18 @@ pub struct JobManager {
     submitting: Mutex<()>,
     /// None without a webhook secret (jobs with a webhook_url are then refused).
     webhooks: Option<webhook::Dispatcher>,
+}
+
+/// A file-system error: a full or read-only disk is a storage problem (503), anything else an
+/// internal one.
+fn storage_or_store(e: std::io::Error, what: &str) -> JobError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        StorageFull | ReadOnlyFilesystem | PermissionDenied | QuotaExceeded => {
+            JobError::Storage(format!("{what}: {e}"))
+        }
+        _ => JobError::Store(format!("{what}: {e}")),
+    }
 }
 
 fn err_body(code: &str, message: impl Into<String>) -> JobErrorBody {
@@ -223,7 +240,12 @@ impl JobManager {
             if !job.status.is_terminal() {
                 // Unfinished work resumes: downloads restart, training continues from its
                 // newest checkpoint (the trainer finds it in the job's output directory).
-                m.store.set_status(&job.id, JobStatus::Queued, None)?;
+                if let Err(e) = m.store.set_status(&job.id, JobStatus::Queued, None) {
+                    // Read-only storage: the job stays as recorded; it resumes once the
+                    // directory takes writes and the server restarts.
+                    tracing::warn!(job = %job.id, "cannot re-queue: {e}");
+                    continue;
+                }
                 m.enqueue(&job.id);
                 tracing::info!(job = %job.id, was = job.status.as_str(), "re-queued after restart");
             }
@@ -543,11 +565,33 @@ impl JobManager {
         self.cfg
             .adapters()
             .remove(name)
-            .map_err(|e| JobError::Store(e.to_string()))?;
+            .map_err(|e| storage_or_store(e, "removing the adapter's files"))?;
         Ok(())
     }
 
+    /// Whether the data directory takes writes now (what /ready reports): a few bytes written,
+    /// synced and removed, so a full disk shows as well as a read-only one.
+    pub fn storage_writable(&self) -> Result<(), String> {
+        use std::io::Write;
+        let probe = self.cfg.data_dir.join(".write-probe");
+        let result = std::fs::File::create(&probe)
+            .and_then(|mut f| f.write_all(b"probe").and_then(|_| f.sync_all()));
+        let _ = std::fs::remove_file(&probe);
+        result.map_err(|e| format!("{}: {e}", self.cfg.data_dir.display()))
+    }
+
     fn finish(&self, id: &str, status: JobStatus, error: Option<JobErrorBody>) {
+        // A finished job's dataset copy and checkpoints are only needed to resume it: removed
+        // first, which is also what frees the space when the job failed on a full disk, so
+        // that its final state can be recorded.
+        if !self.cfg.keep_job_files {
+            let dir = self.job_dir(id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(job = id, "removing {}: {e}", dir.display());
+                }
+            }
+        }
         if let Err(e) = self.store.set_status(id, status, error.as_ref()) {
             tracing::error!(job = id, "persisting job state: {e}");
         }

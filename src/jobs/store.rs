@@ -19,7 +19,13 @@ fn now() -> f64 {
 }
 
 fn db(e: rusqlite::Error) -> JobError {
-    JobError::Store(e.to_string())
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DiskFull | ReadOnly | CannotOpen | SystemIoFailure | PermissionDenied) => {
+            JobError::Storage(format!("the job database cannot be written: {e}"))
+        }
+        _ => JobError::Store(e.to_string()),
+    }
 }
 
 impl Store {
@@ -28,7 +34,32 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .map_err(|e| JobError::Store(format!("{}: {e}", dir.display())))?;
         }
-        let conn = Connection::open(path).map_err(db)?;
+        let conn = match Connection::open(path).map_err(db).and_then(|c| Self::prepare(c)) {
+            Ok(c) => c,
+            // A read-only (or full) data directory holding a database: serve what it records,
+            // read-only, so the server runs and reports the storage problem per request and
+            // on /ready instead of refusing to start.
+            Err(JobError::Storage(why)) if path.exists() => {
+                tracing::warn!("{why}; opening {} read-only", path.display());
+                let uri = format!(
+                    "file:{}?immutable=1",
+                    path.display().to_string().replace('%', "%25").replace('?', "%3f").replace('#', "%23")
+                );
+                Connection::open_with_flags(
+                    uri,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+                )
+                .map_err(db)?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The schema, on a connection that can write.
+    fn prepare(conn: Connection) -> Result<Connection, JobError> {
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
@@ -68,9 +99,7 @@ impl Store {
         if !has_owner {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT").map_err(db)?;
         }
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(conn)
     }
 
     /// Records a queued job; `owner` is the submitting API key's id (None without keys).

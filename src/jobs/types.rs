@@ -19,6 +19,10 @@ pub enum JobError {
     Dataset(String),
     #[error("store: {0}")]
     Store(String),
+    /// The data directory cannot be written (full, read-only): the operator's problem, not the
+    /// request's, and it may pass.
+    #[error("{0}")]
+    Storage(String),
     /// The submitting key has as many active jobs as it may.
     #[error("{0}")]
     TooManyJobs(String),
@@ -35,6 +39,7 @@ impl JobError {
             JobError::AdapterExists(_) => "adapter_exists",
             JobError::Dataset(_) => "dataset_error",
             JobError::Store(_) => "internal_error",
+            JobError::Storage(_) => "storage_unavailable",
         }
     }
 }
