@@ -769,3 +769,24 @@ fn contract_details_wrong_types_ignored_parameters_and_ended_jobs() {
     let r = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sd15", "steps": 2}));
     assert_eq!(r.json()["warnings"], json!([]));
 }
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
+    use std::io::{Read, Write};
+    let mut config = tiny_config();
+    config.models.serve.truncate(1);
+    config.server.header_timeout_secs = 1;
+    let server = start(config);
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    s.write_all(request).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Idle past the timeout: the server closes its end (a read sees end of stream).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let _ = s.write_all(request);
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection was still served: {}", String::from_utf8_lossy(&buf[..n]));
+}
