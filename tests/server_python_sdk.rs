@@ -84,10 +84,10 @@ assert [s.step for s in steps] == [1, 2], [s.to_dict() for s in steps]
 ev = events.sync_detailed(job_id, client=client)
 assert ev.status_code == 200 and b"event: status" in ev.content, ev.content[:300]
 assert "sdk-adapter" in [a.name for a in adapters.sync(client=inference)]
-w = adapter_weights.sync_detailed("sdk-adapter", client=client)
-assert w.status_code == 200 and len(w.content) > 8, w.status_code
-header_len = int.from_bytes(w.content[:8], "little")
-assert w.content[8:9] == b"{" and 8 + header_len <= len(w.content)  # a safetensors file
+w = adapter_weights.sync("sdk-adapter", client=client)  # a File: the bytes of the download
+data = w.payload.read()
+header_len = int.from_bytes(data[:8], "little")
+assert data[8:9] == b"{" and 8 + header_len <= len(data)  # a safetensors file
 ended = cancel.sync_detailed(job_id, client=client)
 assert ended.status_code == 409 and ended.parsed.error.code == "job_finished", ended.content[:300]
 tuned = generate.sync_detailed(client=inference, body=GenerateRequest.from_dict(

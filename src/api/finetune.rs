@@ -279,7 +279,7 @@ pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterI
     path = "/adapters/{name}/weights",
     tag = "finetune",
     params(("name" = String, Path, description = "adapter name")),
-    responses((status = 200, description = "safetensors file", content_type = "application/octet-stream"), (status = 404, body = super::error::ErrorResponse))
+    responses((status = 200, description = "safetensors file", content_type = "application/octet-stream", body = super::types::BinaryFile), (status = 404, body = super::error::ErrorResponse))
 )]
 pub async fn adapter_weights(
     State(state): State<AppState>,

@@ -34,8 +34,10 @@ use utoipa::OpenApi;
     info(
         title = "dspo-server",
         description = "Stable Diffusion serving: text-to-image, InstructPix2Pix and img2img edits, with \
-                       per-model queues and dynamic batching. Every error is \
-                       {\"error\": {\"code\": \"<machine_code>\", \"message\": \"<text>\"}}."
+                       per-model queues and dynamic batching, and preference fine-tuning jobs (DSPO, \
+                       Diffusion-DPO, SFT) whose adapters later requests use. Every error is \
+                       `{\"error\": {\"code\": \"invalid_steps\", \"message\": \"...\"}}`: a \
+                       machine-readable code and a message for people."
     ),
     paths(
         handlers::generate,
@@ -59,6 +61,7 @@ use utoipa::OpenApi;
         types::EditMode,
         types::EditForm,
         types::PngFile,
+        types::BinaryFile,
         error::ErrorResponse,
         job_types::JobSpec,
         job_types::JobRecord,

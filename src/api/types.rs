@@ -123,6 +123,13 @@ pub struct EditForm {
     pub num_images: Option<i64>,
 }
 
+/// A file download (an adapter's safetensors weights), declared as binary so generated
+/// clients return its bytes.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct BinaryFile(Vec<u8>);
+
 /// A PNG file (`Accept: image/png` with one image).
 #[derive(ToSchema)]
 #[schema(value_type = String, format = Binary)]
