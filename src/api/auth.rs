@@ -181,7 +181,8 @@ fn needs(method: &Method, path: &str, protect_docs: bool) -> Needs {
     match (method, path) {
         (_, "/health" | "/ready") => Needs::Nothing,
         _ if docs && !protect_docs => Needs::Nothing,
-        (&Method::POST, "/generate" | "/edit") | (&Method::GET, "/models" | "/adapters") => {
+        (&Method::POST, "/generate" | "/edit")
+        | (&Method::GET, "/models" | "/adapters" | "/metrics") => {
             Needs::Scope(Scope::Generate)
         }
         _ if docs => Needs::Scope(Scope::Generate),

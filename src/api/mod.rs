@@ -10,6 +10,7 @@ pub mod finetune;
 pub mod handlers;
 pub mod images;
 pub mod job_types;
+pub mod metrics;
 pub mod running;
 pub mod types;
 pub mod validate;
@@ -180,6 +181,7 @@ impl ApiBuilder {
 
     /// Starts the model workers (they load in the background) and builds the API.
     pub fn build(self) -> Result<Api, ConfigError> {
+        metrics::handle();
         let keys = Arc::new(
             auth::KeyRing::from_config(&self.config.auth)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
@@ -268,6 +270,7 @@ impl Api {
             .route("/health", get(handlers::health))
             .route("/ready", get(handlers::ready))
             .route("/openapi.json", get(handlers::openapi_json))
+            .route("/metrics", get(metrics::metrics))
             .route("/finetune", post(finetune::create).get(finetune::list))
             .route(
                 "/finetune/{id}",
@@ -286,6 +289,7 @@ impl Api {
             .route("/docs/{file}", get(docs::file))
             .fallback(handlers::not_found)
             .method_not_allowed_fallback(handlers::method_not_allowed)
+            .layer(axum::middleware::from_fn(metrics::record))
             .layer(DefaultBodyLimit::max(
                 self.state.config.limits.max_body_bytes,
             ))

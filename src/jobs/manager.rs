@@ -514,6 +514,22 @@ impl JobManager {
         })
     }
 
+    /// How many jobs are in each state (every state listed, zeros included).
+    pub fn count_by_status(&self) -> Result<Vec<(&'static str, usize)>, JobError> {
+        let jobs = self.store.list(None)?;
+        Ok([
+            JobStatus::Queued,
+            JobStatus::Downloading,
+            JobStatus::Training,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ]
+        .into_iter()
+        .map(|s| (s.as_str(), jobs.iter().filter(|j| j.status == s).count()))
+        .collect())
+    }
+
     /// The API key id that submitted a job (None: submitted without keys).
     pub fn owner(&self, id: &str) -> Result<Option<String>, JobError> {
         self.store
@@ -736,6 +752,7 @@ impl JobManager {
                 eta_seconds: Some(eta),
                 ..Default::default()
             };
+            metrics::counter!("dspo_finetune_steps_total").increment(1);
             if let Err(e) = self.store.record_step(id, m, &p) {
                 tracing::error!(job = id, "recording metrics: {e}");
             }

@@ -461,6 +461,11 @@ impl Inner {
         match result {
             Ok(out) => {
                 info!(model = %self.name, batch_size = images, compute_ms = compute_ms as u64, "batch done");
+                metrics::histogram!("dspo_batch_size", "model" => self.name.clone()).record(images as f64);
+                metrics::counter!("dspo_images_generated_total", "model" => self.name.clone())
+                    .increment(images as u64);
+                metrics::histogram!("dspo_batch_inference_duration_seconds", "model" => self.name.clone())
+                    .record(compute_ms / 1e3);
                 for ((job, imgs), warnings) in batch.into_iter().zip(out.images).zip(out.warnings) {
                     WorkerStats::bump(&self.stats.requests_computed);
                     self.stats
