@@ -200,7 +200,7 @@ def fuzz(args, work):
            "-H", f"Authorization: Bearer {KEY}", "--checks", "not_a_server_error",
            "--max-examples", str(args.examples), "--seed", str(args.seed), "--workers", "2",
            "--report", "ndjson", "--report-ndjson-path", report]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=work)  # its cache goes there
     health = request(server.base + "/health")[0]
     server.stop()
     tail = [l for l in run.stdout.strip().splitlines()[-12:] if l.strip() and "NDJSON" not in l
