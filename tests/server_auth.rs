@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{agent, temp_dir};
+use common::{agent, temp_dir, Reply};
 use dspo_server::api::running::RunningServer;
 use serde_json::{json, Value};
 use std::process::Command;
@@ -15,55 +15,11 @@ const FULL_A: &str = "full-key-a-0123456789";
 const FULL_B: &str = "full-key-b-0123456789";
 const GENERATE: &str = "generate-key-0123456789";
 
-struct Call {
-    status: u16,
-    body: Value,
-    headers: Vec<(String, String)>,
-}
-
-impl Call {
-    fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or_default()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn call(server: &RunningServer, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Call {
-    let mut req = agent().request(method, &server.url(path));
-    if let Some(k) = key {
-        req = req.set("authorization", &format!("Bearer {k}"));
-    }
-    let r = match body {
-        Some(b) => req
-            .set("content-type", "application/json")
-            .send_bytes(b.to_string().as_bytes()),
-        None => req.call(),
-    };
-    let resp = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("transport error: {e}"),
-    };
-    let status = resp.status();
-    let headers = resp
-        .headers_names()
-        .into_iter()
-        .map(|k| {
-            let v = resp.header(&k).unwrap_or_default().to_string();
-            (k, v)
-        })
-        .collect();
-    let text = resp.into_string().unwrap_or_default();
-    Call {
-        status,
-        body: serde_json::from_str(&text).unwrap_or(Value::Null),
-        headers,
-    }
+/// A request with an optional API key, as `Authorization: Bearer`.
+fn call(server: &RunningServer, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Reply {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    common::request(server, method, path, &headers, body)
 }
 
 fn config() -> dspo_server::config::Config {
@@ -109,13 +65,13 @@ fn keys_and_scopes_decide_who_may_call_what() {
     let gen = json!({"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 1});
     for key in [None, Some("not-a-key-0123456789")] {
         let r = call(&server, "POST", "/generate", key, Some(&gen));
-        assert_eq!(r.status, 401, "{:?}", r.body);
+        assert_eq!(r.status, 401, "{:?}", r.json());
         assert_eq!(r.code(), "unauthorized");
         assert!(r.header("www-authenticate").unwrap_or_default().starts_with("Bearer"));
     }
     // A generate key runs inference and lists models and adapters ...
     let r = call(&server, "POST", "/generate", Some(GENERATE), Some(&gen));
-    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.status, 200, "{:?}", r.json());
     assert_eq!(call(&server, "GET", "/models", Some(GENERATE), None).status, 200);
     assert_eq!(call(&server, "GET", "/adapters", Some(GENERATE), None).status, 200);
     // ... and nothing else.
@@ -127,7 +83,7 @@ fn keys_and_scopes_decide_who_may_call_what() {
         ("GET", "/adapters/x/weights", None),
     ] {
         let r = call(&server, method, path, Some(GENERATE), body.as_ref());
-        assert_eq!(r.status, 403, "{method} {path}: {:?}", r.body);
+        assert_eq!(r.status, 403, "{method} {path}: {:?}", r.json());
         assert_eq!(r.code(), "forbidden");
     }
     assert_eq!(call(&server, "GET", "/finetune", Some(FULL_A), None).status, 200);
@@ -140,17 +96,17 @@ fn each_key_sees_and_limits_only_its_own_jobs() {
     let server = common::start(c);
     let url = silent_dataset_url();
     let a = call(&server, "POST", "/finetune", Some(FULL_A), Some(&job(&url, "from-a")));
-    assert_eq!(a.status, 202, "{:?}", a.body);
-    let id = a.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(a.status, 202, "{:?}", a.json());
+    let id = a.json()["job_id"].as_str().unwrap().to_string();
 
     // A second active job of the same key is refused; another key may still submit.
     let again = call(&server, "POST", "/finetune", Some(FULL_A), Some(&job(&url, "from-a-2")));
-    assert_eq!(again.status, 429, "{:?}", again.body);
+    assert_eq!(again.status, 429, "{:?}", again.json());
     assert_eq!(again.code(), "rate_limited");
     assert!(again.header("retry-after").is_some());
     let b = call(&server, "POST", "/finetune", Some(FULL_B), Some(&job(&url, "from-b")));
-    assert_eq!(b.status, 202, "{:?}", b.body);
-    let b_id = b.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(b.status, 202, "{:?}", b.json());
+    let b_id = b.json()["job_id"].as_str().unwrap().to_string();
 
     // B cannot see, read or cancel A's job: to B it does not exist.
     for (method, path) in [
@@ -160,12 +116,12 @@ fn each_key_sees_and_limits_only_its_own_jobs() {
         ("DELETE", format!("/finetune/{id}")),
     ] {
         let r = call(&server, method, &path, Some(FULL_B), None);
-        assert_eq!(r.status, 404, "{method} {path}: {:?}", r.body);
+        assert_eq!(r.status, 404, "{method} {path}: {:?}", r.json());
         assert_eq!(r.code(), "job_not_found");
     }
     let ids = |key| -> Vec<String> {
         call(&server, "GET", "/finetune", Some(key), None)
-            .body
+            .json()
             .as_array()
             .unwrap()
             .iter()
@@ -179,7 +135,7 @@ fn each_key_sees_and_limits_only_its_own_jobs() {
     for (key, job) in [(FULL_A, &id), (FULL_B, &b_id)] {
         let r = call(&server, "DELETE", &format!("/finetune/{job}"), Some(key), None);
         // 409 if its download already timed out (datasets.timeout_s) and ended the job.
-        assert!(r.status == 200 || r.code() == "job_finished", "{:?}", r.body);
+        assert!(r.status == 200 || r.code() == "job_finished", "{:?}", r.json());
     }
 }
 
@@ -192,7 +148,7 @@ fn a_key_past_its_request_rate_gets_429_with_retry_after() {
         assert_eq!(call(&server, "GET", "/models", Some(FULL_A), None).status, 200);
     }
     let r = call(&server, "GET", "/models", Some(FULL_A), None);
-    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(r.status, 429, "{:?}", r.json());
     assert_eq!(r.code(), "rate_limited");
     let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");

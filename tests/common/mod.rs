@@ -108,6 +108,26 @@ pub fn agent() -> ureq::Agent {
         .build()
 }
 
+/// Any method, with headers and an optional JSON body.
+pub fn request(
+    server: &RunningServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    json_body: Option<&Value>,
+) -> Reply {
+    let mut req = agent().request(method, &server.url(path));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    finish(match json_body {
+        Some(b) => req
+            .set("content-type", "application/json")
+            .send_bytes(b.to_string().as_bytes()),
+        None => req.call(),
+    })
+}
+
 pub fn get(server: &RunningServer, path: &str) -> Reply {
     finish(agent().get(&server.url(path)).call())
 }

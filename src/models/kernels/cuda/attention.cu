@@ -40,6 +40,20 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // Threads (query rows) per forward block; the host launches exactly this many.
 #define ROWS_FWD 64
 
+// Rows r0..r0+nr of two [rows, c] matrices (one head's d columns each) into shared tiles of
+// TILE x DP floats, zero past the rows and columns, by all threads of the block.
+template <typename T, int DP>
+__device__ __forceinline__ void load_rows(float (*a)[DP], float (*b)[DP], const T* ab, const T* bb,
+                                          int r0, int nr, int c, int d) {
+    for (int e = threadIdx.x; e < TILE * DP; e += blockDim.x) {
+        const int rr = e / DP, i = e % DP;
+        const bool in = rr < nr && i < d;
+        const size_t off = (size_t)(r0 + rr) * c + i;
+        a[rr][i] = in ? to_f32(ab[off]) : 0.f;
+        b[rr][i] = in ? to_f32(bb[off]) : 0.f;
+    }
+}
+
 template <typename T, int DP>
 __device__ void attn_fwd_impl(const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, T* __restrict__ out, float* __restrict__ lse,
@@ -65,13 +79,7 @@ __device__ void attn_fwd_impl(const T* __restrict__ q, const T* __restrict__ k,
     for (int j0 = 0; j0 < kend; j0 += TILE) {
         const int nk = min(TILE, kend - j0);
         __syncthreads();
-        for (int e = threadIdx.x; e < TILE * DP; e += blockDim.x) {
-            const int jj = e / DP, i = e % DP;
-            const bool in = jj < nk && i < d;
-            const size_t off = (size_t)(j0 + jj) * c + i;
-            ks[jj][i] = in ? to_f32(kb[off]) : 0.f;
-            vs[jj][i] = in ? to_f32(vb[off]) : 0.f;
-        }
+        load_rows<T, DP>(ks, vs, kb, vb, j0, nk, c, d);
         __syncthreads();
         // This thread's scores for the tile, in its own column of shared memory (registers
         // would need the tile loop fully unrolled, which multiplies the code size).
@@ -140,13 +148,7 @@ __device__ void attn_bwd_dq_impl(const T* __restrict__ q, const T* __restrict__ 
     for (int j0 = 0; j0 < kend; j0 += TILE) {
         const int nk = min(TILE, kend - j0);
         __syncthreads();
-        for (int e = threadIdx.x; e < TILE * DP; e += blockDim.x) {
-            const int jj = e / DP, i = e % DP;
-            const bool in = jj < nk && i < d;
-            const size_t off = (size_t)(j0 + jj) * c + i;
-            ks[jj][i] = in ? to_f32(kb[off]) : 0.f;
-            vs[jj][i] = in ? to_f32(vb[off]) : 0.f;
-        }
+        load_rows<T, DP>(ks, vs, kb, vb, j0, nk, c, d);
         __syncthreads();
 #pragma unroll 1
         for (int jj = 0; jj < TILE; ++jj) {
@@ -198,13 +200,7 @@ __device__ void attn_bwd_dkv_impl(const T* __restrict__ q, const T* __restrict__
     for (int i0 = q_start; i0 < n; i0 += TILE) {
         const int nq = min(TILE, n - i0);
         __syncthreads();
-        for (int e = threadIdx.x; e < TILE * DP; e += blockDim.x) {
-            const int ii = e / DP, i = e % DP;
-            const bool in = ii < nq && i < d;
-            const size_t off = (size_t)(i0 + ii) * c + i;
-            qs[ii][i] = in ? to_f32(qb[off]) : 0.f;
-            dos[ii][i] = in ? to_f32(gb[off]) : 0.f;
-        }
+        load_rows<T, DP>(qs, dos, qb, gb, i0, nq, c, d);
         for (int ii = threadIdx.x; ii < TILE; ii += blockDim.x) {
             ls[ii] = ii < nq ? lse[(size_t)bh * n + i0 + ii] : 0.f;
             ds_row[ii] = ii < nq ? dvec[(size_t)bh * n + i0 + ii] : 0.f;

@@ -86,6 +86,11 @@ struct Scalars {
 }
 
 impl Scalars {
+    fn push<'a>(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.n).arg(&self.m).arg(&self.c).arg(&self.heads).arg(&self.d);
+        b.arg(&self.scale).arg(&self.causal);
+    }
+
     fn new(g: &Dims, causal: bool) -> Self {
         Self {
             n: g.n as i32,
@@ -131,7 +136,7 @@ pub(crate) fn attention_forward(
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&q).arg(&k).arg(&v).arg(&out).arg(&lse);
-        b.arg(&s.n).arg(&s.m).arg(&s.c).arg(&s.heads).arg(&s.d).arg(&s.scale).arg(&s.causal);
+        s.push(&mut b);
         // SAFETY: argument types and order match attn_fwd in attention.cu.
         unsafe { b.launch(grid(g.n, ROWS_FWD, g)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), lse))
@@ -185,7 +190,7 @@ pub(crate) fn attention_backward(
                 b.arg(x);
             }
             b.arg(lse).arg(&dvec).arg(&dq);
-            b.arg(&s.n).arg(&s.m).arg(&s.c).arg(&s.heads).arg(&s.d).arg(&s.scale).arg(&s.causal);
+            s.push(&mut b);
             // SAFETY: argument types and order match attn_bwd_dq in attention.cu.
             unsafe { b.launch(grid(g.n, ROWS_BWD, g)) }.w()?;
         }
@@ -194,7 +199,7 @@ pub(crate) fn attention_backward(
             let mut b = stream.launch_builder(&f);
             b.arg(&views[0]).arg(&views[1]).arg(&views[2]).arg(&views[4]);
             b.arg(lse).arg(&dvec).arg(&dk).arg(&dv);
-            b.arg(&s.n).arg(&s.m).arg(&s.c).arg(&s.heads).arg(&s.d).arg(&s.scale).arg(&s.causal);
+            s.push(&mut b);
             // SAFETY: argument types and order match attn_bwd_dkv in attention.cu.
             unsafe { b.launch(grid(g.m, ROWS_BWD, g)) }.w()?;
         }
