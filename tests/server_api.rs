@@ -790,3 +790,14 @@ fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the idle connection was still served: {}", String::from_utf8_lossy(&buf[..n]));
 }
+
+#[test]
+fn a_job_without_a_method_takes_the_models_default() {
+    let mut config = tiny_config();
+    config.models.serve.truncate(1);
+    config.finetune.method = "diffusion_dpo".into();
+    let server = start(config);
+    let r = post_json(&server, "/finetune", &json!({"dataset_url": "https://127.0.0.1:9/p.parquet"}));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    assert_eq!(r.json()["job"]["spec"]["method"], "diffusion_dpo");
+}

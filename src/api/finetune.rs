@@ -106,7 +106,10 @@ pub async fn create(
     let Json(spec) = body.map_err(ApiError::from)?;
     let m = jobs(&state)?.clone();
     let job: JobRecord =
-        tokio::task::spawn_blocking(move || m.submit_as(spec.into(), caller.key_id.as_deref()))
+        tokio::task::spawn_blocking(move || {
+            let method = m.default_method(spec.base_model.as_deref());
+            m.submit_as(spec.into_job_spec(method), caller.key_id.as_deref())
+        })
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??
             .into();

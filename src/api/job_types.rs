@@ -84,7 +84,9 @@ pub struct JobSpec {
     /// A served model's name; default: the server's default model.
     #[serde(default)]
     pub base_model: Option<String>,
-    pub method: Method,
+    /// Default: the base model's fine-tuning method (`dspo_server.json`, else `[finetune]`).
+    #[serde(default)]
+    pub method: Option<Method>,
     /// Name of the adapter to register; default: `<method>-<job id prefix>`.
     #[serde(default)]
     pub adapter_name: Option<String>,
@@ -294,12 +296,14 @@ impl From<jobs::types::LoraRequest> for LoraRequest {
     }
 }
 
-impl From<JobSpec> for jobs::JobSpec {
-    fn from(s: JobSpec) -> Self {
-        Self {
+impl JobSpec {
+    /// The job layer's spec, with `default_method` where the request named none.
+    pub fn into_job_spec(self, default_method: training::Method) -> jobs::JobSpec {
+        let s = self;
+        jobs::JobSpec {
             dataset_url: s.dataset_url,
             base_model: s.base_model,
-            method: s.method.into(),
+            method: s.method.map_or(default_method, Into::into),
             adapter_name: s.adapter_name,
             lora: s.lora.map(Into::into),
             full_finetune: s.full_finetune,
@@ -317,7 +321,7 @@ impl From<jobs::JobSpec> for JobSpec {
         Self {
             dataset_url: s.dataset_url,
             base_model: s.base_model,
-            method: s.method.into(),
+            method: Some(s.method.into()),
             adapter_name: s.adapter_name,
             lora: s.lora.map(Into::into),
             full_finetune: s.full_finetune,
@@ -427,7 +431,7 @@ mod tests {
         };
         let mirrored = serde_json::to_value(JobRecord::from(record.clone())).unwrap();
         assert_eq!(serde_json::to_value(&record).unwrap(), mirrored);
-        let back: jobs::JobSpec = JobSpec::from(spec.clone()).into();
+        let back = JobSpec::from(spec.clone()).into_job_spec(training::Method::Sft);
         assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&spec).unwrap());
         let m = training::StepMetrics {
             step: 1,

@@ -12,7 +12,7 @@ use super::types::{
 use super::webhook;
 use crate::adapters::{valid_name, AdapterDir};
 use crate::training::trainer::Trainer;
-use crate::training::{Hyperparameters, StepMetrics, TrainConfig, TrainError};
+use crate::training::{Hyperparameters, Method, StepMetrics, TrainConfig, TrainError};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -344,6 +344,13 @@ impl JobManager {
 
     fn job_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("jobs").join(id)
+    }
+
+    /// The method a job on `base_model` trains with when its request names none: the model's
+    /// own default (its `dspo_server.json`), else the server's `[finetune] method`.
+    pub fn default_method(&self, base_model: Option<&str>) -> Method {
+        let name = (self.models)(base_model).map(|(n, _)| n).unwrap_or_default();
+        self.cfg.defaults_for(&name).method
     }
 
     /// Validates and queues a job. Errors here are the client's (422 / 404).
