@@ -181,7 +181,7 @@ fn needs(method: &Method, path: &str, protect_docs: bool) -> Needs {
     match (method, path) {
         (_, "/health" | "/ready") => Needs::Nothing,
         _ if docs && !protect_docs => Needs::Nothing,
-        (&Method::POST, "/generate" | "/edit")
+        (&Method::POST, "/generate" | "/edit" | "/v1/images/generations" | "/v1/images/edits")
         | (&Method::GET, "/models" | "/adapters" | "/metrics") => {
             Needs::Scope(Scope::Generate)
         }

@@ -119,7 +119,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
+pub(crate) fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
     app.pool.get(name).ok_or_else(|| {
         let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
         ApiError::ModelNotFound(format!(
@@ -176,19 +176,26 @@ fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
     )))
 }
 
-/// Submits a validated task, awaits it and builds the response. If the client disconnects,
-/// this future is dropped with the reply receiver, which is how the worker learns to skip it.
-async fn run_task(
-    id: String,
+/// A finished task: its PNGs (with their seeds) and what the response reports about it.
+pub(crate) struct Computed {
+    pub pngs: Vec<Vec<u8>>,
+    pub seeds: Vec<u64>,
+    pub timings: Timings,
+    pub warnings: Vec<String>,
+}
+
+/// Submits a validated task and awaits its PNGs. If the client disconnects, this future is
+/// dropped with the reply receiver, which is how the worker learns to skip it.
+pub(crate) async fn compute(
+    id: &str,
     worker: &ModelWorker,
     task: GenerationTask,
-    params: Parameters,
-    png: bool,
+    params: &Parameters,
     arrived: Instant,
-) -> Result<Response, ApiError> {
+) -> Result<Computed, ApiError> {
     let sampler = task.scheduler.a1111_name();
     let seeds = task.seeds.clone();
-    let reply = worker.submit(task, &id)?;
+    let reply = worker.submit(task, id)?;
     let mut output = reply
         .await
         .map_err(|_| ApiError::Internal("the worker dropped the request".into()))??;
@@ -209,31 +216,9 @@ async fn run_task(
     .map_err(|e| ApiError::Internal(format!("PNG encoding panicked: {e}")))?
     .map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))?;
     let encode_ms = encode_start.elapsed().as_secs_f64() * 1e3;
-    if png {
-        let mut response = (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "image/png")],
-            pngs.into_iter().next().unwrap_or_default(),
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert("x-seed", HeaderValue::from(seeds[0]));
-        return Ok(response);
-    }
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let body = GenerateResponse {
-        id,
-        model: params.model.clone(),
-        images: pngs
-            .iter()
-            .zip(&seeds)
-            .map(|(bytes, &seed)| GeneratedImage {
-                seed,
-                png_base64: b64.encode(bytes),
-            })
-            .collect(),
-        parameters: params,
+    Ok(Computed {
+        pngs,
+        seeds,
         timings: Timings {
             queue_ms: output.queue_ms,
             inference_ms: output.compute_ms,
@@ -242,6 +227,47 @@ async fn run_task(
             batch_size: output.batch_size as u32,
         },
         warnings: output.warnings,
+    })
+}
+
+/// Computes a validated task and answers in this API's format: JSON, or the PNG itself.
+async fn run_task(
+    id: String,
+    worker: &ModelWorker,
+    task: GenerationTask,
+    params: Parameters,
+    png: bool,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let done = compute(&id, worker, task, &params, arrived).await?;
+    if png {
+        let mut response = (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "image/png")],
+            done.pngs.into_iter().next().unwrap_or_default(),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert("x-seed", HeaderValue::from(done.seeds[0]));
+        return Ok(response);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = GenerateResponse {
+        id,
+        model: params.model.clone(),
+        images: done
+            .pngs
+            .iter()
+            .zip(&done.seeds)
+            .map(|(bytes, &seed)| GeneratedImage {
+                seed,
+                png_base64: b64.encode(bytes),
+            })
+            .collect(),
+        parameters: params,
+        timings: done.timings,
+        warnings: done.warnings,
     };
     Ok(Json(body).into_response())
 }

@@ -11,6 +11,7 @@ pub mod handlers;
 pub mod images;
 pub mod job_types;
 pub mod metrics;
+pub mod openai;
 pub mod running;
 pub mod types;
 pub mod validate;
@@ -271,6 +272,8 @@ impl Api {
             .route("/ready", get(handlers::ready))
             .route("/openapi.json", get(handlers::openapi_json))
             .route("/metrics", get(metrics::metrics))
+            .route("/v1/images/generations", post(openai::generations))
+            .route("/v1/images/edits", post(openai::edits))
             .route("/finetune", post(finetune::create).get(finetune::list))
             .route(
                 "/finetune/{id}",
