@@ -73,6 +73,21 @@ impl AdapterDir {
         (valid_name(name) && p.is_file()).then_some(p)
     }
 
+    /// The names of the complete adapters present, sorted (files dropped in by hand too).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| self.find(n).is_some())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Copies a trained adapter in under `name`; readers see the file only once it is
     /// complete (written beside it, then renamed).
     pub fn install(&self, name: &str, weights: &Path) -> std::io::Result<PathBuf> {

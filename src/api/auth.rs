@@ -181,8 +181,16 @@ fn needs(method: &Method, path: &str, protect_docs: bool) -> Needs {
     match (method, path) {
         (_, "/health" | "/ready") => Needs::Nothing,
         _ if docs && !protect_docs => Needs::Nothing,
-        (&Method::POST, "/generate" | "/edit" | "/v1/images/generations" | "/v1/images/edits")
-        | (&Method::GET, "/models" | "/adapters" | "/metrics") => {
+        (
+            &Method::POST,
+            "/generate" | "/edit" | "/v1/images/generations" | "/v1/images/edits"
+            | "/sdapi/v1/txt2img" | "/sdapi/v1/img2img",
+        )
+        | (
+            &Method::GET,
+            "/models" | "/adapters" | "/metrics" | "/sdapi/v1/samplers" | "/sdapi/v1/sd-models"
+            | "/sdapi/v1/loras",
+        ) => {
             Needs::Scope(Scope::Generate)
         }
         _ if docs => Needs::Scope(Scope::Generate),

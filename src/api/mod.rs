@@ -12,6 +12,7 @@ pub mod images;
 pub mod job_types;
 pub mod metrics;
 pub mod openai;
+pub mod a1111;
 pub mod running;
 pub mod types;
 pub mod validate;
@@ -274,6 +275,11 @@ impl Api {
             .route("/metrics", get(metrics::metrics))
             .route("/v1/images/generations", post(openai::generations))
             .route("/v1/images/edits", post(openai::edits))
+            .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+            .route("/sdapi/v1/img2img", post(a1111::img2img))
+            .route("/sdapi/v1/samplers", get(a1111::samplers))
+            .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+            .route("/sdapi/v1/loras", get(a1111::loras))
             .route("/finetune", post(finetune::create).get(finetune::list))
             .route(
                 "/finetune/{id}",
