@@ -768,6 +768,12 @@ fn contract_details_wrong_types_ignored_parameters_and_ended_jobs() {
     assert!(r.json()["warnings"][0].as_str().unwrap().contains("image_guidance_scale was ignored"), "{:?}", r.json()["warnings"]);
     let r = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sd15", "steps": 2}));
     assert_eq!(r.json()["warnings"], json!([]));
+    // Far from the native size: said, not refused.
+    let native = get(&server, "/models").json()["models"][0]["native_size"].as_u64().unwrap_or(64);
+    let big = native * 4;
+    let r = post_json(&server, "/generate", &json!({"prompt": "x", "model": "tiny-sd15", "steps": 2, "width": big, "height": big}));
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert!(r.json()["warnings"][0].as_str().unwrap().contains("native"), "{:?}", r.json()["warnings"]);
 }
 
 #[test]

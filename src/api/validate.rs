@@ -191,6 +191,19 @@ fn unsupported(mode: Mode, info: &ModelInfo) -> ApiError {
     ))
 }
 
+/// A size far from the one the model was trained at draws repeated or cropped subjects (a
+/// 256-pixel request on a 64-pixel model tiles its scene): allowed, but said.
+fn size_warning(width: usize, height: usize, info: &ModelInfo) -> Option<String> {
+    let native = info.native_size;
+    let far = |side: usize| side > 2 * native || 2 * side < native;
+    (far(width) || far(height)).then(|| {
+        format!(
+            "{width}x{height} is far from this model's native {native}x{native}; expect \
+             repeated, cropped or distorted subjects"
+        )
+    })
+}
+
 /// Parameters a request may send that its mode does not use are accepted (clients send one
 /// body shape for every mode) but named in the response's warnings, not silently dropped.
 fn ignored_adapter_scale(c: &Common) -> Option<String> {
@@ -231,7 +244,10 @@ pub fn generate(
     };
     let checked = check_common(&common, info, config)?;
     let params = parameters(Mode::Txt2Img, &common, &checked, info, width, height);
-    let warnings = ignored_adapter_scale(&common).into_iter().collect();
+    let warnings = ignored_adapter_scale(&common)
+        .into_iter()
+        .chain(size_warning(width, height, info))
+        .collect();
     let task = GenerationTask {
         task: TaskParams::Txt2Img,
         prompt: PromptPair {
@@ -352,6 +368,7 @@ pub fn edit(
         )?,
     };
     let resized = images::resize(decoded, width as u32, height as u32);
+    warnings.extend(size_warning(width, height, info));
     let mut params = parameters(mode, &common, &checked, info, width, height);
     params.input_width = Some(input_w);
     params.input_height = Some(input_h);
