@@ -78,6 +78,10 @@ fn serve_with_no_model_argument_serves_the_shapes_model() {
         .into_json()
         .unwrap();
     assert_eq!(models["models"][0]["name"], "shapes", "{models}");
+    // What the demo knows to draw is in /models, from its dspo_server.json.
+    let vocabulary = &models["models"][0]["vocabulary"];
+    assert!(vocabulary["shapes"].as_array().unwrap().iter().any(|s| s == "circle"), "{models}");
+    assert!(vocabulary["backgrounds"].as_array().unwrap().iter().any(|s| s == "light blue"), "{models}");
 
     let caption = "a red circle on a white background";
     let reply: Value = ureq::post(&format!("{base}/generate"))

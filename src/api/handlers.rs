@@ -497,6 +497,7 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
                         .then_some(d.image_guidance_scale),
                     strength: i.supports(Mode::Img2Img).then_some(d.strength),
                 }),
+                vocabulary: info.as_ref().and_then(|i| i.vocabulary.clone()),
             }
         })
         .collect();

@@ -225,6 +225,10 @@ pub struct ModelEntry {
     pub modes: Vec<String>,
     pub schedulers: Vec<String>,
     pub defaults: Option<ModelDefaults>,
+    /// What the model knows to draw, when its directory ships a `vocabulary` (the demo model
+    /// lists its shapes, colours and backgrounds); null otherwise.
+    #[schema(value_type = Option<Object>)]
+    pub vocabulary: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

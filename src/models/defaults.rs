@@ -34,6 +34,10 @@ pub struct ModelDefaults {
     /// manager (`jobs::FinetuneDefaults::merged`).
     #[serde(default)]
     pub finetune: Option<serde_json::Value>,
+    /// What the model knows to draw, in any JSON its author writes (the demo lists its shapes,
+    /// colours and backgrounds); GET /models shows it, so clients need not guess.
+    #[serde(default)]
+    pub vocabulary: Option<serde_json::Value>,
 }
 
 impl ModelDefaults {

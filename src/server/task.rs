@@ -27,6 +27,8 @@ pub struct ModelInfo {
     pub scheduler_config: crate::schedulers::SchedulerConfig,
     /// The model's own sampling defaults (steps, guidance), before the server's `[defaults]`.
     pub generate_defaults: crate::models::defaults::GenerateDefaults,
+    /// What the model knows to draw, if its directory says.
+    pub vocabulary: Option<serde_json::Value>,
 }
 
 impl ModelInfo {
@@ -41,6 +43,7 @@ impl ModelInfo {
             num_train_timesteps: model.scheduler_config.num_train_timesteps,
             scheduler_config: model.scheduler_config.clone(),
             generate_defaults: model.defaults.generate.clone(),
+            vocabulary: model.defaults.vocabulary.clone(),
         }
     }
 
