@@ -10,9 +10,9 @@
 //! options (hires fix, restore faces, scripts, ...) are ignored; `mask` is refused.
 
 use super::error::ApiError;
-use super::handlers::{compute, find_model, RequestId};
+use super::handlers::{compute, edit_task, generate_task, RequestId};
 use super::types::{EditRequest, GenerateRequest};
-use super::{validate, AppState};
+use super::AppState;
 use crate::schedulers::SchedulerKind;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -173,8 +173,6 @@ pub async fn txt2img(
     let r: A1111Request =
         serde_json::from_value(raw.clone()).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let c = common(&r)?;
-    let worker = find_model(&app, c.model.as_deref())?;
-    let info = worker.info()?;
     let ours = GenerateRequest {
         prompt: c.prompt,
         negative_prompt: r.negative_prompt,
@@ -189,7 +187,7 @@ pub async fn txt2img(
         seed: c.seed,
         num_images: c.num_images,
     };
-    let (task, params) = validate::generate(ours, &info, &app.config)?;
+    let (worker, task, params) = generate_task(&app, ours)?;
     let done = compute(&id, worker, task, &params, arrived).await?;
     Ok(answer(raw, done.pngs, &done.seeds, &params))
 }
@@ -215,8 +213,6 @@ pub async fn img2img(
         _ => return Err(ApiError::InvalidRequest("one image in init_images per request".into())),
     };
     let c = common(&r)?;
-    let worker = find_model(&app, c.model.as_deref())?;
-    let info = worker.info()?;
     let ours = EditRequest {
         image: String::new(),
         prompt: c.prompt,
@@ -236,11 +232,7 @@ pub async fn img2img(
         num_images: c.num_images,
     };
     let bytes = super::images::decode_base64(&image)?;
-    let config = app.config.clone();
-    let (task, params) =
-        tokio::task::spawn_blocking(move || validate::edit(ours, &bytes, &info, &config))
-            .await
-            .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    let (worker, task, params) = edit_task(&app, ours, bytes).await?;
     let done = compute(&id, worker, task, &params, arrived).await?;
     Ok(answer(raw, done.pngs, &done.seeds, &params))
 }

@@ -119,7 +119,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-pub(crate) fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
+fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
     app.pool.get(name).ok_or_else(|| {
         let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
         ApiError::ModelNotFound(format!(
@@ -174,6 +174,35 @@ fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
     Err(ApiError::NotAcceptable(format!(
         "Accept: image/png returns one PNG, but num_images is {num_images}; accept application/json for several images"
     )))
+}
+
+/// A text-to-image request validated into a task for its model's worker (every route that
+/// generates, native or compatible, comes through here).
+pub(crate) fn generate_task<'a>(
+    app: &'a AppState,
+    req: GenerateRequest,
+) -> Result<(&'a Arc<ModelWorker>, GenerationTask, Parameters), ApiError> {
+    let worker = find_model(app, req.model.as_deref())?;
+    let info = worker.info()?;
+    let (task, params) = validate::generate(req, &info, &app.config)?;
+    Ok((worker, task, params))
+}
+
+/// An edit request and its image file validated into a task for its model's worker. Decoding
+/// and resizing are CPU work proportional to the upload, so they run off the async threads.
+pub(crate) async fn edit_task<'a>(
+    app: &'a AppState,
+    req: EditRequest,
+    image: Vec<u8>,
+) -> Result<(&'a Arc<ModelWorker>, GenerationTask, Parameters), ApiError> {
+    let worker = find_model(app, req.model.as_deref())?;
+    let info = worker.info()?;
+    let config = app.config.clone();
+    let (task, params) =
+        tokio::task::spawn_blocking(move || validate::edit(req, &image, &info, &config))
+            .await
+            .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    Ok((worker, task, params))
 }
 
 /// A finished task: its PNGs (with their seeds) and what the response reports about it.
@@ -306,9 +335,7 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let Json(req) = body?;
-    let worker = find_model(&app, req.model.as_deref())?;
-    let info = worker.info()?;
-    let (task, params) = validate::generate(req, &info, &app.config)?;
+    let (worker, task, params) = generate_task(&app, req)?;
     let png = wants_png(&headers, task.num_images())?;
     run_task(id, worker, task, params, png, arrived).await
 }
@@ -430,19 +457,14 @@ pub async fn edit(
             "Content-Type '{content_type}': /edit takes application/json or multipart/form-data"
         )));
     };
-    let worker = find_model(&app, req.model.as_deref())?;
-    let info = worker.info()?;
+    // Unknown or unloaded model first, then Accept, then the body's values (edit_task).
+    find_model(&app, req.model.as_deref())?.info()?;
     let max = app.config.limits.max_num_images as usize;
     let png = wants_png(
         &headers,
         req.num_images.unwrap_or(1).clamp(1, max as i64) as usize,
     )?;
-    // Decoding and resizing are CPU work proportional to the upload.
-    let config = app.config.clone();
-    let (task, params) =
-        tokio::task::spawn_blocking(move || validate::edit(req, &image, &info, &config))
-            .await
-            .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    let (worker, task, params) = edit_task(&app, req, image).await?;
     run_task(id, worker, task, params, png, arrived).await
 }
 

@@ -11,9 +11,9 @@
 //! models; `mask` is refused, since masked inpainting is not served.
 
 use super::error::ApiError;
-use super::handlers::{compute, find_model, RequestId};
+use super::handlers::{compute, edit_task, generate_task, RequestId};
 use super::types::{EditRequest, GenerateRequest};
-use super::{validate, AppState};
+use super::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Multipart, State};
 use axum::response::{IntoResponse, Response};
@@ -94,8 +94,6 @@ pub async fn generations(
     let Json(req) = body?;
     let url = wants_url(req.response_format.as_deref())?;
     let (width, height) = parse_size(req.size.as_deref())?;
-    let worker = find_model(&app, req.model.as_deref())?;
-    let info = worker.info()?;
     let prompt = req.prompt.clone();
     let ours = GenerateRequest {
         prompt: req.prompt,
@@ -111,7 +109,7 @@ pub async fn generations(
         seed: None,
         num_images: req.n,
     };
-    let (task, params) = validate::generate(ours, &info, &app.config)?;
+    let (worker, task, params) = generate_task(&app, ours)?;
     let done = compute(&id, worker, task, &params, arrived).await?;
     Ok(answer(done.pngs, url, &prompt))
 }
@@ -165,8 +163,6 @@ pub async fn edits(
         None => None,
     };
     let model = text.remove("model");
-    let worker = find_model(&app, model.as_deref())?;
-    let info = worker.info()?;
     let ours = EditRequest {
         image: String::new(),
         prompt: prompt.clone(),
@@ -185,11 +181,7 @@ pub async fn edits(
         seed: None,
         num_images: n,
     };
-    let config = app.config.clone();
-    let (task, params) =
-        tokio::task::spawn_blocking(move || validate::edit(ours, &image, &info, &config))
-            .await
-            .map_err(|e| ApiError::Internal(format!("validation panicked: {e}")))??;
+    let (worker, task, params) = edit_task(&app, ours, image).await?;
     let done = compute(&id, worker, task, &params, arrived).await?;
     Ok(answer(done.pngs, url, &prompt))
 }

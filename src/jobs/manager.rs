@@ -523,7 +523,7 @@ impl JobManager {
 
     /// How many jobs are in each state (every state listed, zeros included).
     pub fn count_by_status(&self) -> Result<Vec<(&'static str, usize)>, JobError> {
-        let jobs = self.store.list(None)?;
+        let counts = self.store.count_by_status()?;
         Ok([
             JobStatus::Queued,
             JobStatus::Downloading,
@@ -533,7 +533,7 @@ impl JobManager {
             JobStatus::Cancelled,
         ]
         .into_iter()
-        .map(|s| (s.as_str(), jobs.iter().filter(|j| j.status == s).count()))
+        .map(|s| (s.as_str(), counts.get(s.as_str()).copied().unwrap_or(0)))
         .collect())
     }
 

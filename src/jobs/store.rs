@@ -125,6 +125,18 @@ impl Store {
             .map_err(db)
     }
 
+    /// Jobs per status, counted by the database (a metrics scrape must not read every record).
+    pub fn count_by_status(&self) -> Result<std::collections::HashMap<String, usize>, JobError> {
+        let conn = self.conn.lock().unwrap();
+        let mut st = conn
+            .prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            .map_err(db)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize)))
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+
     /// How many of an owner's jobs are queued or running.
     pub fn active_jobs_of(&self, owner: &str) -> Result<usize, JobError> {
         let conn = self.conn.lock().unwrap();
