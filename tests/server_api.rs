@@ -617,6 +617,7 @@ fn write_adapter(
         modules,
         use_rslora: false,
         peft_config: LoraAdapter::peft_config_for(2, 2.0, &targets),
+        ..Default::default()
     };
     let dir = data_dir.join("adapters").join(name);
     std::fs::create_dir_all(&dir).unwrap();

@@ -71,7 +71,7 @@ impl AdapterState {
     ) -> Result<(), String> {
         let Some(choice) = choice else {
             if self.attached.is_some() {
-                model.unet.linears().clear_all();
+                clear(model);
                 self.attached = None;
             }
             return Ok(());
@@ -86,14 +86,25 @@ impl AdapterState {
             .map_err(|e| format!("adapter '{}' could not be loaded: {e}", choice.name))?;
         // attach validates every module before it changes anything, but a failure still leaves
         // the previous adapter attached: forget it so the next batch re-applies its own.
-        let result = adapter.attach(model.unet.linears(), choice.scale, model.unet.dtype());
+        let result = adapter
+            .attach(model.unet.linears(), choice.scale, model.unet.dtype())
+            .and_then(|()| {
+                adapter.attach_text(
+                    [
+                        Some(model.text_encoder.linears()),
+                        model.text_encoder_2.as_ref().map(|t| t.linears()),
+                    ],
+                    choice.scale,
+                    model.unet.dtype(),
+                )
+            });
         match result {
             Ok(()) => {
                 self.attached = Some(want);
                 Ok(())
             }
             Err(e) => {
-                model.unet.linears().clear_all();
+                clear(model);
                 self.attached = None;
                 Err(format!("adapter '{}' does not fit model: {e}", choice.name))
             }
@@ -102,7 +113,16 @@ impl AdapterState {
 
     /// After a panic the slots may hold anything: detach everything.
     pub fn reset(&mut self, model: &DiffusionModel) {
-        model.unet.linears().clear_all();
+        clear(model);
         self.attached = None;
+    }
+}
+
+/// Detaches every adapter: the UNet's and the text encoders' layers.
+fn clear(model: &DiffusionModel) {
+    model.unet.linears().clear_all();
+    model.text_encoder.linears().clear_all();
+    if let Some(t) = &model.text_encoder_2 {
+        t.linears().clear_all();
     }
 }

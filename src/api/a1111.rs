@@ -1,6 +1,8 @@
 //! AUTOMATIC1111-compatible routes (its `/sdapi/v1` API, which stable-diffusion.cpp's server and
-//! many front ends speak): txt2img, img2img, samplers, sd-models and loras, with A1111's field
-//! names, mapped onto the same validated tasks as /generate and /edit.
+//! many front ends speak): txt2img, img2img, samplers, sd-models, loras, progress and
+//! interrupt, with A1111's field names, mapped onto the same validated tasks as /generate and
+//! /edit. An interrupted request is answered 409 generation_cancelled (A1111 returns the
+//! unfinished images instead).
 //!
 //! Field mapping: `cfg_scale` is guidance_scale, `sampler_name` an A1111 sampler name ("Euler
 //! a", "DPM++ 2M Karras", ...), `seed` -1 random, `batch_size * n_iter` images,
@@ -9,15 +11,16 @@
 //! the model. A LoRA is named the A1111 way, `<lora:name:scale>` in the prompt. Other A1111
 //! options (hires fix, restore faces, scripts, ...) are ignored; `mask` is refused.
 
+use super::auth::Caller;
 use super::error::ApiError;
-use super::handlers::{compute, edit_task, generate_task, RequestId};
+use super::handlers::{compute, edit_task, generate_task, track, RequestId};
 use super::types::{EditRequest, GenerateRequest};
 use super::AppState;
 use crate::schedulers::SchedulerKind;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -165,6 +168,7 @@ fn answer(req: Value, pngs: Vec<Vec<u8>>, seeds: &[u64], params: &super::types::
 /// POST /sdapi/v1/txt2img
 pub async fn txt2img(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RequestId(id): RequestId,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -186,15 +190,19 @@ pub async fn txt2img(
         scheduler: c.scheduler,
         seed: c.seed,
         num_images: c.num_images,
+        output_format: None,
+        output_quality: None,
     };
     let (worker, task, params) = generate_task(&app, ours)?;
-    let done = compute(&id, worker, task, &params, arrived).await?;
-    Ok(answer(raw, done.pngs, &done.seeds, &params))
+    let mut tracked = track(&app, &caller, &id, worker)?;
+    let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+    Ok(answer(raw, done.files, &done.seeds, &params))
 }
 
 /// POST /sdapi/v1/img2img (InstructPix2Pix models edit; others run img2img)
 pub async fn img2img(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RequestId(id): RequestId,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -230,11 +238,65 @@ pub async fn img2img(
         scheduler: c.scheduler,
         seed: c.seed,
         num_images: c.num_images,
+        output_format: None,
+        output_quality: None,
     };
     let bytes = super::images::decode_base64(&image)?;
     let (worker, task, params) = edit_task(&app, ours, bytes).await?;
-    let done = compute(&id, worker, task, &params, arrived).await?;
-    Ok(answer(raw, done.pngs, &done.seeds, &params))
+    let mut tracked = track(&app, &caller, &id, worker)?;
+    let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+    Ok(answer(raw, done.files, &done.seeds, &params))
+}
+
+/// GET /sdapi/v1/progress: the caller's current generation in A1111's shape (the one
+/// denoising, else the oldest queued), with `state.job_count` its generations in flight.
+/// No preview image is rendered (`current_image` is null).
+pub async fn progress(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
+    let all = app.generations.list(&caller);
+    let current = all
+        .iter()
+        .find(|g| g.stage == "denoising")
+        .or_else(|| all.first());
+    let (progress, eta, step, steps, job) = match current {
+        Some(g) => (
+            g.progress,
+            g.eta_s.unwrap_or(0.0),
+            g.step,
+            g.steps,
+            g.id.clone(),
+        ),
+        None => (0.0, 0.0, 0, 0, String::new()),
+    };
+    Json(json!({
+        "progress": progress,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false,
+            "interrupted": false,
+            "stopping_generation": false,
+            "job": job,
+            "job_count": all.len(),
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        },
+        "current_image": Value::Null,
+        "textinfo": Value::Null,
+    }))
+}
+
+/// POST /sdapi/v1/interrupt: cancels every generation of the caller.
+pub async fn interrupt(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
+    let n = app.generations.cancel_all(&caller);
+    tracing::info!(cancelled = n, "A1111 interrupt");
+    Json(json!({}))
 }
 
 /// GET /sdapi/v1/samplers

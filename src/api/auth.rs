@@ -177,20 +177,30 @@ enum Needs {
 }
 
 fn needs(method: &Method, path: &str, protect_docs: bool) -> Needs {
-    let docs = path == "/openapi.json" || path == "/docs" || path.starts_with("/docs/");
+    // The web UI's files are public like the docs: a browser cannot send a key for the page
+    // itself, and the key typed into it goes with every API call the page makes.
+    let docs = path == "/openapi.json"
+        || path == "/docs"
+        || path.starts_with("/docs/")
+        || path == "/"
+        || path.starts_with("/ui/");
     match (method, path) {
         (_, "/health" | "/ready") => Needs::Nothing,
         _ if docs && !protect_docs => Needs::Nothing,
         (
             &Method::POST,
             "/generate" | "/edit" | "/v1/images/generations" | "/v1/images/edits"
-            | "/sdapi/v1/txt2img" | "/sdapi/v1/img2img",
+            | "/sdapi/v1/txt2img" | "/sdapi/v1/img2img" | "/sdapi/v1/interrupt",
         )
         | (
             &Method::GET,
             "/models" | "/adapters" | "/metrics" | "/sdapi/v1/samplers" | "/sdapi/v1/sd-models"
-            | "/sdapi/v1/loras",
+            | "/sdapi/v1/loras" | "/sdapi/v1/progress" | "/generations",
         ) => {
+            Needs::Scope(Scope::Generate)
+        }
+        // A generation's progress and cancel: the registry shows a key only its own.
+        (&Method::GET | &Method::POST, p) if p.starts_with("/generations/") => {
             Needs::Scope(Scope::Generate)
         }
         _ if docs => Needs::Scope(Scope::Generate),
@@ -302,6 +312,9 @@ mod tests {
         assert_eq!(needs(&Method::GET, "/health", false), Nothing);
         assert_eq!(needs(&Method::GET, "/openapi.json", false), Nothing);
         assert_eq!(needs(&Method::GET, "/openapi.json", true), Scope(super::Scope::Generate));
+        assert_eq!(needs(&Method::GET, "/", false), Nothing);
+        assert_eq!(needs(&Method::GET, "/ui/app.js", false), Nothing);
+        assert_eq!(needs(&Method::GET, "/ui/app.js", true), Scope(super::Scope::Generate));
         assert_eq!(needs(&Method::POST, "/generate", false), Scope(super::Scope::Generate));
         assert_eq!(needs(&Method::GET, "/adapters", false), Scope(super::Scope::Generate));
         assert_eq!(needs(&Method::GET, "/adapters/x/weights", false), Scope(super::Scope::All));

@@ -46,6 +46,14 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidAdapterScale(String),
     #[error("{0}")]
+    InvalidOutputFormat(String),
+    #[error("{0}")]
+    GenerationNotFound(String),
+    #[error("{0}")]
+    GenerationCancelled(String),
+    #[error("{0}")]
+    RequestIdInUse(String),
+    #[error("{0}")]
     TooManyImages(String),
     #[error("{0}")]
     UnknownScheduler(String),
@@ -109,6 +117,10 @@ impl ApiError {
             InvalidImageGuidanceScale(_) => "invalid_image_guidance_scale",
             InvalidStrength(_) => "invalid_strength",
             InvalidAdapterScale(_) => "invalid_adapter_scale",
+            InvalidOutputFormat(_) => "invalid_output_format",
+            GenerationNotFound(_) => "generation_not_found",
+            GenerationCancelled(_) => "generation_cancelled",
+            RequestIdInUse(_) => "request_id_in_use",
             TooManyImages(_) => "too_many_images",
             UnknownScheduler(_) => "unknown_scheduler",
             UnknownMode(_) => "unknown_mode",
@@ -150,6 +162,7 @@ impl ApiError {
             | InvalidImageGuidanceScale(_)
             | InvalidStrength(_)
             | InvalidAdapterScale(_)
+            | InvalidOutputFormat(_)
             | TooManyImages(_)
             | UnknownScheduler(_)
             | UnknownMode(_)
@@ -158,10 +171,16 @@ impl ApiError {
             | ImageTooLarge(_)
             | InvalidAdapter(_)
             | InvalidJob(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ModelNotFound(_) | AdapterNotFound(_) | RouteNotFound(_) | JobNotFound(_) => {
+            ModelNotFound(_)
+            | AdapterNotFound(_)
+            | RouteNotFound(_)
+            | JobNotFound(_)
+            | GenerationNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            AdapterExists(_) | JobFinished(_) => StatusCode::CONFLICT,
+            AdapterExists(_) | JobFinished(_) | GenerationCancelled(_) | RequestIdInUse(_) => {
+                StatusCode::CONFLICT
+            }
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ModelLoading { .. } | ModelUnavailable(_) | StorageUnavailable(_) => {
@@ -191,14 +210,28 @@ pub struct ErrorResponse {
 pub struct ErrorBody {
     /// Machine-readable: malformed_json, malformed_multipart, invalid_request, unsupported_media_type,
     /// payload_too_large, not_acceptable, invalid_size, invalid_steps, invalid_guidance_scale,
-    /// invalid_image_guidance_scale, invalid_strength, invalid_adapter_scale, too_many_images,
+    /// invalid_image_guidance_scale, invalid_strength, invalid_adapter_scale,
+    /// invalid_output_format, too_many_images,
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
-    /// invalid_adapter, adapter_exists, job_finished, model_not_found, adapter_not_found, not_found, method_not_allowed,
+    /// invalid_adapter, adapter_exists, job_finished, model_not_found, adapter_not_found,
+    /// generation_not_found, generation_cancelled, request_id_in_use, not_found, method_not_allowed,
     /// host_not_allowed, unauthorized, forbidden, rate_limited, request_timeout, queue_full,
     /// model_loading, model_unavailable, storage_unavailable, internal_error.
     pub code: String,
     /// For people: what was wrong and what is accepted.
     pub message: String,
+}
+
+impl ApiError {
+    /// The JSON body every error response carries (also an `error` event of a stream).
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorBody {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -210,12 +243,7 @@ impl IntoResponse for ApiError {
             tracing::info!(code = self.code(), status = status.as_u16(), message = %self, "request refused");
         }
         let retry_after = self.retry_after();
-        let body = ErrorResponse {
-            error: ErrorBody {
-                code: self.code().to_string(),
-                message: self.to_string(),
-            },
-        };
+        let body = self.body();
         let mut response = (status, Json(body)).into_response();
         if let Some(s) = retry_after {
             response

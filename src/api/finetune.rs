@@ -308,6 +308,83 @@ pub async fn adapter_weights(
         .into_response())
 }
 
+/// `POST /adapters` as multipart/form-data (schema only).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AdapterUpload {
+    /// 1-64 letters, digits, '-', '_' and '.'; not taken by another adapter or a running job.
+    pub name: String,
+    /// The served model the adapter is for (default: the default model); the file must fit it.
+    pub model: Option<String>,
+    /// A LoRA safetensors file: diffusers / PEFT (`load_lora_weights`' format) or kohya /
+    /// AUTOMATIC1111 (`lora_unet_*`, `lora_te_*`, alpha tensors).
+    #[schema(value_type = String, format = Binary)]
+    pub file: Vec<u8>,
+}
+
+/// Upload a LoRA adapter.
+///
+/// The file is checked against the model before it is stored: every module must name one of
+/// the model's layers with that layer's shape. It is then listed and served like a trained
+/// adapter, and only the uploading key may download or delete it. Uploads are bounded by
+/// limits.max_body_bytes.
+#[utoipa::path(
+    post,
+    path = "/adapters",
+    tag = "finetune",
+    request_body(content = AdapterUpload, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Stored", body = AdapterInfo),
+        (status = 400, description = "Malformed multipart body", body = super::error::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+        (status = 409, description = "The name is taken (adapter_exists)", body = super::error::ErrorResponse),
+        (status = 413, description = "Over limits.max_body_bytes", body = super::error::ErrorResponse),
+        (status = 422, description = "Not a LoRA file, or it does not fit the model (invalid_adapter); bad name (invalid_job)", body = super::error::ErrorResponse),
+        (status = 503, description = "Model still loading, or storage unavailable", body = super::error::ErrorResponse),
+    )
+)]
+pub async fn upload_adapter(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let mut form = form.map_err(|e| ApiError::MalformedMultipart(e.body_text()))?;
+    let (mut name, mut model, mut file) = (None, None, None);
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(e.body_text())
+        } else {
+            ApiError::MalformedMultipart(e.body_text())
+        }
+    };
+    while let Some(field) = form.next_field().await.map_err(malformed)? {
+        match field.name().unwrap_or_default() {
+            "file" => file = Some(field.bytes().await.map_err(malformed)?.to_vec()),
+            "name" => name = Some(field.text().await.map_err(malformed)?),
+            "model" => model = Some(field.text().await.map_err(malformed)?),
+            other => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unknown field `{other}`; POST /adapters takes name, model and file"
+                )))
+            }
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::InvalidRequest("missing field `name`".into()))?;
+    let file = file.ok_or_else(|| ApiError::InvalidRequest("missing field `file` (a file part)".into()))?;
+    let worker = super::handlers::find_model(&state, model.as_deref().filter(|m| !m.is_empty()))?;
+    let info = worker.info()?;
+    let m = jobs(&state)?.clone();
+    let record = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        crate::models::lora::LoraAdapter::from_bytes(&file, &candle_core::Device::Cpu)
+            .and_then(|a| a.check_fits(&info.lora_layout))
+            .map_err(|e| ApiError::InvalidAdapter(format!("{e} (model '{}')", info.name)))?;
+        Ok(m.upload_adapter(&name, &info.name, &file, caller.key_id.as_deref())?)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(AdapterInfo::from(record))).into_response())
+}
+
 /// Delete an adapter (its file and registry entry).
 #[utoipa::path(
     delete,

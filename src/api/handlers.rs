@@ -1,7 +1,9 @@
 //! Endpoint handlers: parse, validate, hand the task to the model's worker, await the answer,
 //! encode. They never touch a model.
 
+use super::auth::Caller;
 use super::error::{ApiError, ErrorResponse};
+use super::generations::{self, Tracked};
 use super::images;
 use super::types::*;
 use super::validate;
@@ -13,7 +15,7 @@ use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine;
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,7 +121,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     }
 }
 
-fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
+pub(crate) fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
     app.pool.get(name).ok_or_else(|| {
         let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
         ApiError::ModelNotFound(format!(
@@ -130,14 +132,36 @@ fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<Model
     })
 }
 
-/// Content negotiation for the response body: PNG bytes when the client prefers `image/png`
-/// over JSON and asked for one image. A client that accepts only PNG but asked for several
-/// images gets 406 before any compute is spent.
-fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
+/// What a /generate or /edit response body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    Json,
+    /// The image file itself (one image), in the request's output format.
+    File,
+    /// Server-sent events: progress while it runs, then the JSON result.
+    Events,
+}
+
+/// Content negotiation for the response body: the image file itself when the client prefers
+/// an image type over JSON and asked for one image (the type picks `output_format` when the
+/// body names none); a stream of progress events for `text/event-stream`. A client that
+/// accepts only files but asked for several images, or only a type other than the format it
+/// asked for, gets 406 before any compute is spent.
+pub(crate) fn negotiate(
+    headers: &HeaderMap,
+    num_images: usize,
+    output_format: &mut Option<String>,
+) -> Result<BodyKind, ApiError> {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return Ok(false);
+        return Ok(BodyKind::Json);
     };
-    let (mut png, mut json, mut png_first) = (0.0f64, 0.0f64, None);
+    let requested = output_format
+        .as_deref()
+        .and_then(|f| images::OutputFormat::parse(f, 0))
+        .map(|f| f.name());
+    // (kind, image format, q) in the header's order; the first of equal q wins.
+    let mut best: Option<(BodyKind, Option<&'static str>, f64)> = None;
+    let mut json_q = 0.0f64;
     for part in accept.split(',') {
         let mut it = part.split(';');
         let media = it.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -149,31 +173,43 @@ fn wants_png(headers: &HeaderMap, num_images: usize) -> Result<bool, ApiError> {
             })
             .next()
             .unwrap_or(1.0);
-        match media.as_str() {
-            "image/png" | "image/*" => {
-                png = png.max(q);
-                png_first.get_or_insert(true);
-            }
+        let candidate = match media.as_str() {
             "application/json" | "application/*" | "*/*" => {
-                json = json.max(q);
-                png_first.get_or_insert(false);
+                json_q = json_q.max(q);
+                (BodyKind::Json, None)
             }
-            _ => {}
+            "text/event-stream" => (BodyKind::Events, None),
+            "image/*" => (BodyKind::File, Some(requested.unwrap_or("png"))),
+            "image/png" => (BodyKind::File, Some("png")),
+            "image/jpeg" => (BodyKind::File, Some("jpeg")),
+            "image/webp" => (BodyKind::File, Some("webp")),
+            _ => continue,
+        };
+        if q > 0.0 && best.is_none_or(|(_, _, b)| q > b) {
+            best = Some((candidate.0, candidate.1, q));
         }
     }
-    let prefers_png = png > json || (png > 0.0 && png == json && png_first == Some(true));
-    if !prefers_png {
-        return Ok(false);
+    let Some((kind, format, _)) = best else {
+        return Err(ApiError::NotAcceptable(format!(
+            "Accept: {accept}; this route answers application/json, text/event-stream, or one image/png, image/jpeg or image/webp"
+        )));
+    };
+    if kind != BodyKind::File {
+        return Ok(kind);
     }
-    if num_images == 1 {
-        return Ok(true);
+    let format = format.unwrap_or("png");
+    if num_images != 1 || requested.is_some_and(|r| r != format) {
+        if json_q > 0.0 {
+            return Ok(BodyKind::Json);
+        }
+        return Err(ApiError::NotAcceptable(if num_images != 1 {
+            format!("Accept: {accept} returns one image file, but num_images is {num_images}; accept application/json for several images")
+        } else {
+            format!("Accept: {accept} does not take output_format {}; accept application/json or image/{}", requested.unwrap_or(""), requested.unwrap_or(""))
+        }));
     }
-    if json > 0.0 {
-        return Ok(false);
-    }
-    Err(ApiError::NotAcceptable(format!(
-        "Accept: image/png returns one PNG, but num_images is {num_images}; accept application/json for several images"
-    )))
+    output_format.get_or_insert_with(|| format.to_string());
+    Ok(BodyKind::File)
 }
 
 /// A text-to-image request validated into a task for its model's worker (every route that
@@ -205,18 +241,31 @@ pub(crate) async fn edit_task<'a>(
     Ok((worker, task, params))
 }
 
-/// A finished task: its PNGs (with their seeds) and what the response reports about it.
+/// A finished task: its image files (with their seeds) and what the response reports about it.
 pub(crate) struct Computed {
-    pub pngs: Vec<Vec<u8>>,
+    pub files: Vec<Vec<u8>>,
+    pub format: images::OutputFormat,
     pub seeds: Vec<u64>,
     pub timings: Timings,
     pub warnings: Vec<String>,
 }
 
-/// Submits a validated task and awaits its PNGs. If the client disconnects, this future is
-/// dropped with the reply receiver, which is how the worker learns to skip it.
-pub(crate) async fn compute(
+/// Registers a request among the generations in flight, where its progress can be read and
+/// it can be cancelled (see `generations`).
+pub(crate) fn track(
+    app: &AppState,
+    caller: &Caller,
     id: &str,
+    worker: &ModelWorker,
+) -> Result<Tracked, ApiError> {
+    app.generations.register(id, caller, worker.name())
+}
+
+/// Submits a validated task and awaits its images. If the client disconnects, this future is
+/// dropped with the reply receiver, which is how the worker learns to skip it; a cancel by id
+/// drops the receiver the same way.
+pub(crate) async fn compute(
+    tracked: &mut Tracked,
     worker: &ModelWorker,
     task: GenerationTask,
     params: &Parameters,
@@ -224,29 +273,35 @@ pub(crate) async fn compute(
 ) -> Result<Computed, ApiError> {
     let sampler = task.scheduler.a1111_name();
     let seeds = task.seeds.clone();
-    let reply = worker.submit(task, id)?;
-    let mut output = reply
-        .await
-        .map_err(|_| ApiError::Internal("the worker dropped the request".into()))??;
+    let format = images::OutputFormat::of(params);
+    let sender = tracked.progress.take();
+    let reply = worker.submit_tracked(task, tracked.id(), sender)?;
+    let mut output = tokio::select! {
+        r = reply => r.map_err(|_| ApiError::Internal("the worker dropped the request".into()))??,
+        _ = tracked.cancelled() => return Err(ApiError::GenerationCancelled(format!(
+            "generation '{}' was cancelled", tracked.id()
+        ))),
+    };
     let encode_start = Instant::now();
     let rgb = std::mem::take(&mut output.images);
     let p = params.clone();
     let s = seeds.clone();
     // Encoding is CPU work; off the async threads so it never stalls other connections.
-    let pngs = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, String> {
+    let files = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u8>>, String> {
         rgb.iter()
             .zip(&s)
             .map(|(img, &seed)| {
-                images::encode_png(img, &images::a1111_parameters(&p, seed, sampler))
+                images::encode(img, &images::a1111_parameters(&p, seed, sampler), format)
             })
             .collect()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("PNG encoding panicked: {e}")))?
-    .map_err(|e| ApiError::Internal(format!("PNG encoding failed: {e}")))?;
+    .map_err(|e| ApiError::Internal(format!("image encoding panicked: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("image encoding failed: {e}")))?;
     let encode_ms = encode_start.elapsed().as_secs_f64() * 1e3;
     Ok(Computed {
-        pngs,
+        files,
+        format,
         seeds,
         timings: Timings {
             queue_ms: output.queue_ms,
@@ -259,46 +314,141 @@ pub(crate) async fn compute(
     })
 }
 
-/// Computes a validated task and answers in this API's format: JSON, or the PNG itself.
-async fn run_task(
-    id: String,
-    worker: &ModelWorker,
-    task: GenerationTask,
-    params: Parameters,
-    png: bool,
-    arrived: Instant,
-) -> Result<Response, ApiError> {
-    let done = compute(&id, worker, task, &params, arrived).await?;
-    if png {
-        let mut response = (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "image/png")],
-            done.pngs.into_iter().next().unwrap_or_default(),
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert("x-seed", HeaderValue::from(done.seeds[0]));
-        return Ok(response);
-    }
+fn json_body(id: String, params: Parameters, done: Computed) -> GenerateResponse {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let body = GenerateResponse {
+    let png = done.format == images::OutputFormat::Png;
+    GenerateResponse {
         id,
         model: params.model.clone(),
         images: done
-            .pngs
+            .files
             .iter()
             .zip(&done.seeds)
-            .map(|(bytes, &seed)| GeneratedImage {
-                seed,
-                png_base64: b64.encode(bytes),
+            .map(|(bytes, &seed)| {
+                let data = b64.encode(bytes);
+                GeneratedImage {
+                    seed,
+                    mime_type: done.format.mime().to_string(),
+                    png_base64: png.then(|| data.clone()),
+                    image_base64: (!png).then_some(data),
+                }
             })
             .collect(),
         parameters: params,
         timings: done.timings,
         warnings: done.warnings,
-    };
-    Ok(Json(body).into_response())
+    }
+}
+
+/// Computes a validated task and answers in this API's format: JSON, the image file itself,
+/// or a stream of progress events ending with the JSON result.
+pub(crate) async fn run_task(
+    app: &AppState,
+    caller: &Caller,
+    id: String,
+    worker: &Arc<ModelWorker>,
+    task: GenerationTask,
+    params: Parameters,
+    kind: BodyKind,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let mut tracked = track(app, caller, &id, worker)?;
+    match kind {
+        BodyKind::Events => return Ok(event_stream(tracked, worker.clone(), task, params, arrived)),
+        BodyKind::File => {
+            let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+            let mut response = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, done.format.mime())],
+                done.files.into_iter().next().unwrap_or_default(),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert("x-seed", HeaderValue::from(done.seeds[0]));
+            Ok(response)
+        }
+        BodyKind::Json => {
+            let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+            Ok(Json(json_body(id, params, done)).into_response())
+        }
+    }
+}
+
+/// `text/event-stream`: a `progress` event (GenerationStatus) whenever the request moves on,
+/// then one `result` (GenerateResponse) or `error` (ErrorResponse) event. The computation runs
+/// in its own task that stops as soon as the client is gone, which cancels the request like a
+/// disconnect from a plain request does.
+fn event_stream(
+    mut tracked: Tracked,
+    worker: Arc<ModelWorker>,
+    task: GenerationTask,
+    params: Parameters,
+    arrived: Instant,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
+    let id = tracked.id().to_string();
+    let mut progress = tracked.subscribe();
+    let model = params.model.clone();
+    tokio::spawn(async move {
+        let work = async {
+            let run = compute(&mut tracked, &worker, task, &params, arrived);
+            tokio::pin!(run);
+            let mut last = None;
+            loop {
+                let status = {
+                    let p = progress.borrow_and_update();
+                    generations::snapshot(&id, &model, &p, arrived)
+                };
+                let key = (status.stage.clone(), status.step);
+                if last.as_ref() != Some(&key) {
+                    last = Some(key);
+                    let ev = Event::default().event("progress").json_data(&status);
+                    if tx.send(ev.unwrap_or_default()).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    done = &mut run => {
+                        let ev = match done {
+                            Ok(done) => Event::default()
+                                .event("result")
+                                .json_data(json_body(id.clone(), params.clone(), done)),
+                            Err(e) => Event::default().event("error").json_data(e.body()),
+                        };
+                        let _ = tx.send(ev.unwrap_or_default()).await;
+                        return;
+                    }
+                    changed = progress.changed() => {
+                        if changed.is_err() {
+                            // The worker let go of the request; its reply is on the way.
+                            let ev = match run.await {
+                                Ok(done) => Event::default()
+                                    .event("result")
+                                    .json_data(json_body(id.clone(), params.clone(), done)),
+                                Err(e) => Event::default().event("error").json_data(e.body()),
+                            };
+                            let _ = tx.send(ev.unwrap_or_default()).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = tx.closed() => {}
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|ev| (Ok::<_, std::convert::Infallible>(ev), rx))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Text to image.
@@ -314,10 +464,14 @@ async fn run_task(
         (status = 200, description = "Generated images", content(
             (GenerateResponse = "application/json"),
             (PngFile = "image/png"),
+            (ImageFile = "image/jpeg"),
+            (ImageFile = "image/webp"),
+            (String = "text/event-stream"),
         )),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter (model_not_found, adapter_not_found)", body = ErrorResponse),
-        (status = 406, description = "Accept: image/png only, with num_images > 1", body = ErrorResponse),
+        (status = 406, description = "Accept: only image files, with num_images > 1 or another output_format", body = ErrorResponse),
+        (status = 409, description = "Cancelled through /generations/{id}/cancel (generation_cancelled), or x-request-id names a generation still running (request_id_in_use)", body = ErrorResponse),
         (status = 413, description = "Body over the size limit", body = ErrorResponse),
         (status = 415, description = "Not application/json", body = ErrorResponse),
         (status = 422, description = "A field is out of range or unknown (invalid_size, invalid_steps, ...)", body = ErrorResponse),
@@ -329,15 +483,24 @@ async fn run_task(
 )]
 pub async fn generate(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RequestId(id): RequestId,
     headers: HeaderMap,
     body: Result<Json<GenerateRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let Json(req) = body?;
+    let Json(mut req) = body?;
+    find_model(&app, req.model.as_deref())?.info()?;
+    let n = requested_images(&app, req.num_images);
+    let kind = negotiate(&headers, n, &mut req.output_format)?;
     let (worker, task, params) = generate_task(&app, req)?;
-    let png = wants_png(&headers, task.num_images())?;
-    run_task(id, worker, task, params, png, arrived).await
+    run_task(&app, &caller, id, worker, task, params, kind, arrived).await
+}
+
+/// num_images as negotiation sees it; validation reports values out of range.
+fn requested_images(app: &AppState, n: Option<i64>) -> usize {
+    let max = app.config.limits.max_num_images as i64;
+    n.unwrap_or(1).clamp(1, max.max(1)) as usize
 }
 
 /// Reads a multipart /edit body into the JSON request's fields and the raw image file.
@@ -384,6 +547,8 @@ async fn read_multipart(mut form: Multipart) -> Result<(EditRequest, Vec<u8>), A
         scheduler: take("scheduler"),
         seed: num("seed", take("seed"))?,
         num_images: num("num_images", take("num_images"))?,
+        output_format: take("output_format"),
+        output_quality: num("output_quality", take("output_quality"))?,
     };
     if let Some(k) = text.keys().next() {
         return Err(ApiError::InvalidRequest(format!("unknown field `{k}`")));
@@ -418,10 +583,14 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
         (status = 200, description = "Edited images", content(
             (GenerateResponse = "application/json"),
             (PngFile = "image/png"),
+            (ImageFile = "image/jpeg"),
+            (ImageFile = "image/webp"),
+            (String = "text/event-stream"),
         )),
         (status = 400, description = "Malformed JSON or multipart body", body = ErrorResponse),
         (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
-        (status = 406, description = "Accept: image/png only, with num_images > 1", body = ErrorResponse),
+        (status = 406, description = "Accept: only image files, with num_images > 1 or another output_format", body = ErrorResponse),
+        (status = 409, description = "Cancelled through /generations/{id}/cancel (generation_cancelled), or x-request-id names a generation still running (request_id_in_use)", body = ErrorResponse),
         (status = 413, description = "Body over the size limit", body = ErrorResponse),
         (status = 415, description = "Neither JSON nor multipart/form-data", body = ErrorResponse),
         (status = 422, description = "Invalid field, undecodable or oversized image, or a mode the model lacks (unsupported_mode)", body = ErrorResponse),
@@ -438,12 +607,17 @@ pub async fn edit(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let headers = request.headers().clone();
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_else(Caller::anonymous);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let (req, image) = if content_type.starts_with("multipart/form-data") {
+    let (mut req, image) = if content_type.starts_with("multipart/form-data") {
         let form = Multipart::from_request(request, &app)
             .await
             .map_err(|e| ApiError::MalformedMultipart(e.body_text()))?;
@@ -459,13 +633,10 @@ pub async fn edit(
     };
     // Unknown or unloaded model first, then Accept, then the body's values (edit_task).
     find_model(&app, req.model.as_deref())?.info()?;
-    let max = app.config.limits.max_num_images as usize;
-    let png = wants_png(
-        &headers,
-        req.num_images.unwrap_or(1).clamp(1, max as i64) as usize,
-    )?;
+    let n = requested_images(&app, req.num_images);
+    let kind = negotiate(&headers, n, &mut req.output_format)?;
     let (worker, task, params) = edit_task(&app, req, image).await?;
-    run_task(id, worker, task, params, png, arrived).await
+    run_task(&app, &caller, id, worker, task, params, kind, arrived).await
 }
 
 /// The served models, what each can do and its defaults.

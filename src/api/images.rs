@@ -1,5 +1,6 @@
 //! Image bytes in and out: decoding uploads under a decoded-pixel limit, resizing to the
-//! output size, and PNG encoding with AUTOMATIC1111's `parameters` text chunk.
+//! output size, and encoding as PNG (AUTOMATIC1111's `parameters` text chunk), JPEG or WebP
+//! (the same text as an EXIF UserComment, where A1111 puts it in those formats).
 
 use super::error::ApiError;
 use super::types::Parameters;
@@ -174,6 +175,121 @@ pub fn encode_png(img: &RgbImage, parameters: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// The file format of generated images (`output_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Png,
+    /// Quality 1-100.
+    Jpeg(u8),
+    /// Lossless.
+    Webp,
+}
+
+impl OutputFormat {
+    pub const NAMES: [&'static str; 3] = ["png", "jpeg", "webp"];
+    pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg(_) => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    pub fn mime(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg(_) => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    /// `name` as clients write it ("jpg" too); None for an unknown name.
+    pub fn parse(name: &str, jpeg_quality: u8) -> Option<OutputFormat> {
+        match name.to_ascii_lowercase().as_str() {
+            "png" => Some(OutputFormat::Png),
+            "jpeg" | "jpg" => Some(OutputFormat::Jpeg(jpeg_quality)),
+            "webp" => Some(OutputFormat::Webp),
+            _ => None,
+        }
+    }
+}
+
+impl OutputFormat {
+    /// The format a request's validated parameters chose.
+    pub fn of(p: &Parameters) -> OutputFormat {
+        let quality = p
+            .output_quality
+            .map(|q| q.clamp(1, 100) as u8)
+            .unwrap_or(Self::DEFAULT_JPEG_QUALITY);
+        Self::parse(&p.output_format, quality).unwrap_or(OutputFormat::Png)
+    }
+}
+
+/// Encodes `img` in `format` with the settings text embedded where readers of that format
+/// look for it.
+pub fn encode(img: &RgbImage, parameters: &str, format: OutputFormat) -> Result<Vec<u8>, String> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    match format {
+        OutputFormat::Png => return encode_png(img, parameters),
+        OutputFormat::Jpeg(quality) => {
+            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+            enc.set_exif_metadata(exif_user_comment(parameters))
+                .map_err(|e| e.to_string())?;
+            enc.write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        OutputFormat::Webp => {
+            let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+            enc.set_exif_metadata(exif_user_comment(parameters))
+                .map_err(|e| e.to_string())?;
+            enc.write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(out)
+}
+
+/// A big-endian TIFF block (what JPEG's APP1 and WebP's EXIF chunk carry) holding one EXIF
+/// UserComment: the character-code prefix `UNICODE\0` and UTF-16BE text, the encoding A1111
+/// writes with piexif and reads back for its "PNG info" of JPEG and WebP files.
+fn exif_user_comment(text: &str) -> Vec<u8> {
+    const IFD0_AT: u32 = 8;
+    // IFD0: a count, one 12-byte entry (the Exif IFD pointer) and a zero next-IFD offset.
+    const EXIF_IFD_AT: u32 = IFD0_AT + 2 + 12 + 4;
+    const COMMENT_AT: u32 = EXIF_IFD_AT + 2 + 12 + 4;
+    let mut comment = b"UNICODE\0".to_vec();
+    comment.extend(text.encode_utf16().flat_map(|u| u.to_be_bytes()));
+    let mut t = Vec::with_capacity(COMMENT_AT as usize + comment.len());
+    t.extend_from_slice(b"MM\0\x2a");
+    t.extend_from_slice(&IFD0_AT.to_be_bytes());
+    let entry = |t: &mut Vec<u8>, tag: u16, kind: u16, count: u32, value: u32| {
+        t.extend_from_slice(&1u16.to_be_bytes());
+        t.extend_from_slice(&tag.to_be_bytes());
+        t.extend_from_slice(&kind.to_be_bytes());
+        t.extend_from_slice(&count.to_be_bytes());
+        t.extend_from_slice(&value.to_be_bytes());
+        t.extend_from_slice(&0u32.to_be_bytes());
+    };
+    // ExifIFDPointer (LONG), then UserComment (UNDEFINED bytes stored at COMMENT_AT).
+    entry(&mut t, 0x8769, 4, 1, EXIF_IFD_AT);
+    entry(&mut t, 0x9286, 7, comment.len() as u32, COMMENT_AT);
+    t.extend_from_slice(&comment);
+    t
+}
+
 /// Reads the `parameters` chunk back (tEXt, zTXt or iTXt); used by tests and clients of the
 /// library.
 pub fn read_png_parameters(bytes: &[u8]) -> Option<String> {
@@ -224,6 +340,8 @@ mod tests {
             input_width: None,
             input_height: None,
             resized: None,
+            output_format: "png".into(),
+            output_quality: None,
         }
     }
 
@@ -249,6 +367,25 @@ mod tests {
             let back = decode_image(&bytes, 1 << 20).unwrap();
             assert_eq!(back, img);
         }
+    }
+
+    /// The EXIF block is a valid big-endian TIFF whose Exif IFD holds the UserComment; Pillow
+    /// reads it in tests/output_formats.rs, this checks the layout byte by byte.
+    #[test]
+    fn exif_user_comment_layout() {
+        let t = exif_user_comment("Steps: 2");
+        let u16_at = |i: usize| u16::from_be_bytes([t[i], t[i + 1]]);
+        let u32_at = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+        assert_eq!(&t[..4], b"MM\0\x2a");
+        let ifd0 = u32_at(4) as usize;
+        assert_eq!((u16_at(ifd0), u16_at(ifd0 + 2)), (1, 0x8769));
+        let exif = u32_at(ifd0 + 10) as usize;
+        assert_eq!((u16_at(exif), u16_at(exif + 2), u16_at(exif + 4)), (1, 0x9286, 7));
+        let (len, at) = (u32_at(exif + 6) as usize, u32_at(exif + 10) as usize);
+        assert_eq!(&t[at..at + 8], b"UNICODE\0");
+        assert_eq!(at + len, t.len());
+        let units: Vec<u16> = t[at + 8..].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+        assert_eq!(String::from_utf16(&units).unwrap(), "Steps: 2");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod finetune;
+pub mod generations;
 pub mod handlers;
 pub mod images;
 pub mod job_types;
@@ -15,6 +16,7 @@ pub mod openai;
 pub mod a1111;
 pub mod running;
 pub mod types;
+pub mod ui;
 pub mod validate;
 
 use crate::config::{Config, ConfigError};
@@ -49,6 +51,9 @@ use utoipa::OpenApi;
         handlers::health,
         handlers::ready,
         handlers::openapi_json,
+        generations::list,
+        generations::get,
+        generations::cancel,
         finetune::create,
         finetune::list,
         finetune::get_job,
@@ -56,6 +61,7 @@ use utoipa::OpenApi;
         finetune::metrics,
         finetune::events,
         finetune::adapters,
+        finetune::upload_adapter,
         finetune::adapter_weights,
         finetune::delete_adapter
     ),
@@ -64,6 +70,8 @@ use utoipa::OpenApi;
         types::EditMode,
         types::EditForm,
         types::PngFile,
+        types::ImageFile,
+        types::OutputFormat,
         types::BinaryFile,
         error::ErrorResponse,
         job_types::JobSpec,
@@ -75,7 +83,8 @@ use utoipa::OpenApi;
         job_types::StepMetrics,
         job_types::Method,
         job_types::LoraRequest,
-        finetune::JobCreated
+        finetune::JobCreated,
+        finetune::AdapterUpload
     )),
     tags(
         (name = "images", description = "Generate and edit images"),
@@ -163,6 +172,7 @@ pub struct AppState {
     /// None when `jobs.enabled` is false.
     pub jobs: Option<Arc<crate::jobs::JobManager>>,
     pub keys: Arc<auth::KeyRing>,
+    pub generations: Arc<generations::Registry>,
 }
 
 pub struct ApiBuilder {
@@ -201,6 +211,7 @@ impl ApiBuilder {
                 started: Instant::now(),
                 jobs,
                 keys,
+                generations: Arc::default(),
             },
         })
     }
@@ -280,6 +291,11 @@ impl Api {
             .route("/sdapi/v1/samplers", get(a1111::samplers))
             .route("/sdapi/v1/sd-models", get(a1111::sd_models))
             .route("/sdapi/v1/loras", get(a1111::loras))
+            .route("/sdapi/v1/progress", get(a1111::progress))
+            .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+            .route("/generations", get(generations::list))
+            .route("/generations/{id}", get(generations::get))
+            .route("/generations/{id}/cancel", post(generations::cancel))
             .route("/finetune", post(finetune::create).get(finetune::list))
             .route(
                 "/finetune/{id}",
@@ -287,7 +303,7 @@ impl Api {
             )
             .route("/finetune/{id}/metrics", get(finetune::metrics))
             .route("/finetune/{id}/events", get(finetune::events))
-            .route("/adapters", get(finetune::adapters))
+            .route("/adapters", get(finetune::adapters).post(finetune::upload_adapter))
             .route("/adapters/{name}/weights", get(finetune::adapter_weights))
             .route(
                 "/adapters/{name}",
@@ -296,6 +312,8 @@ impl Api {
             .route("/docs", get(docs::index))
             .route("/docs/", get(docs::index))
             .route("/docs/{file}", get(docs::file))
+            .route("/", get(ui::index))
+            .route("/ui/{file}", get(ui::file))
             .fallback(handlers::not_found)
             .method_not_allowed_fallback(handlers::method_not_allowed)
             .layer(axum::middleware::from_fn(metrics::record))

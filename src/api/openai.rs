@@ -1,7 +1,8 @@
 //! OpenAI-compatible image routes, so code written for OpenAI's Images API (its SDKs too) runs
 //! against this server: POST /v1/images/generations (JSON) and POST /v1/images/edits
 //! (multipart). Requests become the same validated tasks as /generate and /edit; the answer is
-//! OpenAI's `{"created", "data": [{"b64_json"} | {"url"}]}`. Errors keep this server's envelope,
+//! OpenAI's `{"created", "data": [{"b64_json"} | {"url"}], "output_format"}` (png, or jpeg/webp
+//! when `output_format` asks, with `output_compression` as JPEG quality). Errors keep this server's envelope,
 //! whose `error.message` OpenAI's clients read.
 //!
 //! `model` names a served model (default: the first); OpenAI's own model names are not served
@@ -10,14 +11,15 @@
 //! style, background, user, ...) are accepted and ignored, as OpenAI ignores those of other
 //! models; `mask` is refused, since masked inpainting is not served.
 
+use super::auth::Caller;
 use super::error::ApiError;
-use super::handlers::{compute, edit_task, generate_task, RequestId};
+use super::handlers::{compute, edit_task, generate_task, track, Computed, RequestId};
 use super::types::{EditRequest, GenerateRequest};
 use super::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Multipart, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use base64::Engine;
 use serde::Deserialize;
 use std::time::Instant;
@@ -33,6 +35,12 @@ pub struct GenerationsRequest {
     size: Option<String>,
     #[serde(default)]
     response_format: Option<String>,
+    /// png, jpeg or webp (gpt-image models' option).
+    #[serde(default)]
+    output_format: Option<String>,
+    /// JPEG quality 0-100 (gpt-image models' option).
+    #[serde(default)]
+    output_compression: Option<i64>,
     /// OpenAI options without a counterpart (quality, style, user, ...): accepted, ignored.
     #[serde(flatten)]
     _other: serde_json::Map<String, serde_json::Value>,
@@ -64,29 +72,33 @@ fn wants_url(format: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
-fn answer(pngs: Vec<Vec<u8>>, url: bool, prompt: &str) -> Response {
+fn answer(done: Computed, url: bool, prompt: &str) -> Response {
     let b64 = base64::engine::general_purpose::STANDARD;
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let data: Vec<serde_json::Value> = pngs
+    let mime = done.format.mime();
+    let data: Vec<serde_json::Value> = done
+        .files
         .iter()
-        .map(|png| {
-            let encoded = b64.encode(png);
+        .map(|file| {
+            let encoded = b64.encode(file);
             if url {
-                serde_json::json!({"url": format!("data:image/png;base64,{encoded}"), "revised_prompt": prompt})
+                serde_json::json!({"url": format!("data:{mime};base64,{encoded}"), "revised_prompt": prompt})
             } else {
                 serde_json::json!({"b64_json": encoded, "revised_prompt": prompt})
             }
         })
         .collect();
-    Json(serde_json::json!({"created": created, "data": data, "output_format": "png"})).into_response()
+    Json(serde_json::json!({"created": created, "data": data, "output_format": done.format.name()}))
+        .into_response()
 }
 
 /// POST /v1/images/generations
 pub async fn generations(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RequestId(id): RequestId,
     body: Result<Json<GenerationsRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -108,16 +120,20 @@ pub async fn generations(
         scheduler: None,
         seed: None,
         num_images: req.n,
+        output_format: req.output_format,
+        output_quality: req.output_compression,
     };
     let (worker, task, params) = generate_task(&app, ours)?;
-    let done = compute(&id, worker, task, &params, arrived).await?;
-    Ok(answer(done.pngs, url, &prompt))
+    let mut tracked = track(&app, &caller, &id, worker)?;
+    let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+    Ok(answer(done, url, &prompt))
 }
 
 /// POST /v1/images/edits (multipart: `image` or `image[]`, `prompt`, `model`, `n`, `size`,
 /// `response_format`).
 pub async fn edits(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     RequestId(id): RequestId,
     form: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
@@ -180,10 +196,13 @@ pub async fn edits(
         scheduler: None,
         seed: None,
         num_images: n,
+        output_format: text.remove("output_format"),
+        output_quality: None,
     };
     let (worker, task, params) = edit_task(&app, ours, image).await?;
-    let done = compute(&id, worker, task, &params, arrived).await?;
-    Ok(answer(done.pngs, url, &prompt))
+    let mut tracked = track(&app, &caller, &id, worker)?;
+    let done = compute(&mut tracked, worker, task, &params, arrived).await?;
+    Ok(answer(done, url, &prompt))
 }
 
 #[cfg(test)]

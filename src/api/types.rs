@@ -33,6 +33,19 @@ pub enum EditMode {
     Img2Img,
 }
 
+/// `output_format` of generated images (schema only).
+#[derive(ToSchema, Serialize)]
+#[allow(dead_code)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// Lossless; the settings in a `parameters` text chunk.
+    Png,
+    /// Lossy at `output_quality`; the settings in EXIF UserComment.
+    Jpeg,
+    /// Lossless WebP; the settings in EXIF UserComment.
+    Webp,
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
@@ -65,6 +78,12 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Images to generate, 1 to the server's max_num_images.
     pub num_images: Option<i64>,
+    /// File format of the images. Default png. With one image, `Accept: image/jpeg` (or
+    /// image/webp, image/png) returns the file itself in that format.
+    #[schema(value_type = Option<OutputFormat>)]
+    pub output_format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90); ignored by the lossless formats.
+    pub output_quality: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -95,6 +114,12 @@ pub struct EditRequest {
     pub scheduler: Option<String>,
     pub seed: Option<u64>,
     pub num_images: Option<i64>,
+    /// File format of the images. Default png. With one image, `Accept: image/jpeg` (or
+    /// image/webp, image/png) returns the file itself in that format.
+    #[schema(value_type = Option<OutputFormat>)]
+    pub output_format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90); ignored by the lossless formats.
+    pub output_quality: Option<i64>,
 }
 
 /// `/edit` as multipart/form-data: the same fields as the JSON body, as form fields, with the
@@ -121,6 +146,12 @@ pub struct EditForm {
     pub scheduler: Option<String>,
     pub seed: Option<u64>,
     pub num_images: Option<i64>,
+    /// File format of the images. Default png. With one image, `Accept: image/jpeg` (or
+    /// image/webp, image/png) returns the file itself in that format.
+    #[schema(value_type = Option<OutputFormat>)]
+    pub output_format: Option<String>,
+    /// JPEG quality, 1 to 100 (default 90); ignored by the lossless formats.
+    pub output_quality: Option<i64>,
 }
 
 /// A file download (an adapter's safetensors weights), declared as binary so generated
@@ -136,11 +167,25 @@ pub struct BinaryFile(Vec<u8>);
 #[allow(dead_code)]
 pub struct PngFile(Vec<u8>);
 
+/// An image file (`Accept: image/jpeg` or `image/webp` with one image).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct ImageFile(Vec<u8>);
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GeneratedImage {
     pub seed: u64,
-    /// The PNG, base64; it carries a `parameters` text chunk in AUTOMATIC1111's format.
-    pub png_base64: String,
+    /// image/png, image/jpeg or image/webp.
+    pub mime_type: String,
+    /// The PNG, base64 (output_format png, the default); it carries a `parameters` text chunk
+    /// in AUTOMATIC1111's format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub png_base64: Option<String>,
+    /// The JPEG or WebP file, base64 (output_format jpeg or webp); the same settings text is in
+    /// its EXIF UserComment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_base64: Option<String>,
 }
 
 /// Everything that decided the images, defaults filled in.
@@ -168,6 +213,10 @@ pub struct Parameters {
     pub input_height: Option<u32>,
     /// /edit: whether the input was resized (its sides are rounded down to multiples of 8).
     pub resized: Option<bool>,
+    /// png, jpeg or webp.
+    pub output_format: String,
+    /// JPEG only.
+    pub output_quality: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -176,7 +225,7 @@ pub struct Timings {
     pub queue_ms: f64,
     /// The batch's denoising and decoding (shared by every request in the batch).
     pub inference_ms: f64,
-    /// PNG encoding.
+    /// Image encoding.
     pub encode_ms: f64,
     /// From the request's arrival to the response.
     pub total_ms: f64,

@@ -3,7 +3,7 @@
 //! and no client-chosen value can reach the model and turn into a 500.
 
 use super::error::ApiError;
-use super::images;
+use super::images::{self, OutputFormat};
 use super::types::{EditRequest, GenerateRequest, Parameters};
 use crate::adapters::AdapterDir;
 use crate::config::Config;
@@ -27,10 +27,13 @@ struct Common {
     scheduler: Option<String>,
     seed: Option<u64>,
     num_images: Option<i64>,
+    output_format: Option<String>,
+    output_quality: Option<i64>,
 }
 
 /// The checked common fields.
 struct Checked {
+    format: OutputFormat,
     steps: usize,
     guidance_scale: f64,
     scheduler: SchedulerKind,
@@ -141,7 +144,26 @@ fn check_common(c: &Common, info: &ModelInfo, config: &Config) -> Result<Checked
             })
         }
     };
+    let quality = match c.output_quality {
+        None => OutputFormat::DEFAULT_JPEG_QUALITY,
+        Some(q) if (1..=100).contains(&q) => q as u8,
+        Some(q) => {
+            return Err(ApiError::InvalidOutputFormat(format!(
+                "output_quality is {q}; it must be between 1 and 100"
+            )))
+        }
+    };
+    let format = match c.output_format.as_deref() {
+        None => OutputFormat::Png,
+        Some(name) => OutputFormat::parse(name, quality).ok_or_else(|| {
+            ApiError::InvalidOutputFormat(format!(
+                "unknown output_format '{name}'; known: {}",
+                OutputFormat::NAMES.join(", ")
+            ))
+        })?,
+    };
     Ok(Checked {
+        format,
         steps: steps as usize,
         guidance_scale,
         scheduler,
@@ -177,6 +199,11 @@ fn parameters(
         input_width: None,
         input_height: None,
         resized: None,
+        output_format: checked.format.name().to_string(),
+        output_quality: match checked.format {
+            OutputFormat::Jpeg(q) => Some(q as u32),
+            _ => None,
+        },
     }
 }
 
@@ -241,6 +268,8 @@ pub fn generate(
         scheduler: req.scheduler,
         seed: req.seed,
         num_images: req.num_images,
+        output_format: req.output_format,
+        output_quality: req.output_quality,
     };
     let checked = check_common(&common, info, config)?;
     let params = parameters(Mode::Txt2Img, &common, &checked, info, width, height);
@@ -334,6 +363,8 @@ pub fn edit(
         scheduler: req.scheduler,
         seed: req.seed,
         num_images: req.num_images,
+        output_format: req.output_format,
+        output_quality: req.output_quality,
     };
     let checked = check_common(&common, info, config)?;
     warnings.extend(ignored_adapter_scale(&common));

@@ -214,7 +214,7 @@ fn generate(
                 image: inputs.map(|imgs| &imgs[i]),
             })
             .collect();
-        let images = pipelines::generate(m, task, &requests, params, &mut || true)?;
+        let images = pipelines::generate(m, task, &requests, params, &mut |_, _| true)?;
         for (&(i, k), img) in chunk.iter().zip(images.into_iter().flatten()) {
             img.save(out.join(format!("{i:04}_{k}.png")))?;
         }

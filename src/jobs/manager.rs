@@ -410,22 +410,7 @@ impl JobManager {
             )));
         }
         let _reserving = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
-        // A name is taken by a registered adapter, by whatever holds its directory, and by a
-        // queued or running job that will register it (else the second job's adapter would
-        // silently replace the first's).
-        // Names compare without case, as they would on a case-insensitive filesystem.
-        let mut pending = false;
-        for status in [JobStatus::Queued, JobStatus::Downloading, JobStatus::Training] {
-            pending |= self.store.list(Some(status))?.iter().any(|j| {
-                j.spec.adapter_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&name))
-            });
-        }
-        if pending
-            || self.store.adapters()?.iter().any(|a| a.name.eq_ignore_ascii_case(&name))
-            || self.cfg.adapters().taken(&name)
-        {
-            return Err(JobError::AdapterExists(name));
-        }
+        self.check_name_free(&name)?;
         if let Some(o) = owner.filter(|_| self.cfg.max_active_jobs_per_key > 0) {
             let active = self.store.active_jobs_of(o)?;
             if active >= self.cfg.max_active_jobs_per_key {
@@ -507,7 +492,70 @@ impl JobManager {
         self.store.list_visible(status, owner)
     }
 
-    /// The API key id whose job made an adapter (None: made without keys, or not by a job).
+    /// A name is taken by a registered adapter, by whatever holds its directory, and by a
+    /// queued or running job that will register it (else the second job's adapter would
+    /// silently replace the first's). Names compare without case, as they would on a
+    /// case-insensitive filesystem. Callers hold `submitting`.
+    fn check_name_free(&self, name: &str) -> Result<(), JobError> {
+        let mut pending = false;
+        for status in [JobStatus::Queued, JobStatus::Downloading, JobStatus::Training] {
+            pending |= self.store.list(Some(status))?.iter().any(|j| {
+                j.spec.adapter_name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(name))
+            });
+        }
+        if pending
+            || self.store.adapters()?.iter().any(|a| a.name.eq_ignore_ascii_case(name))
+            || self.cfg.adapters().taken(name)
+        {
+            return Err(JobError::AdapterExists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Registers an uploaded LoRA file (already checked against `base_model` by the caller)
+    /// under `name`, owned by `owner`. The file appears complete or not at all.
+    pub fn upload_adapter(
+        &self,
+        name: &str,
+        base_model: &str,
+        bytes: &[u8],
+        owner: Option<&str>,
+    ) -> Result<AdapterInfo, JobError> {
+        if !valid_name(name) {
+            return Err(JobError::Invalid(format!(
+                "adapter name {name:?}: use 1-64 characters of letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let _reserving = self.submitting.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_name_free(name)?;
+        let staging = self.cfg.data_dir.join(format!(".upload-{}", uuid::Uuid::new_v4()));
+        let written = std::fs::write(&staging, bytes)
+            .and_then(|()| self.cfg.adapters().install(name, &staging));
+        let _ = std::fs::remove_file(&staging);
+        written.map_err(|e| storage_or_store(e, "storing the uploaded adapter"))?;
+        let info = AdapterInfo {
+            name: name.to_string(),
+            base_model: base_model.to_string(),
+            method: "uploaded".into(),
+            hyperparameters: serde_json::json!({}),
+            final_metrics: None,
+            job_id: None,
+            created_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        };
+        match self.store.register_uploaded_adapter(&info, owner) {
+            Ok(true) => Ok(info),
+            Ok(false) => Err(JobError::AdapterExists(name.to_string())),
+            Err(e) => {
+                let _ = self.cfg.adapters().remove(name);
+                Err(e)
+            }
+        }
+    }
+
+    /// The API key id whose job or upload made an adapter (None: made without keys).
     pub fn adapter_owner(&self, name: &str) -> Result<Option<String>, JobError> {
         let a = self
             .store
@@ -517,7 +565,7 @@ impl JobManager {
             .ok_or_else(|| JobError::AdapterNotFound(name.to_string()))?;
         Ok(match a.job_id {
             Some(j) => self.store.owner(&j)?.flatten(),
-            None => None,
+            None => self.store.adapter_uploader(name)?,
         })
     }
 
@@ -571,8 +619,32 @@ impl JobManager {
         self.get(id)
     }
 
+    /// Registered adapters, then files placed in the adapters directory by hand (they serve
+    /// requests too; listed with method "file" and the file's modification time).
     pub fn adapters(&self) -> Result<Vec<AdapterInfo>, JobError> {
-        self.store.adapters()
+        let mut out = self.store.adapters()?;
+        let dir = self.cfg.adapters();
+        for name in dir.names() {
+            if out.iter().any(|a| a.name == name) {
+                continue;
+            }
+            let created_at = std::fs::metadata(dir.weights(&name))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            out.push(AdapterInfo {
+                name,
+                base_model: String::new(),
+                method: "file".into(),
+                hyperparameters: serde_json::json!({}),
+                final_metrics: None,
+                job_id: None,
+                created_at,
+            });
+        }
+        Ok(out)
     }
 
     pub fn adapter_file(&self, name: &str) -> Result<PathBuf, JobError> {

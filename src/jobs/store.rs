@@ -99,6 +99,14 @@ impl Store {
         if !has_owner {
             conn.execute_batch("ALTER TABLE jobs ADD COLUMN owner TEXT").map_err(db)?;
         }
+        // Uploaded adapters have no job to take an owner from; they keep the uploader's.
+        let adapters_have_owner = conn
+            .prepare("SELECT 1 FROM pragma_table_info('adapters') WHERE name = 'owner'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(db)?;
+        if !adapters_have_owner {
+            conn.execute_batch("ALTER TABLE adapters ADD COLUMN owner TEXT").map_err(db)?;
+        }
         Ok(conn)
     }
 
@@ -363,6 +371,47 @@ impl Store {
             })
             .map_err(db)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    }
+
+    /// Records an uploaded adapter with its uploader's key id, refusing a name already
+    /// registered (the check and the insert are one statement, so two uploads cannot race).
+    pub fn register_uploaded_adapter(
+        &self,
+        a: &AdapterInfo,
+        owner: Option<&str>,
+    ) -> Result<bool, JobError> {
+        let n = self
+            .conn
+            .lock()
+            .unwrap()
+            .execute(
+                "INSERT OR IGNORE INTO adapters (name, base_model, method, hyperparameters, final_metrics, job_id, created_at, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?7)",
+                params![
+                    a.name,
+                    a.base_model,
+                    a.method,
+                    a.hyperparameters.to_string(),
+                    a.final_metrics.as_ref().map(|m| m.to_string()),
+                    a.created_at,
+                    owner
+                ],
+            )
+            .map_err(db)?;
+        Ok(n == 1)
+    }
+
+    /// The uploader of an uploaded adapter (None for others, or uploads without keys).
+    pub fn adapter_uploader(&self, name: &str) -> Result<Option<String>, JobError> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row(
+            "SELECT owner FROM adapters WHERE name = ?1",
+            params![name],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()
+        .map(Option::flatten)
+        .map_err(db)
     }
 
     pub fn delete_adapter(&self, name: &str) -> Result<bool, JobError> {

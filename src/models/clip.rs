@@ -1,6 +1,6 @@
 //! transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`.
 
-use super::nn::{attention, quick_gelu, AttentionMask, LayerNorm, Linear};
+use super::nn::{attention, quick_gelu, AttentionMask, LayerNorm, Linear, LinearRegistry};
 use super::weights::Weights;
 use super::{ModelError, Result};
 use candle_core::{DType, Device, Module, Tensor};
@@ -98,18 +98,19 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(w: &Weights, c: &ClipTextConfig) -> Result<Self> {
+    fn new(w: &Weights, c: &ClipTextConfig, reg: &LinearRegistry) -> Result<Self> {
         let h = c.hidden_size;
         let a = w.pp("self_attn");
+        let reg = Some(reg);
         Ok(Self {
             layer_norm1: LayerNorm::new(&w.pp("layer_norm1"), h, c.layer_norm_eps)?,
-            q: Linear::new(&a.pp("q_proj"), h, h, true, None)?,
-            k: Linear::new(&a.pp("k_proj"), h, h, true, None)?,
-            v: Linear::new(&a.pp("v_proj"), h, h, true, None)?,
-            out: Linear::new(&a.pp("out_proj"), h, h, true, None)?,
+            q: Linear::new(&a.pp("q_proj"), h, h, true, reg)?,
+            k: Linear::new(&a.pp("k_proj"), h, h, true, reg)?,
+            v: Linear::new(&a.pp("v_proj"), h, h, true, reg)?,
+            out: Linear::new(&a.pp("out_proj"), h, h, true, reg)?,
             layer_norm2: LayerNorm::new(&w.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::new(&w.pp("mlp.fc1"), h, c.intermediate_size, true, None)?,
-            fc2: Linear::new(&w.pp("mlp.fc2"), c.intermediate_size, h, true, None)?,
+            fc1: Linear::new(&w.pp("mlp.fc1"), h, c.intermediate_size, true, reg)?,
+            fc2: Linear::new(&w.pp("mlp.fc2"), c.intermediate_size, h, true, reg)?,
             heads: c.num_attention_heads,
             act: c.hidden_act,
         })
@@ -141,6 +142,9 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Tensor>,
+    /// The attention and MLP projections by name (`text_model.encoder.layers.0.self_attn.q_proj`),
+    /// where a LoRA adapter's text-encoder part attaches.
+    linears: LinearRegistry,
 }
 
 /// What the pipelines need from one text encoder pass.
@@ -158,8 +162,9 @@ impl ClipTextModel {
     pub fn new(config: ClipTextConfig, w: &Weights) -> Result<Self> {
         let c = &config;
         let t = w.pp("text_model");
+        let linears = LinearRegistry::default();
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&t.pp(format!("encoder.layers.{i}")), c))
+            .map(|i| EncoderLayer::new(&t.pp(format!("encoder.layers.{i}")), c, &linears))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if c.with_projection {
             let p = c.projection_dim.ok_or_else(|| {
@@ -185,8 +190,13 @@ impl ClipTextModel {
                 c.layer_norm_eps,
             )?,
             text_projection,
+            linears,
             config,
         })
+    }
+
+    pub fn linears(&self) -> &LinearRegistry {
+        &self.linears
     }
 
     pub fn load_config(dir: &Path) -> Result<ClipTextConfig> {

@@ -1,13 +1,19 @@
 //! LoRA adapters in diffusers' file format (`save_lora_weights`): loading, attaching to a
 //! UNet without merging, and saving.
 //!
-//! Accepted key layouts (all under an optional `unet.` prefix):
+//! Accepted key layouts (UNet keys under an optional `unet.` prefix, text encoders' under
+//! `text_encoder.` / `text_encoder_2.`):
 //! * diffusers: `<module>.lora.down.weight` / `<module>.lora.up.weight`
 //! * PEFT:      `<module>.lora_A.weight` / `<module>.lora_B.weight`
 //! * old attention-processor files: `<attn>.processor.to_q_lora.down.weight`, ...
+//! * kohya / AUTOMATIC1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight` and a
+//!   scalar `.alpha`, with `lora_te_` (`lora_te1_`, `lora_te2_` for SDXL) for the text
+//!   encoders; module paths are flattened with `_` and 1x1-convolution factors have shape
+//!   `[r, in, 1, 1]`.
 //!
-//! alpha comes from the header's `lora_adapter_metadata` (a JSON string of PEFT's LoraConfig
-//! with keys prefixed `unet.`); without it alpha = rank, as diffusers assumes.
+//! alpha comes from kohya's alpha tensors, else the header's `lora_adapter_metadata` (a JSON
+//! string of PEFT's LoraConfig with keys prefixed by the network); without either alpha = rank,
+//! as diffusers assumes.
 
 use super::nn::{LinearRegistry, LoraDelta};
 use super::{ModelError, Result};
@@ -36,7 +42,11 @@ impl LoraModule {
 
 #[derive(Clone, Debug, Default)]
 pub struct LoraAdapter {
+    /// The UNet's modules.
     pub modules: BTreeMap<String, LoraModule>,
+    /// The first and second text encoders' modules (`text_model.encoder.layers.0.self_attn.q_proj`).
+    pub text_encoder: BTreeMap<String, LoraModule>,
+    pub text_encoder_2: BTreeMap<String, LoraModule>,
     pub use_rslora: bool,
     /// The PEFT config as read from (or to be written to) the file, without `unet.` prefixes.
     pub peft_config: serde_json::Map<String, serde_json::Value>,
@@ -46,19 +56,64 @@ fn lerr(s: impl Into<String>) -> ModelError {
     ModelError::Lora(s.into())
 }
 
-/// Splits a key into (module path, is_down) when it is a LoRA matrix.
-fn parse_key(key: &str) -> Option<(String, bool)> {
-    let k = key.strip_prefix("unet.").unwrap_or(key);
-    for (suffix, down) in [
-        (".lora.down.weight", true),
-        (".lora.up.weight", false),
-        (".lora_A.weight", true),
-        (".lora_B.weight", false),
-        (".lora_A.default.weight", true),
-        (".lora_B.default.weight", false),
+/// Which network a LoRA matrix adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Unet,
+    TextEncoder,
+    TextEncoder2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Down,
+    Up,
+    /// kohya's per-module alpha, a scalar tensor.
+    Alpha,
+}
+
+/// Splits a key into (network, module path, part) when it is a LoRA tensor. kohya module
+/// paths come back flat (`down_blocks_0_attentions_0_proj_in`) and are matched to layers at
+/// attach time.
+fn parse_key(key: &str) -> Option<(Target, String, Part)> {
+    for (prefix, target) in [
+        ("lora_unet_", Target::Unet),
+        ("lora_te1_", Target::TextEncoder),
+        ("lora_te2_", Target::TextEncoder2),
+        ("lora_te_", Target::TextEncoder),
+    ] {
+        if let Some(rest) = key.strip_prefix(prefix) {
+            for (suffix, part) in [
+                (".lora_down.weight", Part::Down),
+                (".lora_up.weight", Part::Up),
+                (".alpha", Part::Alpha),
+            ] {
+                if let Some(m) = rest.strip_suffix(suffix) {
+                    return Some((target, m.to_string(), part));
+                }
+            }
+            return None;
+        }
+    }
+    let (target, k) = if let Some(k) = key.strip_prefix("text_encoder_2.") {
+        (Target::TextEncoder2, k)
+    } else if let Some(k) = key.strip_prefix("text_encoder.") {
+        (Target::TextEncoder, k)
+    } else {
+        (Target::Unet, key.strip_prefix("unet.").unwrap_or(key))
+    };
+    for (suffix, part) in [
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora_A.default.weight", Part::Down),
+        (".lora_B.default.weight", Part::Up),
+        (".lora_linear_layer.down.weight", Part::Down),
+        (".lora_linear_layer.up.weight", Part::Up),
     ] {
         if let Some(m) = k.strip_suffix(suffix) {
-            return Some((m.to_string(), down));
+            return Some((target, m.to_string(), part));
         }
     }
     // Attention-processor layout: `attn1.processor.to_q_lora.down.weight`.
@@ -68,14 +123,146 @@ fn parse_key(key: &str) -> Option<(String, bool)> {
         ("to_v_lora", "to_v"),
         ("to_out_lora", "to_out.0"),
     ] {
-        for (suffix, down) in [(".down.weight", true), (".up.weight", false)] {
+        for (suffix, part) in [(".down.weight", Part::Down), (".up.weight", Part::Up)] {
             let pat = format!(".processor.{proc_name}{suffix}");
             if let Some(m) = k.strip_suffix(&pat) {
-                return Some((format!("{m}.{module}"), down));
+                return Some((target, format!("{m}.{module}"), part));
             }
         }
     }
     None
+}
+
+/// A LoRA matrix as a 2-D tensor: 1x1-convolution factors (`[r, in, 1, 1]`, kohya's for SD
+/// 1.x's `proj_in`/`proj_out`) are the same matrix; larger kernels (LoCon) are refused.
+fn as_matrix(name: &str, t: Tensor) -> Result<Tensor> {
+    match t.dims() {
+        [_, _] => Ok(t),
+        [a, b, 1, 1] => Ok(t.reshape((*a, *b))?),
+        d => Err(lerr(format!(
+            "{name}: shape {d:?} is a convolution LoRA with a kernel larger than 1x1 (LoCon), which is not supported"
+        ))),
+    }
+}
+
+/// Per-module factors of one network, paired from their down/up (and alpha) tensors.
+fn pair_modules(
+    downs: HashMap<String, (Tensor, String)>,
+    mut ups: HashMap<String, (Tensor, String)>,
+    alphas: &HashMap<String, f64>,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<BTreeMap<String, LoraModule>> {
+    let default_alpha = config.get("lora_alpha").and_then(|v| v.as_f64());
+    let alpha_pattern = config
+        .get("alpha_pattern")
+        .and_then(|v| v.as_object())
+        .cloned()
+        .unwrap_or_default();
+    let mut modules = BTreeMap::new();
+    for (module, (down, down_key)) in downs {
+        let (up, up_key) = ups
+            .remove(&module)
+            .ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
+        let r = down.dims()[0];
+        if up.dims()[1] != r {
+            return Err(lerr(format!(
+                "{module}: down {:?} and up {:?} ranks differ",
+                down.dims(),
+                up.dims()
+            )));
+        }
+        let pattern_alpha = alpha_pattern
+            .iter()
+            .find(|(k, _)| module == **k || module.ends_with(&format!(".{k}")))
+            .and_then(|(_, v)| v.as_f64());
+        let alpha = alphas
+            .get(&module)
+            .copied()
+            .or(pattern_alpha)
+            .or(default_alpha)
+            .unwrap_or(r as f64);
+        modules.insert(
+            module,
+            LoraModule {
+                down,
+                up,
+                alpha,
+                down_key,
+                up_key,
+            },
+        );
+    }
+    if let Some(m) = ups.keys().next() {
+        return Err(lerr(format!("{m}: up matrix without down matrix")));
+    }
+    Ok(modules)
+}
+
+/// The layer a module name denotes: its dotted name, or kohya's flat spelling of it.
+fn find_layer(shapes: &BTreeMap<String, (usize, usize)>, name: &str) -> Option<(usize, usize)> {
+    shapes.get(name).copied().or_else(|| {
+        shapes
+            .iter()
+            .find(|(k, _)| k.len() == name.len() && k.replace('.', "_") == name)
+            .map(|(_, s)| *s)
+    })
+}
+
+/// Every module names a layer of `shapes` and has that layer's shape.
+fn check_modules(
+    modules: &BTreeMap<String, LoraModule>,
+    shapes: &BTreeMap<String, (usize, usize)>,
+    what: &str,
+) -> Result<()> {
+    for (name, m) in modules {
+        let (in_dim, out_dim) = find_layer(shapes, name)
+            .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
+        if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
+            return Err(lerr(format!(
+                "{name}: adapter shapes down {:?} up {:?} do not fit a {in_dim}->{out_dim} layer",
+                m.down.dims(),
+                m.up.dims()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches `modules` to the layers of `registry`, clearing every other layer. Checks every
+/// module before it changes anything.
+fn attach_to(
+    modules: &BTreeMap<String, LoraModule>,
+    registry: &LinearRegistry,
+    what: &str,
+    factor: &dyn Fn(&LoraModule) -> f64,
+    dtype: DType,
+) -> Result<()> {
+    check_modules(modules, &registry.shapes(), what)?;
+    registry.clear_all();
+    for (name, m) in modules {
+        let slot = match registry.get(name) {
+            Some((slot, _, _)) => slot,
+            None => registry
+                .get_flat(name)
+                .map(|(_, slot, _, _)| slot)
+                .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?,
+        };
+        slot.set(Some(LoraDelta {
+            down: m.down.to_dtype(dtype)?,
+            up: m.up.to_dtype(dtype)?,
+            scale: factor(m),
+        }));
+    }
+    Ok(())
+}
+
+/// The layers adapters can attach to in one model, by network: what an uploaded file is
+/// checked against without touching the model itself.
+#[derive(Clone, Debug, Default)]
+pub struct LoraLayout {
+    pub unet: BTreeMap<String, (usize, usize)>,
+    /// One entry per text encoder the model has.
+    pub text_encoders: Vec<BTreeMap<String, (usize, usize)>>,
 }
 
 impl LoraAdapter {
@@ -95,94 +282,69 @@ impl LoraAdapter {
             .map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| lerr(format!("not a safetensors file: {e}")))?;
-        let mut peft_config = serde_json::Map::new();
+        // diffusers writes one PEFT config per network, its keys prefixed by the network.
+        let mut configs: [serde_json::Map<String, serde_json::Value>; 3] = Default::default();
         if let Some(m) = meta.metadata() {
             if let Some(s) = m.get("lora_adapter_metadata") {
                 let v: serde_json::Value = serde_json::from_str(s)
                     .map_err(|e| lerr(format!("lora_adapter_metadata: {e}")))?;
-                if let Some(obj) = v.as_object() {
-                    for (k, val) in obj {
-                        peft_config.insert(
-                            k.strip_prefix("unet.").unwrap_or(k).to_string(),
-                            val.clone(),
-                        );
-                    }
+                for (k, val) in v.as_object().into_iter().flatten() {
+                    let (i, key) = if let Some(k) = k.strip_prefix("text_encoder_2.") {
+                        (2, k)
+                    } else if let Some(k) = k.strip_prefix("text_encoder.") {
+                        (1, k)
+                    } else {
+                        (0, k.strip_prefix("unet.").unwrap_or(k))
+                    };
+                    configs[i].insert(key.to_string(), val.clone());
                 }
             }
         }
-        let mut downs: HashMap<String, (Tensor, String)> = HashMap::new();
-        let mut ups: HashMap<String, (Tensor, String)> = HashMap::new();
+        type Matrices = HashMap<String, (Tensor, String)>;
+        let mut parts: [(Matrices, Matrices, HashMap<String, f64>); 3] = Default::default();
         for (name, view) in st.tensors() {
-            if name.starts_with("text_encoder") {
-                continue; // text-encoder LoRA is not applied (SD LoRAs trained here target the UNet)
-            }
-            let Some((module, is_down)) = parse_key(&name) else {
+            let Some((target, module, part)) = parse_key(&name) else {
                 continue;
             };
+            let (downs, ups, alphas) = &mut parts[target as usize];
             let t = candle_core::safetensors::Load::load(&view, device)?.to_dtype(DType::F32)?;
-            if t.rank() != 2 {
-                return Err(lerr(format!(
-                    "{name}: expected a matrix, got shape {:?} (conv LoRA is not supported)",
-                    t.dims()
-                )));
-            }
-            if is_down {
-                downs.insert(module, (t, name.to_string()));
-            } else {
-                ups.insert(module, (t, name.to_string()));
+            match part {
+                Part::Alpha => {
+                    let a = t.flatten_all()?.to_vec1::<f32>()?;
+                    let [a] = a[..] else {
+                        return Err(lerr(format!("{name}: alpha must be a single number")));
+                    };
+                    alphas.insert(module, a as f64);
+                }
+                Part::Down => {
+                    downs.insert(module, (as_matrix(&name, t)?, name.to_string()));
+                }
+                Part::Up => {
+                    ups.insert(module, (as_matrix(&name, t)?, name.to_string()));
+                }
             }
         }
-        if downs.is_empty() {
+        if parts.iter().all(|(d, u, _)| d.is_empty() && u.is_empty()) {
             return Err(lerr(
-                "no UNet LoRA tensors found (expected keys like unet.<module>.lora.down.weight)",
+                "no LoRA tensors found (expected keys like unet.<module>.lora.down.weight, \
+                 <module>.lora_A.weight, or kohya's lora_unet_<module>.lora_down.weight)",
             ));
         }
-        let default_alpha = peft_config.get("lora_alpha").and_then(|v| v.as_f64());
-        let alpha_pattern = peft_config
-            .get("alpha_pattern")
-            .and_then(|v| v.as_object())
-            .cloned()
-            .unwrap_or_default();
-        let use_rslora = peft_config
+        let [(d0, u0, a0), (d1, u1, a1), (d2, u2, a2)] = parts;
+        let [c0, c1, c2] = configs;
+        let modules = pair_modules(d0, u0, &a0, &c0)?;
+        let text_encoder = pair_modules(d1, u1, &a1, &c1)?;
+        let text_encoder_2 = pair_modules(d2, u2, &a2, &c2)?;
+        let use_rslora = c0
             .get("use_rslora")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let mut modules = BTreeMap::new();
-        for (module, (down, down_key)) in downs {
-            let (up, up_key) = ups
-                .remove(&module)
-                .ok_or_else(|| lerr(format!("{module}: down matrix without up matrix")))?;
-            let r = down.dims()[0];
-            if up.dims()[1] != r {
-                return Err(lerr(format!(
-                    "{module}: down {:?} and up {:?} ranks differ",
-                    down.dims(),
-                    up.dims()
-                )));
-            }
-            let pattern_alpha = alpha_pattern
-                .iter()
-                .find(|(k, _)| module == **k || module.ends_with(&format!(".{k}")))
-                .and_then(|(_, v)| v.as_f64());
-            let alpha = pattern_alpha.or(default_alpha).unwrap_or(r as f64);
-            modules.insert(
-                module,
-                LoraModule {
-                    down,
-                    up,
-                    alpha,
-                    down_key,
-                    up_key,
-                },
-            );
-        }
-        if let Some(m) = ups.keys().next() {
-            return Err(lerr(format!("{m}: up matrix without down matrix")));
-        }
         Ok(Self {
             modules,
+            text_encoder,
+            text_encoder_2,
             use_rslora,
-            peft_config,
+            peft_config: c0,
         })
     }
 
@@ -204,32 +366,64 @@ impl LoraAdapter {
         )
     }
 
-    /// Attaches the adapter to `registry` with user scale `scale`; every other Linear is
-    /// cleared. Fails before touching anything if a module is missing or mis-shaped.
+    /// Attaches the UNet part of the adapter to `registry` with user scale `scale`; every
+    /// other Linear is cleared. Fails before touching anything if a module is missing or
+    /// mis-shaped.
     pub fn attach(&self, registry: &LinearRegistry, scale: f64, dtype: DType) -> Result<()> {
-        let mut plan = Vec::new();
-        for (name, m) in &self.modules {
-            let (slot, in_dim, out_dim) = registry
-                .get(name)
-                .ok_or_else(|| lerr(format!("module {name} does not exist in this UNet")))?;
-            if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
-                return Err(lerr(format!(
-                    "{name}: adapter shapes down {:?} up {:?} do not fit a {in_dim}->{out_dim} layer",
-                    m.down.dims(),
-                    m.up.dims()
-                )));
+        attach_to(&self.modules, registry, "UNet", &|m| self.module_scale(m) * scale, dtype)
+    }
+
+    /// Attaches the text-encoder parts (`text_encoders[i]` is the model's i-th encoder's
+    /// registry; None where the model has no such encoder), clearing the encoders' other
+    /// layers. The text encoders' alpha is their own (kohya's alpha tensors, diffusers'
+    /// per-network config), never rsLoRA-scaled.
+    pub fn attach_text(
+        &self,
+        text_encoders: [Option<&LinearRegistry>; 2],
+        scale: f64,
+        dtype: DType,
+    ) -> Result<()> {
+        let factor = |m: &LoraModule| m.alpha / m.rank() as f64 * scale;
+        for (i, (modules, registry)) in [&self.text_encoder, &self.text_encoder_2]
+            .into_iter()
+            .zip(text_encoders)
+            .enumerate()
+        {
+            match registry {
+                Some(reg) => attach_to(modules, reg, "text encoder", &factor, dtype)?,
+                None if !modules.is_empty() => {
+                    return Err(lerr(format!(
+                        "the adapter has LoRA for text encoder {} but the model has none",
+                        i + 1
+                    )))
+                }
+                None => {}
             }
-            plan.push((slot, m));
-        }
-        registry.clear_all();
-        for (slot, m) in plan {
-            slot.set(Some(LoraDelta {
-                down: m.down.to_dtype(dtype)?,
-                up: m.up.to_dtype(dtype)?,
-                scale: self.module_scale(m) * scale,
-            }));
         }
         Ok(())
+    }
+
+    /// Whether every module of the adapter fits a layer of a model with `layout`.
+    pub fn check_fits(&self, layout: &LoraLayout) -> Result<()> {
+        check_modules(&self.modules, &layout.unet, "UNet")?;
+        for (i, modules) in [&self.text_encoder, &self.text_encoder_2].into_iter().enumerate() {
+            match layout.text_encoders.get(i) {
+                Some(shapes) => check_modules(modules, shapes, "text encoder")?,
+                None if !modules.is_empty() => {
+                    return Err(lerr(format!(
+                        "the adapter has LoRA for text encoder {} but the model has none",
+                        i + 1
+                    )))
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the adapter changes a text encoder.
+    pub fn has_text_encoder_lora(&self) -> bool {
+        !self.text_encoder.is_empty() || !self.text_encoder_2.is_empty()
     }
 
     /// Writes the adapter (new adapters use diffusers key names, `unet.<module>.lora.down.weight`) and the

@@ -59,6 +59,26 @@ impl LinearRegistry {
     pub fn get(&self, name: &str) -> Option<(LoraSlot, usize, usize)> {
         self.0.lock().unwrap().get(name).cloned()
     }
+    /// The layer whose dotted name reads `flat` with every `.` written `_`, as kohya's LoRA
+    /// files name layers (`down_blocks_0_attentions_0_proj_in`); dotted names map to flat ones
+    /// one to one in diffusers' layouts.
+    pub fn get_flat(&self, flat: &str) -> Option<(String, LoraSlot, usize, usize)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.len() == flat.len() && k.replace('.', "_") == flat)
+            .map(|(k, (s, i, o))| (k.clone(), s.clone(), *i, *o))
+    }
+    /// Every layer's `(in_features, out_features)` by name.
+    pub fn shapes(&self) -> BTreeMap<String, (usize, usize)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, (_, i, o))| (k.clone(), (*i, *o)))
+            .collect()
+    }
     pub fn clear_all(&self) {
         for (_, (slot, _, _)) in self.0.lock().unwrap().iter() {
             slot.set(None);
@@ -121,6 +141,33 @@ impl Linear {
             reg.insert(w.prefix_name(), lora.clone(), in_dim, out_dim);
         }
         Ok(Self { weight, bias, lora })
+    }
+
+    /// A 1x1 convolution over channels (SD 1.x's transformer `proj_in`/`proj_out`) as the
+    /// per-pixel Linear it is, so LoRA files that adapt it (kohya's do) have a slot. Weights
+    /// `[out, in, 1, 1]`.
+    pub fn from_conv1x1(
+        w: &Weights,
+        in_dim: usize,
+        out_dim: usize,
+        registry: Option<&LinearRegistry>,
+    ) -> Result<Self> {
+        let raw = w.get((out_dim, in_dim, 1, 1), "weight")?;
+        let frozen_cpu_f32 = raw.device().is_cpu() && raw.dtype() == DType::F32 && !raw.is_variable();
+        let mut weight = raw.reshape((out_dim, in_dim))?;
+        if frozen_cpu_f32 {
+            // Column-major, as `new` keeps frozen CPU weights.
+            weight = weight.t()?.contiguous()?.t()?;
+        }
+        let lora = LoraSlot::default();
+        if let Some(reg) = registry {
+            reg.insert(w.prefix_name(), lora.clone(), in_dim, out_dim);
+        }
+        Ok(Self {
+            weight,
+            bias: Some(w.get(out_dim, "bias")?),
+            lora,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {

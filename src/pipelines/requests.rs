@@ -72,14 +72,14 @@ pub struct SeededRequest<'a> {
 }
 
 /// Runs `requests` (which share `params` and `task`) as one pipeline call. Returns each
-/// request's images in seed order. `keep_going` is polled after every denoising step; false
-/// abandons the batch.
+/// request's images in seed order. `keep_going(step, steps)` is called after every denoising
+/// step; false abandons the batch.
 pub fn generate(
     model: &DiffusionModel,
     task: TaskParams,
     requests: &[SeededRequest<'_>],
     params: &SamplingParams,
-    keep_going: &mut dyn FnMut() -> bool,
+    keep_going: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Vec<Vec<image::RgbImage>>> {
     let (h, w) = params.validate(model)?;
     let c = model.latent_channels();
@@ -125,7 +125,7 @@ pub fn generate(
     let noise = Tensor::cat(&noise_rows, 0)?;
     let mut rng = NoiseRng::merge(rngs);
     let mut notes = Notes::default();
-    let mut progress = |_: usize, _: usize| keep_going();
+    let mut progress = |step: usize, steps: usize| keep_going(step, steps);
     let cat = |rows: &[Tensor]| -> Result<Option<Tensor>> {
         Ok(if rows.is_empty() { None } else { Some(Tensor::cat(rows, 0)?) })
     };

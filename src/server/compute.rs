@@ -11,12 +11,12 @@ pub struct BatchOutput {
     pub warnings: Vec<Vec<String>>,
 }
 
-/// `tasks` must share a batch key. `keep_going` is polled after every denoising step; false
-/// abandons the batch (every client went away).
+/// `tasks` must share a batch key. `keep_going(step, steps)` is called after every denoising
+/// step; false abandons the batch (every client went away).
 pub fn run_batch(
     model: &DiffusionModel,
     tasks: &[&GenerationTask],
-    keep_going: &mut dyn FnMut() -> bool,
+    keep_going: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<BatchOutput, PipelineError> {
     let first = tasks
         .first()

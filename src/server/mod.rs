@@ -3,10 +3,12 @@
 //! `GenerationTask`s and worker errors into responses.
 
 pub mod compute;
+pub mod progress;
 pub mod stats;
 pub mod task;
 pub mod worker;
 
+pub use progress::{Progress, ProgressSender, Stage};
 pub use stats::StatsSnapshot;
 pub use task::{AdapterChoice, GenerationTask, Mode, ModelInfo, TaskOutput, TaskParams};
 pub use worker::{BatchHook, LoadStatus, ModelWorker, WorkerError, WorkerSettings};

@@ -4,6 +4,7 @@
 //! re-checks input: past this type boundary every value is in range for the model.
 
 pub use crate::adapters::AdapterChoice;
+use crate::models::lora::LoraLayout;
 use crate::models::{Architecture, DiffusionModel};
 pub use crate::pipelines::{Mode, TaskParams};
 use crate::pipelines::PromptPair;
@@ -29,6 +30,9 @@ pub struct ModelInfo {
     pub generate_defaults: crate::models::defaults::GenerateDefaults,
     /// What the model knows to draw, if its directory says.
     pub vocabulary: Option<serde_json::Value>,
+    /// The layers a LoRA adapter may attach to, so an uploaded file is checked against the
+    /// model before it is stored.
+    pub lora_layout: Arc<LoraLayout>,
 }
 
 impl ModelInfo {
@@ -44,6 +48,13 @@ impl ModelInfo {
             scheduler_config: model.scheduler_config.clone(),
             generate_defaults: model.defaults.generate.clone(),
             vocabulary: model.defaults.vocabulary.clone(),
+            lora_layout: Arc::new(LoraLayout {
+                unet: model.unet.linears().shapes(),
+                text_encoders: std::iter::once(&model.text_encoder)
+                    .chain(model.text_encoder_2.as_ref())
+                    .map(|t| t.linears().shapes())
+                    .collect(),
+            }),
         }
     }
 

@@ -10,6 +10,7 @@
 
 use crate::adapters::cache::AdapterState;
 use super::compute::run_batch;
+use super::progress::{ProgressSender, Stage};
 use super::stats::WorkerStats;
 use super::task::{BatchKey, GenerationTask, ModelInfo, TaskOutput};
 use crate::config::ModelSpec;
@@ -106,6 +107,7 @@ struct Queued {
     admitted: Instant,
     request_id: String,
     slot: Option<QueueSlot>,
+    progress: Option<ProgressSender>,
 }
 
 impl Queued {
@@ -220,6 +222,17 @@ impl ModelWorker {
         task: GenerationTask,
         request_id: &str,
     ) -> Result<oneshot::Receiver<Reply>, WorkerError> {
+        self.submit_tracked(task, request_id, None)
+    }
+
+    /// `submit`, with the worker reporting the request's stage and denoising steps to
+    /// `progress` as it goes.
+    pub fn submit_tracked(
+        &self,
+        task: GenerationTask,
+        request_id: &str,
+        progress: Option<ProgressSender>,
+    ) -> Result<oneshot::Receiver<Reply>, WorkerError> {
         self.info()?;
         let before = self.queued.fetch_add(1, Ordering::SeqCst);
         let slot = QueueSlot(self.queued.clone());
@@ -240,6 +253,7 @@ impl ModelWorker {
             admitted: Instant::now(),
             request_id: request_id.to_string(),
             slot: Some(slot),
+            progress,
         };
         let sender = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let sent = sender.as_ref().is_some_and(|s| s.send(job).is_ok());
@@ -418,6 +432,13 @@ impl Inner {
         let start = Instant::now();
         for job in &mut batch {
             job.slot = None; // computing, no longer queued
+            if let Some(p) = &job.progress {
+                p.send_modify(|p| {
+                    p.stage = Stage::Denoising;
+                    p.batch_size = images;
+                    p.started = Some(start);
+                });
+            }
         }
         self.stats.record_batch(images);
         self.stats.computing.store(1, Ordering::SeqCst);
@@ -432,7 +453,15 @@ impl Inner {
         );
         let result = {
             let tasks: Vec<&GenerationTask> = batch.iter().map(|j| &j.task).collect();
-            let mut keep_going = || !batch.iter().all(Queued::client_gone);
+            let mut keep_going = |step: usize, steps: usize| {
+                for p in batch.iter().filter_map(|j| j.progress.as_ref()) {
+                    p.send_modify(|p| {
+                        p.step = step;
+                        p.steps = steps;
+                    });
+                }
+                !batch.iter().all(Queued::client_gone)
+            };
             catch_unwind(AssertUnwindSafe(|| {
                 if let Some(hook) = &self.hook {
                     hook(&tasks);
@@ -448,6 +477,9 @@ impl Inner {
             .last_done_ms
             .store(super::stats::now_ms(), Ordering::SeqCst);
         self.stats.computing.store(0, Ordering::SeqCst);
+        for p in batch.iter().filter_map(|j| j.progress.as_ref()) {
+            p.send_modify(|p| p.stage = Stage::Finished);
+        }
         let result = match result {
             Ok(r) => r,
             Err(payload) => {

@@ -205,6 +205,16 @@ pub fn post_expect_continue(
 
 /// multipart/form-data with text fields and one `image` file part.
 pub fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
+    multipart_file(fields, "image", "in.png", image)
+}
+
+/// multipart/form-data with text fields and one file part named `field`.
+pub fn multipart_file(
+    fields: &[(&str, &str)],
+    field: &str,
+    filename: &str,
+    file: &[u8],
+) -> (String, Vec<u8>) {
     let boundary = format!("dspo-{}", uuid::Uuid::new_v4().simple());
     let mut body = Vec::new();
     for (k, v) in fields {
@@ -214,10 +224,10 @@ pub fn multipart(fields: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
         );
     }
     body.extend(
-        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"in.png\"\r\nContent-Type: image/png\r\n\r\n")
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
             .as_bytes(),
     );
-    body.extend(image);
+    body.extend(file);
     body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
 }

@@ -171,19 +171,15 @@ impl BasicTransformerBlock {
     }
 }
 
-#[derive(Clone)]
-enum Proj {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// `Transformer2DModel` over continuous NCHW input.
 #[derive(Clone)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Proj,
+    /// Linear layers in SD 2.x/SDXL, 1x1 convolutions in SD 1.x: the same per-pixel map, held
+    /// as Linear either way so LoRA can adapt both.
+    proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
-    proj_out: Proj,
+    proj_out: Linear,
 }
 
 pub struct TransformerSpec {
@@ -200,13 +196,13 @@ impl SpatialTransformer {
         let c = s.channels;
         let (proj_in, proj_out) = if s.linear_projection {
             (
-                Proj::Linear(Linear::new(&w.pp("proj_in"), c, c, true, Some(reg))?),
-                Proj::Linear(Linear::new(&w.pp("proj_out"), c, c, true, Some(reg))?),
+                Linear::new(&w.pp("proj_in"), c, c, true, Some(reg))?,
+                Linear::new(&w.pp("proj_out"), c, c, true, Some(reg))?,
             )
         } else {
             (
-                Proj::Conv(Conv2d::new(&w.pp("proj_in"), c, c, 1, 1, 0)?),
-                Proj::Conv(Conv2d::new(&w.pp("proj_out"), c, c, 1, 1, 0)?),
+                Linear::from_conv1x1(&w.pp("proj_in"), c, c, Some(reg))?,
+                Linear::from_conv1x1(&w.pp("proj_out"), c, c, Some(reg))?,
             )
         };
         let blocks = (0..s.layers)
@@ -234,18 +230,12 @@ impl SpatialTransformer {
         let residual = x;
         let x = self.norm.forward(x)?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * wd, c));
-        let mut x = match &self.proj_in {
-            Proj::Conv(conv) => to_tokens(&conv.forward(&x)?)?,
-            Proj::Linear(l) => l.forward(&to_tokens(&x)?)?,
-        };
+        let mut x = self.proj_in.forward(&to_tokens(&x)?)?;
         for blk in &self.blocks {
             x = blk.forward(&x, context)?;
         }
         let to_image = |t: &Tensor| t.reshape((b, h, wd, c))?.permute((0, 3, 1, 2));
-        let x = match &self.proj_out {
-            Proj::Conv(conv) => conv.forward(&to_image(&x)?.contiguous()?)?,
-            Proj::Linear(l) => to_image(&l.forward(&x)?)?,
-        };
+        let x = to_image(&self.proj_out.forward(&x)?)?;
         x + residual
     }
 }
