@@ -12,12 +12,14 @@ use std::process::Command;
 const SCRIPT: &str = r#"
 import base64, io, sys, time
 from dspo_client import AuthenticatedClient, Client
-from dspo_client.api.images import generate, edit
-from dspo_client.api.service import health, ready, models, openapi_json
-from dspo_client.api.finetune import (create, list_, get_job, cancel, metrics, events, adapters,
-                                      adapter_weights, delete_adapter)
+from dspo_client.api.images import (generate, edit, list_generations, get_generation,
+                                    cancel_generation)
+from dspo_client.api.service import health, ready, list_models, openapi_json
+from dspo_client.api.finetune import (create_job, list_jobs, get_job, cancel_job, get_job_metrics,
+                                      stream_job_events, list_adapters, download_adapter,
+                                      upload_adapter, delete_adapter)
 from dspo_client.models import (GenerateRequest, GenerateResponse, EditForm, EditMode, Scheduler,
-                                JobSpec, JobStatus)
+                                JobSpec, JobStatus, OutputFormat, AdapterUpload, Hyperparameters)
 from dspo_client.types import File
 
 base, full_key, generate_key, dataset_url = sys.argv[1:5]
@@ -34,7 +36,7 @@ for _ in range(1200):
     time.sleep(0.1)
 assert r.status_code == 200, r.content[:300]
 assert openapi_json.sync_detailed(client=anon).status_code == 200
-m = models.sync_detailed(client=inference)
+m = list_models.sync_detailed(client=inference)
 assert m.status_code == 200 and {x.name for x in m.parsed.models} >= {"tiny-sd15", "tiny-ip2p"}, m.content[:300]
 
 # Images, with the inference-only key; none at all is a 401.
@@ -58,6 +60,17 @@ assert (e.parsed.parameters.width, e.parsed.parameters.height) == (64, 64)
 
 bad = generate.sync_detailed(client=inference, body=GenerateRequest(prompt="x", model="tiny-sd15", steps=0))
 assert bad.status_code == 422 and bad.parsed.error.code == "invalid_steps", bad.content
+j = generate.sync(client=inference, body=GenerateRequest(
+    prompt="a red circle", model="tiny-sd15", steps=2, seed=5, output_format=OutputFormat.JPEG, output_quality=80))
+assert j.images[0].mime_type == "image/jpeg" and base64.b64decode(j.images[0].image_base64)[:2] == b"\xff\xd8"
+assert j.parameters.output_format == "jpeg" and j.parameters.output_quality == 80
+
+# Generations in flight: none now; an unknown id is a 404 for progress and cancel alike.
+assert list_generations.sync(client=inference).generations == []
+g = get_generation.sync_detailed("no-such-request", client=inference)
+assert g.status_code == 404 and g.parsed.error.code == "generation_not_found", g.content
+g = cancel_generation.sync_detailed("no-such-request", client=inference)
+assert g.status_code == 404 and g.parsed.error.code == "generation_not_found", g.content
 
 # Fine-tuning: a job from submission to a registered adapter, then every job and adapter call.
 spec = JobSpec.from_dict({
@@ -65,10 +78,12 @@ spec = JobSpec.from_dict({
     "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
     "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_pairs": 8, "learning_rate": 1e-2,
                         "resolution": 64, "warmup_steps": 0, "checkpoint_every": 2, "beta": 1.0}})
-forbidden = create.sync_detailed(client=inference, body=spec)
+forbidden = create_job.sync_detailed(client=inference, body=spec)
 assert forbidden.status_code == 403 and forbidden.parsed.error.code == "forbidden", forbidden.content
-c = create.sync_detailed(client=client, body=spec)
+c = create_job.sync_detailed(client=client, body=spec)
 assert c.status_code == 202, c.content[:500]
+assert isinstance(c.parsed.job.spec.hyperparameters, Hyperparameters)
+assert c.parsed.job.spec.hyperparameters.max_steps == 2
 job_id = c.parsed.job_id
 for _ in range(1200):
     job = get_job.sync(job_id, client=client)
@@ -77,25 +92,33 @@ for _ in range(1200):
     time.sleep(0.1)
 assert job.status == JobStatus.COMPLETED, job.to_dict()
 assert job.adapter == "sdk-adapter"
-assert [j.id for j in list_.sync(client=client, status=JobStatus.COMPLETED)] == [job_id]
-assert list_.sync(client=client, status=JobStatus.FAILED) == []
-steps = metrics.sync(job_id, client=client)
+assert [j.id for j in list_jobs.sync(client=client, status=JobStatus.COMPLETED)] == [job_id]
+assert list_jobs.sync(client=client, status=JobStatus.FAILED) == []
+steps = get_job_metrics.sync(job_id, client=client)
 assert [s.step for s in steps] == [1, 2], [s.to_dict() for s in steps]
-ev = events.sync_detailed(job_id, client=client)
-assert ev.status_code == 200 and b"event: status" in ev.content, ev.content[:300]
-assert "sdk-adapter" in [a.name for a in adapters.sync(client=inference)]
-w = adapter_weights.sync("sdk-adapter", client=client)  # a File: the bytes of the download
+ev = stream_job_events.sync(job_id, client=client)  # the whole stream of an ended job, as text
+assert isinstance(ev, str) and "event: status" in ev and '"completed"' in ev, ev[:300]
+assert "sdk-adapter" in [a.name for a in list_adapters.sync(client=inference)]
+w = download_adapter.sync("sdk-adapter", client=client)  # a File: the bytes of the download
 data = w.payload.read()
 header_len = int.from_bytes(data[:8], "little")
 assert data[8:9] == b"{" and 8 + header_len <= len(data)  # a safetensors file
-ended = cancel.sync_detailed(job_id, client=client)
+up = upload_adapter.sync_detailed(client=client, body=AdapterUpload(
+    name="sdk-uploaded", model="tiny-sd15",
+    file=File(payload=io.BytesIO(data), file_name="lora.safetensors", mime_type="application/octet-stream")))
+assert up.status_code == 201 and up.parsed.method == "uploaded", up.content[:300]
+taken = upload_adapter.sync_detailed(client=client, body=AdapterUpload(
+    name="sdk-uploaded", file=File(payload=io.BytesIO(data), file_name="lora.safetensors")))
+assert taken.status_code == 409 and taken.parsed.error.code == "adapter_exists", taken.content[:300]
+assert delete_adapter.sync_detailed("sdk-uploaded", client=client).status_code == 204
+ended = cancel_job.sync_detailed(job_id, client=client)
 assert ended.status_code == 409 and ended.parsed.error.code == "job_finished", ended.content[:300]
 tuned = generate.sync_detailed(client=inference, body=GenerateRequest.from_dict(
     {"prompt": "a red circle", "model": "tiny-sd15", "steps": 3, "seed": 5, "adapter": "sdk-adapter"}))
 assert tuned.status_code == 200, tuned.content[:300]
 d = delete_adapter.sync_detailed("sdk-adapter", client=client)
 assert d.status_code == 204, (d.status_code, d.content)
-assert "sdk-adapter" not in [a.name for a in adapters.sync(client=client)]
+assert "sdk-adapter" not in [a.name for a in list_adapters.sync(client=client)]
 gone = get_job.sync_detailed("00000000-0000-0000-0000-000000000000", client=client)
 assert gone.status_code == 404 and gone.parsed.error.code == "job_not_found"
 print("python sdk ok")

@@ -88,7 +88,7 @@ pub struct JobCreated {
 /// Start a fine-tuning job.
 #[utoipa::path(
     post,
-    path = "/finetune",
+    path = "/finetune", operation_id = "create_job",
     tag = "finetune",
     request_body = JobSpec,
     responses(
@@ -135,7 +135,7 @@ pub struct ListQuery {
 }
 
 /// List jobs (oldest first), optionally by status.
-#[utoipa::path(get, path = "/finetune", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
+#[utoipa::path(get, path = "/finetune", operation_id = "list_jobs", tag = "finetune", params(ListQuery), responses((status = 200, body = Vec<JobRecord>)))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -168,7 +168,7 @@ pub async fn get_job(
 /// a job that has already ended is a 409 (job_finished).
 #[utoipa::path(
     delete,
-    path = "/finetune/{id}",
+    path = "/finetune/{id}", operation_id = "cancel_job",
     tag = "finetune",
     params(("id" = String, Path, description = "job id")),
     responses(
@@ -197,7 +197,7 @@ pub async fn cancel(
 /// The metrics history: one entry per optimiser step.
 #[utoipa::path(
     get,
-    path = "/finetune/{id}/metrics",
+    path = "/finetune/{id}/metrics", operation_id = "get_job_metrics",
     tag = "finetune",
     params(("id" = String, Path, description = "job id")),
     responses((status = 200, body = Vec<StepMetrics>), (status = 404, body = super::error::ErrorResponse))
@@ -215,10 +215,10 @@ pub async fn metrics(
 /// every 500 ms; the stream ends after the job's final status.
 #[utoipa::path(
     get,
-    path = "/finetune/{id}/events",
+    path = "/finetune/{id}/events", operation_id = "stream_job_events",
     tag = "finetune",
     params(("id" = String, Path, description = "job id")),
-    responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"), (status = 404, body = super::error::ErrorResponse))
+    responses((status = 200, description = "Server-sent events: `status` (a JobRecord), `progress` and `metrics` (StepMetrics); the stream ends after the final status", body = String, content_type = "text/event-stream"), (status = 404, body = super::error::ErrorResponse))
 )]
 pub async fn events(
     State(state): State<AppState>,
@@ -271,7 +271,7 @@ pub async fn events(
 }
 
 /// Registered adapters (name, base model, method, hyperparameters, final metrics, created).
-#[utoipa::path(get, path = "/adapters", tag = "finetune", responses((status = 200, body = Vec<AdapterInfo>)))]
+#[utoipa::path(get, path = "/adapters", operation_id = "list_adapters", tag = "finetune", responses((status = 200, body = Vec<AdapterInfo>)))]
 pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterInfo>>, ApiError> {
     Ok(Json(jobs(&state)?.adapters()?.into_iter().map(Into::into).collect()))
 }
@@ -279,7 +279,7 @@ pub async fn adapters(State(state): State<AppState>) -> Result<Json<Vec<AdapterI
 /// The adapter's safetensors file (diffusers LoRA format: `pipe.load_lora_weights` reads it).
 #[utoipa::path(
     get,
-    path = "/adapters/{name}/weights",
+    path = "/adapters/{name}/weights", operation_id = "download_adapter",
     tag = "finetune",
     params(("name" = String, Path, description = "adapter name")),
     responses((status = 200, description = "safetensors file", content_type = "application/octet-stream", body = super::types::BinaryFile), (status = 404, body = super::error::ErrorResponse))
@@ -330,7 +330,7 @@ pub struct AdapterUpload {
 /// limits.max_body_bytes.
 #[utoipa::path(
     post,
-    path = "/adapters",
+    path = "/adapters", operation_id = "upload_adapter",
     tag = "finetune",
     request_body(content = AdapterUpload, content_type = "multipart/form-data"),
     responses(

@@ -191,7 +191,7 @@ pub struct GenerationList {
 }
 
 /// The caller's generations that are queued or running.
-#[utoipa::path(get, path = "/generations", tag = "images",
+#[utoipa::path(get, path = "/generations", operation_id = "list_generations", tag = "images",
     responses((status = 200, body = GenerationList)))]
 pub async fn list(
     State(app): State<AppState>,
@@ -206,7 +206,7 @@ pub async fn list(
 ///
 /// Send your own `x-request-id` with /generate or /edit to know it in advance. Finished
 /// generations are gone (404): their response carries the result.
-#[utoipa::path(get, path = "/generations/{id}", tag = "images",
+#[utoipa::path(get, path = "/generations/{id}", operation_id = "get_generation", tag = "images",
     params(("id" = String, Path, description = "The request id")),
     responses(
         (status = 200, body = GenerationStatus),
@@ -225,7 +225,7 @@ pub async fn get(
 ///
 /// Its request is answered 409 generation_cancelled; a batch whose every request is cancelled
 /// stops between denoising steps.
-#[utoipa::path(post, path = "/generations/{id}/cancel", tag = "images",
+#[utoipa::path(post, path = "/generations/{id}/cancel", operation_id = "cancel_generation", tag = "images",
     params(("id" = String, Path, description = "The request id")),
     responses(
         (status = 202, description = "Cancelled; the status as it was", body = GenerationStatus),

@@ -640,7 +640,7 @@ pub async fn edit(
 }
 
 /// The served models, what each can do and its defaults.
-#[utoipa::path(get, path = "/models", tag = "service", responses((status = 200, body = ModelsResponse)))]
+#[utoipa::path(get, path = "/models", operation_id = "list_models", tag = "service", responses((status = 200, body = ModelsResponse)))]
 pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
     let d = &app.config.defaults;
     let models = app

@@ -97,8 +97,7 @@ pub struct JobSpec {
     pub full_finetune: bool,
     /// Any subset; missing fields take the server's per-model fine-tuning defaults.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub hyperparameters: Option<serde_json::Value>,
+    pub hyperparameters: Option<Hyperparameters>,
     /// Receives Standard Webhooks (signed `{"type", "timestamp", "data": <job>}` POSTs, see
     /// docs/api.md) for the events in `webhook_events_filter`.
     #[serde(default)]
@@ -107,6 +106,71 @@ pub struct JobSpec {
     /// completed only.
     #[serde(default)]
     pub webhook_events_filter: Option<Vec<WebhookEvent>>,
+}
+
+/// The training settings of a POST /finetune body. Every field is optional: one left out takes
+/// the base model's fine-tuning default (GET /models does not list them; docs/fine-tuning.md
+/// does).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Hyperparameters {
+    /// Preference strength (> 0). Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
+    /// diffusion_dpo 5000; unused by sft.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// Peak learning rate; default: 1e-8 x pairs per optimiser step (the official scaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<f64>,
+    /// Optimiser steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    /// Pairs per micro-batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_accumulation_steps: Option<usize>,
+    /// Linear warmup from 0, in optimiser steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<usize>,
+    /// Training image side; default: the model's native size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<usize>,
+    /// Probability that a pair's caption is replaced by "".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_dropout: Option<f64>,
+    /// Standard deviation of a per-channel constant added to the training noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_offset: Option<f64>,
+    /// Weight of the plain denoising loss on both images of every pair, added to the pair loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_weight: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Write a checkpoint every N optimiser steps (0: only at the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_beta1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_beta2: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adam_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_crop: Option<bool>,
+    /// SDXL: the real image size as time ids instead of the official trainer's fixed ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdxl_real_time_ids: Option<bool>,
+    /// Use only the first N usable pairs of the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pairs: Option<usize>,
+    /// Recompute activations in the backward pass (less memory, about one more forward pass).
+    /// Default: on for GPUs, off on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 /// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
@@ -307,7 +371,9 @@ impl JobSpec {
             adapter_name: s.adapter_name,
             lora: s.lora.map(Into::into),
             full_finetune: s.full_finetune,
-            hyperparameters: s.hyperparameters,
+            hyperparameters: s
+                .hyperparameters
+                .and_then(|h| serde_json::to_value(h).ok()),
             webhook_url: s.webhook_url,
             webhook_events_filter: s
                 .webhook_events_filter
@@ -325,7 +391,10 @@ impl From<jobs::JobSpec> for JobSpec {
             adapter_name: s.adapter_name,
             lora: s.lora.map(Into::into),
             full_finetune: s.full_finetune,
-            hyperparameters: s.hyperparameters,
+            // Stored specs passed the same schema when they were submitted.
+            hyperparameters: s
+                .hyperparameters
+                .and_then(|h| serde_json::from_value(h).ok()),
             webhook_url: s.webhook_url,
             webhook_events_filter: s
                 .webhook_events_filter
@@ -447,5 +516,32 @@ mod tests {
             serde_json::to_value(&m).unwrap(),
             serde_json::to_value(StepMetrics::from(m.clone())).unwrap()
         );
+    }
+
+    /// The typed request names every training setting and no other: each field of the
+    /// trainer's Hyperparameters is accepted, and a request naming all of them reads back
+    /// into the trainer's type.
+    #[test]
+    fn hyperparameters_mirror_the_trainers_fields() {
+        let trainer = serde_json::to_value(training::Hyperparameters::default()).unwrap();
+        let all: serde_json::Map<String, serde_json::Value> = trainer
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let v = match k.as_str() {
+                    "beta" | "learning_rate" => serde_json::json!(0.5),
+                    "resolution" | "max_pairs" => serde_json::json!(64),
+                    "gradient_checkpointing" => serde_json::json!(true),
+                    _ => v.clone(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let api: Hyperparameters = serde_json::from_value(all.clone().into()).unwrap();
+        let back = serde_json::to_value(&api).unwrap();
+        assert_eq!(back, serde_json::Value::Object(all.clone()));
+        let _: training::Hyperparameters = serde_json::from_value(back).unwrap();
+        assert!(serde_json::from_value::<Hyperparameters>(serde_json::json!({"lr": 1})).is_err());
     }
 }

@@ -83,6 +83,7 @@ use utoipa::OpenApi;
         job_types::StepMetrics,
         job_types::Method,
         job_types::LoraRequest,
+        job_types::Hyperparameters,
         finetune::JobCreated,
         finetune::AdapterUpload
     )),
