@@ -17,6 +17,8 @@
 /** @typedef {Schemas["EditMode"]} EditMode */
 /** @typedef {Schemas["JobSpec"]} JobSpec */
 /** @typedef {Schemas["LoraRequest"]} LoraRequest */
+/** @typedef {Schemas["Hyperparameters"]} Hyperparameters */
+/** @typedef {{[K in keyof Hyperparameters]-?: NonNullable<Hyperparameters[K]> extends number ? K : never}[keyof Hyperparameters]} NumericHyperparameter */
 /** @typedef {Schemas["Method"]} Method */
 /** @typedef {Schemas["JobCreated"]} JobCreated */
 /** @typedef {Schemas["JobRecord"]} JobRecord */
@@ -24,6 +26,7 @@
 /** @typedef {Schemas["Progress"]} Progress */
 /** @typedef {Schemas["StepMetrics"]} StepMetrics */
 /** @typedef {Schemas["AdapterInfo"]} AdapterInfo */
+/** @typedef {Schemas["AdapterUpload"]} AdapterUpload */
 /** @typedef {Schemas["ErrorResponse"]} ErrorResponse */
 
 /** @typedef {{step: number, loss: number, accuracy: number | null}} Point */
@@ -133,7 +136,7 @@ function apiKey() {
 
 /**
  * @param {string} path
- * @param {{method?: string, body?: unknown, signal?: AbortSignal, accept?: string}} [opts]
+ * @param {{method?: string, body?: unknown, form?: FormData, signal?: AbortSignal, accept?: string}} [opts]
  * @returns {Promise<Response>}
  */
 async function call(path, opts = {}) {
@@ -145,6 +148,10 @@ async function call(path, opts = {}) {
   if (opts.body !== undefined) {
     headers.set("Content-Type", "application/json");
     init.body = JSON.stringify(opts.body);
+    init.method = opts.method ?? "POST";
+  } else if (opts.form) {
+    // The browser writes the multipart boundary into Content-Type itself.
+    init.body = opts.form;
     init.method = opts.method ?? "POST";
   }
   let res;
@@ -199,6 +206,16 @@ const api = {
   adapters: () => json(route("/adapters")),
   /** @param {string} name */
   weights: (name) => call(route("/adapters/{name}/weights", { name }), { accept: "application/octet-stream" }),
+  /**
+   * multipart/form-data with the fields of the AdapterUpload schema.
+   * @param {{[K in keyof AdapterUpload]: AdapterUpload[K] extends string ? string | Blob : string | undefined}} fields
+   * @returns {Promise<AdapterInfo>}
+   */
+  uploadAdapter: (fields) => {
+    const form = new FormData();
+    for (const [k, v] of Object.entries(fields)) if (v !== undefined) form.append(k, v);
+    return json(route("/adapters"), { form });
+  },
   /** @param {string} name @returns {Promise<null>} */
   deleteAdapter: (name) => json(route("/adapters/{name}", { name }), { method: "DELETE" }),
 };
@@ -323,6 +340,7 @@ async function loadModels() {
   models = r.models;
   fillModels(select("gen-model"), ["txt2img"]);
   fillModels(select("edit-model"), [...EDIT_MODES]);
+  fillModels(select("upload-model"), ["txt2img", ...EDIT_MODES]);
   const ft = select("ft-base-model");
   fillSelect(ft, [["", `server default${defaultModel() ? ` (${defaultModel()?.name})` : ""}`], ...models.map((m) => /** @type {[string, string]} */ ([m.name, m.name]))]);
   onGenerateModel();
@@ -502,7 +520,7 @@ function jobSpec() {
     alpha: num("ft-alpha"),
     target_modules: text("ft-target-modules")?.split(/[\s,]+/).filter(Boolean),
   };
-  /** @type {Record<string, unknown>} */
+  /** @type {Hyperparameters} */
   let hyper = {};
   const extra = text("ft-extra");
   if (extra) {
@@ -515,7 +533,7 @@ function jobSpec() {
       throw new ApiError(0, "invalid_request", "“More” must be a JSON object");
     }
   }
-  /** @type {Array<[string, number | undefined]>} */
+  /** @type {Array<[NumericHyperparameter, number | undefined]>} */
   const fields = [
     ["max_steps", num("ft-max-steps")],
     ["batch_size", num("ft-batch-size")],
@@ -885,6 +903,15 @@ async function download(name) {
   setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
+async function uploadAdapter() {
+  const file = input("upload-file").files?.[0];
+  if (!file) throw new ApiError(0, "invalid_request", "choose a .safetensors file");
+  const info = await api.uploadAdapter({ name: input("upload-name").value.trim(), model: text("upload-model"), file });
+  typed("upload-form", HTMLFormElement).reset();
+  await loadAdapters();
+  $("adapters").querySelector(`tr[data-adapter="${CSS.escape(info.name)}"]`)?.classList.add("fresh");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tabs, key, start-up
 
@@ -959,6 +986,10 @@ function start() {
     } catch (e) {
       showError(e);
     }
+  });
+  $("upload-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busyWhile(button("upload-submit"), null, uploadAdapter);
   });
   button("jobs-refresh").addEventListener("click", () => loadJobs().catch(showError));
   button("adapters-refresh").addEventListener("click", () => loadAdapters().catch(showError));
