@@ -235,9 +235,12 @@ fn start_jobs(
     let p = pool.clone();
     let resolver: crate::jobs::manager::ModelResolver = Arc::new(move |name: Option<&str>| {
         let w = p.get(name)?;
-        let dir = crate::models::ModelSource::parse(w.source())
-            .resolve(variant.as_deref())
-            .ok()?;
+        // A single-file checkpoint is handed to the trainer as its source string, which
+        // resolves it the way the worker did.
+        let dir = match crate::models::ModelSource::parse(w.source()) {
+            crate::models::ModelSource::SingleFile { .. } => std::path::PathBuf::from(w.source()),
+            other => other.resolve(variant.as_deref()).ok()?,
+        };
         Some((w.name().to_string(), dir))
     });
     let p = pool.clone();

@@ -15,7 +15,8 @@ pub struct ServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:8080 (port 0 picks a free one)
     #[arg(long)]
     pub listen: Option<String>,
-    /// NAME=DIR_OR_HUB_ID, repeatable; replaces models.serve
+    /// NAME=DIR_OR_HUB_ID or NAME=FILE.safetensors[,config=DIR_OR_HUB_ID], repeatable; replaces
+    /// models.serve
     #[arg(long = "model")]
     pub models: Vec<String>,
     /// cpu or cuda:N

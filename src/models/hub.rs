@@ -40,11 +40,27 @@ const COMPONENT_FILES: &[(&str, &[&str])] = &[
     ("scheduler", &["scheduler_config.json"]),
 ];
 
-#[cfg(feature = "hub")]
+/// A pipeline repository's files (weights included) in the local hub cache.
 pub fn download_pipeline(
     repo: &str,
     revision: Option<&str>,
     variant: Option<&str>,
+) -> Result<PathBuf> {
+    download(repo, revision, variant, true)
+}
+
+/// Only a pipeline repository's configuration and tokenizer files, for a single-file
+/// checkpoint that brings its own weights.
+pub fn download_configs(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+    download(repo, revision, None, false)
+}
+
+#[cfg(feature = "hub")]
+fn download(
+    repo: &str,
+    revision: Option<&str>,
+    variant: Option<&str>,
+    weights: bool,
 ) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
@@ -81,6 +97,9 @@ pub fn download_pipeline(
             continue;
         }
         for file in *files {
+            if !weights && file.ends_with(".safetensors") {
+                continue;
+            }
             let mut names = vec![];
             if let (Some(v), Some(stem)) = (variant, file.strip_suffix(".safetensors")) {
                 names.push(format!("{component}/{stem}.{v}.safetensors"));
@@ -107,10 +126,11 @@ pub fn download_pipeline(
 }
 
 #[cfg(not(feature = "hub"))]
-pub fn download_pipeline(
+fn download(
     repo: &str,
     _revision: Option<&str>,
     _variant: Option<&str>,
+    _weights: bool,
 ) -> Result<PathBuf> {
     Err(ModelError::Hub(format!(
         "{repo}: this build has no hub support (build with --features hub)"

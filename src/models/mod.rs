@@ -11,6 +11,7 @@ pub mod lora;
 pub mod nn;
 pub mod pipeline_model;
 pub mod random_model;
+pub mod single_file;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

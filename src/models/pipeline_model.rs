@@ -5,6 +5,7 @@ use super::clip::ClipTextModel;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
 use super::vae::AutoencoderKL;
+use super::weights::Weights;
 use super::{ModelError, Result};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use candle_core::{DType, Device};
@@ -30,7 +31,8 @@ impl Architecture {
     }
 }
 
-/// Where a model comes from: a local diffusers directory or a hub repository id.
+/// Where a model comes from: a local diffusers directory, a hub repository id, or a
+/// single-file checkpoint with the directory or repository its configuration comes from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Local(PathBuf),
@@ -38,11 +40,28 @@ pub enum ModelSource {
         repo: String,
         revision: Option<String>,
     },
+    /// `FILE.safetensors[,config=DIR_OR_HUB_ID]`; without `config`, the reference repository
+    /// of the family the file's keys show (see `single_file`).
+    SingleFile {
+        file: PathBuf,
+        config: Option<String>,
+    },
 }
 
 impl ModelSource {
-    /// A path that exists is local; `owner/name[@rev]` otherwise is a hub id.
+    /// `*.safetensors` (optionally `,config=...`) is a single file; a path that exists is
+    /// local; `owner/name[@rev]` otherwise is a hub id.
     pub fn parse(s: &str) -> Self {
+        let (path, config) = match s.split_once(",config=") {
+            Some((p, c)) => (p, Some(c.to_string())),
+            None => (s, None),
+        };
+        if path.to_ascii_lowercase().ends_with(".safetensors") {
+            return ModelSource::SingleFile {
+                file: PathBuf::from(path),
+                config,
+            };
+        }
         let p = PathBuf::from(s);
         if p.exists() || s.starts_with('/') || s.starts_with('.') {
             return ModelSource::Local(p);
@@ -71,6 +90,32 @@ impl ModelSource {
             ModelSource::Hub { repo, revision } => {
                 super::hub::download_pipeline(repo, revision.as_deref(), variant)
             }
+            ModelSource::SingleFile { file, .. } => Err(ModelError::Config(format!(
+                "{} is a single-file checkpoint, not a pipeline directory",
+                file.display()
+            ))),
+        }
+    }
+
+    /// The directory whose configuration and tokenizers a single-file checkpoint uses: the
+    /// given one, or the family's reference repository's (configuration files only).
+    fn single_file_config(file: &Path, config: Option<&str>) -> Result<PathBuf> {
+        let source = match config {
+            Some(c) => ModelSource::parse(c),
+            None => {
+                let (family, in_channels) = super::single_file::inspect(file)?;
+                ModelSource::parse(family.reference_repo(in_channels))
+            }
+        };
+        match source {
+            ModelSource::Local(p) => ModelSource::Local(p).resolve(None),
+            ModelSource::Hub { repo, revision } => {
+                super::hub::download_configs(&repo, revision.as_deref())
+            }
+            ModelSource::SingleFile { file, .. } => Err(ModelError::Config(format!(
+                "config={}: name a diffusers directory or hub repository",
+                file.display()
+            ))),
         }
     }
 }
@@ -122,16 +167,97 @@ fn read_json(path: &Path) -> Result<Value> {
         .map_err(|e| ModelError::Corrupt(path.display().to_string(), e.to_string()))
 }
 
+/// Where a pipeline's weights are read from.
+enum WeightSource<'a> {
+    /// The component folders of the pipeline directory.
+    Folders,
+    /// A single-file checkpoint, renamed to the folders' names.
+    Converted(&'a mut super::single_file::Components),
+}
+
+impl WeightSource<'_> {
+    fn component(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        stem: &str,
+        opts: &LoadOptions,
+        dtype: DType,
+    ) -> Result<Weights> {
+        match self {
+            WeightSource::Folders => {
+                let files =
+                    Weights::resolve_files(&dir.join(name), stem, opts.variant.as_deref())?;
+                Weights::from_files(&files, &opts.device, dtype)
+            }
+            WeightSource::Converted(c) => {
+                let map = match name {
+                    "unet" => &mut c.unet,
+                    "vae" => &mut c.vae,
+                    "text_encoder" => &mut c.text_encoder,
+                    _ => &mut c.text_encoder_2,
+                };
+                if map.is_empty() {
+                    return Err(ModelError::Config(format!(
+                        "the single-file checkpoint has no {name} weights"
+                    )));
+                }
+                Ok(Weights::from_map(std::mem::take(map), &opts.device, dtype))
+            }
+        }
+    }
+}
+
 impl DiffusionModel {
+    /// A model from any source: a pipeline directory, a hub id, or a single-file checkpoint.
+    pub fn load_source(source: &str, opts: &LoadOptions) -> Result<Self> {
+        match ModelSource::parse(source) {
+            ModelSource::SingleFile { file, config } => {
+                let dir = ModelSource::single_file_config(&file, config.as_deref())?;
+                Self::load_single_file(&file, &dir, opts)
+            }
+            other => Self::load(&other.resolve(opts.variant.as_deref())?, opts),
+        }
+    }
+
+    /// A single-file checkpoint, configured by the pipeline directory `config_dir` (whose own
+    /// weights, if any, are not read).
+    pub fn load_single_file(file: &Path, config_dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let unet = UNet2DConditionModel::load_config(&config_dir.join("unet"))?;
+        let vae = AutoencoderKL::load_config(&config_dir.join("vae"))?;
+        let layers = match unet.layers_per_block.as_slice() {
+            [first, rest @ ..] if rest.iter().all(|l| l == first) => *first,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "single-file checkpoints need one layers_per_block for every level, the \
+                     configuration has {other:?}"
+                )))
+            }
+        };
+        let mut parts = super::single_file::load(
+            file,
+            layers,
+            vae.block_out_channels.len(),
+            &opts.device,
+        )?;
+        Self::load_from(config_dir, opts, WeightSource::Converted(&mut parts))
+    }
+
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_from(dir, opts, WeightSource::Folders)
+    }
+
+    fn load_from(dir: &Path, opts: &LoadOptions, mut weights: WeightSource<'_>) -> Result<Self> {
         let index = read_json(&dir.join("model_index.json"))?;
         let class = index
             .get("_class_name")
             .and_then(|c| c.as_str())
             .unwrap_or("StableDiffusionPipeline");
-        let variant = opts.variant.as_deref();
-        let (dev, dt) = (&opts.device, opts.dtype);
-        let unet = UNet2DConditionModel::load(&dir.join("unet"), variant, dev, dt)?;
+        let dt = opts.dtype;
+        let unet = UNet2DConditionModel::new(
+            UNet2DConditionModel::load_config(&dir.join("unet"))?,
+            &weights.component(dir, "unet", "diffusion_pytorch_model", opts, dt)?,
+        )?;
         let latent_channels = AutoencoderKL::load_config(&dir.join("vae"))?.latent_channels;
         let architecture = match class {
             "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
@@ -169,17 +295,21 @@ impl DiffusionModel {
         } else {
             dt
         };
-        let vae = AutoencoderKL::load(&dir.join("vae"), variant, dev, vae_dtype)?;
+        let vae = AutoencoderKL::new(
+            AutoencoderKL::load_config(&dir.join("vae"))?,
+            &weights.component(dir, "vae", "diffusion_pytorch_model", opts, vae_dtype)?,
+        )?;
         let tokenizer = ClipTokenizer::load(&dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::load(&dir.join("text_encoder"), variant, dev, dt)?;
+        let text_encoder = ClipTextModel::new(
+            ClipTextModel::load_config(&dir.join("text_encoder"))?,
+            &weights.component(dir, "text_encoder", "model", opts, dt)?,
+        )?;
         let (tokenizer_2, text_encoder_2) = if architecture == Architecture::StableDiffusionXl {
             (
                 Some(ClipTokenizer::load(&dir.join("tokenizer_2"))?),
-                Some(ClipTextModel::load(
-                    &dir.join("text_encoder_2"),
-                    variant,
-                    dev,
-                    dt,
+                Some(ClipTextModel::new(
+                    ClipTextModel::load_config(&dir.join("text_encoder_2"))?,
+                    &weights.component(dir, "text_encoder_2", "model", opts, dt)?,
                 )?),
             )
         } else {

@@ -15,7 +15,7 @@ use super::stats::WorkerStats;
 use super::task::{BatchKey, GenerationTask, ModelInfo, TaskOutput};
 use crate::config::ModelSpec;
 use crate::models::pipeline_model::LoadOptions;
-use crate::models::{DiffusionModel, ModelSource};
+use crate::models::DiffusionModel;
 use crate::pipelines::PipelineError;
 use crate::schedulers::SchedulerError;
 use std::collections::VecDeque;
@@ -314,10 +314,7 @@ impl Inner {
         let started = Instant::now();
         info!(model = %spec.name, source = %spec.source, "loading model");
         let loaded = catch_unwind(AssertUnwindSafe(|| -> Result<DiffusionModel, String> {
-            let dir = ModelSource::parse(&spec.source)
-                .resolve(load.variant.as_deref())
-                .map_err(|e| e.to_string())?;
-            DiffusionModel::load(&dir, &load).map_err(|e| e.to_string())
+            DiffusionModel::load_source(&spec.source, &load).map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|p| {
             Err(format!(

@@ -71,13 +71,12 @@ impl Trainer {
     pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
         config.validate()?;
         let device = parse_device(&config.device)?;
-        let dir = ModelSource::parse(&config.model).resolve(None)?;
         let opts = LoadOptions {
             device: device.clone(),
             dtype: DType::F32,
             variant: None,
         };
-        let model = DiffusionModel::load(&dir, &opts)?;
+        let model = DiffusionModel::load_source(&config.model, &opts)?;
         if model.architecture == Architecture::InstructPix2Pix {
             return Err(TrainError::Config(
                 "preference tuning of InstructPix2Pix models is not supported".into(),
@@ -100,7 +99,14 @@ impl Trainer {
         }
         let mut init_rng = NoiseRng::new(mix(config.hyperparameters.seed, u64::MAX));
         let params = if config.full_finetune {
-            let unet_dir = dir.join("unet");
+            if let ModelSource::SingleFile { file, .. } = ModelSource::parse(&config.model) {
+                return Err(TrainError::Config(format!(
+                    "full fine-tuning reads a diffusers directory; {} is a single-file \
+                     checkpoint (LoRA fine-tuning takes it)",
+                    file.display()
+                )));
+            }
+            let unet_dir = model.dir.join("unet");
             let registry = VarRegistry::default();
             let files = UNet2DConditionModel::weight_files(&unet_dir, None)?;
             let w = Weights::from_files(&files, &device, DType::F32)?.trainable(registry.clone());
