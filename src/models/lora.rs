@@ -198,14 +198,53 @@ fn pair_modules(
     Ok(modules)
 }
 
-/// The layer a module name denotes: its dotted name, or kohya's flat spelling of it.
-fn find_layer(shapes: &BTreeMap<String, (usize, usize)>, name: &str) -> Option<(usize, usize)> {
-    shapes.get(name).copied().or_else(|| {
+/// The layer a module name denotes, by its dotted name: the name itself, or the layer kohya's
+/// flat spelling names, in diffusers' layout or (SDXL files from kohya's scripts) the original
+/// one.
+fn resolve_layer(shapes: &BTreeMap<String, (usize, usize)>, name: &str) -> Option<String> {
+    let flat_lookup = |flat: &str| {
         shapes
-            .iter()
-            .find(|(k, _)| k.len() == name.len() && k.replace('.', "_") == name)
-            .map(|(_, s)| *s)
-    })
+            .keys()
+            .find(|k| k.len() == flat.len() && k.replace('.', "_") == flat)
+            .cloned()
+    };
+    if shapes.contains_key(name) {
+        return Some(name.to_string());
+    }
+    flat_lookup(name).or_else(|| flat_lookup(&original_to_diffusers_flat(name, shapes)?))
+}
+
+/// kohya's flat name of a UNet layer in the original layout (`input_blocks_4_1_<rest>`,
+/// `middle_block_1_<rest>`, `output_blocks_3_1_<rest>`) as the flat name of the diffusers layer,
+/// the block arithmetic taken from the model's own layers (how many attention places a level
+/// has).
+fn original_to_diffusers_flat(name: &str, shapes: &BTreeMap<String, (usize, usize)>) -> Option<String> {
+    let block_and_rest = |kind: &str| -> Option<(String, String)> {
+        let t = name.strip_prefix(kind)?.strip_prefix('_')?;
+        if kind == "middle_block" {
+            let (i, rest) = t.split_once('_')?;
+            return Some((format!("{kind}.{i}"), rest.to_string()));
+        }
+        let mut it = t.splitn(3, '_');
+        let (i, j, rest) = (it.next()?, it.next()?, it.next()?);
+        Some((format!("{kind}.{i}.{j}"), rest.to_string()))
+    };
+    let (block, rest) = block_and_rest("input_blocks")
+        .or_else(|| block_and_rest("output_blocks"))
+        .or_else(|| block_and_rest("middle_block"))?;
+    let layers_per_block = shapes
+        .keys()
+        .filter_map(|k| {
+            let p: Vec<&str> = k.split('.').collect();
+            match p.as_slice() {
+                ["down_blocks", _, "attentions", j, ..] => j.parse::<usize>().ok(),
+                _ => None,
+            }
+        })
+        .max()?
+        + 1;
+    let dotted = super::single_file::unet_name(&format!("{block}.x"), layers_per_block)?;
+    Some(format!("{}_{rest}", dotted.strip_suffix(".x")?.replace('.', "_")))
 }
 
 /// Every module names a layer of `shapes` and has that layer's shape.
@@ -215,7 +254,8 @@ fn check_modules(
     what: &str,
 ) -> Result<()> {
     for (name, m) in modules {
-        let (in_dim, out_dim) = find_layer(shapes, name)
+        let (in_dim, out_dim) = resolve_layer(shapes, name)
+            .and_then(|n| shapes.get(&n).copied())
             .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
         if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
             return Err(lerr(format!(
@@ -237,16 +277,14 @@ fn attach_to(
     factor: &dyn Fn(&LoraModule) -> f64,
     dtype: DType,
 ) -> Result<()> {
-    check_modules(modules, &registry.shapes(), what)?;
+    let shapes = registry.shapes();
+    check_modules(modules, &shapes, what)?;
     registry.clear_all();
     for (name, m) in modules {
-        let slot = match registry.get(name) {
-            Some((slot, _, _)) => slot,
-            None => registry
-                .get_flat(name)
-                .map(|(_, slot, _, _)| slot)
-                .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?,
-        };
+        let slot = resolve_layer(&shapes, name)
+            .and_then(|n| registry.get(&n))
+            .map(|(slot, _, _)| slot)
+            .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
         slot.set(Some(LoraDelta {
             down: m.down.to_dtype(dtype)?,
             up: m.up.to_dtype(dtype)?,

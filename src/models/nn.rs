@@ -59,17 +59,6 @@ impl LinearRegistry {
     pub fn get(&self, name: &str) -> Option<(LoraSlot, usize, usize)> {
         self.0.lock().unwrap().get(name).cloned()
     }
-    /// The layer whose dotted name reads `flat` with every `.` written `_`, as kohya's LoRA
-    /// files name layers (`down_blocks_0_attentions_0_proj_in`); dotted names map to flat ones
-    /// one to one in diffusers' layouts.
-    pub fn get_flat(&self, flat: &str) -> Option<(String, LoraSlot, usize, usize)> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(k, _)| k.len() == flat.len() && k.replace('.', "_") == flat)
-            .map(|(k, (s, i, o))| (k.clone(), s.clone(), *i, *o))
-    }
     /// Every layer's `(in_features, out_features)` by name.
     pub fn shapes(&self) -> BTreeMap<String, (usize, usize)> {
         self.0
