@@ -37,6 +37,42 @@ pub struct Config {
     pub jobs: JobsSection,
     pub datasets: DatasetsSection,
     pub finetune: FinetuneSection,
+    pub rewards: RewardsSection,
+}
+
+/// Reward models for POST /evaluate, each a directory or hub id ("" = not available), and the
+/// limits of one evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardsSection {
+    pub clip_score: String,
+    pub pickscore: String,
+    pub aesthetic: String,
+    pub hpsv2: String,
+    pub max_prompts: usize,
+    pub max_seeds: usize,
+}
+
+impl RewardsSection {
+    /// The configured source of a reward, by name; None when it is unknown or not configured.
+    pub fn source(&self, name: &str) -> Option<&str> {
+        let s = match name {
+            "clip_score" => &self.clip_score,
+            "pickscore" => &self.pickscore,
+            "aesthetic" => &self.aesthetic,
+            "hpsv2" => &self.hpsv2,
+            _ => return None,
+        };
+        Some(s.as_str()).filter(|s| !s.is_empty())
+    }
+
+    /// Every configured reward's name.
+    pub fn available(&self) -> Vec<&'static str> {
+        ["clip_score", "pickscore", "aesthetic", "hpsv2"]
+            .into_iter()
+            .filter(|n| self.source(n).is_some())
+            .collect()
+    }
 }
 
 /// API keys and what each may do (see `api::auth`).

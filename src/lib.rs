@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod conformance;
+pub mod evaluation;
 pub mod jobs;
 pub mod models;
 pub mod pipelines;

@@ -50,6 +50,12 @@ pub enum ApiError {
     #[error("{0}")]
     GenerationNotFound(String),
     #[error("{0}")]
+    EvaluationNotFound(String),
+    #[error("{0}")]
+    EvaluationNotFinished(String),
+    #[error("{0}")]
+    UnknownReward(String),
+    #[error("{0}")]
     GenerationCancelled(String),
     #[error("{0}")]
     RequestIdInUse(String),
@@ -119,6 +125,9 @@ impl ApiError {
             InvalidAdapterScale(_) => "invalid_adapter_scale",
             InvalidOutputFormat(_) => "invalid_output_format",
             GenerationNotFound(_) => "generation_not_found",
+            EvaluationNotFound(_) => "evaluation_not_found",
+            EvaluationNotFinished(_) => "evaluation_not_finished",
+            UnknownReward(_) => "unknown_reward",
             GenerationCancelled(_) => "generation_cancelled",
             RequestIdInUse(_) => "request_id_in_use",
             TooManyImages(_) => "too_many_images",
@@ -163,6 +172,7 @@ impl ApiError {
             | InvalidStrength(_)
             | InvalidAdapterScale(_)
             | InvalidOutputFormat(_)
+            | UnknownReward(_)
             | TooManyImages(_)
             | UnknownScheduler(_)
             | UnknownMode(_)
@@ -175,10 +185,15 @@ impl ApiError {
             | AdapterNotFound(_)
             | RouteNotFound(_)
             | JobNotFound(_)
-            | GenerationNotFound(_) => {
+            | GenerationNotFound(_)
+            | EvaluationNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            AdapterExists(_) | JobFinished(_) | GenerationCancelled(_) | RequestIdInUse(_) => {
+            AdapterExists(_)
+            | JobFinished(_)
+            | GenerationCancelled(_)
+            | RequestIdInUse(_)
+            | EvaluationNotFinished(_) => {
                 StatusCode::CONFLICT
             }
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -214,7 +229,8 @@ pub struct ErrorBody {
     /// invalid_output_format, too_many_images,
     /// unknown_scheduler, unknown_mode, unsupported_mode, invalid_image, image_too_large,
     /// invalid_adapter, adapter_exists, job_finished, model_not_found, adapter_not_found,
-    /// generation_not_found, generation_cancelled, request_id_in_use, not_found, method_not_allowed,
+    /// generation_not_found, generation_cancelled, request_id_in_use, evaluation_not_found,
+    /// evaluation_not_finished, unknown_reward, not_found, method_not_allowed,
     /// host_not_allowed, unauthorized, forbidden, rate_limited, request_timeout, queue_full,
     /// model_loading, model_unavailable, storage_unavailable, internal_error.
     pub code: String,

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod docs;
 pub mod error;
+pub mod evaluate;
 pub mod finetune;
 pub mod generations;
 pub mod handlers;
@@ -54,6 +55,12 @@ use utoipa::OpenApi;
         generations::list,
         generations::get,
         generations::cancel,
+        evaluate::create,
+        evaluate::list,
+        evaluate::rewards,
+        evaluate::get,
+        evaluate::cancel,
+        evaluate::rows,
         finetune::create,
         finetune::list,
         finetune::get_job,
@@ -90,6 +97,7 @@ use utoipa::OpenApi;
     tags(
         (name = "images", description = "Generate and edit images"),
         (name = "finetune", description = "Preference fine-tuning jobs (DSPO, Diffusion-DPO, SFT) and the adapters they produce"),
+        (name = "evaluate", description = "Win rates of one adapter over another (or the base model) under reward models"),
         (name = "service", description = "Models, health and this document")
     )
 )]
@@ -174,6 +182,8 @@ pub struct AppState {
     pub jobs: Option<Arc<crate::jobs::JobManager>>,
     pub keys: Arc<auth::KeyRing>,
     pub generations: Arc<generations::Registry>,
+    /// None when `jobs.enabled` is false.
+    pub evaluations: Option<Arc<crate::jobs::evaluations::EvaluationManager>>,
 }
 
 pub struct ApiBuilder {
@@ -205,14 +215,27 @@ impl ApiBuilder {
         } else {
             None
         };
+        let config = Arc::new(self.config);
+        let evaluations = if config.jobs.enabled {
+            Some(
+                crate::jobs::evaluations::EvaluationManager::start(
+                    &config.server.data_dir,
+                    evaluate::runner(pool.clone(), config.clone()),
+                )
+                .map_err(|e| ConfigError::Invalid(format!("evaluations: {e}")))?,
+            )
+        } else {
+            None
+        };
         Ok(Api {
             state: AppState {
                 pool,
-                config: Arc::new(self.config),
+                config,
                 started: Instant::now(),
                 jobs,
                 keys,
                 generations: Arc::default(),
+                evaluations,
             },
         })
     }
@@ -297,6 +320,10 @@ impl Api {
             .route("/sdapi/v1/loras", get(a1111::loras))
             .route("/sdapi/v1/progress", get(a1111::progress))
             .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+            .route("/evaluate", post(evaluate::create).get(evaluate::list))
+            .route("/evaluate/rewards", get(evaluate::rewards))
+            .route("/evaluate/{id}", get(evaluate::get).delete(evaluate::cancel))
+            .route("/evaluate/{id}/rows", get(evaluate::rows))
             .route("/generations", get(generations::list))
             .route("/generations/{id}", get(generations::get))
             .route("/generations/{id}/cancel", post(generations::cancel))
@@ -367,6 +394,10 @@ impl Api {
         if let Some(jobs) = &self.state.jobs {
             // The running job stops at its next step and is resumed at the next start.
             jobs.shutdown();
+        }
+        if let Some(evaluations) = &self.state.evaluations {
+            // A running evaluation stops at its next prompt and starts over at the next start.
+            evaluations.shutdown();
         }
         let pool = self.state.pool.clone();
         tokio::task::spawn_blocking(move || pool.shutdown())

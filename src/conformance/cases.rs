@@ -37,6 +37,9 @@ pub const KINDS: &[&str] = &[
     "sft_loss",
     "train_step",
     "train_step_lora",
+    "clip_preprocess",
+    "clip_embed",
+    "reward",
 ];
 
 #[derive(Default)]
@@ -102,6 +105,9 @@ pub fn run(case: &Case, cache: &mut ModelCache, device: &Device) -> Result<Outpu
     let dev = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(device)?) };
     let mut notes = Notes::default();
     let mut always = |_: usize, _: usize| true;
+    if super::rewards::KINDS.contains(&case.kind.as_str()) {
+        return super::rewards::run(case, device);
+    }
     match case.kind.as_str() {
         "tokenize" => {
             let m = cache.get(&model()?, device)?;

@@ -3,6 +3,7 @@
 //! means we compute the same function as diffusers/transformers.
 
 mod cases;
+mod rewards;
 mod training;
 
 use candle_core::{DType, Device, Tensor};

@@ -1,6 +1,7 @@
 //! Asynchronous fine-tuning jobs: queue, persistence (SQLite), progress, cancellation,
 //! dataset fetching, adapter registry, webhooks.
 
+pub mod evaluations;
 pub mod fetch;
 pub mod manager;
 pub mod store;

@@ -13,6 +13,19 @@ pub enum Activation {
     Gelu,
 }
 
+impl Activation {
+    /// transformers' `hidden_act` (default quick_gelu, OpenAI's CLIP).
+    pub fn parse(name: Option<&str>, what: &str) -> Result<Self> {
+        match name.unwrap_or("quick_gelu") {
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            "gelu" => Ok(Activation::Gelu),
+            o => Err(ModelError::Config(format!(
+                "{what} config: hidden_act = {o} is not supported"
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
@@ -38,18 +51,7 @@ impl ClipTextConfig {
                     ModelError::Config(format!("text encoder config: missing or invalid {k}"))
                 })
         };
-        let hidden_act = match f("hidden_act")
-            .and_then(|x| x.as_str())
-            .unwrap_or("quick_gelu")
-        {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            o => {
-                return Err(ModelError::Config(format!(
-                    "text encoder config: hidden_act = {o} is not supported"
-                )))
-            }
-        };
+        let hidden_act = Activation::parse(f("hidden_act").and_then(|x| x.as_str()), "text encoder")?;
         let with_projection = f("architectures")
             .and_then(|x| x.as_array())
             .map(|a| {
@@ -84,7 +86,17 @@ impl ClipTextConfig {
     }
 }
 
-struct EncoderLayer {
+/// The sizes of one pre-norm transformer layer, the same in CLIP's text and vision towers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerSpec {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub act: Activation,
+}
+
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q: Linear,
     k: Linear,
@@ -98,32 +110,31 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(w: &Weights, c: &ClipTextConfig, reg: &LinearRegistry) -> Result<Self> {
-        let h = c.hidden_size;
+    pub(crate) fn new(w: &Weights, c: LayerSpec, reg: Option<&LinearRegistry>) -> Result<Self> {
+        let h = c.hidden;
         let a = w.pp("self_attn");
-        let reg = Some(reg);
         Ok(Self {
-            layer_norm1: LayerNorm::new(&w.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::new(&w.pp("layer_norm1"), h, c.eps)?,
             q: Linear::new(&a.pp("q_proj"), h, h, true, reg)?,
             k: Linear::new(&a.pp("k_proj"), h, h, true, reg)?,
             v: Linear::new(&a.pp("v_proj"), h, h, true, reg)?,
             out: Linear::new(&a.pp("out_proj"), h, h, true, reg)?,
-            layer_norm2: LayerNorm::new(&w.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::new(&w.pp("mlp.fc1"), h, c.intermediate_size, true, reg)?,
-            fc2: Linear::new(&w.pp("mlp.fc2"), c.intermediate_size, h, true, reg)?,
-            heads: c.num_attention_heads,
-            act: c.hidden_act,
+            layer_norm2: LayerNorm::new(&w.pp("layer_norm2"), h, c.eps)?,
+            fc1: Linear::new(&w.pp("mlp.fc1"), h, c.intermediate, true, reg)?,
+            fc2: Linear::new(&w.pp("mlp.fc2"), c.intermediate, h, true, reg)?,
+            heads: c.heads,
+            act: c.act,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: AttentionMask) -> candle_core::Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let a = attention(
             &self.q.forward(&h)?,
             &self.k.forward(&h)?,
             &self.v.forward(&h)?,
             self.heads,
-            AttentionMask::Causal,
+            mask,
         )?;
         let x = (x + self.out.forward(&a)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
@@ -164,7 +175,16 @@ impl ClipTextModel {
         let t = w.pp("text_model");
         let linears = LinearRegistry::default();
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&t.pp(format!("encoder.layers.{i}")), c, &linears))
+            .map(|i| {
+                let spec = LayerSpec {
+                    hidden: c.hidden_size,
+                    intermediate: c.intermediate_size,
+                    heads: c.num_attention_heads,
+                    eps: c.layer_norm_eps,
+                    act: c.hidden_act,
+                };
+                EncoderLayer::new(&t.pp(format!("encoder.layers.{i}")), spec, Some(&linears))
+            })
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if c.with_projection {
             let p = c.projection_dim.ok_or_else(|| {
@@ -226,7 +246,7 @@ impl ClipTextModel {
         let n = self.layers.len();
         let mut penultimate = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x)?;
+            x = layer.forward(&x, AttentionMask::Causal)?;
             if i + 2 == n {
                 penultimate = x.clone();
             }

@@ -136,3 +136,33 @@ fn download(
         "{repo}: this build has no hub support (build with --features hub)"
     )))
 }
+
+/// Named files of a model repository (a CLIP reward model, say) in the local hub cache; the
+/// directory holding them. Files other than `config.json` and weights may be missing.
+#[cfg(feature = "hub")]
+pub fn download_files(repo: &str, files: &[&str]) -> Result<PathBuf> {
+    use hf_hub::api::sync::ApiBuilder;
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| ModelError::Hub(e.to_string()))?;
+    let repo_api = api.model(repo.to_string());
+    let mut root = None;
+    for file in files {
+        match repo_api.get(file) {
+            Ok(p) => root = root.or_else(|| p.parent().map(PathBuf::from)),
+            Err(e) if *file == "config.json" || file.ends_with(".safetensors") => {
+                return Err(ModelError::Hub(format!("{repo}: {file}: {e}")))
+            }
+            Err(_) => {}
+        }
+    }
+    root.ok_or_else(|| ModelError::Hub(format!("{repo}: nothing downloaded")))
+}
+
+#[cfg(not(feature = "hub"))]
+pub fn download_files(repo: &str, _files: &[&str]) -> Result<PathBuf> {
+    Err(ModelError::Hub(format!(
+        "{repo}: this build has no hub support (build with --features hub)"
+    )))
+}

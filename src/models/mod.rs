@@ -3,14 +3,18 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod clip_model;
 pub mod defaults;
 pub mod device;
 pub mod hub;
+pub mod image_processor;
 pub mod kernels;
 pub mod lora;
 pub mod nn;
+pub mod open_clip;
 pub mod pipeline_model;
 pub mod random_model;
+pub mod rewards;
 pub mod single_file;
 pub mod tokenizer;
 pub mod unet;

@@ -214,43 +214,6 @@ pub fn vae_name(key: &str, levels: usize) -> Option<(String, bool)> {
     })
 }
 
-/// open_clip's text tower (after its prefix) as transformers' CLIPTextModel tensors.
-fn open_clip(key: &str, t: Tensor, out: &mut HashMap<String, Tensor>) -> Result<()> {
-    let p: Vec<&str> = key.split('.').collect();
-    let mut put = |k: String, v: Tensor| {
-        out.insert(k, v);
-    };
-    match p.as_slice() {
-        ["token_embedding", "weight"] => put("text_model.embeddings.token_embedding.weight".into(), t),
-        ["positional_embedding"] => put("text_model.embeddings.position_embedding.weight".into(), t),
-        ["ln_final", w] => put(format!("text_model.final_layer_norm.{w}"), t),
-        ["text_projection"] => put("text_projection.weight".into(), t.t()?.contiguous()?),
-        ["transformer", "resblocks", i, rest @ ..] => {
-            let layer = format!("text_model.encoder.layers.{i}");
-            match rest {
-                ["ln_1", w] => put(format!("{layer}.layer_norm1.{w}"), t),
-                ["ln_2", w] => put(format!("{layer}.layer_norm2.{w}"), t),
-                ["mlp", "c_fc", w] => put(format!("{layer}.mlp.fc1.{w}"), t),
-                ["mlp", "c_proj", w] => put(format!("{layer}.mlp.fc2.{w}"), t),
-                ["attn", "out_proj", w] => put(format!("{layer}.self_attn.out_proj.{w}"), t),
-                ["attn", joined @ ("in_proj_weight" | "in_proj_bias")] => {
-                    let what = if *joined == "in_proj_weight" { "weight" } else { "bias" };
-                    let h = t.dim(0)? / 3;
-                    for (j, x) in ["q", "k", "v"].into_iter().enumerate() {
-                        put(
-                            format!("{layer}.self_attn.{x}_proj.{what}"),
-                            t.narrow(0, j * h, h)?.contiguous()?,
-                        );
-                    }
-                }
-                _ => {}
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// Reads a checkpoint's tensors onto `device`, renamed to diffusers' layout. `layers_per_block`
 /// (UNet) and `vae_levels` (VAE block count) come from the configuration. Keys outside the
 /// four components (EMA copies, a CLIP vision tower, ...) are skipped.
@@ -300,9 +263,9 @@ pub fn load(
             };
             c.text_encoder.insert(k, load()?);
         } else if let Some(k) = name.strip_prefix("cond_stage_model.model.") {
-            open_clip(k, load()?, &mut c.text_encoder)?;
+            super::open_clip::text_tower(k, load()?, &mut c.text_encoder)?;
         } else if let Some(k) = name.strip_prefix("conditioner.embedders.1.model.") {
-            open_clip(k, load()?, &mut c.text_encoder_2)?;
+            super::open_clip::text_tower(k, load()?, &mut c.text_encoder_2)?;
         }
     }
     if !unplaced.is_empty() {

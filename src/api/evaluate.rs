@@ -1,0 +1,514 @@
+//! POST /evaluate: the paper's protocol as an asynchronous job. Side A and side B (adapters of
+//! one served model, or an adapter against the base model) draw every prompt with the same
+//! seeds through the model's worker (the pipeline requests use), reward models score each image
+//! against its prompt, and the job reports per reward the win rate of A over B with its 95%
+//! interval, paired and unpaired, the mean scores, and downloadable per-image rows.
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorResponse};
+use super::types::{EditRequest, GenerateRequest};
+use super::{validate, AppState};
+use crate::config::Config;
+use crate::evaluation::run::{self, Plan};
+use crate::jobs::evaluations::{EvalRecord, EvalRunner, EvaluationManager};
+use crate::jobs::types::JobErrorBody;
+use crate::models::rewards::{RewardKind, RewardModel};
+use crate::server::{GenerationTask, ModelPool, WorkerError};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Extension, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use utoipa::ToSchema;
+
+/// POST /evaluate body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateRequest {
+    /// A served model; default: the default model.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Side A's adapter; left out: the base model.
+    #[serde(default)]
+    pub adapter_a: Option<String>,
+    /// Side B's adapter; left out: the base model.
+    #[serde(default)]
+    pub adapter_b: Option<String>,
+    /// Both sides' adapter strength; default from the server's configuration.
+    #[serde(default)]
+    pub adapter_scale: Option<f64>,
+    /// The prompts (instructions for an edit model), 1 to rewards.max_prompts.
+    pub prompts: Vec<String>,
+    /// Edits: one input image per prompt, base64 (PNG, JPEG or WebP).
+    #[serde(default)]
+    pub images: Option<Vec<String>>,
+    /// Edits: instruct_pix2pix or img2img (default: the model's).
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub strength: Option<f64>,
+    #[serde(default)]
+    pub image_guidance_scale: Option<f64>,
+    /// Reward models by name (clip_score, pickscore, aesthetic, hpsv2): the ones the server
+    /// configures (GET /evaluate/rewards).
+    pub rewards: Vec<String>,
+    /// Images per prompt and side: prompt i takes seeds i*1000 + 0..seeds. Default 1.
+    #[serde(default)]
+    pub seeds: Option<i64>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub steps: Option<i64>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    #[schema(value_type = Option<super::types::Scheduler>)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub width: Option<i64>,
+    #[serde(default)]
+    pub height: Option<i64>,
+    /// |score difference| at or below this counts as a tie (half a win). Default 0.
+    #[serde(default)]
+    pub tie_eps: Option<f64>,
+}
+
+/// Win rates of A over B under one reward.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RewardResult {
+    pub n: usize,
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+    /// (wins + ties / 2) / n
+    pub winrate: f64,
+    /// Half-width of the 95% interval (normal approximation); null for n < 2.
+    pub ci95: Option<f64>,
+    pub mean_a: f64,
+    pub mean_b: f64,
+    /// A's image of seed k against B's of seed k + 1 (independent draws); with 2+ seeds.
+    #[schema(no_recursion)]
+    pub unpaired: Option<Box<RewardResult>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvaluationStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// GET /evaluate/{id}
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EvaluationRecord {
+    pub id: String,
+    pub status: EvaluationStatus,
+    pub spec: EvaluateRequest,
+    pub created_at: f64,
+    pub updated_at: f64,
+    /// Images generated so far, of `total` (both sides).
+    pub done: usize,
+    pub total: usize,
+    /// Per reward, once completed.
+    pub result: Option<BTreeMap<String, RewardResult>>,
+    pub error: Option<super::job_types::JobErrorBody>,
+}
+
+/// One prompt and seed, both sides' scores.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EvaluationRow {
+    pub prompt_index: usize,
+    pub prompt: String,
+    pub seed: u64,
+    /// reward -> [A's score, B's score]
+    pub scores: BTreeMap<String, Vec<f64>>,
+}
+
+/// 202 body of POST /evaluate.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EvaluationCreated {
+    pub evaluation_id: String,
+    pub status_url: String,
+    pub evaluation: EvaluationRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RewardsAvailable {
+    /// Reward names POST /evaluate accepts on this server.
+    pub rewards: Vec<String>,
+}
+
+fn record_of(r: EvalRecord) -> Result<EvaluationRecord, ApiError> {
+    use crate::jobs::evaluations::EvalStatus as S;
+    let internal = |e: serde_json::Error| ApiError::Internal(format!("stored evaluation: {e}"));
+    Ok(EvaluationRecord {
+        id: r.id,
+        status: match r.status {
+            S::Queued => EvaluationStatus::Queued,
+            S::Running => EvaluationStatus::Running,
+            S::Completed => EvaluationStatus::Completed,
+            S::Failed => EvaluationStatus::Failed,
+            S::Cancelled => EvaluationStatus::Cancelled,
+        },
+        spec: serde_json::from_value(r.spec).map_err(internal)?,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        done: r.done,
+        total: r.total,
+        result: r.result.map(serde_json::from_value).transpose().map_err(internal)?,
+        error: r.error.map(|e| super::job_types::JobErrorBody {
+            code: e.code,
+            message: e.message,
+        }),
+    })
+}
+
+/// The evaluation plan of a request: validated like a /generate (or /edit) request of its
+/// model, the adapters checked, and the rewards configured.
+fn plan(req: &EvaluateRequest, pool: &ModelPool, config: &Config) -> Result<(Plan, Vec<String>), ApiError> {
+    let worker = pool.get(req.model.as_deref()).ok_or_else(|| {
+        ApiError::ModelNotFound(format!("no model named '{}'", req.model.as_deref().unwrap_or_default()))
+    })?;
+    let info = worker.info()?;
+    let limits = &config.rewards;
+    if req.prompts.is_empty() || req.prompts.len() > limits.max_prompts {
+        return Err(ApiError::InvalidRequest(format!(
+            "{} prompts; an evaluation takes 1 to {} (rewards.max_prompts)",
+            req.prompts.len(),
+            limits.max_prompts
+        )));
+    }
+    let seeds = req.seeds.unwrap_or(1);
+    if seeds < 1 || seeds as usize > limits.max_seeds {
+        return Err(ApiError::InvalidRequest(format!(
+            "seeds is {seeds}; it must be between 1 and {} (rewards.max_seeds)",
+            limits.max_seeds
+        )));
+    }
+    if req.rewards.is_empty() {
+        return Err(ApiError::UnknownReward("rewards is empty: name at least one".into()));
+    }
+    for r in &req.rewards {
+        if limits.source(r).is_none() {
+            let known = limits.available();
+            return Err(ApiError::UnknownReward(format!(
+                "reward '{r}' is not available on this server; available: {}",
+                if known.is_empty() { "none (see [rewards] in the configuration)".to_string() } else { known.join(", ") }
+            )));
+        }
+    }
+    // One validated request per side: the same checks /generate and /edit make.
+    let side = |adapter: &Option<String>| -> Result<(GenerationTask, Option<Vec<Arc<image::RgbImage>>>), ApiError> {
+        match &req.images {
+            None => {
+                let g = GenerateRequest {
+                    prompt: req.prompts[0].clone(),
+                    negative_prompt: req.negative_prompt.clone(),
+                    model: req.model.clone(),
+                    adapter: adapter.clone(),
+                    adapter_scale: adapter.as_ref().and(req.adapter_scale),
+                    width: req.width,
+                    height: req.height,
+                    steps: req.steps,
+                    guidance_scale: req.guidance_scale,
+                    scheduler: req.scheduler.clone(),
+                    seed: Some(0),
+                    num_images: Some(1),
+                    output_format: None,
+                    output_quality: None,
+                };
+                Ok((validate::generate(g, &info, config)?.0, None))
+            }
+            Some(images) => {
+                if images.len() != req.prompts.len() {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "{} images for {} prompts: an edit evaluation takes one input image per prompt",
+                        images.len(),
+                        req.prompts.len()
+                    )));
+                }
+                let mut template = None;
+                let mut inputs = Vec::with_capacity(images.len());
+                for (i, b64) in images.iter().enumerate() {
+                    let e = EditRequest {
+                        image: String::new(),
+                        prompt: req.prompts[i].clone(),
+                        mode: req.mode.clone(),
+                        image_guidance_scale: req.image_guidance_scale,
+                        strength: req.strength,
+                        negative_prompt: req.negative_prompt.clone(),
+                        model: req.model.clone(),
+                        adapter: adapter.clone(),
+                        adapter_scale: adapter.as_ref().and(req.adapter_scale),
+                        width: req.width,
+                        height: req.height,
+                        steps: req.steps,
+                        guidance_scale: req.guidance_scale,
+                        scheduler: req.scheduler.clone(),
+                        seed: Some(0),
+                        num_images: Some(1),
+                        output_format: None,
+                        output_quality: None,
+                    };
+                    let bytes = super::images::decode_base64(b64)?;
+                    let (task, _) = validate::edit(e, &bytes, &info, config)?;
+                    let first: &GenerationTask = template.get_or_insert(task.clone());
+                    if (task.width, task.height) != (first.width, first.height) {
+                        return Err(ApiError::InvalidSize(format!(
+                            "image {i} is {}x{} after rounding, image 0 {}x{}: give width and height, or inputs of one size",
+                            task.width, task.height, first.width, first.height
+                        )));
+                    }
+                    inputs.push(task.image.clone().ok_or_else(|| ApiError::Internal("an edit without its image".into()))?);
+                }
+                let template = template.ok_or_else(|| ApiError::InvalidRequest("no prompts".into()))?;
+                Ok((template, Some(inputs)))
+            }
+        }
+    };
+    let (template, images) = side(&req.adapter_a)?;
+    let a = template.adapter.clone();
+    let b = side(&req.adapter_b)?.0.adapter;
+    let tie_eps = req.tie_eps.unwrap_or(0.0);
+    if !tie_eps.is_finite() || tie_eps < 0.0 {
+        return Err(ApiError::InvalidRequest(format!("tie_eps is {tie_eps}; it must be >= 0")));
+    }
+    Ok((
+        Plan {
+            template: GenerationTask { adapter: None, warnings: Vec::new(), ..template },
+            prompts: req.prompts.clone(),
+            images,
+            seeds: seeds as usize,
+            a,
+            b,
+            tie_eps,
+        },
+        req.rewards.clone(),
+    ))
+}
+
+/// The runner the evaluation manager calls: the plan re-derived from the stored request, the
+/// reward models loaded once and kept, images from the model's worker.
+pub fn runner(pool: Arc<ModelPool>, config: Arc<Config>) -> EvalRunner {
+    let loaded: Arc<Mutex<HashMap<String, Arc<RewardModel>>>> = Arc::default();
+    Arc::new(move |spec, progress| {
+        let fail = |code: &str, message: String| JobErrorBody { code: code.into(), message };
+        let req: EvaluateRequest = serde_json::from_value(spec.clone())
+            .map_err(|e| fail("invalid_request", e.to_string()))?;
+        let (plan, reward_names) = plan(&req, &pool, &config).map_err(|e| fail(e.code(), e.to_string()))?;
+        let worker = pool
+            .get(req.model.as_deref())
+            .ok_or_else(|| fail("model_not_found", "the model is no longer served".into()))?;
+        let mut models = Vec::new();
+        for name in &reward_names {
+            let model = {
+                let mut cache = loaded.lock().unwrap_or_else(|p| p.into_inner());
+                match cache.get(name) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let kind = RewardKind::parse(name)
+                            .ok_or_else(|| fail("unknown_reward", name.clone()))?;
+                        let source = config.rewards.source(name).unwrap_or_default();
+                        let dir = resolve_reward_source(source)
+                            .map_err(|e| fail("reward_unavailable", format!("{name}: {e}")))?;
+                        let m = Arc::new(
+                            RewardModel::load(kind, &dir, &candle_core::Device::Cpu)
+                                .map_err(|e| fail("reward_unavailable", format!("{name}: {e}")))?,
+                        );
+                        cache.insert(name.clone(), m.clone());
+                        m
+                    }
+                }
+            };
+            models.push((name.clone(), model));
+        }
+        let generate = |task: GenerationTask| -> Result<Vec<image::RgbImage>, String> {
+            loop {
+                let id = format!("evaluation-{}", uuid::Uuid::new_v4());
+                match worker.submit(task.clone(), &id) {
+                    Ok(rx) => {
+                        return rx
+                            .blocking_recv()
+                            .map_err(|_| "the model worker dropped the request".to_string())?
+                            .map(|out| out.images)
+                            .map_err(|e| e.to_string())
+                    }
+                    // Requests come first: an evaluation waits for room in the queue.
+                    Err(WorkerError::QueueFull { retry_after_s, .. }) => {
+                        std::thread::sleep(std::time::Duration::from_secs(retry_after_s.max(1)))
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        let refs: Vec<(String, &RewardModel)> = models.iter().map(|(n, m)| (n.clone(), m.as_ref())).collect();
+        run::run(&plan, &generate, &refs, progress).map_err(|e| fail("evaluation_error", e))
+    })
+}
+
+/// A reward's configured source: a directory, or a hub id downloaded into the cache.
+fn resolve_reward_source(source: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(source);
+    if p.exists() {
+        return Ok(p);
+    }
+    crate::models::hub::download_files(
+        source,
+        &[
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.json",
+            "merges.txt",
+        ],
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn manager(state: &AppState) -> Result<&Arc<EvaluationManager>, ApiError> {
+    state
+        .evaluations
+        .as_ref()
+        .ok_or_else(|| ApiError::Internal("evaluations need jobs.enabled".into()))
+}
+
+fn check_owner(m: &EvaluationManager, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    match m.owner(id).map_err(ApiError::Internal)? {
+        Some(owner) if caller.owns(owner.as_deref()) => Ok(()),
+        _ => Err(ApiError::EvaluationNotFound(format!("no evaluation {id}"))),
+    }
+}
+
+/// Start an evaluation.
+#[utoipa::path(post, path = "/evaluate", operation_id = "create_evaluation", tag = "evaluate",
+    request_body = EvaluateRequest,
+    responses(
+        (status = 202, description = "Queued", body = EvaluationCreated),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 404, description = "Unknown model or adapter", body = ErrorResponse),
+        (status = 422, description = "Invalid request, or a reward the server does not offer (unknown_reward)", body = ErrorResponse),
+        (status = 503, description = "Model still loading", body = ErrorResponse),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(raw) = body?;
+    let req: EvaluateRequest =
+        serde_json::from_value(raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let m = manager(&state)?.clone();
+    let (pool, config) = (state.pool.clone(), state.config.clone());
+    let spec = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let rec = tokio::task::spawn_blocking(move || -> Result<EvalRecord, ApiError> {
+        let (p, _) = plan(&req, &pool, &config)?;
+        m.submit(spec, p.total_images(), caller.key_id.as_deref())
+            .map_err(ApiError::Internal)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let status_url = format!("/evaluate/{}", rec.id);
+    let body = EvaluationCreated {
+        evaluation_id: rec.id.clone(),
+        status_url: status_url.clone(),
+        evaluation: record_of(rec)?,
+    };
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, status_url)], Json(body)).into_response())
+}
+
+/// The caller's evaluations, oldest first.
+#[utoipa::path(get, path = "/evaluate", operation_id = "list_evaluations", tag = "evaluate",
+    responses((status = 200, body = Vec<EvaluationRecord>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<EvaluationRecord>>, ApiError> {
+    let records = manager(&state)?
+        .list(caller.key_id.as_deref())
+        .map_err(ApiError::Internal)?;
+    Ok(Json(records.into_iter().map(record_of).collect::<Result<_, _>>()?))
+}
+
+/// An evaluation: status, progress, and per reward its result once completed.
+#[utoipa::path(get, path = "/evaluate/{id}", operation_id = "get_evaluation", tag = "evaluate",
+    params(("id" = String, Path, description = "evaluation id")),
+    responses((status = 200, body = EvaluationRecord), (status = 404, body = ErrorResponse)))]
+pub async fn get(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<EvaluationRecord>, ApiError> {
+    let m = manager(&state)?;
+    check_owner(m, &caller, &id)?;
+    let rec = m
+        .get(&id)
+        .map_err(ApiError::Internal)?
+        .ok_or_else(|| ApiError::EvaluationNotFound(format!("no evaluation {id}")))?;
+    Ok(Json(record_of(rec)?))
+}
+
+/// Cancel an evaluation (a running one stops after its current prompt).
+#[utoipa::path(delete, path = "/evaluate/{id}", operation_id = "cancel_evaluation", tag = "evaluate",
+    params(("id" = String, Path, description = "evaluation id")),
+    responses((status = 200, body = EvaluationRecord), (status = 404, body = ErrorResponse)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<EvaluationRecord>, ApiError> {
+    let m = manager(&state)?;
+    check_owner(m, &caller, &id)?;
+    let rec = m
+        .cancel(&id)
+        .map_err(ApiError::Internal)?
+        .ok_or_else(|| ApiError::EvaluationNotFound(format!("no evaluation {id}")))?;
+    Ok(Json(record_of(rec)?))
+}
+
+/// Per image: the prompt, the seed and both sides' scores under every reward.
+#[utoipa::path(get, path = "/evaluate/{id}/rows", operation_id = "get_evaluation_rows", tag = "evaluate",
+    params(("id" = String, Path, description = "evaluation id")),
+    responses(
+        (status = 200, body = Vec<EvaluationRow>),
+        (status = 404, body = ErrorResponse),
+        (status = 409, description = "Not completed (evaluation_not_finished)", body = ErrorResponse),
+    ))]
+pub async fn rows(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<EvaluationRow>>, ApiError> {
+    let m = manager(&state)?;
+    check_owner(m, &caller, &id)?;
+    let rows = m.rows(&id).map_err(ApiError::Internal)?.ok_or_else(|| {
+        ApiError::EvaluationNotFinished(format!("evaluation {id} has not completed"))
+    })?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| EvaluationRow {
+                prompt_index: r.prompt_index,
+                prompt: r.prompt,
+                seed: r.seed,
+                scores: r.scores.into_iter().map(|(k, v)| (k, v.to_vec())).collect(),
+            })
+            .collect(),
+    ))
+}
+
+/// The rewards this server offers.
+#[utoipa::path(get, path = "/evaluate/rewards", operation_id = "list_rewards", tag = "evaluate",
+    responses((status = 200, body = RewardsAvailable)))]
+pub async fn rewards(State(state): State<AppState>) -> Json<RewardsAvailable> {
+    Json(RewardsAvailable {
+        rewards: state.config.rewards.available().into_iter().map(String::from).collect(),
+    })
+}
