@@ -138,3 +138,51 @@ fn evaluations_are_validated_and_cancellable() {
     let missing = get(&server, "/evaluate/00000000-0000-0000-0000-000000000000");
     assert_eq!((missing.status, missing.code().as_str()), (404, "evaluation_not_found"));
 }
+
+/// `dspo-server eval --reward` and POST /evaluate are two paths to one protocol (the CLI runs
+/// the pipeline in-process, the server through its worker): same prompts, seeds and settings,
+/// same win counts and mean scores.
+#[test]
+fn the_eval_command_and_the_endpoint_agree() {
+    let dir = temp_dir("eval-cli");
+    let prompts = ["a red circle", "a green square"];
+    std::fs::write(dir.join("prompts.txt"), prompts.join("\n")).unwrap();
+    let adapter = fixtures().join("lora/kohya_sd15.safetensors");
+    let tiny_clip = fixtures().join("rewards/models/tiny-clip");
+    let tiny_hps = fixtures().join("rewards/models/tiny-hps");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_dspo-server"))
+        .args(["eval", "--model"])
+        .arg(models_dir().join("tiny-sd15"))
+        .arg("--adapter")
+        .arg(&adapter)
+        .arg("--prompts")
+        .arg(dir.join("prompts.txt"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .args(["--seeds", "2", "--steps", "2", "--guidance-scale", "7.5", "--scheduler", "ddim", "--size", "64"])
+        .arg("--reward")
+        .arg(format!("clip_score={}", tiny_clip.display()))
+        .arg("--reward")
+        .arg(format!("hpsv2={}", tiny_hps.display()))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let cli: Value = serde_json::from_slice(&std::fs::read(dir.join("out/result.json")).unwrap()).unwrap();
+
+    let server = start(config());
+    let body = json!({"model": "tiny-sd15", "adapter_a": "kohya-style", "prompts": prompts, "seeds": 2,
+                      "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "width": 64, "height": 64,
+                      "rewards": ["clip_score", "hpsv2"]});
+    let id = post_json(&server, "/evaluate", &body).json()["evaluation_id"].as_str().unwrap().to_string();
+    let served = wait_done(&server, &id);
+    assert_eq!(served["status"], "completed", "{served}");
+    for reward in ["clip_score", "hpsv2"] {
+        let (c, s) = (&cli["rewards"][reward], &served["result"][reward]);
+        for k in ["n", "wins", "ties", "losses"] {
+            assert_eq!(c[k], s[k], "{reward} {k}: cli {c} server {s}");
+        }
+        assert!((c["a"]["mean_reward"].as_f64().unwrap() - s["mean_a"].as_f64().unwrap()).abs() < 1e-9);
+        assert!((c["b"]["mean_reward"].as_f64().unwrap() - s["mean_b"].as_f64().unwrap()).abs() < 1e-9);
+        assert_eq!(c["unpaired"]["wins"], s["unpaired"]["wins"]);
+    }
+}

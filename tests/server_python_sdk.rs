@@ -18,8 +18,11 @@ from dspo_client.api.service import health, ready, list_models, openapi_json
 from dspo_client.api.finetune import (create_job, list_jobs, get_job, cancel_job, get_job_metrics,
                                       stream_job_events, list_adapters, download_adapter,
                                       upload_adapter, delete_adapter)
+from dspo_client.api.evaluate import (create_evaluation, list_evaluations, get_evaluation,
+                                      cancel_evaluation, get_evaluation_rows, list_rewards)
 from dspo_client.models import (GenerateRequest, GenerateResponse, EditForm, EditMode, Scheduler,
-                                JobSpec, JobStatus, OutputFormat, AdapterUpload, Hyperparameters)
+                                JobSpec, JobStatus, OutputFormat, AdapterUpload, Hyperparameters,
+                                EvaluateRequest, EvaluationStatus)
 from dspo_client.types import File
 
 base, full_key, generate_key, dataset_url = sys.argv[1:5]
@@ -103,6 +106,30 @@ w = download_adapter.sync("sdk-adapter", client=client)  # a File: the bytes of 
 data = w.payload.read()
 header_len = int.from_bytes(data[:8], "little")
 assert data[8:9] == b"{" and 8 + header_len <= len(data)  # a safetensors file
+# Evaluation: the trained adapter against the base model under the CLIP score.
+assert list_rewards.sync(client=client).rewards == ["clip_score"]
+ev = create_evaluation.sync_detailed(client=client, body=EvaluateRequest(
+    model="tiny-sd15", adapter_a="sdk-adapter", prompts=["a red circle", "a blue square"], seeds=1, steps=2,
+    rewards=["clip_score"]))
+assert ev.status_code == 202, ev.content[:300]
+ev_id = ev.parsed.evaluation_id
+premature = get_evaluation_rows.sync_detailed(ev_id, client=client)
+assert premature.status_code in (200, 409), premature.content[:300]
+for _ in range(1200):
+    e = get_evaluation.sync(ev_id, client=client)
+    if e.status in (EvaluationStatus.COMPLETED, EvaluationStatus.FAILED, EvaluationStatus.CANCELLED):
+        break
+    time.sleep(0.1)
+assert e.status == EvaluationStatus.COMPLETED, e.to_dict()
+r = e.result["clip_score"]
+assert r.n == 2 and 0.0 <= r.winrate <= 1.0 and r.wins + r.ties + r.losses == 2, r.to_dict()
+rows = get_evaluation_rows.sync(ev_id, client=client)
+assert [x.prompt_index for x in rows] == [0, 1] and len(rows[0].scores["clip_score"]) == 2
+assert ev_id in [x.id for x in list_evaluations.sync(client=client)]
+ended_eval = cancel_evaluation.sync(ev_id, client=client)
+assert ended_eval.status == EvaluationStatus.COMPLETED
+bad = create_evaluation.sync_detailed(client=client, body=EvaluateRequest(prompts=["x"], rewards=["hpsv2"]))
+assert bad.status_code == 422 and bad.parsed.error.code == "unknown_reward", bad.content
 up = upload_adapter.sync_detailed(client=client, body=AdapterUpload(
     name="sdk-uploaded", model="tiny-sd15",
     file=File(payload=io.BytesIO(data), file_name="lora.safetensors", mime_type="application/octet-stream")))
@@ -183,6 +210,10 @@ fn generated_python_client_drives_every_operation() {
     config.models.serve.truncate(2);
     config.auth.api_keys = vec![FULL.into(), format!("{GENERATE}:generate")];
     config.datasets.allow_private_networks = true;
+    config.rewards.clip_score = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rewards/models/tiny-clip")
+        .display()
+        .to_string();
     let server = start(config);
     let run = Command::new("python3")
         .arg("-c")

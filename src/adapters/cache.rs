@@ -71,7 +71,7 @@ impl AdapterState {
     ) -> Result<(), String> {
         let Some(choice) = choice else {
             if self.attached.is_some() {
-                clear(model);
+                model.detach_adapters();
                 self.attached = None;
             }
             return Ok(());
@@ -86,25 +86,14 @@ impl AdapterState {
             .map_err(|e| format!("adapter '{}' could not be loaded: {e}", choice.name))?;
         // attach validates every module before it changes anything, but a failure still leaves
         // the previous adapter attached: forget it so the next batch re-applies its own.
-        let result = adapter
-            .attach(model.unet.linears(), choice.scale, model.unet.dtype())
-            .and_then(|()| {
-                adapter.attach_text(
-                    [
-                        Some(model.text_encoder.linears()),
-                        model.text_encoder_2.as_ref().map(|t| t.linears()),
-                    ],
-                    choice.scale,
-                    model.unet.dtype(),
-                )
-            });
+        let result = model.attach_adapter(&adapter, choice.scale);
         match result {
             Ok(()) => {
                 self.attached = Some(want);
                 Ok(())
             }
             Err(e) => {
-                clear(model);
+                model.detach_adapters();
                 self.attached = None;
                 Err(format!("adapter '{}' does not fit model: {e}", choice.name))
             }
@@ -113,16 +102,8 @@ impl AdapterState {
 
     /// After a panic the slots may hold anything: detach everything.
     pub fn reset(&mut self, model: &DiffusionModel) {
-        clear(model);
+        model.detach_adapters();
         self.attached = None;
     }
 }
 
-/// Detaches every adapter: the UNet's and the text encoders' layers.
-fn clear(model: &DiffusionModel) {
-    model.unet.linears().clear_all();
-    model.text_encoder.linears().clear_all();
-    if let Some(t) = &model.text_encoder_2 {
-        t.linears().clear_all();
-    }
-}

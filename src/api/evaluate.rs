@@ -315,7 +315,7 @@ pub fn runner(pool: Arc<ModelPool>, config: Arc<Config>) -> EvalRunner {
                         let kind = RewardKind::parse(name)
                             .ok_or_else(|| fail("unknown_reward", name.clone()))?;
                         let source = config.rewards.source(name).unwrap_or_default();
-                        let dir = resolve_reward_source(source)
+                        let dir = crate::models::rewards::resolve_source(source)
                             .map_err(|e| fail("reward_unavailable", format!("{name}: {e}")))?;
                         let m = Arc::new(
                             RewardModel::load(kind, &dir, &candle_core::Device::Cpu)
@@ -350,28 +350,6 @@ pub fn runner(pool: Arc<ModelPool>, config: Arc<Config>) -> EvalRunner {
         let refs: Vec<(String, &RewardModel)> = models.iter().map(|(n, m)| (n.clone(), m.as_ref())).collect();
         run::run(&plan, &generate, &refs, progress).map_err(|e| fail("evaluation_error", e))
     })
-}
-
-/// A reward's configured source: a directory, or a hub id downloaded into the cache.
-fn resolve_reward_source(source: &str) -> Result<std::path::PathBuf, String> {
-    let p = std::path::PathBuf::from(source);
-    if p.exists() {
-        return Ok(p);
-    }
-    crate::models::hub::download_files(
-        source,
-        &[
-            "config.json",
-            "model.safetensors",
-            "preprocessor_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "vocab.json",
-            "merges.txt",
-        ],
-    )
-    .map_err(|e| e.to_string())
 }
 
 fn manager(state: &AppState) -> Result<&Arc<EvaluationManager>, ApiError> {

@@ -20,6 +20,7 @@
 
 use crate::evaluation::{cross_seed, win_rate, Scores};
 use crate::models::lora::LoraAdapter;
+use crate::models::rewards::{RewardKind, RewardModel};
 use crate::models::pipeline_model::LoadOptions;
 use crate::models::{DiffusionModel, ModelSource};
 use crate::pipelines::{self, Mode, PromptPair, SamplingParams, SeededRequest, TaskParams};
@@ -71,6 +72,10 @@ pub struct EvalArgs {
     /// only generate.
     #[arg(long, default_value = "")]
     pub reward_cmd: String,
+    /// A reward model scored in-process, NAME=DIR_OR_HUB_ID (repeatable; NAME is clip_score,
+    /// pickscore, aesthetic or hpsv2, see docs/evaluation.md); next to --reward-cmd or instead
+    #[arg(long = "reward")]
+    pub reward_models: Vec<String>,
     /// |reward difference| at or below this is a tie (counts half)
     #[arg(long, default_value_t = 0.0)]
     pub tie_eps: f64,
@@ -183,9 +188,9 @@ fn generate(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
     let m = &side.model;
-    m.unet.linears().clear_all();
+    m.detach_adapters();
     if let Some(a) = &side.adapter {
-        a.attach(m.unet.linears(), scale, m.dtype)?;
+        m.attach_adapter(a, scale)?;
     }
     params.validate(m)?;
     let mut jobs: Vec<(usize, usize)> = Vec::new();
@@ -229,7 +234,7 @@ fn generate(
     if total > 0 {
         eprintln!();
     }
-    m.unet.linears().clear_all();
+    m.detach_adapters();
     Ok(())
 }
 
@@ -410,12 +415,48 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         }
         result["result"] = wr;
     }
+    for spec in &args.reward_models {
+        let (name, source) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--reward {spec}: use NAME=DIR_OR_HUB_ID"))?;
+        let kind = RewardKind::parse(name).ok_or_else(|| {
+            anyhow::anyhow!("--reward {name}: use clip_score, pickscore, aesthetic or hpsv2")
+        })?;
+        let dir = crate::models::rewards::resolve_source(source)?;
+        let model = RewardModel::load(kind, &dir, &device)?;
+        let score = |dir: &Path| -> anyhow::Result<Scores> {
+            let mut out = Scores::new();
+            for i in 0..prompts.len() {
+                for k in 0..args.seeds {
+                    let stem = format!("{i:04}_{k}");
+                    let img = image::open(dir.join(format!("{stem}.png")))?.to_rgb8();
+                    let s = model.score(&[img], &[prompts[i].as_str()])?[0];
+                    out.insert(stem, (s, BTreeMap::new()));
+                }
+            }
+            Ok(out)
+        };
+        let ra = score(&dir_a)?;
+        let entry = if args.single {
+            let wr = win_rate(&ra, &ra, args.tie_eps);
+            serde_json::json!({ "n": wr["n"], "a": wr["a"] })
+        } else {
+            let rb = score(&dir_b)?;
+            let mut wr = win_rate(&ra, &rb, args.tie_eps);
+            if args.seeds >= 2 {
+                wr["unpaired"] = win_rate(&ra, &cross_seed(&rb, args.seeds), args.tie_eps);
+            }
+            wr
+        };
+        result["rewards"][name] = entry;
+    }
     std::fs::write(
         args.out.join("result.json"),
         serde_json::to_vec_pretty(&result)?,
     )?;
     Ok(result)
 }
+
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReconstructArgs {

@@ -352,6 +352,29 @@ impl DiffusionModel {
         })
     }
 
+    /// Attaches every part of `adapter` (UNet and text encoders) at `scale`; checks it all
+    /// fits before anything changes. Layers the adapter does not name are cleared.
+    pub fn attach_adapter(&self, adapter: &super::lora::LoraAdapter, scale: f64) -> Result<()> {
+        adapter.attach(self.unet.linears(), scale, self.unet.dtype())?;
+        adapter.attach_text(
+            [
+                Some(self.text_encoder.linears()),
+                self.text_encoder_2.as_ref().map(|t| t.linears()),
+            ],
+            scale,
+            self.dtype,
+        )
+    }
+
+    /// Detaches every adapter: the UNet's and the text encoders' layers.
+    pub fn detach_adapters(&self) {
+        self.unet.linears().clear_all();
+        self.text_encoder.linears().clear_all();
+        if let Some(t) = &self.text_encoder_2 {
+            t.linears().clear_all();
+        }
+    }
+
     pub fn vae_scale_factor(&self) -> usize {
         1 << (self.vae.config.block_out_channels.len() - 1)
     }

@@ -193,8 +193,18 @@ fn resolve_clip(dir: &Path, clip: &str) -> Result<PathBuf> {
     if local.exists() {
         return Ok(local);
     }
+    resolve_source(clip)
+}
+
+/// A reward model's source: a local directory, or a hub repository whose files the loader
+/// reads are downloaded into the cache.
+pub fn resolve_source(source: &str) -> Result<PathBuf> {
+    let local = PathBuf::from(source);
+    if local.exists() {
+        return Ok(local);
+    }
     super::hub::download_files(
-        clip,
+        source,
         &[
             "config.json",
             "model.safetensors",
