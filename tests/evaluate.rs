@@ -186,3 +186,47 @@ fn the_eval_command_and_the_endpoint_agree() {
         assert_eq!(c["unpaired"]["wins"], s["unpaired"]["wins"]);
     }
 }
+
+/// POST /finetune with an `evaluation` block: once the adapter is registered the server
+/// evaluates it against the base model, and the job shows the evaluation and its win rates.
+#[test]
+fn a_finetune_job_evaluates_its_adapter() {
+    let root = temp_dir("www");
+    std::fs::copy(models_dir().join("../../shapes/prefs_centered.parquet"), root.join("prefs.parquet")).unwrap();
+    let www = common::fileserver::FileServer::start(root);
+    let mut c = config();
+    c.datasets.allow_private_networks = true;
+    let server = start(c);
+    let job = |evaluation: Value| {
+        json!({
+            "dataset_url": www.url("prefs.parquet"), "method": "dspo", "base_model": "tiny-sd15",
+            "lora": {"rank": 2, "alpha": 2.0},
+            "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_pairs": 8, "learning_rate": 1e-2,
+                                "resolution": 64, "warmup_steps": 0},
+            "evaluation": evaluation,
+        })
+    };
+    let bad = post_json(&server, "/finetune", &job(json!({"prompts": ["x"], "rewards": ["pickscore"]})));
+    assert_eq!((bad.status, bad.code().as_str()), (422, "unknown_reward"), "{:?}", bad.json());
+    let r = post_json(
+        &server,
+        "/finetune",
+        &job(json!({"prompts": ["a red circle", "a blue square"], "rewards": ["clip_score"], "seeds": 2, "steps": 2})),
+    );
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let id = r.json()["job_id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    wait_until(300, "the job and its evaluation to end", || {
+        last = get(&server, &format!("/finetune/{id}")).json();
+        ["failed", "cancelled"].contains(&last["status"].as_str().unwrap_or(""))
+            || ["completed", "failed"].contains(&last["evaluation"]["status"].as_str().unwrap_or(""))
+    });
+    assert_eq!(last["status"], "completed", "{last}");
+    let e = &last["evaluation"];
+    assert_eq!(e["status"], "completed", "{last}");
+    assert_eq!(e["result"]["clip_score"]["n"], 4, "{e}");
+    let eval_id = e["evaluation_id"].as_str().unwrap();
+    let full = get(&server, &format!("/evaluate/{eval_id}")).json();
+    assert_eq!(full["spec"]["adapter_a"], last["adapter"]);
+    assert_eq!(full["spec"]["adapter_b"], Value::Null);
+}

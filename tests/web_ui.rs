@@ -1,7 +1,8 @@
 //! The web UI at `/`: its files are served without a key, it type-checks against the OpenAPI
 //! document the server serves (openapi-typescript and tsc from tests/web), and headless
-//! Chromium drives it through generate, edit, fine-tune and the adapter list
-//! (tests/web/ui.test.mjs) against a real server with an API key.
+//! Chromium drives it through generate, edit, fine-tune, the adapter list and an evaluation of
+//! the new adapter against the base model (tests/web/ui.test.mjs) against a real server with an
+//! API key.
 //!
 //! Needs Debian's chromium and `npm ci --prefix tests/web` (.ci/run installs both); without
 //! them the browser test says SKIPPED, except under CI, where a skipped browser test would let
@@ -27,6 +28,10 @@ fn config() -> dspo_server::config::Config {
     c.models.serve.truncate(2); // tiny-sd15 and tiny-ip2p
     c.auth.api_keys = vec![KEY.into()];
     c.datasets.allow_private_networks = true;
+    // The Evaluate tab scores images with the tiny reward models of the fixtures.
+    let rewards = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rewards/models");
+    c.rewards.clip_score = rewards.join("tiny-clip").display().to_string();
+    c.rewards.aesthetic = rewards.join("tiny-aesthetic").display().to_string();
     c
 }
 

@@ -195,7 +195,7 @@ fn needs(method: &Method, path: &str, protect_docs: bool) -> Needs {
         | (
             &Method::GET,
             "/models" | "/adapters" | "/metrics" | "/sdapi/v1/samplers" | "/sdapi/v1/sd-models"
-            | "/sdapi/v1/loras" | "/sdapi/v1/progress" | "/generations",
+            | "/sdapi/v1/loras" | "/sdapi/v1/progress" | "/generations" | "/evaluate/rewards",
         ) => {
             Needs::Scope(Scope::Generate)
         }

@@ -6,6 +6,7 @@
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorResponse};
+use super::job_types::{EvaluationStatus, RewardResult};
 use super::types::{EditRequest, GenerateRequest};
 use super::{validate, AppState};
 use crate::config::Config;
@@ -74,34 +75,6 @@ pub struct EvaluateRequest {
     /// |score difference| at or below this counts as a tie (half a win). Default 0.
     #[serde(default)]
     pub tie_eps: Option<f64>,
-}
-
-/// Win rates of A over B under one reward.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct RewardResult {
-    pub n: usize,
-    pub wins: usize,
-    pub ties: usize,
-    pub losses: usize,
-    /// (wins + ties / 2) / n
-    pub winrate: f64,
-    /// Half-width of the 95% interval (normal approximation); null for n < 2.
-    pub ci95: Option<f64>,
-    pub mean_a: f64,
-    pub mean_b: f64,
-    /// A's image of seed k against B's of seed k + 1 (independent draws); with 2+ seeds.
-    #[schema(no_recursion)]
-    pub unpaired: Option<Box<RewardResult>>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum EvaluationStatus {
-    Queued,
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
 }
 
 /// GET /evaluate/{id}
@@ -352,6 +325,132 @@ pub fn runner(pool: Arc<ModelPool>, config: Arc<Config>) -> EvalRunner {
     })
 }
 
+/// Checks a fine-tuning job's `evaluation` block when the job is submitted (its adapter does
+/// not exist yet, so only what does not depend on it).
+pub fn check_job_evaluation(e: &super::job_types::JobEvaluation, config: &Config) -> Result<(), ApiError> {
+    let limits = &config.rewards;
+    if e.prompts.is_empty() || e.prompts.len() > limits.max_prompts {
+        return Err(ApiError::InvalidJob(format!(
+            "evaluation: {} prompts; 1 to {} (rewards.max_prompts)",
+            e.prompts.len(),
+            limits.max_prompts
+        )));
+    }
+    if let Some(s) = e.seeds.filter(|s| *s < 1 || *s as usize > limits.max_seeds) {
+        return Err(ApiError::InvalidJob(format!(
+            "evaluation: seeds is {s}; 1 to {} (rewards.max_seeds)",
+            limits.max_seeds
+        )));
+    }
+    if e.rewards.is_empty() {
+        return Err(ApiError::UnknownReward("evaluation: rewards is empty".into()));
+    }
+    for r in &e.rewards {
+        if limits.source(r).is_none() {
+            return Err(ApiError::UnknownReward(format!(
+                "evaluation: reward '{r}' is not available on this server; available: {}",
+                limits.available().join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Submits the evaluations of fine-tuning jobs as they complete: a thread following the job
+/// events. (An evaluation whose job completed while the server was down is not submitted.)
+pub fn follow_jobs(
+    jobs: Arc<crate::jobs::JobManager>,
+    evaluations: Arc<EvaluationManager>,
+    pool: Arc<ModelPool>,
+    config: Arc<Config>,
+) {
+    let mut rx = jobs.subscribe();
+    let spawned = std::thread::Builder::new()
+        .name("job-evaluations".into())
+        .spawn(move || loop {
+            let ev = match rx.blocking_recv() {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "job events lagged; some job evaluations may not be submitted");
+                    continue;
+                }
+                Err(_) => return,
+            };
+            if ev.event != "status" || ev.data["status"] != "completed" {
+                continue;
+            }
+            let Some(block) = ev.data["spec"].get("evaluation").filter(|e| !e.is_null()) else {
+                continue;
+            };
+            if let Err(e) = submit_job_evaluation(&ev.job_id, &ev.data, block, &jobs, &evaluations, &pool, &config) {
+                tracing::warn!(job = %ev.job_id, "the job's evaluation was not submitted: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot follow job completions for their evaluations: {e}");
+    }
+}
+
+fn submit_job_evaluation(
+    job_id: &str,
+    job: &serde_json::Value,
+    block: &serde_json::Value,
+    jobs: &crate::jobs::JobManager,
+    evaluations: &EvaluationManager,
+    pool: &ModelPool,
+    config: &Config,
+) -> Result<(), String> {
+    let e: super::job_types::JobEvaluation =
+        serde_json::from_value(block.clone()).map_err(|e| e.to_string())?;
+    let req = EvaluateRequest {
+        model: job["spec"]["base_model"].as_str().map(String::from),
+        adapter_a: job["adapter"].as_str().map(String::from),
+        adapter_b: None,
+        adapter_scale: None,
+        prompts: e.prompts,
+        images: None,
+        mode: None,
+        strength: None,
+        image_guidance_scale: None,
+        rewards: e.rewards,
+        seeds: e.seeds,
+        negative_prompt: None,
+        steps: e.steps,
+        guidance_scale: e.guidance_scale,
+        scheduler: None,
+        width: None,
+        height: None,
+        tie_eps: None,
+    };
+    let (p, _) = plan(&req, pool, config).map_err(|e| e.to_string())?;
+    let owner = jobs.owner(job_id).map_err(|e| e.to_string())?;
+    let spec = serde_json::to_value(&req).map_err(|e| e.to_string())?;
+    let rec = evaluations.submit(spec, p.total_images(), owner.as_deref(), Some(job_id))?;
+    tracing::info!(job = %job_id, evaluation = %rec.id, "job evaluation submitted");
+    Ok(())
+}
+
+/// What GET /finetune/{id} shows of a job's evaluation.
+pub fn job_evaluation_status(
+    state: &AppState,
+    job_id: &str,
+) -> Result<Option<super::job_types::JobEvaluationStatus>, ApiError> {
+    let Some(m) = state.evaluations.as_ref() else {
+        return Ok(None);
+    };
+    let Some(rec) = m.of_job(job_id).map_err(ApiError::Internal)? else {
+        return Ok(None);
+    };
+    let r = record_of(rec)?;
+    Ok(Some(super::job_types::JobEvaluationStatus {
+        evaluation_id: r.id,
+        status: r.status,
+        done: r.done,
+        total: r.total,
+        result: r.result,
+    }))
+}
+
 fn manager(state: &AppState) -> Result<&Arc<EvaluationManager>, ApiError> {
     state
         .evaluations
@@ -389,7 +488,7 @@ pub async fn create(
     let spec = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
     let rec = tokio::task::spawn_blocking(move || -> Result<EvalRecord, ApiError> {
         let (p, _) = plan(&req, &pool, &config)?;
-        m.submit(spec, p.total_images(), caller.key_id.as_deref())
+        m.submit(spec, p.total_images(), caller.key_id.as_deref(), None)
             .map_err(ApiError::Internal)
     })
     .await

@@ -104,6 +104,12 @@ pub async fn create(
     body: Result<Json<JobSpec>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(spec) = body.map_err(ApiError::from)?;
+    if let Some(e) = &spec.evaluation {
+        if state.evaluations.is_none() {
+            return Err(ApiError::InvalidJob("evaluation: this server runs no evaluations".into()));
+        }
+        super::evaluate::check_job_evaluation(e, &state.config)?;
+    }
     let m = jobs(&state)?.clone();
     let job: JobRecord =
         tokio::task::spawn_blocking(move || {
@@ -161,7 +167,9 @@ pub async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     check_job_owner(&state, &caller, &id)?;
-    Ok(Json(jobs(&state)?.get(&id)?.into()))
+    let mut job: JobRecord = jobs(&state)?.get(&id)?.into();
+    job.evaluation = super::evaluate::job_evaluation_status(&state, &id)?;
+    Ok(Json(job))
 }
 
 /// Cancel this job (and no other). A queued job ends at once, a running one at its next step;

@@ -106,6 +106,26 @@ pub struct JobSpec {
     /// completed only.
     #[serde(default)]
     pub webhook_events_filter: Option<Vec<WebhookEvent>>,
+    /// Evaluate the adapter against the base model once it is registered (POST /evaluate's
+    /// protocol); GET /finetune/{id} then carries the evaluation and its win rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<JobEvaluation>,
+}
+
+/// The `evaluation` block of a POST /finetune body: the adapter (side A) against its base
+/// model (side B).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobEvaluation {
+    pub prompts: Vec<String>,
+    /// Reward names the server offers (GET /evaluate/rewards).
+    pub rewards: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f64>,
 }
 
 /// The training settings of a POST /finetune body. Every field is optional: one left out takes
@@ -234,6 +254,49 @@ pub struct JobRecord {
     /// Rows read, pairs kept, ties dropped, undecodable images skipped.
     #[schema(value_type = Option<Object>)]
     pub dataset: Option<serde_json::Value>,
+    /// With an `evaluation` block: its evaluation, once the job has completed and submitted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<JobEvaluationStatus>,
+}
+
+/// Win rates of A over B under one reward.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RewardResult {
+    pub n: usize,
+    pub wins: usize,
+    pub ties: usize,
+    pub losses: usize,
+    /// (wins + ties / 2) / n
+    pub winrate: f64,
+    /// Half-width of the 95% interval (normal approximation); null for n < 2.
+    pub ci95: Option<f64>,
+    pub mean_a: f64,
+    pub mean_b: f64,
+    /// A's image of seed k against B's of seed k + 1 (independent draws); with 2+ seeds.
+    #[schema(no_recursion)]
+    pub unpaired: Option<Box<RewardResult>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvaluationStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// A fine-tuning job's evaluation (its `evaluation` block), as GET /finetune/{id} shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobEvaluationStatus {
+    /// GET /evaluate/{evaluation_id} for everything, /rows for the per-image scores.
+    pub evaluation_id: String,
+    pub status: EvaluationStatus,
+    pub done: usize,
+    pub total: usize,
+    /// Per reward, the adapter's win rate over the base model once completed.
+    pub result: Option<std::collections::BTreeMap<String, RewardResult>>,
 }
 
 /// GET /adapters
@@ -378,6 +441,7 @@ impl JobSpec {
             webhook_events_filter: s
                 .webhook_events_filter
                 .map(|f| f.into_iter().map(Into::into).collect()),
+            evaluation: s.evaluation.and_then(|e| serde_json::to_value(e).ok()),
         }
     }
 }
@@ -399,6 +463,7 @@ impl From<jobs::JobSpec> for JobSpec {
             webhook_events_filter: s
                 .webhook_events_filter
                 .map(|f| f.into_iter().map(Into::into).collect()),
+            evaluation: s.evaluation.and_then(|e| serde_json::from_value(e).ok()),
         }
     }
 }
@@ -432,6 +497,7 @@ impl From<jobs::JobRecord> for JobRecord {
             }),
             adapter: j.adapter,
             dataset: j.dataset,
+            evaluation: None,
         }
     }
 }

@@ -91,6 +91,7 @@ use utoipa::OpenApi;
         job_types::Method,
         job_types::LoraRequest,
         job_types::Hyperparameters,
+        job_types::JobEvaluation,
         finetune::JobCreated,
         finetune::AdapterUpload
     )),
@@ -227,6 +228,9 @@ impl ApiBuilder {
         } else {
             None
         };
+        if let (Some(j), Some(e)) = (&jobs, &evaluations) {
+            evaluate::follow_jobs(j.clone(), e.clone(), pool.clone(), config.clone());
+        }
         Ok(Api {
             state: AppState {
                 pool,

@@ -123,7 +123,7 @@ impl EvaluationManager {
                id TEXT PRIMARY KEY, status TEXT NOT NULL, spec TEXT NOT NULL,
                created_at REAL NOT NULL, updated_at REAL NOT NULL,
                done INTEGER NOT NULL, total INTEGER NOT NULL,
-               result TEXT, error TEXT, rows TEXT, owner TEXT);",
+               result TEXT, error TEXT, rows TEXT, owner TEXT, job_id TEXT);",
         )
         .map_err(db)?;
         let m = Arc::new(Self {
@@ -166,20 +166,22 @@ impl EvaluationManager {
         self.wake.notify_one();
     }
 
-    /// Records a queued evaluation of `total` images for `owner` (an API key id).
+    /// Records a queued evaluation of `total` images for `owner` (an API key id); `job_id` when
+    /// it is a fine-tuning job's own evaluation.
     pub fn submit(
         &self,
         spec: serde_json::Value,
         total: usize,
         owner: Option<&str>,
+        job_id: Option<&str>,
     ) -> Result<EvalRecord, String> {
         let id = uuid::Uuid::new_v4().to_string();
         let t = now();
         self.lock()
             .execute(
-                "INSERT INTO evaluations (id, status, spec, created_at, updated_at, done, total, owner)
-                 VALUES (?1, 'queued', ?2, ?3, ?3, 0, ?4, ?5)",
-                params![id, spec.to_string(), t, total as i64, owner],
+                "INSERT INTO evaluations (id, status, spec, created_at, updated_at, done, total, owner, job_id)
+                 VALUES (?1, 'queued', ?2, ?3, ?3, 0, ?4, ?5, ?6)",
+                params![id, spec.to_string(), t, total as i64, owner, job_id],
             )
             .map_err(db)?;
         self.enqueue(&id);
@@ -191,6 +193,18 @@ impl EvaluationManager {
             .query_row(
                 &format!("SELECT {COLUMNS} FROM evaluations WHERE id = ?1"),
                 params![id],
+                record,
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    /// The evaluation a fine-tuning job submitted for its adapter, if any.
+    pub fn of_job(&self, job_id: &str) -> Result<Option<EvalRecord>, String> {
+        self.lock()
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM evaluations WHERE job_id = ?1 ORDER BY created_at DESC"),
+                params![job_id],
                 record,
             )
             .optional()

@@ -74,6 +74,10 @@ pub struct JobSpec {
     /// completed only.
     #[serde(default)]
     pub webhook_events_filter: Option<Vec<WebhookEvent>>,
+    /// An evaluation to run once the adapter is registered (its settings, opaque to the job:
+    /// the server submits it as an evaluation of the adapter against the base model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<serde_json::Value>,
 }
 
 /// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.

@@ -28,12 +28,23 @@
 /** @typedef {Schemas["AdapterInfo"]} AdapterInfo */
 /** @typedef {Schemas["AdapterUpload"]} AdapterUpload */
 /** @typedef {Schemas["ErrorResponse"]} ErrorResponse */
+/** @typedef {Schemas["EvaluateRequest"]} EvaluateRequest */
+/** @typedef {Schemas["EvaluationCreated"]} EvaluationCreated */
+/** @typedef {Schemas["EvaluationRecord"]} EvaluationRecord */
+/** @typedef {Schemas["EvaluationStatus"]} EvaluationStatus */
+/** @typedef {Schemas["EvaluationRow"]} EvaluationRow */
+/** @typedef {Schemas["RewardResult"]} RewardResult */
+/** @typedef {Schemas["RewardsAvailable"]} RewardsAvailable */
 
 /** @typedef {{step: number, loss: number, accuracy: number | null}} Point */
 
 const KEY_STORAGE = "dspo-server.api-key";
 /** @type {ReadonlyArray<JobStatus>} */
 const TERMINAL = ["completed", "failed", "cancelled"];
+/** @type {ReadonlyArray<EvaluationStatus>} */
+const EVAL_TERMINAL = ["completed", "failed", "cancelled"];
+/** How often a running evaluation is asked for its progress, in milliseconds. */
+const EVAL_POLL_MS = 500;
 /** @type {ReadonlyArray<[Method, string]>} */
 const METHODS = [
   ["dspo", "DSPO (score matching)"],
@@ -218,6 +229,22 @@ const api = {
   },
   /** @param {string} name @returns {Promise<null>} */
   deleteAdapter: (name) => json(route("/adapters/{name}", { name }), { method: "DELETE" }),
+  /** @returns {Promise<RewardsAvailable>} */
+  rewards: () => json(route("/evaluate/rewards")),
+  /** @param {EvaluateRequest} body @returns {Promise<EvaluationCreated>} */
+  evaluate: (body) => json(route("/evaluate"), { body }),
+  /** @returns {Promise<EvaluationRecord[]>} */
+  evaluations: () => json(route("/evaluate")),
+  /** @param {string} id @param {AbortSignal} [signal] @returns {Promise<EvaluationRecord>} */
+  evaluation: (id, signal) => json(route("/evaluate/{id}", { id }), { signal }),
+  /** @param {string} id @returns {Promise<EvaluationRecord>} */
+  cancelEvaluation: (id) => json(route("/evaluate/{id}", { id }), { method: "DELETE" }),
+  /**
+   * The per-image rows (a JSON array of EvaluationRow), as the response: saved as they come.
+   * 409 evaluation_not_finished before the evaluation completes.
+   * @param {string} id
+   */
+  evaluationRows: (id) => call(route("/evaluate/{id}/rows", { id })),
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -341,10 +368,12 @@ async function loadModels() {
   fillModels(select("gen-model"), ["txt2img"]);
   fillModels(select("edit-model"), [...EDIT_MODES]);
   fillModels(select("upload-model"), ["txt2img", ...EDIT_MODES]);
+  fillModels(select("ev-model"), ["txt2img", ...EDIT_MODES]);
   const ft = select("ft-base-model");
   fillSelect(ft, [["", `server default${defaultModel() ? ` (${defaultModel()?.name})` : ""}`], ...models.map((m) => /** @type {[string, string]} */ ([m.name, m.name]))]);
   onGenerateModel();
   onEditModel();
+  onEvalModel();
 }
 
 async function loadHealth() {
@@ -863,6 +892,17 @@ async function loadAdapters() {
       select("gen-adapter").value = a.name;
       showTab("generate");
     });
+    const evaluate = h("button", { type: "button", class: "small", "data-testid": "adapter-evaluate" }, "Evaluate");
+    evaluate.title = "Evaluate this adapter (side A) against its base model (side B)";
+    evaluate.addEventListener("click", () => {
+      if (modelNamed(a.base_model)) select("ev-model").value = a.base_model;
+      onEvalModel();
+      const sideA = select("ev-adapter-a");
+      sideA.value = a.name;
+      sideA.dataset.touched = "true";
+      select("ev-adapter-b").value = "";
+      showTab("evaluate");
+    });
     const del = h("button", { type: "button", class: "small danger", "data-testid": "adapter-delete" }, "Delete");
     del.addEventListener("click", async () => {
       if (!confirm(`Delete adapter ${a.name}? Its weights are removed from the server.`)) return;
@@ -881,12 +921,13 @@ async function loadAdapters() {
       h("td", {}, a.method),
       h("td", {}, metricsText(a.final_metrics)),
       h("td", {}, when(a.created_at)),
-      h("td", {}, h("div", { class: "row" }, use, dl, del)),
+      h("td", {}, h("div", { class: "row" }, use, evaluate, dl, del)),
     );
   });
   $("adapters").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "6", class: "muted" }, "no adapters yet: fine-tune one"))]));
   fillAdapters(select("gen-adapter"), select("gen-model").value);
   fillAdapters(select("edit-adapter"), select("edit-model").value);
+  fillEvalAdapters();
 }
 
 /**
@@ -895,8 +936,13 @@ async function loadAdapters() {
  */
 async function download(name) {
   const res = await api.weights(name);
-  const url = URL.createObjectURL(await res.blob());
-  const a = h("a", { href: url, download: `${name}.safetensors` });
+  saveBlob(await res.blob(), `${name}.safetensors`);
+}
+
+/** Hands a blob to the browser as a download. @param {Blob} blob @param {string} filename */
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const a = h("a", { href: url, download: filename });
   document.body.append(a);
   a.click();
   a.remove();
@@ -910,6 +956,297 @@ async function uploadAdapter() {
   typed("upload-form", HTMLFormElement).reset();
   await loadAdapters();
   $("adapters").querySelector(`tr[data-adapter="${CSS.escape(info.name)}"]`)?.classList.add("fresh");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluate: side A against side B under reward models, polled until it ends
+
+/** @type {{id: string, stop: AbortController} | null} */
+let evalWatching = null;
+
+/** The adapters of the chosen model on both sides; side A starts on the newest of them. */
+function fillEvalAdapters() {
+  const model = select("ev-model").value;
+  const fit = adapters.filter((a) => !a.base_model || a.base_model === model);
+  /** @type {Array<[string, string]>} */
+  const options = [["", "base model (none)"], ...fit.map((a) => /** @type {[string, string]} */ ([a.name, `${a.name} (${a.method})`]))];
+  const sideA = select("ev-adapter-a");
+  fillSelect(sideA, options);
+  if (!sideA.dataset.touched && !sideA.value && fit.length) {
+    sideA.value = fit.reduce((x, y) => (y.created_at > x.created_at ? y : x)).name;
+  }
+  fillSelect(select("ev-adapter-b"), options);
+}
+
+function onEvalModel() {
+  const m = modelNamed(select("ev-model").value);
+  const d = m?.defaults;
+  input("ev-steps").placeholder = d ? String(d.steps) : "";
+  input("ev-guidance").placeholder = d ? String(d.guidance_scale) : "";
+  input("ev-width").placeholder = d ? String(d.width) : "";
+  input("ev-height").placeholder = d ? String(d.height) : "";
+  input("ev-strength").placeholder = d?.strength != null ? String(d.strength) : "";
+  input("ev-image-guidance").placeholder = d?.image_guidance_scale != null ? String(d.image_guidance_scale) : "";
+  fillSelect(select("ev-scheduler"), [
+    ["", d ? `model default (${d.scheduler})` : "model default"],
+    ...(m?.schedulers ?? []).map((s) => /** @type {[string, string]} */ ([s, s])),
+  ]);
+  // An edit model evaluates edits of input images; a text-to-image model that also edits may.
+  const modes = EDIT_MODES.filter((x) => m?.modes.includes(x));
+  const editOnly = !!m && !m.modes.includes("txt2img");
+  const inputs = typed("ev-edit-fields", HTMLDetailsElement);
+  inputs.hidden = modes.length === 0;
+  if (editOnly) inputs.open = true;
+  $("ev-edit-summary").textContent = editOnly
+    ? "Input images: this model edits, one image for every prompt or one per prompt"
+    : "Evaluate edits of input images instead (optional)";
+  fillSelect(select("ev-mode"), modes.map((x) => [x, x]));
+  fillEvalAdapters();
+  onEvalMode();
+}
+
+function onEvalMode() {
+  const mode = select("ev-mode").value;
+  input("ev-strength").disabled = mode !== "img2img";
+  input("ev-image-guidance").disabled = mode !== "instruct_pix2pix";
+}
+
+/** The reward checkboxes, from the rewards this server offers; a clear note when none. */
+async function loadRewards() {
+  const box = $("ev-rewards");
+  const note = $("ev-rewards-note");
+  const before = new Set(checkedRewards());
+  const first = !box.querySelector("input");
+  /** @type {string[]} */
+  let names;
+  try {
+    names = (await api.rewards()).rewards;
+  } catch (e) {
+    box.querySelectorAll("label").forEach((l) => l.remove());
+    note.hidden = false;
+    note.textContent = e instanceof ApiError && e.code === "forbidden" ? `this key may not run evaluations: ${e.message}` : "could not list the reward models";
+    if (e instanceof ApiError && e.code === "forbidden") return;
+    throw e;
+  }
+  const boxes = names.map((name) => {
+    const cb = h("input", { type: "checkbox", id: `ev-reward-${name}`, "data-testid": `ev-reward-${name}`, value: name });
+    cb.checked = first || before.has(name);
+    return h("label", { class: "check", for: `ev-reward-${name}` }, cb, name);
+  });
+  box.querySelectorAll("label").forEach((l) => l.remove());
+  box.append(...boxes);
+  note.hidden = names.length > 0;
+  note.textContent = names.length
+    ? ""
+    : "This server offers no reward models, so it cannot evaluate: set clip_score, pickscore, aesthetic or hpsv2 under [rewards] in its configuration (a directory or a hub id) and restart it.";
+  box.dataset.rewards = String(names.length);
+  button("ev-submit").disabled = names.length === 0;
+}
+
+function checkedRewards() {
+  return [...$("ev-rewards").querySelectorAll("input[type=checkbox]")].flatMap((el) =>
+    el instanceof HTMLInputElement && el.checked ? [el.value] : [],
+  );
+}
+
+/** @returns {Promise<EvaluateRequest>} */
+async function evaluateRequest() {
+  const prompts = textarea("ev-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  if (!prompts.length) throw new ApiError(0, "invalid_request", "write at least one prompt (one per line)");
+  const rewards = checkedRewards();
+  if (!rewards.length) throw new ApiError(0, "invalid_request", "check at least one reward model");
+  const adapterA = text("ev-adapter-a");
+  /** @type {EvaluateRequest} */
+  const req = {
+    model: text("ev-model"),
+    adapter_a: adapterA,
+    adapter_b: text("ev-adapter-b"),
+    prompts,
+    rewards,
+    negative_prompt: text("ev-negative"),
+    seeds: num("ev-seeds"),
+    steps: num("ev-steps"),
+    guidance_scale: num("ev-guidance"),
+    width: num("ev-width"),
+    height: num("ev-height"),
+    scheduler: /** @type {Scheduler | undefined} */ (text("ev-scheduler")),
+    tie_eps: num("ev-tie-eps"),
+  };
+  if (req.adapter_a || req.adapter_b) req.adapter_scale = num("ev-adapter-scale");
+  const m = modelNamed(select("ev-model").value);
+  const files = [...(input("ev-images").files ?? [])];
+  if (m && !m.modes.includes("txt2img") && !files.length) {
+    throw new ApiError(0, "invalid_request", `${m.name} edits images: choose an input image for every prompt, or one for all`);
+  }
+  if (files.length && !$("ev-edit-fields").hidden) {
+    if (files.length !== 1 && files.length !== prompts.length) {
+      throw new ApiError(0, "invalid_request", `${files.length} images for ${prompts.length} prompts: choose one image, or one per prompt`);
+    }
+    const b64 = await Promise.all(files.map(async (f) => {
+      const url = await readAsDataUrl(f);
+      return url.slice(url.indexOf(",") + 1);
+    }));
+    req.images = prompts.map((_, i) => b64[files.length === 1 ? 0 : i]);
+    const mode = text("ev-mode");
+    req.mode = mode;
+    if (mode === "img2img") req.strength = num("ev-strength");
+    if (mode === "instruct_pix2pix") req.image_guidance_scale = num("ev-image-guidance");
+  }
+  return req;
+}
+
+async function submitEvaluation() {
+  const created = await api.evaluate(await evaluateRequest());
+  await loadEvaluations();
+  followEvaluation(created.evaluation);
+}
+
+/** @param {string | null | undefined} adapter */
+const side = (adapter) => adapter || "base model";
+
+/** @param {number} x a fraction */
+const percent = (x) => `${(x * 100).toFixed(1)}%`;
+
+/** @param {number} x */
+const score = (x) => (Math.abs(x) >= 1000 || x === 0 ? String(Math.round(x * 1000) / 1000) : x.toPrecision(4));
+
+/** Win rate ± the half-width of its 95% interval (none for n < 2). @param {RewardResult} r */
+function winrateText(r) {
+  return r.ci95 != null ? `${percent(r.winrate)} ± ${(r.ci95 * 100).toFixed(1)}` : percent(r.winrate);
+}
+
+/** One reward's result: the row's data attributes carry the numbers for scripts and tests. @param {string} name @param {RewardResult} r */
+function resultRow(name, r) {
+  // Set through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+  const fill = h("span");
+  fill.style.width = `${(Math.min(Math.max(r.winrate, 0), 1) * 100).toFixed(1)}%`;
+  const bar = h("span", { class: "winbar", title: `${percent(r.winrate)}; the tick is 50%` }, fill);
+  const [a, b] = [h("td", { "data-field": "mean_a" }, score(r.mean_a)), h("td", { "data-field": "mean_b" }, score(r.mean_b))];
+  if (r.mean_a !== r.mean_b) (r.mean_a > r.mean_b ? a : b).classList.add("better");
+  const unpaired = r.unpaired ? `${winrateText(r.unpaired)} (n ${r.unpaired.n})` : "—";
+  return h(
+    "tr",
+    { "data-reward": name, "data-winrate": String(r.winrate), "data-n": String(r.n) },
+    h("td", {}, h("strong", {}, name)),
+    h("td", { "data-field": "winrate" }, h("span", { class: "row" }, bar, winrateText(r))),
+    h("td", { "data-field": "wins" }, `${r.wins} / ${r.ties} / ${r.losses}`),
+    h("td", { "data-field": "n" }, String(r.n)),
+    a,
+    b,
+    h("td", { "data-field": "unpaired" }, unpaired),
+  );
+}
+
+/** @param {EvaluationRecord} rec */
+function showEvaluation(rec) {
+  const view = $("ev-view");
+  view.hidden = false;
+  view.dataset.id = rec.id;
+  view.dataset.status = rec.status;
+  $("ev-id").textContent = rec.id;
+  const badge = $("ev-status");
+  badge.textContent = rec.status;
+  badge.dataset.status = rec.status;
+  button("ev-cancel").hidden = EVAL_TERMINAL.includes(rec.status);
+  const bar = typed("ev-progress", HTMLProgressElement);
+  bar.max = Math.max(rec.total, 1);
+  bar.value = rec.done;
+  bar.title = `${rec.done} of ${rec.total} images`;
+  const s = rec.spec;
+  const detail = [
+    `A: ${side(s.adapter_a)} vs B: ${side(s.adapter_b)} on ${s.model ?? "the default model"}`,
+    `${s.prompts.length} prompt${s.prompts.length === 1 ? "" : "s"} × ${s.seeds ?? 1} seed${(s.seeds ?? 1) === 1 ? "" : "s"}`,
+    `${rec.done} of ${rec.total} images`,
+  ];
+  if (rec.error) detail.push(`${rec.error.code}: ${rec.error.message}`);
+  $("ev-detail").textContent = detail.join(" · ");
+  const result = Object.entries(rec.result ?? {});
+  $("ev-results").replaceChildren(...result.map(([name, r]) => resultRow(name, r)));
+  $("ev-result").hidden = rec.status !== "completed" || result.length === 0;
+  $("evaluations").querySelector(`tr[data-evaluation-id="${CSS.escape(rec.id)}"]`)?.replaceWith(evaluationRow(rec));
+  if (rec.status === "failed" && rec.error) showError(new ApiError(0, rec.error.code, rec.error.message));
+}
+
+/**
+ * Follows an evaluation: asks for it every EVAL_POLL_MS until it ends. A few network failures
+ * in a row are waited out; any other error ends the following and is shown.
+ * @param {EvaluationRecord} rec
+ */
+async function followEvaluation(rec) {
+  evalWatching?.stop.abort();
+  const stop = new AbortController();
+  evalWatching = { id: rec.id, stop };
+  const view = $("ev-view");
+  view.dataset.watching = "live";
+  showEvaluation(rec);
+  let failures = 0;
+  try {
+    while (!EVAL_TERMINAL.includes(rec.status)) {
+      await new Promise((r) => setTimeout(r, EVAL_POLL_MS * (1 + failures)));
+      if (stop.signal.aborted) return;
+      try {
+        rec = await api.evaluation(rec.id, stop.signal);
+        failures = 0;
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 0 && ++failures < 10) continue;
+        throw e;
+      }
+      if (stop.signal.aborted) return;
+      showEvaluation(rec);
+    }
+    await loadEvaluations();
+  } catch (e) {
+    showError(e);
+  } finally {
+    if (evalWatching?.stop === stop) view.dataset.watching = "done";
+  }
+}
+
+/** The per-image rows need the key, so they are fetched and saved as a blob. @param {string} id */
+async function downloadRows(id) {
+  const res = await api.evaluationRows(id);
+  const body = await res.text();
+  /** @type {EvaluationRow[]} */
+  const rows = JSON.parse(body);
+  saveBlob(new Blob([body], { type: "application/json" }), `evaluation-${id}-rows.json`);
+  button("ev-download-rows").title = `${rows.length} rows saved`;
+}
+
+/** @param {EvaluationRecord} e */
+function evaluationRow(e) {
+  const show = h("button", { type: "button", class: "small", "data-testid": "evaluation-show" }, "Show");
+  show.addEventListener("click", () => followEvaluation(e));
+  const rewards = e.result
+    ? Object.entries(e.result).map(([name, r]) => `${name} ${percent(r.winrate)}`).join(", ")
+    : e.spec.rewards.join(", ");
+  return h(
+    "tr",
+    { "data-evaluation-id": e.id, "data-status": e.status },
+    h("td", {}, h("code", { title: e.id }, e.id.slice(0, 8))),
+    h("td", {}, h("span", { class: "badge", "data-status": e.status }, e.status)),
+    h("td", {}, e.spec.model ?? "default"),
+    h("td", {}, side(e.spec.adapter_a)),
+    h("td", {}, side(e.spec.adapter_b)),
+    h("td", {}, `${e.done}/${e.total}`),
+    h("td", {}, rewards),
+    h("td", {}, when(e.created_at)),
+    h("td", {}, show),
+  );
+}
+
+/** Past evaluations, newest first. */
+async function loadEvaluations() {
+  /** @type {EvaluationRecord[]} */
+  let list;
+  try {
+    list = await api.evaluations();
+  } catch (e) {
+    if (!(e instanceof ApiError && e.code === "forbidden")) throw e;
+    $("evaluations").replaceChildren(h("tr", {}, h("td", { colspan: "9", class: "muted" }, `this key may not run evaluations: ${e.message}`)));
+    return;
+  }
+  const rows = [...list].reverse().map(evaluationRow);
+  $("evaluations").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: "9", class: "muted" }, "no evaluations yet"))]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -930,7 +1267,7 @@ function showTab(name) {
 /** Everything that depends on the key, loaded again when it changes. */
 async function reload() {
   clearError();
-  const results = await Promise.allSettled([loadModels(), loadAdapters(), loadJobs()]);
+  const results = await Promise.allSettled([loadModels(), loadAdapters(), loadJobs(), loadRewards(), loadEvaluations()]);
   const failed = results.find((r) => r.status === "rejected");
   if (failed && failed.status === "rejected") showError(failed.reason);
   document.body.dataset.ready = "true";
@@ -941,7 +1278,7 @@ function start() {
     if (tab instanceof HTMLElement) tab.addEventListener("click", () => showTab(tab.dataset.tab ?? "generate"));
   }
   const initial = location.hash.slice(1);
-  showTab(["generate", "edit", "finetune", "adapters"].includes(initial) ? initial : "generate");
+  showTab(["generate", "edit", "finetune", "adapters", "evaluate"].includes(initial) ? initial : "generate");
 
   const key = input("api-key");
   key.value = apiKey();
@@ -991,6 +1328,26 @@ function start() {
     ev.preventDefault();
     busyWhile(button("upload-submit"), null, uploadAdapter);
   });
+  select("ev-model").addEventListener("change", onEvalModel);
+  select("ev-mode").addEventListener("change", onEvalMode);
+  select("ev-adapter-a").addEventListener("change", () => (select("ev-adapter-a").dataset.touched = "true"));
+  $("ev-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    busyWhile(button("ev-submit"), null, submitEvaluation);
+  });
+  button("ev-cancel").addEventListener("click", async () => {
+    if (!evalWatching) return;
+    try {
+      showEvaluation(await api.cancelEvaluation(evalWatching.id));
+    } catch (e) {
+      showError(e);
+    }
+  });
+  button("ev-download-rows").addEventListener("click", () => {
+    const id = $("ev-view").dataset.id;
+    if (id) busyWhile(button("ev-download-rows"), null, () => downloadRows(id));
+  });
+  button("evaluations-refresh").addEventListener("click", () => loadEvaluations().catch(showError));
   button("jobs-refresh").addEventListener("click", () => loadJobs().catch(showError));
   button("adapters-refresh").addEventListener("click", () => loadAdapters().catch(showError));
   window.addEventListener("resize", () => drawChart());

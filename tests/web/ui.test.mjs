@@ -1,12 +1,13 @@
 // Drives the web UI in headless Chromium against a running server, as a person would: enters
 // the API key, generates an image, edits it, fine-tunes an adapter while the chart draws, finds
-// the adapter in the list, downloads it and uploads the file again under another name.
+// the adapter in the list, downloads it and uploads the file again under another name, and
+// evaluates the adapter against the base model under two reward models.
 // tests/web_ui.rs starts the server and runs this script.
 //
 // usage: node tests/web/ui.test.mjs <base-url> <api-key> <dataset-url> <screenshot-dir>
 
 import { chromium } from "playwright-core";
-import { mkdtempSync, rmSync, mkdirSync } from "node:fs";
+import { mkdtempSync, rmSync, mkdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import assert from "node:assert/strict";
@@ -194,6 +195,77 @@ try {
     tuned.locator('dd[data-field="adapter"]').waitFor({ timeout: 120_000 }),
   );
   assert.match(await tuned.locator('dd[data-field="adapter"]').innerText(), /^ui-centred/);
+
+  step("evaluate the adapter against the base model");
+  await byTest("tab-evaluate").click();
+  await waitFor("the reward checkboxes", () => byTest("ev-reward-aesthetic").waitFor({ timeout: 15_000 }));
+  assert.equal(await byTest("ev-rewards-note").isVisible(), false, "no note while the server offers rewards");
+  await byTest("ev-model").selectOption("tiny-sd15");
+  await byTest("ev-adapter-a").selectOption("ui-centred");
+  assert.equal(await byTest("ev-adapter-b").inputValue(), "", "side B starts on the base model");
+  await byTest("ev-prompts").fill("a red circle on a white background\na blue square on a green background");
+  await byTest("ev-seeds").fill("2");
+  await byTest("ev-steps").fill("2");
+  await byTest("ev-reward-clip_score").check();
+  await byTest("ev-reward-aesthetic").check();
+  await byTest("ev-submit").click();
+  await waitFor("the evaluation view", () => byTest("ev-view").waitFor({ state: "visible", timeout: 15_000 }));
+  const evalId = (await byTest("ev-id").innerText()).trim();
+  assert.match(evalId, /\S/);
+  await waitFor("the evaluation to complete", () =>
+    page.locator('#ev-view[data-status="completed"][data-watching="done"]').waitFor({ timeout: 300_000 }),
+  );
+  // 2 prompts × 2 seeds × 2 sides.
+  assert.deepEqual(await byTest("ev-progress").evaluate((p) => [p.value, p.max]), [8, 8]);
+  assert.equal(await page.locator("#ev-results tr").count(), 2, "one row per reward");
+  for (const reward of ["clip_score", "aesthetic"]) {
+    const r = page.locator(`#ev-results tr[data-reward="${reward}"]`);
+    await waitFor(`the ${reward} result`, () => r.waitFor({ timeout: 5_000 }));
+    const shown = await r.locator('td[data-field="winrate"]').innerText();
+    const pct = Number(/^(\d+(?:\.\d+)?)%/.exec(shown.trim())?.[1]);
+    assert.ok(pct >= 0 && pct <= 100, `${reward}: a win rate in percent (${shown})`);
+    assert.match(shown, /± \d/, `${reward}: with its 95% interval (${shown})`);
+    assert.equal(await r.locator('td[data-field="n"]').innerText(), "4", `${reward}: 2 prompts × 2 seeds`);
+    const [w, t, l] = (await r.locator('td[data-field="wins"]').innerText()).split("/").map(Number);
+    assert.equal(w + t + l, 4, `${reward}: wins, ties and losses add up to n`);
+    assert.ok(Math.abs(Number(await r.getAttribute("data-winrate")) * 100 - pct) < 0.06, `${reward}: the shown percentage is the win rate`);
+    assert.match(await r.locator('td[data-field="unpaired"]').innerText(), /%/, `${reward}: 2 seeds give an unpaired win rate`);
+  }
+  await waitFor("the evaluation in the list", () =>
+    page.locator(`#evaluations tr[data-evaluation-id="${evalId}"][data-status="completed"]`).waitFor({ timeout: 15_000 }),
+  );
+  const [rowsFile] = await Promise.all([page.waitForEvent("download"), byTest("ev-download-rows").click()]);
+  assert.equal(rowsFile.suggestedFilename(), `evaluation-${evalId}-rows.json`);
+  const evalRows = JSON.parse(readFileSync(await rowsFile.path(), "utf8"));
+  assert.equal(evalRows.length, 4, "one row per prompt and seed");
+  for (const row of evalRows) {
+    assert.deepEqual(Object.keys(row.scores).sort(), ["aesthetic", "clip_score"]);
+    assert.equal(row.scores.clip_score.length, 2, "A's and B's score");
+  }
+  await byTest("ev-view").scrollIntoViewIfNeeded();
+  await page.screenshot({ path: join(shots, "evaluate.png") });
+
+  step("cancel a long evaluation");
+  await byTest("ev-prompts").fill(Array.from({ length: 40 }, (_, i) => `a red circle number ${i}`).join("\n"));
+  await byTest("ev-seeds").fill("8");
+  await byTest("ev-steps").fill("20");
+  await byTest("ev-reward-aesthetic").uncheck();
+  await byTest("ev-submit").click();
+  await waitFor("the long evaluation", () =>
+    page.locator(`#ev-view:not([data-id="${evalId}"])[data-watching="live"]`).waitFor({ timeout: 15_000 }),
+  );
+  const longId = await byTest("ev-view").getAttribute("data-id");
+  assert.deepEqual(await byTest("ev-progress").evaluate((p) => p.max), 40 * 8 * 2);
+  await byTest("ev-cancel").click();
+  await waitFor("the cancelled evaluation", () =>
+    page.locator('#ev-view[data-status="cancelled"][data-watching="done"]').waitFor({ timeout: 60_000 }),
+  );
+  assert.equal(await byTest("ev-cancel").isVisible(), false, "nothing left to cancel");
+  assert.equal(await byTest("ev-result").isVisible(), false, "a cancelled evaluation has no results");
+  assert.ok((await byTest("ev-progress").evaluate((p) => p.value)) < 40 * 8 * 2, "it stopped early");
+  await waitFor("the cancelled evaluation in the list", () =>
+    page.locator(`#evaluations tr[data-evaluation-id="${longId}"][data-status="cancelled"]`).waitFor({ timeout: 15_000 }),
+  );
 
   assert.deepEqual(problems, [], "the page logged no errors");
   console.log("web ui ok");
