@@ -230,3 +230,55 @@ fn a_finetune_job_evaluates_its_adapter() {
     assert_eq!(full["spec"]["adapter_a"], last["adapter"]);
     assert_eq!(full["spec"]["adapter_b"], Value::Null);
 }
+
+/// Prompt sets by URL (parquet with a `caption` column as Pick-a-Pic ships, JSON lines, plain
+/// text), repeats kept once; and an InstructPix2Pix evaluation with one input image per prompt.
+#[test]
+fn prompt_sets_by_url_and_edit_evaluations() {
+    let root = temp_dir("prompt-sets");
+    let png = test_png(64, 64);
+    let rows: Vec<(String, Vec<u8>, Vec<u8>, f64)> = ["a red circle", "a blue square", "a red circle"]
+        .iter()
+        .map(|c| (c.to_string(), png.clone(), png.clone(), 1.0))
+        .collect();
+    dspo_server::training::dataset::write_pairs_parquet(&root.join("pairs.parquet"), &rows, 2).unwrap();
+    std::fs::write(root.join("prompts.jsonl"), "{\"prompt\": \"a green star\"}\n{\"prompt\": \"a cat\"}\n").unwrap();
+    std::fs::write(root.join("prompts.txt"), "one\n\ntwo\none\n").unwrap();
+    let www = common::fileserver::FileServer::start(root);
+    let mut c = config();
+    c.datasets.allow_private_networks = true;
+    c.models.serve = ["tiny-sd15", "tiny-ip2p"]
+        .iter()
+        .map(|n| format!("{n}={}", models_dir().join(n).display()))
+        .collect();
+    let server = start(c);
+    for (file, expected) in [
+        ("pairs.parquet", vec!["a red circle", "a blue square"]),
+        ("prompts.jsonl", vec!["a green star", "a cat"]),
+        ("prompts.txt", vec!["one", "two"]),
+    ] {
+        let r = post_json(&server, "/evaluate", &json!({"model": "tiny-sd15", "prompts_url": www.url(file),
+                                                        "rewards": ["clip_score"], "steps": 1}));
+        assert_eq!(r.status, 202, "{file}: {:?}", r.json());
+        assert_eq!(r.json()["evaluation"]["spec"]["prompts"], json!(expected), "{file}");
+        assert_eq!(r.json()["evaluation"]["total"], 4);
+    }
+    let missing = post_json(&server, "/evaluate", &json!({"prompts_url": www.url("nope.txt"), "rewards": ["clip_score"]}));
+    assert_eq!((missing.status, missing.code().as_str()), (422, "invalid_request"));
+    assert!(missing.json()["error"]["message"].as_str().unwrap().contains("404"), "{:?}", missing.json());
+
+    let second = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, 90, (y * 4) as u8]));
+    let mut second_png = Vec::new();
+    second.write_to(&mut std::io::Cursor::new(&mut second_png), image::ImageFormat::Png).unwrap();
+    let r = post_json(&server, "/evaluate", &json!({
+        "model": "tiny-ip2p", "prompts": ["make it blue", "make it red"], "images": [b64(&png), b64(&second_png)],
+        "image_guidance_scale": 1.5, "steps": 2, "rewards": ["clip_score", "aesthetic"]}));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let done = wait_done(&server, r.json()["evaluation_id"].as_str().unwrap());
+    assert_eq!(done["status"], "completed", "{done}");
+    // Both sides are the base model: every pair ties.
+    assert_eq!(done["result"]["clip_score"]["ties"], 2, "{done}");
+    let bad = post_json(&server, "/evaluate", &json!({"model": "tiny-ip2p", "prompts": ["a", "b"],
+                                                      "images": [b64(&png)], "rewards": ["clip_score"]}));
+    assert_eq!((bad.status, bad.code().as_str()), (422, "invalid_request"));
+}

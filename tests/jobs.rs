@@ -73,6 +73,7 @@ fn spec(url: &str, steps: usize) -> JobSpec {
         })),
         webhook_url: None,
         webhook_events_filter: None,
+        evaluation: None,
     }
 }
 

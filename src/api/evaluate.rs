@@ -41,8 +41,16 @@ pub struct EvaluateRequest {
     /// Both sides' adapter strength; default from the server's configuration.
     #[serde(default)]
     pub adapter_scale: Option<f64>,
-    /// The prompts (instructions for an edit model), 1 to rewards.max_prompts.
+    /// The prompts (instructions for an edit model), 1 to rewards.max_prompts; or give
+    /// `prompts_url`.
+    #[serde(default)]
     pub prompts: Vec<String>,
+    /// A prompt set to fetch instead of `prompts`: parquet (a `caption`, `prompt` or `text`
+    /// column, as Pick-a-Pic, PartiPrompts and the HPSv2 benchmark ship), JSON lines with one of
+    /// those fields, or text with one prompt per line; repeats are kept once. `http(s)://`, or
+    /// `file://` under datasets.file_roots; private addresses as for datasets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts_url: Option<String>,
     /// Edits: one input image per prompt, base64 (PNG, JPEG or WebP).
     #[serde(default)]
     pub images: Option<Vec<String>>,
@@ -325,6 +333,27 @@ pub fn runner(pool: Arc<ModelPool>, config: Arc<Config>) -> EvalRunner {
     })
 }
 
+/// The prompts of a prompt-set URL, fetched under the dataset limits (at most 64 MiB).
+fn fetch_prompts(url: &str, config: &Config) -> Result<Vec<String>, ApiError> {
+    let d = &config.datasets;
+    let cfg = crate::jobs::fetch::FetchConfig {
+        max_bytes: d.max_bytes.min(64 << 20),
+        timeout: std::time::Duration::from_secs(d.timeout_s),
+        allow_private_networks: d.allow_private_networks,
+        file_roots: d.file_roots.clone(),
+        ..Default::default()
+    };
+    let scratch = std::env::temp_dir().join(format!("dspo-prompts-{}", uuid::Uuid::new_v4()));
+    let result = crate::jobs::fetch::fetch_file(url, &scratch, &cfg, cfg.max_bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("prompts_url: {e}")))
+        .and_then(|path| {
+            crate::evaluation::prompts::read_prompts(&path)
+                .map_err(|e| ApiError::InvalidRequest(format!("prompts_url {url}: {e}")))
+        });
+    let _ = std::fs::remove_file(&scratch);
+    result
+}
+
 /// Checks a fine-tuning job's `evaluation` block when the job is submitted (its adapter does
 /// not exist yet, so only what does not depend on it).
 pub fn check_job_evaluation(e: &super::job_types::JobEvaluation, config: &Config) -> Result<(), ApiError> {
@@ -408,6 +437,7 @@ fn submit_job_evaluation(
         adapter_b: None,
         adapter_scale: None,
         prompts: e.prompts,
+        prompts_url: None,
         images: None,
         mode: None,
         strength: None,
@@ -481,12 +511,18 @@ pub async fn create(
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(raw) = body?;
-    let req: EvaluateRequest =
+    let mut req: EvaluateRequest =
         serde_json::from_value(raw).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let m = manager(&state)?.clone();
     let (pool, config) = (state.pool.clone(), state.config.clone());
-    let spec = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
     let rec = tokio::task::spawn_blocking(move || -> Result<EvalRecord, ApiError> {
+        if let Some(url) = &req.prompts_url {
+            if !req.prompts.is_empty() {
+                return Err(ApiError::InvalidRequest("give prompts or prompts_url, not both".into()));
+            }
+            req.prompts = fetch_prompts(url, &config)?;
+        }
+        let spec = serde_json::to_value(&req).map_err(|e| ApiError::Internal(e.to_string()))?;
         let (p, _) = plan(&req, &pool, &config)?;
         m.submit(spec, p.total_images(), caller.key_id.as_deref(), None)
             .map_err(ApiError::Internal)

@@ -6,6 +6,7 @@
 //! carries, so the statistics do not care where the images came from (a folder scored by an
 //! external command, or the server's own reward models).
 
+pub mod prompts;
 pub mod run;
 
 use std::collections::BTreeMap;

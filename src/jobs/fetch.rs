@@ -266,6 +266,21 @@ fn resolve_file_url(url: &str, cfg: &FetchConfig) -> Result<PathBuf, JobError> {
     Ok(real)
 }
 
+/// Fetches a small file (`http(s)://`, or `file://` under a root) into `dest`, at most `limit`
+/// bytes: what an evaluation's prompt list comes from.
+pub fn fetch_file(url: &str, dest: &Path, cfg: &FetchConfig, limit: u64) -> Result<PathBuf, JobError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        download(url, dest, cfg, limit, &mut |_, _| true)?;
+        Ok(dest.to_path_buf())
+    } else if url.starts_with("file://") {
+        resolve_file_url(url, cfg)
+    } else {
+        Err(JobError::Invalid(format!(
+            "{url:?}: use an http://, https:// or file:// URL"
+        )))
+    }
+}
+
 /// Fetches `url` into `work_dir` and returns the parquet file to train on.
 pub fn fetch_dataset(
     url: &str,
