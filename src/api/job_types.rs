@@ -19,6 +19,9 @@ pub enum Method {
     Sft,
     /// The paper's energy-based variant (Eq. 45), constant weight, losers unused.
     DspoE,
+    /// Diffusion-KTO: every image judged on its own (winners desirable, losers undesirable),
+    /// `1 - sigmoid(±beta * (implicit reward - reference point))`.
+    DiffusionKto,
 }
 
 /// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
@@ -56,6 +59,7 @@ impl<'de> Deserialize<'de> for Method {
                 ("diffusion_dpo", Method::DiffusionDpo),
                 ("sft", Method::Sft),
                 ("dspo_e", Method::DspoE),
+                ("diffusion_kto", Method::DiffusionKto),
             ],
         )
     }
@@ -340,6 +344,7 @@ impl From<Method> for training::Method {
             Method::DiffusionDpo => Self::DiffusionDpo,
             Method::Sft => Self::Sft,
             Method::DspoE => Self::DspoE,
+            Method::DiffusionKto => Self::DiffusionKto,
         }
     }
 }
@@ -351,6 +356,7 @@ impl From<training::Method> for Method {
             training::Method::DiffusionDpo => Self::DiffusionDpo,
             training::Method::Sft => Self::Sft,
             training::Method::DspoE => Self::DspoE,
+            training::Method::DiffusionKto => Self::DiffusionKto,
         }
     }
 }

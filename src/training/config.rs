@@ -142,6 +142,8 @@ impl TrainConfig {
     pub fn beta(&self) -> f64 {
         self.hyperparameters.beta.unwrap_or(match self.method {
             Method::DiffusionDpo => 5000.0,
+            // The official Diffusion-KTO trainer's default.
+            Method::DiffusionKto => 1000.0,
             _ => 0.001,
         })
     }

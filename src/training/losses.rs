@@ -15,6 +15,10 @@ pub enum Method {
     Sft,
     /// The paper's energy-based variant (Eq. 45), constant weight, losers unused.
     DspoE,
+    /// Diffusion-KTO (Li et al. 2024, its official sigmoid utility): each image on its own,
+    /// winners desirable and losers undesirable; `1 - sigmoid(±beta * (g - z0))` with
+    /// `g = reference error - model error` and the reference point `z0 = max(mean(g), 0)`.
+    DiffusionKto,
 }
 
 impl Method {
@@ -27,6 +31,7 @@ impl Method {
             Method::DiffusionDpo => "diffusion_dpo",
             Method::Sft => "sft",
             Method::DspoE => "dspo_e",
+            Method::DiffusionKto => "diffusion_kto",
         }
     }
 }
@@ -39,8 +44,9 @@ impl std::str::FromStr for Method {
             "diffusion_dpo" | "dpo" => Ok(Method::DiffusionDpo),
             "sft" => Ok(Method::Sft),
             "dspo_e" => Ok(Method::DspoE),
+            "diffusion_kto" | "kto" => Ok(Method::DiffusionKto),
             o => Err(format!(
-                "unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e)"
+                "unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e, diffusion_kto)"
             )),
         }
     }
@@ -70,7 +76,8 @@ impl PreferenceLoss {
     }
 }
 
-/// Pair losses (`Dspo`, `DiffusionDpo`, `DspoE`). `gamma` scales the DSPO-E outer coefficient.
+/// Pair losses (`Dspo`, `DiffusionDpo`, `DspoE`, and `DiffusionKto` on the pair's two images
+/// as one desirable and one undesirable sample). `gamma` scales the DSPO-E outer coefficient.
 pub fn preference(
     method: Method,
     model_pred: &Tensor,
@@ -101,6 +108,16 @@ pub fn preference(
         }
         Method::DspoE => (d_w - (p * (gamma * beta))?)?.sqr()?.mean_all()?,
         Method::DiffusionDpo => softplus(&u.neg()?)?.mean_all()?,
+        Method::DiffusionKto => {
+            // Per image: the implicit reward, shifted by the batch's reference point (not
+            // differentiated, clamped at zero as the official trainer does).
+            let g = (r - &m)?;
+            let z0 = g.mean_all()?.detach().to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.max(0.0);
+            let sign: Vec<f32> = (0..n).map(|i| if i < b { 1.0 } else { -1.0 }).collect();
+            let sign = Tensor::from_vec(sign, n, g.device())?.to_dtype(g.dtype())?;
+            let h = sigmoid(&((g - z0)? * sign)?.affine(beta, 0.0)?)?;
+            (h.neg()? + 1.0)?.mean_all()?
+        }
         Method::Sft => candle_core::bail!("sft is not a pair loss; use losses::sft"),
     };
     Ok(PreferenceLoss { loss, u })

@@ -1153,9 +1153,10 @@ function showEvaluation(rec) {
   bar.value = rec.done;
   bar.title = `${rec.done} of ${rec.total} images`;
   const s = rec.spec;
+  const nPrompts = (s.prompts ?? []).length;
   const detail = [
     `A: ${side(s.adapter_a)} vs B: ${side(s.adapter_b)} on ${s.model ?? "the default model"}`,
-    `${s.prompts.length} prompt${s.prompts.length === 1 ? "" : "s"} × ${s.seeds ?? 1} seed${(s.seeds ?? 1) === 1 ? "" : "s"}`,
+    `${nPrompts} prompt${nPrompts === 1 ? "" : "s"} × ${s.seeds ?? 1} seed${(s.seeds ?? 1) === 1 ? "" : "s"}`,
     `${rec.done} of ${rec.total} images`,
   ];
   if (rec.error) detail.push(`${rec.error.code}: ${rec.error.message}`);
