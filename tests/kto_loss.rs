@@ -1,7 +1,7 @@
 //! Diffusion-KTO's loss and gradient against the official trainer's formula, computed with
 //! torch autograd in float64 by tests/fixtures/kto/make_kto_case.py: one case whose reference
 //! point is positive, one where it clamps to zero. Then a whole `diffusion_kto` job over HTTP
-//! on the tiny model, whose adapter serves /generate.
+//! on the tiny model, whose adapter serves /generate; and SDXL preference jobs over HTTP.
 
 mod common;
 
@@ -72,4 +72,43 @@ fn a_diffusion_kto_job_trains_an_adapter_over_http() {
     assert!(losses.iter().all(|l| *l > 0.0 && *l < 1.0), "{losses:?}");
     let gen = common::post_json(&server, "/generate", &json!({"prompt": "a red circle", "adapter": "kto-tiny", "steps": 2}));
     assert_eq!(gen.status, 200);
+}
+
+/// A preference job on the tiny SDXL model over HTTP (two text encoders, pooled embeddings and
+/// time ids at the training resolution), with every method; each adapter serves /generate.
+#[test]
+fn sdxl_preference_jobs_run_over_http() {
+    let root = common::temp_dir("www");
+    std::fs::copy(
+        common::models_dir().join("../../shapes/prefs_centered.parquet"),
+        root.join("prefs.parquet"),
+    )
+    .unwrap();
+    let www = common::fileserver::FileServer::start(root);
+    let mut c = common::tiny_config();
+    c.models.serve = vec![format!("tiny-sdxl={}", common::models_dir().join("tiny-sdxl").display())];
+    c.datasets.allow_private_networks = true;
+    let server = common::start(c);
+    for method in ["dspo", "diffusion_dpo", "diffusion_kto"] {
+        let name = format!("sdxl-{method}");
+        let r = common::post_json(&server, "/finetune", &json!({
+            "dataset_url": www.url("prefs.parquet"), "method": method, "adapter_name": name,
+            "lora": {"rank": 2, "alpha": 2.0},
+            "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_pairs": 4, "learning_rate": 1e-2,
+                                "resolution": 64, "warmup_steps": 0}}));
+        assert_eq!(r.status, 202, "{method}: {:?}", r.json());
+        let id = r.json()["job_id"].as_str().unwrap().to_string();
+        let mut job = serde_json::Value::Null;
+        common::wait_until(300, "the job to end", || {
+            job = common::get(&server, &format!("/finetune/{id}")).json();
+            ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+        });
+        assert_eq!(job["status"], "completed", "{method}: {job}");
+        let body = json!({"prompt": "a red circle", "steps": 2, "seed": 3});
+        let base = common::pngs(&common::post_json(&server, "/generate", &body))[0].clone();
+        let mut tuned_body = body.clone();
+        tuned_body["adapter"] = json!(name);
+        let tuned = common::pngs(&common::post_json(&server, "/generate", &tuned_body))[0].clone();
+        assert_ne!(common::pixels(&base), common::pixels(&tuned), "{method}: the adapter changes nothing");
+    }
 }
