@@ -191,9 +191,7 @@ fn the_eval_command_and_the_endpoint_agree() {
 /// evaluates it against the base model, and the job shows the evaluation and its win rates.
 #[test]
 fn a_finetune_job_evaluates_its_adapter() {
-    let root = temp_dir("www");
-    std::fs::copy(models_dir().join("../../shapes/prefs_centered.parquet"), root.join("prefs.parquet")).unwrap();
-    let www = common::fileserver::FileServer::start(root);
+    let www = shapes_pairs_server();
     let mut c = config();
     c.datasets.allow_private_networks = true;
     let server = start(c);

@@ -40,13 +40,7 @@ fn kto_loss_and_gradient_match_the_reference() {
 
 #[test]
 fn a_diffusion_kto_job_trains_an_adapter_over_http() {
-    let root = common::temp_dir("www");
-    std::fs::copy(
-        common::models_dir().join("../../shapes/prefs_centered.parquet"),
-        root.join("prefs.parquet"),
-    )
-    .unwrap();
-    let www = common::fileserver::FileServer::start(root);
+    let www = common::shapes_pairs_server();
     let mut c = common::tiny_config();
     c.models.serve.truncate(1);
     c.datasets.allow_private_networks = true;
@@ -78,13 +72,7 @@ fn a_diffusion_kto_job_trains_an_adapter_over_http() {
 /// time ids at the training resolution), with every method; each adapter serves /generate.
 #[test]
 fn sdxl_preference_jobs_run_over_http() {
-    let root = common::temp_dir("www");
-    std::fs::copy(
-        common::models_dir().join("../../shapes/prefs_centered.parquet"),
-        root.join("prefs.parquet"),
-    )
-    .unwrap();
-    let www = common::fileserver::FileServer::start(root);
+    let www = common::shapes_pairs_server();
     let mut c = common::tiny_config();
     c.models.serve = vec![format!("tiny-sdxl={}", common::models_dir().join("tiny-sdxl").display())];
     c.datasets.allow_private_networks = true;

@@ -560,10 +560,19 @@ pub async fn get(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<EvaluationRecord>, ApiError> {
-    let m = manager(&state)?;
-    check_owner(m, &caller, &id)?;
-    let rec = m
-        .get(&id)
+    owned(&state, &caller, &id, EvaluationManager::get)
+}
+
+/// `op` on the caller's evaluation `id`, as its API record; 404 for another key's.
+fn owned(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    op: impl FnOnce(&EvaluationManager, &str) -> Result<Option<EvalRecord>, String>,
+) -> Result<Json<EvaluationRecord>, ApiError> {
+    let m = manager(state)?;
+    check_owner(m, caller, id)?;
+    let rec = op(m, id)
         .map_err(ApiError::Internal)?
         .ok_or_else(|| ApiError::EvaluationNotFound(format!("no evaluation {id}")))?;
     Ok(Json(record_of(rec)?))
@@ -578,13 +587,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<EvaluationRecord>, ApiError> {
-    let m = manager(&state)?;
-    check_owner(m, &caller, &id)?;
-    let rec = m
-        .cancel(&id)
-        .map_err(ApiError::Internal)?
-        .ok_or_else(|| ApiError::EvaluationNotFound(format!("no evaluation {id}")))?;
-    Ok(Json(record_of(rec)?))
+    owned(&state, &caller, &id, EvaluationManager::cancel)
 }
 
 /// Per image: the prompt, the seed and both sides' scores under every reward.

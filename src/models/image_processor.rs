@@ -226,7 +226,7 @@ fn float_coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)>
             let xmin = ((center - support + 0.5) as isize).max(0) as usize;
             let xmax = ((center + support + 0.5) as isize).min(in_size as isize) as usize;
             let mut w: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) / filterscale))
+                .map(|x| bicubic((x as f64 - center + 0.5) * (1.0 / filterscale)))
                 .collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
@@ -275,22 +275,9 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 /// Per output position: the first input index and the fixed-point weights (Pillow's
 /// `precompute_coeffs` and `normalize_coeffs_8bpc`).
 fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i64>)> {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = 2.0 * filterscale;
-    (0..out_size)
-        .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
-            let ss = 1.0 / filterscale;
-            let xmin = ((center - support + 0.5) as isize).max(0) as usize;
-            let xmax = ((center + support + 0.5) as isize).min(in_size as isize) as usize;
-            let mut w: Vec<f64> = (xmin..xmax)
-                .map(|x| bicubic((x as f64 - center + 0.5) * ss))
-                .collect();
-            let total: f64 = w.iter().sum();
-            if total != 0.0 {
-                w.iter_mut().for_each(|k| *k /= total);
-            }
+    float_coefficients(in_size, out_size)
+        .into_iter()
+        .map(|(xmin, w)| {
             let fixed = w
                 .iter()
                 .map(|&k| {

@@ -41,6 +41,17 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// A loopback file server holding the shapes world's preference pairs as `prefs.parquet`.
+pub fn shapes_pairs_server() -> fileserver::FileServer {
+    let root = temp_dir("www");
+    std::fs::copy(
+        models_dir().join("../../shapes/prefs_centered.parquet"),
+        root.join("prefs.parquet"),
+    )
+    .unwrap();
+    fileserver::FileServer::start(root)
+}
+
 pub fn start(config: Config) -> RunningServer {
     RunningServer::start(config, None).expect("server starts")
 }
