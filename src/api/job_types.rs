@@ -195,6 +195,14 @@ pub struct Hyperparameters {
     /// Default: on for GPUs, off on the CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_checkpointing: Option<bool>,
+    /// The drift guard checks every N steps (and after the last) how far the tuned model's
+    /// probe images have moved from the base model's. Default: every tenth of the run; 0: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_every: Option<usize>,
+    /// Fail the job (drift_exceeded) once the drift (mean absolute pixel difference, 0-1)
+    /// passes this. Default: report only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_limit: Option<f64>,
 }
 
 /// The LoRA part of a POST /finetune body. Fields left out keep the base model's defaults, so
@@ -332,6 +340,10 @@ pub struct StepMetrics {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub seconds: f64,
+    /// At the drift guard's checks: the mean absolute pixel difference (0-1) between the tuned
+    /// and the base model's images of a fixed probe (`hyperparameters.drift_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<f64>,
 }
 
 // Conversions at the boundary. Enums map variant by variant, so a variant added on one side
@@ -533,6 +545,7 @@ impl From<training::StepMetrics> for StepMetrics {
             learning_rate: m.learning_rate,
             grad_norm: m.grad_norm,
             seconds: m.seconds,
+            drift: m.drift,
         }
     }
 }
@@ -583,6 +596,7 @@ mod tests {
             learning_rate: 1e-5,
             grad_norm: 3.0,
             seconds: 0.2,
+            drift: Some(0.01),
         };
         assert_eq!(
             serde_json::to_value(&m).unwrap(),
@@ -603,7 +617,8 @@ mod tests {
             .map(|(k, v)| {
                 let v = match k.as_str() {
                     "beta" | "learning_rate" => serde_json::json!(0.5),
-                    "resolution" | "max_pairs" => serde_json::json!(64),
+                    "resolution" | "max_pairs" | "drift_every" => serde_json::json!(64),
+                    "drift_limit" => serde_json::json!(0.25),
                     "gradient_checkpointing" => serde_json::json!(true),
                     _ => v.clone(),
                 };

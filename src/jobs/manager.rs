@@ -196,6 +196,7 @@ fn train_error_body(e: &TrainError) -> JobErrorBody {
         TrainError::Config(m) => err_body("invalid_job", m.clone()),
         TrainError::Checkpoint(m) => err_body("checkpoint_error", m.clone()),
         TrainError::Cancelled => err_body("cancelled", "cancelled"),
+        TrainError::Drift(m) => err_body("drift_exceeded", m.clone()),
         other => err_body("training_error", other.to_string()),
     }
 }

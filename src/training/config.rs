@@ -65,6 +65,14 @@ pub struct Hyperparameters {
     /// limits the batch; off on the CPU, where the fused kernels already keep less than PyTorch
     /// does without it and the recompute would cost 25-40% more time per step.
     pub gradient_checkpointing: Option<bool>,
+    /// The drift guard checks every N optimiser steps (and after the last) how far the tuned
+    /// model's images have moved from the base model's on a fixed probe: the first captions
+    /// of the dataset, fixed seeds, a short sampling run. Default (null): every tenth of the
+    /// run; 0 turns it off.
+    pub drift_every: Option<usize>,
+    /// Stop the job (error `drift_exceeded`) once the drift passes this: the mean absolute
+    /// pixel difference from the base model's probe images, in [0, 1]. Default: report only.
+    pub drift_limit: Option<f64>,
 }
 
 impl Default for Hyperparameters {
@@ -91,6 +99,8 @@ impl Default for Hyperparameters {
             sdxl_real_time_ids: false,
             max_pairs: None,
             gradient_checkpointing: None,
+            drift_every: None,
+            drift_limit: None,
         }
     }
 }
@@ -148,6 +158,13 @@ impl TrainConfig {
         })
     }
 
+    /// How often the drift guard checks, in optimiser steps (0: never).
+    pub fn drift_every(&self) -> usize {
+        self.hyperparameters
+            .drift_every
+            .unwrap_or((self.hyperparameters.max_steps / 10).max(1))
+    }
+
     pub fn pairs_per_step(&self) -> usize {
         self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
     }
@@ -175,6 +192,11 @@ impl TrainConfig {
         }
         if h.max_steps == 0 {
             return bad("max_steps must be at least 1".into());
+        }
+        if let Some(d) = h.drift_limit {
+            if !(d > 0.0 && d.is_finite()) {
+                return bad(format!("drift_limit must be a positive number, got {d}"));
+            }
         }
         if h.batch_size == 0 || h.gradient_accumulation_steps == 0 {
             return bad("batch_size and gradient_accumulation_steps must be at least 1".into());
@@ -244,6 +266,10 @@ pub struct StepMetrics {
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub seconds: f64,
+    /// At the drift guard's checks: the mean absolute pixel difference (0-1) between the tuned
+    /// and the base model's images of the probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -33,4 +33,7 @@ pub enum TrainError {
     Tensor(#[from] candle_core::Error),
     #[error("io: {0}")]
     Io(String),
+    /// The drift guard: the tuned model moved further from its base than the job allows.
+    #[error("{0}")]
+    Drift(String),
 }

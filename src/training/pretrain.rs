@@ -628,6 +628,7 @@ impl Pretrainer {
             learning_rate: lr,
             grad_norm: clipped.norm,
             seconds: started.elapsed().as_secs_f64(),
+            drift: None,
         };
         self.metrics.push(metrics.clone());
         Ok(metrics)

@@ -34,6 +34,24 @@ pub struct StepLoss {
     pub anchor_mse: Option<Tensor>,
 }
 
+/// Runs `f` with every LoRA slot of `unet` empty (the base model), then puts them back.
+pub fn with_adapters_off<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) -> T {
+    let saved: Vec<_> = unet
+        .linears()
+        .all()
+        .into_iter()
+        .map(|(_, s, _, _)| (s.clone(), s.get()))
+        .collect();
+    for (s, _) in &saved {
+        s.set(None);
+    }
+    let out = f();
+    for (s, d) in saved {
+        s.set(d);
+    }
+    out
+}
+
 fn t_tensor(t: &[usize], like: &Tensor) -> Result<Tensor> {
     let v: Vec<f32> = t.iter().map(|&x| x as f32).collect();
     Tensor::from_vec(v, t.len(), like.device())
@@ -101,24 +119,11 @@ pub fn batch_loss(
     let model_pred = policy.forward(&noisy, &t, &ehs, ac())?;
     let ref_pred = match reference {
         Reference::Model(r) => r.forward(&noisy, &t, &ehs, ac())?.detach(),
-        Reference::AdaptersOff => {
-            let saved: Vec<_> = policy
-                .linears()
-                .all()
-                .into_iter()
-                .map(|(_, s, _, _)| (s.clone(), s.get()))
-                .collect();
-            for (s, _) in &saved {
-                s.set(None);
-            }
-            let r = policy
+        Reference::AdaptersOff => with_adapters_off(policy, || {
+            policy
                 .forward(&noisy.detach(), &t, &ehs.detach(), ac())
-                .map(|r| r.detach());
-            for (s, d) in saved {
-                s.set(d);
-            }
-            r?
-        }
+                .map(|r| r.detach())
+        })?,
     };
     let pred32 = model_pred.to_dtype(DType::F32)?;
     let pl = losses::preference(

@@ -11,7 +11,7 @@ use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::step::{batch_loss, Batch, Reference};
+use super::step::{batch_loss, with_adapters_off, Batch, Reference};
 use super::config::{mix, parse_device, StepMetrics, TrainConfig, TrainOutcome};
 use super::TrainError;
 use crate::models::checkpoint;
@@ -20,6 +20,7 @@ use crate::models::pipeline_model::{Architecture, LoadOptions};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::weights::{VarRegistry, Weights};
 use crate::models::{DiffusionModel, ModelSource};
+use crate::pipelines::{PromptPair, SamplingParams, SeededRequest, TaskParams};
 use crate::rng::NoiseRng;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
@@ -65,6 +66,34 @@ pub struct Trainer {
     pub metrics: Vec<StepMetrics>,
     step: usize,
     resumed_from: Option<usize>,
+    /// The drift guard's probe (captions) and the base model's images of it, drawn once.
+    drift_probe: Option<(Vec<PromptPair>, Vec<image::RgbImage>)>,
+}
+
+/// Probe size and sampling of the drift guard: enough to see a model leave its base, small
+/// enough to cost a few percent of a run.
+const DRIFT_PROMPTS: usize = 4;
+const DRIFT_STEPS: usize = 8;
+
+/// One image per prompt, prompt `i` drawn with seed `i`.
+fn sample(
+    model: &DiffusionModel,
+    prompts: &[PromptPair],
+    params: &SamplingParams,
+) -> Result<Vec<image::RgbImage>, TrainError> {
+    let seeds: Vec<[u64; 1]> = (0..prompts.len()).map(|i| [i as u64]).collect();
+    let requests: Vec<SeededRequest<'_>> = prompts
+        .iter()
+        .zip(&seeds)
+        .map(|(p, s)| SeededRequest {
+            prompt: p,
+            seeds: s,
+            image: None,
+        })
+        .collect();
+    let images = crate::pipelines::generate(model, TaskParams::Txt2Img, &requests, params, &mut |_, _| true)
+        .map_err(|e| TrainError::Config(format!("drift probe: {e}")))?;
+    Ok(images.into_iter().flatten().collect())
 }
 
 impl Trainer {
@@ -149,6 +178,7 @@ impl Trainer {
             metrics: Vec::new(),
             step: 0,
             resumed_from: None,
+            drift_probe: None,
         };
         t.resume()?;
         Ok(t)
@@ -394,9 +424,74 @@ impl Trainer {
             learning_rate: lr,
             grad_norm: clipped.norm,
             seconds: started.elapsed().as_secs_f64(),
+            drift: None,
         };
+        let mut metrics = metrics;
+        let every = self.config.drift_every();
+        if every > 0 && (self.step % every == 0 || self.step == h.max_steps) {
+            if let Some(d) = self.drift()? {
+                metrics.drift = Some(d);
+                if let Some(limit) = h.drift_limit.filter(|l| d > *l) {
+                    self.metrics.push(metrics);
+                    return Err(TrainError::Drift(format!(
+                        "after step {}, the tuned model's probe images differ from the base \
+                         model's by {d:.4} (mean absolute pixel difference), past drift_limit \
+                         {limit}: the adapter is taking the model apart; lower the learning rate \
+                         or beta, or train on data closer to the model's own images",
+                        self.step
+                    )));
+                }
+            }
+        }
         self.metrics.push(metrics.clone());
         Ok(metrics)
+    }
+
+    /// The drift guard's measure: the mean absolute pixel difference (0-1) between the tuned
+    /// and the base model's images of the probe (the first captions of the dataset, fixed
+    /// seeds, a short run of the model's own scheduler). None for full fine-tuning, whose
+    /// policy is a separate UNet the pipelines do not sample.
+    fn drift(&mut self) -> Result<Option<f64>, TrainError> {
+        if !matches!(self.params, Params::Lora(_)) {
+            return Ok(None);
+        }
+        let d = &self.model.defaults.generate;
+        let params = SamplingParams {
+            height: self.resolution,
+            width: self.resolution,
+            steps: d.steps.unwrap_or(DRIFT_STEPS).min(DRIFT_STEPS),
+            guidance_scale: d.guidance_scale.unwrap_or(7.5),
+            scheduler: self.model.default_scheduler,
+        };
+        if self.drift_probe.is_none() {
+            let seed = self.config.hyperparameters.seed;
+            let mut prompts = Vec::new();
+            for pos in 0..self.dataset.len() {
+                if prompts.len() == DRIFT_PROMPTS {
+                    break;
+                }
+                if let Some(pair) = self.dataset.pair(seed, pos)? {
+                    prompts.push(PromptPair {
+                        prompt: pair.caption,
+                        negative_prompt: None,
+                    });
+                }
+            }
+            let base = with_adapters_off(&self.model.unet, || sample(&self.model, &prompts, &params))?;
+            self.drift_probe = Some((prompts, base));
+        }
+        let Some((prompts, base)) = &self.drift_probe else {
+            return Ok(None);
+        };
+        let tuned = sample(&self.model, prompts, &params)?;
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for (a, b) in tuned.iter().zip(base) {
+            for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+                sum += (*x as f64 - *y as f64).abs();
+                count += 1;
+            }
+        }
+        Ok(Some(sum / count.max(1) as f64 / 255.0))
     }
 
     /// Runs to `max_steps`. `control` sees every step's metrics; returning false cancels.
