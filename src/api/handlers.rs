@@ -409,27 +409,24 @@ fn event_stream(
                         return;
                     }
                 }
+                let last_event = |done: Result<Computed, ApiError>| {
+                    match done {
+                        Ok(done) => Event::default()
+                            .event("result")
+                            .json_data(json_body(id.clone(), params.clone(), done)),
+                        Err(e) => Event::default().event("error").json_data(e.body()),
+                    }
+                    .unwrap_or_default()
+                };
                 tokio::select! {
                     done = &mut run => {
-                        let ev = match done {
-                            Ok(done) => Event::default()
-                                .event("result")
-                                .json_data(json_body(id.clone(), params.clone(), done)),
-                            Err(e) => Event::default().event("error").json_data(e.body()),
-                        };
-                        let _ = tx.send(ev.unwrap_or_default()).await;
+                        let _ = tx.send(last_event(done)).await;
                         return;
                     }
                     changed = progress.changed() => {
                         if changed.is_err() {
                             // The worker let go of the request; its reply is on the way.
-                            let ev = match run.await {
-                                Ok(done) => Event::default()
-                                    .event("result")
-                                    .json_data(json_body(id.clone(), params.clone(), done)),
-                                Err(e) => Event::default().event("error").json_data(e.body()),
-                            };
-                            let _ = tx.send(ev.unwrap_or_default()).await;
+                            let _ = tx.send(last_event(run.await)).await;
                             return;
                         }
                     }
