@@ -70,7 +70,11 @@ fn a_full_or_read_only_data_directory_is_a_clear_error_not_a_500() {
     let r = post_json(&server, "/finetune", &job);
     assert_eq!(r.status, 202, "{:?}", r.json());
     let id = r.json()["job_id"].as_str().unwrap().to_string();
-    wait_until(30, "the job to end", || job_status(&server, &id)["status"] != "downloading" && job_status(&server, &id)["status"] != "queued");
+    // One read per poll: two could straddle the queued -> downloading transition.
+    wait_until(30, "the job to end", || {
+        let status = job_status(&server, &id)["status"].clone();
+        status != "downloading" && status != "queued"
+    });
     let j = job_status(&server, &id);
     assert_eq!(j["status"], "failed", "{j}");
     assert!(j["error"]["message"].as_str().unwrap().contains("No space left"), "{j}");
