@@ -198,74 +198,99 @@ fn pair_modules(
     Ok(modules)
 }
 
-/// The layer a module name denotes, by its dotted name: the name itself, or the layer kohya's
-/// flat spelling names, in diffusers' layout or (SDXL files from kohya's scripts) the original
-/// one.
-fn resolve_layer(shapes: &BTreeMap<String, (usize, usize)>, name: &str) -> Option<String> {
-    let flat_lookup = |flat: &str| {
-        shapes
+/// A model's layers indexed for resolving module names: dotted names, kohya's flat spellings
+/// (`down_blocks_0_attentions_0_proj_in`), and the UNet's layers per block for kohya SDXL names
+/// in the original layout. Built once per check or attach, so every module resolves by lookup.
+struct LayerIndex<'a> {
+    shapes: &'a BTreeMap<String, (usize, usize)>,
+    /// Flat spelling -> dotted name; diffusers' dotted names map to flat ones one to one.
+    flat: HashMap<String, &'a str>,
+    /// The most attention places a down level has (None: no attention layers).
+    layers_per_block: Option<usize>,
+}
+
+impl<'a> LayerIndex<'a> {
+    fn new(shapes: &'a BTreeMap<String, (usize, usize)>) -> Self {
+        let flat = shapes
             .keys()
-            .find(|k| k.len() == flat.len() && k.replace('.', "_") == flat)
-            .cloned()
-    };
-    if shapes.contains_key(name) {
-        return Some(name.to_string());
-    }
-    flat_lookup(name).or_else(|| flat_lookup(&original_to_diffusers_flat(name, shapes)?))
-}
-
-/// kohya's flat name of a UNet layer in the original layout (`input_blocks_4_1_<rest>`,
-/// `middle_block_1_<rest>`, `output_blocks_3_1_<rest>`) as the flat name of the diffusers layer,
-/// the block arithmetic taken from the model's own layers (how many attention places a level
-/// has).
-fn original_to_diffusers_flat(name: &str, shapes: &BTreeMap<String, (usize, usize)>) -> Option<String> {
-    let block_and_rest = |kind: &str| -> Option<(String, String)> {
-        let t = name.strip_prefix(kind)?.strip_prefix('_')?;
-        if kind == "middle_block" {
-            let (i, rest) = t.split_once('_')?;
-            return Some((format!("{kind}.{i}"), rest.to_string()));
+            .map(|k| (k.replace('.', "_"), k.as_str()))
+            .collect();
+        let layers_per_block = shapes
+            .keys()
+            .filter_map(|k| {
+                let p: Vec<&str> = k.split('.').collect();
+                match p.as_slice() {
+                    ["down_blocks", _, "attentions", j, ..] => j.parse::<usize>().ok(),
+                    _ => None,
+                }
+            })
+            .max()
+            .map(|j| j + 1);
+        Self {
+            shapes,
+            flat,
+            layers_per_block,
         }
-        let mut it = t.splitn(3, '_');
-        let (i, j, rest) = (it.next()?, it.next()?, it.next()?);
-        Some((format!("{kind}.{i}.{j}"), rest.to_string()))
-    };
-    let (block, rest) = block_and_rest("input_blocks")
-        .or_else(|| block_and_rest("output_blocks"))
-        .or_else(|| block_and_rest("middle_block"))?;
-    let layers_per_block = shapes
-        .keys()
-        .filter_map(|k| {
-            let p: Vec<&str> = k.split('.').collect();
-            match p.as_slice() {
-                ["down_blocks", _, "attentions", j, ..] => j.parse::<usize>().ok(),
-                _ => None,
+    }
+
+    /// The dotted name and shape of the layer `name` denotes.
+    fn resolve(&self, name: &str) -> Option<(&'a str, (usize, usize))> {
+        let dotted = match self.shapes.get_key_value(name) {
+            Some((k, _)) => k.as_str(),
+            None => match self.flat.get(name) {
+                Some(k) => *k,
+                None => *self.flat.get(&self.original_to_diffusers_flat(name)?)?,
+            },
+        };
+        Some((dotted, self.shapes[dotted]))
+    }
+
+    /// kohya's flat name of a UNet layer in the original layout (`input_blocks_4_1_<rest>`,
+    /// `middle_block_1_<rest>`, `output_blocks_3_1_<rest>`) as the flat name of the diffusers
+    /// layer.
+    fn original_to_diffusers_flat(&self, name: &str) -> Option<String> {
+        let block_and_rest = |kind: &str| -> Option<(String, String)> {
+            let t = name.strip_prefix(kind)?.strip_prefix('_')?;
+            if kind == "middle_block" {
+                let (i, rest) = t.split_once('_')?;
+                return Some((format!("{kind}.{i}"), rest.to_string()));
             }
-        })
-        .max()?
-        + 1;
-    let dotted = super::single_file::unet_name(&format!("{block}.x"), layers_per_block)?;
-    Some(format!("{}_{rest}", dotted.strip_suffix(".x")?.replace('.', "_")))
+            let mut it = t.splitn(3, '_');
+            let (i, j, rest) = (it.next()?, it.next()?, it.next()?);
+            Some((format!("{kind}.{i}.{j}"), rest.to_string()))
+        };
+        let (block, rest) = block_and_rest("input_blocks")
+            .or_else(|| block_and_rest("output_blocks"))
+            .or_else(|| block_and_rest("middle_block"))?;
+        let dotted = super::single_file::unet_name(&format!("{block}.x"), self.layers_per_block?)?;
+        Some(format!("{}_{rest}", dotted.strip_suffix(".x")?.replace('.', "_")))
+    }
 }
 
-/// Every module names a layer of `shapes` and has that layer's shape.
-fn check_modules(
-    modules: &BTreeMap<String, LoraModule>,
-    shapes: &BTreeMap<String, (usize, usize)>,
+/// Every module names a layer of `shapes` and has that layer's shape: each module with the
+/// dotted name of its layer.
+fn check_modules<'m, 's>(
+    modules: &'m BTreeMap<String, LoraModule>,
+    shapes: &'s BTreeMap<String, (usize, usize)>,
     what: &str,
-) -> Result<()> {
-    for (name, m) in modules {
-        let (in_dim, out_dim) = resolve_layer(shapes, name)
-            .and_then(|n| shapes.get(&n).copied())
-            .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
-        if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
-            return Err(lerr(format!(
-                "{name}: adapter shapes down {:?} up {:?} do not fit a {in_dim}->{out_dim} layer",
-                m.down.dims(),
-                m.up.dims()
-            )));
-        }
-    }
-    Ok(())
+) -> Result<Vec<(&'s str, &'m LoraModule)>> {
+    let index = LayerIndex::new(shapes);
+    modules
+        .iter()
+        .map(|(name, m)| {
+            let (dotted, (in_dim, out_dim)) = index
+                .resolve(name)
+                .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
+            if m.down.dims()[1] != in_dim || m.up.dims()[0] != out_dim {
+                return Err(lerr(format!(
+                    "{name}: adapter shapes down {:?} up {:?} do not fit a {in_dim}->{out_dim} layer",
+                    m.down.dims(),
+                    m.up.dims()
+                )));
+            }
+            Ok((dotted, m))
+        })
+        .collect()
 }
 
 /// Attaches `modules` to the layers of `registry`, clearing every other layer. Checks every
@@ -278,13 +303,12 @@ fn attach_to(
     dtype: DType,
 ) -> Result<()> {
     let shapes = registry.shapes();
-    check_modules(modules, &shapes, what)?;
+    let plan = check_modules(modules, &shapes, what)?;
     registry.clear_all();
-    for (name, m) in modules {
-        let slot = resolve_layer(&shapes, name)
-            .and_then(|n| registry.get(&n))
-            .map(|(slot, _, _)| slot)
-            .ok_or_else(|| lerr(format!("module {name} does not exist in this {what}")))?;
+    for (dotted, m) in plan {
+        let (slot, _, _) = registry
+            .get(dotted)
+            .ok_or_else(|| lerr(format!("module {dotted} does not exist in this {what}")))?;
         slot.set(Some(LoraDelta {
             down: m.down.to_dtype(dtype)?,
             up: m.up.to_dtype(dtype)?,
@@ -446,7 +470,9 @@ impl LoraAdapter {
         check_modules(&self.modules, &layout.unet, "UNet")?;
         for (i, modules) in [&self.text_encoder, &self.text_encoder_2].into_iter().enumerate() {
             match layout.text_encoders.get(i) {
-                Some(shapes) => check_modules(modules, shapes, "text encoder")?,
+                Some(shapes) => {
+                    check_modules(modules, shapes, "text encoder")?;
+                }
                 None if !modules.is_empty() => {
                     return Err(lerr(format!(
                         "the adapter has LoRA for text encoder {} but the model has none",

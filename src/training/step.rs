@@ -52,6 +52,30 @@ pub fn with_adapters_off<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) 
     out
 }
 
+/// Runs `f` with every LoRA slot of `unet` holding a detached copy of its delta: the same
+/// function, but nothing `f` computes records an autograd graph back to the trainable
+/// matrices (a sampling run would otherwise keep every step's activations alive).
+pub fn with_adapters_detached<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) -> T {
+    let saved: Vec<_> = unet
+        .linears()
+        .all()
+        .into_iter()
+        .map(|(_, s, _, _)| (s.clone(), s.get()))
+        .collect();
+    for (s, d) in &saved {
+        s.set(d.as_ref().map(|d| crate::models::nn::LoraDelta {
+            down: d.down.detach(),
+            up: d.up.detach(),
+            scale: d.scale,
+        }));
+    }
+    let out = f();
+    for (s, d) in saved {
+        s.set(d);
+    }
+    out
+}
+
 fn t_tensor(t: &[usize], like: &Tensor) -> Result<Tensor> {
     let v: Vec<f32> = t.iter().map(|&x| x as f32).collect();
     Tensor::from_vec(v, t.len(), like.device())

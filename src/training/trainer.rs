@@ -11,7 +11,7 @@ use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::step::{batch_loss, with_adapters_off, Batch, Reference};
+use super::step::{batch_loss, with_adapters_detached, with_adapters_off, Batch, Reference};
 use super::config::{mix, parse_device, StepMetrics, TrainConfig, TrainOutcome};
 use super::TrainError;
 use crate::models::checkpoint;
@@ -483,7 +483,7 @@ impl Trainer {
         let Some((prompts, base)) = &self.drift_probe else {
             return Ok(None);
         };
-        let tuned = sample(&self.model, prompts, &params)?;
+        let tuned = with_adapters_detached(&self.model.unet, || sample(&self.model, prompts, &params))?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         for (a, b) in tuned.iter().zip(base) {
             for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
