@@ -235,9 +235,9 @@ fn a_finetune_job_evaluates_its_adapter() {
 fn prompt_sets_by_url_and_edit_evaluations() {
     let root = temp_dir("prompt-sets");
     let png = test_png(64, 64);
-    let rows: Vec<(String, Vec<u8>, Vec<u8>, f64)> = ["a red circle", "a blue square", "a red circle"]
+    let rows: Vec<_> = ["a red circle", "a blue square", "a red circle"]
         .iter()
-        .map(|c| (c.to_string(), png.clone(), png.clone(), 1.0))
+        .map(|c| dspo_server::training::dataset::PairRow::new(*c, png.clone(), png.clone(), 1.0))
         .collect();
     dspo_server::training::dataset::write_pairs_parquet(&root.join("pairs.parquet"), &rows, 2).unwrap();
     std::fs::write(root.join("prompts.jsonl"), "{\"prompt\": \"a green star\"}\n{\"prompt\": \"a cat\"}\n").unwrap();

@@ -2,7 +2,7 @@
 //! 127.0.0.1, real SQLite, real training of the tiny model, webhooks to a loopback receiver.
 
 use dspo_server::jobs::{JobManager, JobSpec, JobStatus, JobsConfig};
-use dspo_server::training::dataset::{read_all_rows, write_pairs_parquet};
+use dspo_server::training::dataset::{read_all_rows, write_pairs_parquet, PairRow};
 use dspo_server::training::Method;
 mod common;
 
@@ -154,19 +154,19 @@ fn served_dir() -> (PathBuf, FileServer) {
     let rows = read_all_rows(&shared().join("shapes/prefs_centered.parquet")).unwrap();
     std::fs::create_dir_all(root.join("img")).unwrap();
     let mut jsonl = String::new();
-    for (i, (c, a, b, l)) in rows.iter().filter(|r| r.3 != 0.5).take(8).enumerate() {
-        std::fs::write(root.join(format!("img/{i}_0.jpg")), a).unwrap();
-        std::fs::write(root.join(format!("img/{i}_1.jpg")), b).unwrap();
-        jsonl.push_str(&serde_json::json!({"caption": c, "image_0": format!("img/{i}_0.jpg"), "image_1": format!("img/{i}_1.jpg"), "label_0": l}).to_string());
+    for (i, r) in rows.iter().filter(|r| r.label_0 != 0.5).take(8).enumerate() {
+        std::fs::write(root.join(format!("img/{i}_0.jpg")), &r.jpg_0).unwrap();
+        std::fs::write(root.join(format!("img/{i}_1.jpg")), &r.jpg_1).unwrap();
+        jsonl.push_str(&serde_json::json!({"caption": r.caption, "image_0": format!("img/{i}_0.jpg"), "image_1": format!("img/{i}_1.jpg"), "label_0": r.label_0}).to_string());
         jsonl.push('\n');
     }
     std::fs::write(root.join("pairs.jsonl"), jsonl).unwrap();
     // Corrupt JPEG rows only.
     let bad: Vec<_> = rows
         .iter()
-        .filter(|r| r.3 != 0.5)
+        .filter(|r| r.label_0 != 0.5)
         .take(4)
-        .map(|(c, _, _, l)| (c.clone(), b"\xff\xd8junk".to_vec(), b"nope".to_vec(), *l))
+        .map(|r| PairRow::new(r.caption.clone(), b"\xff\xd8junk".to_vec(), b"nope".to_vec(), r.label_0))
         .collect();
     write_pairs_parquet(&root.join("corrupt.parquet"), &bad, 2).unwrap();
     let server = FileServer::start(root.clone());

@@ -38,6 +38,30 @@ fn kto_loss_and_gradient_match_the_reference() {
     }
 }
 
+/// The official DSPO trainer's SDXL branch, in both of its forms, against
+/// tests/fixtures/dspo_sdxl/make_case.py (torch float64, the official code's lines).
+#[test]
+fn dspo_sdxl_loss_and_gradient_match_the_official_branch() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dspo_sdxl/dspo_sdxl_loss.safetensors");
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    for case in ["far", "near"] {
+        let get = |k: &str| t[&format!("{case}.{k}")].clone();
+        let beta = get("beta").to_vec1::<f64>().unwrap()[0];
+        let model_pred = Var::from_tensor(&get("model_pred")).unwrap();
+        let out = preference(Method::DspoSdxl, model_pred.as_tensor(), &get("ref_pred"), &get("target"), beta, 1.0)
+            .unwrap();
+        let loss = out.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let expected = get("loss").to_vec1::<f64>().unwrap()[0];
+        assert!((loss - expected).abs() < 1e-12, "{case}: loss {loss} vs {expected}");
+        let (_, rel) = compare(&out.u, &get("u")).unwrap();
+        assert!(rel < 1e-12, "{case}: u off by {rel:e}");
+        let grads = out.loss.backward().unwrap();
+        let (max_abs, rel) = compare(grads.get(model_pred.as_tensor()).unwrap(), &get("grad")).unwrap();
+        assert!(rel < 1e-10, "{case}: gradient max |diff| {max_abs:e}, relative {rel:e}");
+    }
+}
+
 #[test]
 fn a_diffusion_kto_job_trains_an_adapter_over_http() {
     let www = common::shapes_pairs_server();
@@ -77,7 +101,7 @@ fn sdxl_preference_jobs_run_over_http() {
     c.models.serve = vec![format!("tiny-sdxl={}", common::models_dir().join("tiny-sdxl").display())];
     c.datasets.allow_private_networks = true;
     let server = common::start(c);
-    for method in ["dspo", "diffusion_dpo", "diffusion_kto"] {
+    for method in ["dspo", "diffusion_dpo", "diffusion_kto", "dspo_sdxl"] {
         let name = format!("sdxl-{method}");
         let r = common::post_json(&server, "/finetune", &json!({
             "dataset_url": www.url("prefs.parquet"), "method": method, "adapter_name": name,

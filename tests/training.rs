@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use dspo_server::models::lora::LoraAdapter;
 use dspo_server::models::unet::UNet2DConditionModel;
 use dspo_server::models::weights::Weights;
-use dspo_server::training::dataset::{read_all_rows, write_pairs_parquet};
+use dspo_server::training::dataset::{read_all_rows, write_pairs_parquet, PairRow};
 use dspo_server::training::lora::LoraSpec;
 use dspo_server::training::trainer::Trainer;
 use dspo_server::training::{Hyperparameters, Method, TrainConfig, TrainError};
@@ -422,7 +422,7 @@ fn bad_training_input_is_a_clear_error() {
     let ties: Vec<_> = rows
         .into_iter()
         .take(5)
-        .map(|(c, a, b, _)| (c, a, b, 0.5))
+        .map(|r| PairRow { label_0: 0.5, ..r })
         .collect();
     let p = out.join("ties.parquet");
     write_pairs_parquet(&p, &ties, 2).unwrap();
@@ -445,10 +445,10 @@ fn undecodable_images_are_skipped_and_counted() {
     let rows = read_all_rows(&shared().join("shapes/prefs_centered.parquet")).unwrap();
     let mut subset: Vec<_> = rows
         .into_iter()
-        .filter(|r| r.3 == 1.0 || r.3 == 0.0)
+        .filter(|r| r.label_0 == 1.0 || r.label_0 == 0.0)
         .take(6)
         .collect();
-    subset[1].1 = b"\xff\xd8 truncated jpeg".to_vec();
+    subset[1].jpg_0 = b"\xff\xd8 truncated jpeg".to_vec();
     let p = out.join("corrupt.parquet");
     write_pairs_parquet(&p, &subset, 3).unwrap();
     let mut c = config(&out, Method::Sft);

@@ -22,6 +22,10 @@ pub enum Method {
     /// Diffusion-KTO: every image judged on its own (winners desirable, losers undesirable),
     /// `1 - sigmoid(±beta * (implicit reward - reference point))`.
     DiffusionKto,
+    /// Official DSPO's SDXL branch: the winners' policy-reference difference weighted by
+    /// `1 - sigmoid(u)` (no denoising target), or `(1 - sigmoid(u))^2` once that difference is
+    /// small. Default beta 5000.
+    DspoSdxl,
 }
 
 /// Which job events a webhook receives (`webhook_events_filter`), as Replicate's filter does.
@@ -60,6 +64,7 @@ impl<'de> Deserialize<'de> for Method {
                 ("sft", Method::Sft),
                 ("dspo_e", Method::DspoE),
                 ("diffusion_kto", Method::DiffusionKto),
+                ("dspo_sdxl", Method::DspoSdxl),
             ],
         )
     }
@@ -139,7 +144,7 @@ pub struct JobEvaluation {
 #[serde(deny_unknown_fields)]
 pub struct Hyperparameters {
     /// Preference strength (> 0). Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
-    /// diffusion_dpo 5000; unused by sft.
+    /// diffusion_dpo and dspo_sdxl 5000, diffusion_kto 1000; unused by sft.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
     /// Peak learning rate; default: 1e-8 x pairs per optimiser step (the official scaling).
@@ -159,9 +164,13 @@ pub struct Hyperparameters {
     /// Training image side; default: the model's native size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<usize>,
-    /// Probability that a pair's caption is replaced by "".
+    /// Probability that a pair's caption is replaced by "" (text-to-image models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caption_dropout: Option<f64>,
+    /// InstructPix2Pix models: the probability with which the instruction alone, the source
+    /// image alone, and both are dropped per pair (at most 1/3). Default 0.05.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conditioning_dropout: Option<f64>,
     /// Standard deviation of a per-channel constant added to the training noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_offset: Option<f64>,
@@ -357,6 +366,7 @@ impl From<Method> for training::Method {
             Method::Sft => Self::Sft,
             Method::DspoE => Self::DspoE,
             Method::DiffusionKto => Self::DiffusionKto,
+            Method::DspoSdxl => Self::DspoSdxl,
         }
     }
 }
@@ -369,6 +379,7 @@ impl From<training::Method> for Method {
             training::Method::Sft => Self::Sft,
             training::Method::DspoE => Self::DspoE,
             training::Method::DiffusionKto => Self::DiffusionKto,
+            training::Method::DspoSdxl => Self::DspoSdxl,
         }
     }
 }
@@ -619,6 +630,7 @@ mod tests {
                     "beta" | "learning_rate" => serde_json::json!(0.5),
                     "resolution" | "max_pairs" | "drift_every" => serde_json::json!(64),
                     "drift_limit" => serde_json::json!(0.25),
+                    "conditioning_dropout" => serde_json::json!(0.1),
                     "gradient_checkpointing" => serde_json::json!(true),
                     _ => v.clone(),
                 };

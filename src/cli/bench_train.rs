@@ -106,6 +106,7 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
             timesteps: t.iter().chain(&t).copied().collect(),
             encoder_hidden_states: ehs,
             added: None,
+            image_latents: None,
         };
         let t0 = Instant::now();
         let (policy, reference) = match &policy_full {

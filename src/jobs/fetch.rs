@@ -8,7 +8,7 @@
 //! between check and connect) unless the operator allows them.
 
 use super::types::JobError;
-use crate::training::dataset::write_pairs_parquet;
+use crate::training::dataset::{write_pairs_parquet, PairRow, SOURCE_COLUMN};
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -316,8 +316,8 @@ pub fn fetch_dataset(
     manifest_to_parquet(&local, &base, work_dir, cfg)
 }
 
-/// A JSONL manifest, one `{caption, image_0, image_1, label_0}` per line, becomes a parquet
-/// file. An image that cannot be fetched is stored empty and later skipped (and counted) by
+/// A JSONL manifest, one `{caption, image_0, image_1, label_0}` per line (edit pairs add
+/// `input_image`, the source image), becomes a parquet file. An image that cannot be fetched is stored empty and later skipped (and counted) by
 /// the trainer, like an undecodable JPEG.
 fn manifest_to_parquet(
     path: &Path,
@@ -353,7 +353,11 @@ fn manifest_to_parquet(
                 .ok_or_else(|| derr(format!("manifest line {}: {k} must be a string", i + 1)))?;
             Ok(fetch_image(r, base, work_dir, cfg).unwrap_or_default())
         };
-        rows.push((caption, img("image_0")?, img("image_1")?, label));
+        let mut row = PairRow::new(caption, img("image_0")?, img("image_1")?, label);
+        if v.get(SOURCE_COLUMN).is_some() {
+            row.input_image = Some(img(SOURCE_COLUMN)?);
+        }
+        rows.push(row);
     }
     if rows.is_empty() {
         return Err(derr("the manifest has no rows"));

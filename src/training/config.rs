@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 #[serde(default, deny_unknown_fields)]
 pub struct Hyperparameters {
     /// Preference strength. Defaults: dspo / dspo_e 0.001 (the paper's SD1.5 value),
-    /// diffusion_dpo 5000; unused by sft.
+    /// diffusion_dpo and dspo_sdxl 5000, diffusion_kto 1000; unused by sft.
     pub beta: Option<f64>,
     /// Peak learning rate; default: the official scaling 1e-8 x pairs per optimiser step.
     pub learning_rate: Option<f64>,
@@ -29,8 +29,14 @@ pub struct Hyperparameters {
     pub warmup_steps: usize,
     /// Training image side; default: the model's native size.
     pub resolution: Option<usize>,
-    /// Probability that a pair's caption is replaced by "".
+    /// Probability that a pair's caption is replaced by "". Text-to-image models only; edit
+    /// models take `conditioning_dropout`.
     pub caption_dropout: f64,
+    /// InstructPix2Pix models: InstructPix2Pix's conditioning dropout, per pair: the
+    /// instruction alone, the source image alone, and both are each dropped with this
+    /// probability (at most 1/3), which the model's two guidance scales need. Default 0.05
+    /// (the InstructPix2Pix recipe).
+    pub conditioning_dropout: Option<f64>,
     /// Standard deviation of a per-channel constant added to the training noise (diffusers'
     /// `--noise_offset`), for a base model pretrained with offset noise: fine-tuning under
     /// another noise process than the model learned shifts what it reads from x_t's mean,
@@ -86,6 +92,7 @@ impl Default for Hyperparameters {
             warmup_steps: 500,
             resolution: None,
             caption_dropout: 0.2,
+            conditioning_dropout: None,
             noise_offset: 0.0,
             anchor_weight: 0.0,
             seed: 0,
@@ -151,7 +158,8 @@ fn default_device() -> String {
 impl TrainConfig {
     pub fn beta(&self) -> f64 {
         self.hyperparameters.beta.unwrap_or(match self.method {
-            Method::DiffusionDpo => 5000.0,
+            // The official launchers' values (DSPO's SDXL launcher included).
+            Method::DiffusionDpo | Method::DspoSdxl => 5000.0,
             // The official Diffusion-KTO trainer's default.
             Method::DiffusionKto => 1000.0,
             _ => 0.001,
@@ -225,6 +233,14 @@ impl TrainConfig {
                 "caption_dropout must be in [0, 1], got {}",
                 h.caption_dropout
             ));
+        }
+        if let Some(p) = h.conditioning_dropout {
+            if !(0.0..=1.0 / 3.0).contains(&p) {
+                return bad(format!(
+                    "conditioning_dropout must be in [0, 1/3] (the instruction, the image and \
+                     both are each dropped with it), got {p}"
+                ));
+            }
         }
         if !(h.max_grad_norm > 0.0) {
             return bad("max_grad_norm must be positive".into());

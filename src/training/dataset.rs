@@ -2,6 +2,9 @@
 //! columns ignored), read from parquet one row group at a time: the real dataset is ~335 GB,
 //! so only the label column is scanned up front and images are read when a batch needs them.
 //!
+//! Edit pairs (InstructPix2Pix preference data) add one column, `input_image`: the source image
+//! both edits start from; `caption` then holds the edit instruction.
+//!
 //! Order is a seeded block shuffle (row groups shuffled, rows shuffled within each), a pure
 //! function of (seed, epoch): a resumed run sees exactly the batches it would have seen.
 
@@ -20,12 +23,39 @@ use std::sync::Arc;
 
 pub const REQUIRED_COLUMNS: [&str; 4] = ["caption", "jpg_0", "jpg_1", "label_0"];
 
+/// The column of edit pairs that holds the source image.
+pub const SOURCE_COLUMN: &str = "input_image";
+
 /// One usable comparison, winner first.
 #[derive(Clone)]
 pub struct RawPair {
     pub caption: String,
     pub winner: Arc<Vec<u8>>,
     pub loser: Arc<Vec<u8>>,
+    /// Edit pairs: the image both edits were made from.
+    pub source: Option<Arc<Vec<u8>>>,
+}
+
+/// One row of a pairs file as written (`write_pairs_parquet`) and read back (`read_all_rows`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairRow {
+    pub caption: String,
+    pub jpg_0: Vec<u8>,
+    pub jpg_1: Vec<u8>,
+    pub label_0: f64,
+    pub input_image: Option<Vec<u8>>,
+}
+
+impl PairRow {
+    pub fn new(caption: impl Into<String>, jpg_0: Vec<u8>, jpg_1: Vec<u8>, label_0: f64) -> Self {
+        Self {
+            caption: caption.into(),
+            jpg_0,
+            jpg_1,
+            label_0,
+            input_image: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -45,7 +75,10 @@ pub struct ParquetPairs {
     index: Vec<(usize, usize, bool)>,
     by_group: Vec<Vec<usize>>,
     pub stats: DatasetStats,
-    cache: HashMap<usize, Arc<Vec<Option<(String, Arc<Vec<u8>>, Arc<Vec<u8>>)>>>>,
+    /// Whether rows carry a source image (edit pairs).
+    pub has_source: bool,
+    /// Rows of the cached groups as stored: `winner` is `jpg_0`.
+    cache: HashMap<usize, Arc<Vec<Option<RawPair>>>>,
     order: Option<(usize, u64, Vec<usize>)>,
 }
 
@@ -138,6 +171,7 @@ impl ParquetPairs {
             by_group.push(rows);
         }
         stats.kept = index.len();
+        let has_source = names.contains(&SOURCE_COLUMN);
         if index.is_empty() {
             return Err(TrainError::Dataset(format!(
                 "no usable pairs in {} ({} rows: {} ties, {} without a 0/1 label)",
@@ -153,6 +187,7 @@ impl ParquetPairs {
             index,
             by_group,
             stats,
+            has_source,
             cache: HashMap::new(),
             order: None,
         })
@@ -183,14 +218,11 @@ impl ParquetPairs {
         &self.path
     }
 
-    fn load_group(
-        &mut self,
-        g: usize,
-    ) -> Result<Arc<Vec<Option<(String, Arc<Vec<u8>>, Arc<Vec<u8>>)>>>, TrainError> {
+    fn load_group(&mut self, g: usize) -> Result<Arc<Vec<Option<RawPair>>>, TrainError> {
         if let Some(c) = self.cache.get(&g) {
             return Ok(c.clone());
         }
-        let proj = projection(&self.reader, &["caption", "jpg_0", "jpg_1"])?;
+        let proj = projection(&self.reader, &["caption", "jpg_0", "jpg_1", SOURCE_COLUMN])?;
         let rg = self
             .reader
             .get_row_group(g)
@@ -204,16 +236,25 @@ impl ParquetPairs {
             let mut caption = None;
             let mut j0 = None;
             let mut j1 = None;
+            let mut source = None;
             for (name, f) in row.get_column_iter() {
                 match (name.as_str(), f) {
                     ("caption", Field::Str(s)) => caption = Some(s.clone()),
                     ("jpg_0", Field::Bytes(b)) => j0 = Some(Arc::new(b.data().to_vec())),
                     ("jpg_1", Field::Bytes(b)) => j1 = Some(Arc::new(b.data().to_vec())),
+                    (SOURCE_COLUMN, Field::Bytes(b)) => source = Some(Arc::new(b.data().to_vec())),
                     _ => {}
                 }
             }
+            // An edit pair without its source cannot be trained on: skipped like a bad image.
+            let complete = !self.has_source || source.is_some();
             rows.push(match (caption, j0, j1) {
-                (Some(c), Some(a), Some(b)) => Some((c, a, b)),
+                (Some(caption), Some(winner), Some(loser)) if complete => Some(RawPair {
+                    caption,
+                    winner,
+                    loser,
+                    source,
+                }),
                 _ => None,
             });
         }
@@ -255,13 +296,11 @@ impl ParquetPairs {
         let idx = self.ordered(seed, n / len, n % len);
         let (g, i, zero_wins) = self.index[idx];
         let rows = self.load_group(g)?;
-        Ok(rows.get(i).cloned().flatten().map(|(caption, a, b)| {
-            let (winner, loser) = if zero_wins { (a, b) } else { (b, a) };
-            RawPair {
-                caption,
-                winner,
-                loser,
+        Ok(rows.get(i).cloned().flatten().map(|mut p| {
+            if !zero_wins {
+                std::mem::swap(&mut p.winner, &mut p.loser);
             }
+            p
         }))
     }
 }
@@ -340,10 +379,12 @@ impl Preprocess {
 }
 
 /// Writes pairs with the four columns trainers read (`caption`, `jpg_0`, `jpg_1`, `label_0`),
-/// snappy-compressed, `rows_per_group` rows per row group. Used to export subsets and by tests.
+/// and `input_image` when any row has a source image (edit pairs; a row without one is stored
+/// empty and skipped by the trainer), snappy-compressed, `rows_per_group` rows per row group.
+/// Used to export subsets, by the JSONL manifest import, and by tests.
 pub fn write_pairs_parquet(
     path: &Path,
-    rows: &[(String, Vec<u8>, Vec<u8>, f64)],
+    rows: &[PairRow],
     rows_per_group: usize,
 ) -> Result<(), TrainError> {
     use parquet::basic::Compression;
@@ -351,10 +392,17 @@ pub fn write_pairs_parquet(
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     let io = |e: parquet::errors::ParquetError| TrainError::Io(e.to_string());
+    let with_source = rows.iter().any(|r| r.input_image.is_some());
     let schema = Arc::new(
-        parquet::schema::parser::parse_message_type(
-            "message schema { REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; REQUIRED BYTE_ARRAY jpg_1; REQUIRED DOUBLE label_0; }",
-        )
+        parquet::schema::parser::parse_message_type(&format!(
+            "message schema {{ REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
+             REQUIRED BYTE_ARRAY jpg_1; REQUIRED DOUBLE label_0; {}}}",
+            if with_source {
+                format!("REQUIRED BYTE_ARRAY {SOURCE_COLUMN}; ")
+            } else {
+                String::new()
+            }
+        ))
         .map_err(io)?,
     );
     let props = Arc::new(
@@ -365,33 +413,34 @@ pub fn write_pairs_parquet(
     let file =
         File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     let mut w = SerializedFileWriter::new(file, schema, props).map_err(io)?;
+    let columns = if with_source { 5 } else { 4 };
     for chunk in rows.chunks(rows_per_group.max(1)) {
         let mut rg = w.next_row_group().map_err(io)?;
-        for col in 0..4 {
+        for col in 0..columns {
             let mut cw = rg
                 .next_column()
                 .map_err(io)?
                 .ok_or_else(|| TrainError::Io("missing column writer".into()))?;
-            match col {
-                0..=2 => {
-                    let vals: Vec<ByteArray> = chunk
-                        .iter()
-                        .map(|r| match col {
-                            0 => ByteArray::from(r.0.as_bytes().to_vec()),
-                            1 => ByteArray::from(r.1.clone()),
-                            _ => ByteArray::from(r.2.clone()),
+            if col == 3 {
+                let vals: Vec<f64> = chunk.iter().map(|r| r.label_0).collect();
+                cw.typed::<DoubleType>()
+                    .write_batch(&vals, None, None)
+                    .map_err(io)?;
+            } else {
+                let vals: Vec<ByteArray> = chunk
+                    .iter()
+                    .map(|r| {
+                        ByteArray::from(match col {
+                            0 => r.caption.as_bytes().to_vec(),
+                            1 => r.jpg_0.clone(),
+                            2 => r.jpg_1.clone(),
+                            _ => r.input_image.clone().unwrap_or_default(),
                         })
-                        .collect();
-                    cw.typed::<ByteArrayType>()
-                        .write_batch(&vals, None, None)
-                        .map_err(io)?;
-                }
-                _ => {
-                    let vals: Vec<f64> = chunk.iter().map(|r| r.3).collect();
-                    cw.typed::<DoubleType>()
-                        .write_batch(&vals, None, None)
-                        .map_err(io)?;
-                }
+                    })
+                    .collect();
+                cw.typed::<ByteArrayType>()
+                    .write_batch(&vals, None, None)
+                    .map_err(io)?;
             }
             cw.close().map_err(io)?;
         }
@@ -401,29 +450,33 @@ pub fn write_pairs_parquet(
     Ok(())
 }
 
-/// Reads every row's (caption, jpg_0, jpg_1, label_0) — small files only (tests, exports).
-pub fn read_all_rows(path: &Path) -> Result<Vec<(String, Vec<u8>, Vec<u8>, f64)>, TrainError> {
+/// Reads every row (with `input_image` where the file has it) — small files only (tests,
+/// exports).
+pub fn read_all_rows(path: &Path) -> Result<Vec<PairRow>, TrainError> {
     let file =
         File::open(path).map_err(|e| TrainError::Dataset(format!("{}: {e}", path.display())))?;
     let reader = SerializedFileReader::new(file).map_err(|e| TrainError::Dataset(e.to_string()))?;
-    let proj = projection(&reader, &REQUIRED_COLUMNS)?;
+    let mut cols = REQUIRED_COLUMNS.to_vec();
+    cols.push(SOURCE_COLUMN);
+    let proj = projection(&reader, &cols)?;
     let mut out = Vec::new();
     for row in reader
         .get_row_iter(Some(proj))
         .map_err(|e| TrainError::Dataset(e.to_string()))?
     {
         let row = row.map_err(|e| TrainError::Dataset(e.to_string()))?;
-        let (mut c, mut a, mut b, mut l) = (String::new(), Vec::new(), Vec::new(), f64::NAN);
+        let mut r = PairRow::new(String::new(), Vec::new(), Vec::new(), f64::NAN);
         for (name, f) in row.get_column_iter() {
             match (name.as_str(), f) {
-                ("caption", Field::Str(s)) => c = s.clone(),
-                ("jpg_0", Field::Bytes(x)) => a = x.data().to_vec(),
-                ("jpg_1", Field::Bytes(x)) => b = x.data().to_vec(),
-                ("label_0", Field::Double(v)) => l = *v,
+                ("caption", Field::Str(s)) => r.caption = s.clone(),
+                ("jpg_0", Field::Bytes(x)) => r.jpg_0 = x.data().to_vec(),
+                ("jpg_1", Field::Bytes(x)) => r.jpg_1 = x.data().to_vec(),
+                ("label_0", Field::Double(v)) => r.label_0 = *v,
+                (SOURCE_COLUMN, Field::Bytes(x)) => r.input_image = Some(x.data().to_vec()),
                 _ => {}
             }
         }
-        out.push((c, a, b, l));
+        out.push(r);
     }
     Ok(out)
 }

@@ -19,7 +19,16 @@ pub enum Method {
     /// winners desirable and losers undesirable; `1 - sigmoid(±beta * (g - z0))` with
     /// `g = reference error - model error` and the reference point `z0 = max(mean(g), 0)`.
     DiffusionKto,
+    /// Official DSPO's SDXL branch (`--sdxl`): no denoising target; while the winners' policy
+    /// and reference predictions differ by a mean square of at least 0.1 it pulls the policy
+    /// toward the reference weighted by `1 - sigmoid(u)`, below that it minimises
+    /// `(1 - sigmoid(u))^2` alone. Its launcher's beta is 5000.
+    DspoSdxl,
 }
+
+/// The official SDXL branch switches form where the winners' mean squared policy-reference
+/// difference reaches this.
+const DSPO_SDXL_SWITCH: f64 = 0.1;
 
 impl Method {
     pub fn needs_reference(&self) -> bool {
@@ -32,6 +41,7 @@ impl Method {
             Method::Sft => "sft",
             Method::DspoE => "dspo_e",
             Method::DiffusionKto => "diffusion_kto",
+            Method::DspoSdxl => "dspo_sdxl",
         }
     }
 }
@@ -45,8 +55,10 @@ impl std::str::FromStr for Method {
             "sft" => Ok(Method::Sft),
             "dspo_e" => Ok(Method::DspoE),
             "diffusion_kto" | "kto" => Ok(Method::DiffusionKto),
+            "dspo_sdxl" => Ok(Method::DspoSdxl),
             o => Err(format!(
-                "unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e, diffusion_kto)"
+                "unknown method '{o}' (known: dspo, diffusion_dpo, sft, dspo_e, diffusion_kto, \
+                 dspo_sdxl)"
             )),
         }
     }
@@ -107,6 +119,16 @@ pub fn preference(
             (d_w - p.broadcast_mul(&w)?)?.sqr()?.mean_all()?
         }
         Method::DspoE => (d_w - (p * (gamma * beta))?)?.sqr()?.mean_all()?,
+        Method::DspoSdxl => {
+            let w = (sigmoid(&u)?.neg()? + 1.0)?;
+            let spread = p.sqr()?.mean_all()?.detach();
+            let spread = spread.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if spread >= DSPO_SDXL_SWITCH {
+                p.broadcast_mul(&w.reshape(wshape.as_slice())?)?.sqr()?.mean_all()?
+            } else {
+                w.sqr()?.mean_all()?
+            }
+        }
         Method::DiffusionDpo => softplus(&u.neg()?)?.mean_all()?,
         Method::DiffusionKto => {
             // Per image: the implicit reward, shifted by the batch's reference point (not

@@ -14,6 +14,43 @@ pub struct Batch {
     pub encoder_hidden_states: Tensor,
     /// SDXL: pooled text embeddings and time ids per row.
     pub added: Option<(Tensor, Tensor)>,
+    /// InstructPix2Pix: the source image's latents per row (after conditioning dropout),
+    /// concatenated to the noisy latents as the UNet's extra input channels.
+    pub image_latents: Option<Tensor>,
+}
+
+/// InstructPix2Pix's conditioning dropout (its training script's rule, drawn once per pair so
+/// both images of a pair see the same conditioning): with `u` uniform in [0, 1) and
+/// probability `p`, the instruction is dropped when `u < 2p` and the source image when
+/// `p <= u < 3p`, so each alone and both together are each dropped with probability `p`,
+/// which classifier-free guidance on both conditions needs at inference.
+/// Returns (instruction kept, image kept) per pair.
+pub fn conditioning_dropout(u: &[f64], p: f64) -> Vec<(bool, bool)> {
+    u.iter()
+        .map(|&u| (u >= 2.0 * p, !(u >= p && u < 3.0 * p)))
+        .collect()
+}
+
+/// Applies `keep` (from `conditioning_dropout`) to a pair batch's conditioning: `ehs` and
+/// `image_latents` hold one row per pair; a dropped instruction becomes `null_ehs` (the
+/// encoding of the empty prompt, one row), a dropped image zeros. Returns both, per pair.
+pub fn apply_conditioning_dropout(
+    ehs: &Tensor,
+    null_ehs: &Tensor,
+    image_latents: &Tensor,
+    keep: &[(bool, bool)],
+) -> Result<(Tensor, Tensor)> {
+    let mut e = Vec::with_capacity(keep.len());
+    let mut img_mask = Vec::with_capacity(keep.len());
+    for (i, &(text, image)) in keep.iter().enumerate() {
+        e.push(if text { ehs.narrow(0, i, 1)? } else { null_ehs.narrow(0, 0, 1)?.to_dtype(ehs.dtype())? });
+        img_mask.push(if image { 1f32 } else { 0.0 });
+    }
+    let mut shape = vec![1usize; image_latents.rank()];
+    shape[0] = keep.len();
+    let mask = Tensor::from_vec(img_mask, shape, image_latents.device())?
+        .to_dtype(image_latents.dtype())?;
+    Ok((Tensor::cat(&e, 0)?, image_latents.broadcast_mul(&mask)?))
 }
 
 /// How the frozen reference prediction is obtained.
@@ -96,6 +133,10 @@ pub fn batch_loss(
     let noise = batch.noise.to_dtype(dtype)?;
     let ehs = batch.encoder_hidden_states.to_dtype(dtype)?;
     let noisy = schedule.add_noise(&x0, &noise, &batch.timesteps)?;
+    let noisy = match &batch.image_latents {
+        Some(c) => Tensor::cat(&[&noisy, &c.to_dtype(dtype)?], 1)?,
+        None => noisy,
+    };
     let target = schedule
         .target(&x0, &noise, &batch.timesteps)?
         .to_dtype(DType::F32)?;

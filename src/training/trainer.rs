@@ -11,7 +11,10 @@ use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::step::{batch_loss, with_adapters_detached, with_adapters_off, Batch, Reference};
+use super::step::{
+    apply_conditioning_dropout, batch_loss, conditioning_dropout, with_adapters_detached,
+    with_adapters_off, Batch, Reference,
+};
 use super::config::{mix, parse_device, StepMetrics, TrainConfig, TrainOutcome};
 use super::TrainError;
 use crate::models::checkpoint;
@@ -66,32 +69,57 @@ pub struct Trainer {
     pub metrics: Vec<StepMetrics>,
     step: usize,
     resumed_from: Option<usize>,
-    /// The drift guard's probe (captions) and the base model's images of it, drawn once.
-    drift_probe: Option<(Vec<PromptPair>, Vec<image::RgbImage>)>,
+    /// The drift guard's probe and the base model's images of it, drawn once.
+    drift_probe: Option<DriftProbe>,
 }
+
+struct DriftProbe {
+    prompts: Vec<PromptPair>,
+    /// Edit models: the source image of each probe edit.
+    sources: Vec<image::RgbImage>,
+    base: Vec<image::RgbImage>,
+}
+
+/// One training pair, preprocessed: winner, loser and (edit pairs) the source image.
+type PreparedPair = (RawPair, Tensor, Tensor, Option<Tensor>);
+
+/// InstructPix2Pix's recipe value of its conditioning dropout.
+const DEFAULT_CONDITIONING_DROPOUT: f64 = 0.05;
+/// diffusers' InstructPix2Pix pipeline default, for the drift probe's edits.
+const PROBE_IMAGE_GUIDANCE: f64 = 1.5;
 
 /// Probe size and sampling of the drift guard: enough to see a model leave its base, small
 /// enough to cost a few percent of a run.
 const DRIFT_PROMPTS: usize = 4;
 const DRIFT_STEPS: usize = 8;
 
-/// One image per prompt, prompt `i` drawn with seed `i`.
+/// One image per prompt, prompt `i` drawn with seed `i`; an edit of `sources[i]` where
+/// sources are given.
 fn sample(
     model: &DiffusionModel,
     prompts: &[PromptPair],
+    sources: &[image::RgbImage],
     params: &SamplingParams,
 ) -> Result<Vec<image::RgbImage>, TrainError> {
     let seeds: Vec<[u64; 1]> = (0..prompts.len()).map(|i| [i as u64]).collect();
     let requests: Vec<SeededRequest<'_>> = prompts
         .iter()
         .zip(&seeds)
-        .map(|(p, s)| SeededRequest {
+        .enumerate()
+        .map(|(i, (p, s))| SeededRequest {
             prompt: p,
             seeds: s,
-            image: None,
+            image: sources.get(i),
         })
         .collect();
-    let images = crate::pipelines::generate(model, TaskParams::Txt2Img, &requests, params, &mut |_, _| true)
+    let task = if sources.is_empty() {
+        TaskParams::Txt2Img
+    } else {
+        TaskParams::InstructPix2Pix {
+            image_guidance_scale: PROBE_IMAGE_GUIDANCE,
+        }
+    };
+    let images = crate::pipelines::generate(model, task, &requests, params, &mut |_, _| true)
         .map_err(|e| TrainError::Config(format!("drift probe: {e}")))?;
     Ok(images.into_iter().flatten().collect())
 }
@@ -106,12 +134,23 @@ impl Trainer {
             variant: None,
         };
         let model = DiffusionModel::load_source(&config.model, &opts)?;
-        if model.architecture == Architecture::InstructPix2Pix {
+        let mut dataset = ParquetPairs::open(&config.dataset)?;
+        let edits = model.architecture == Architecture::InstructPix2Pix;
+        if edits && !dataset.has_source {
+            return Err(TrainError::Config(format!(
+                "{} is an InstructPix2Pix model: its pairs are edits of a source image, which \
+                 the dataset gives in an `{}` column (it has none)",
+                config.model,
+                super::dataset::SOURCE_COLUMN
+            )));
+        }
+        if !edits && config.hyperparameters.conditioning_dropout.is_some() {
             return Err(TrainError::Config(
-                "preference tuning of InstructPix2Pix models is not supported".into(),
+                "conditioning_dropout is for InstructPix2Pix models; text-to-image models take \
+                 caption_dropout"
+                    .into(),
             ));
         }
-        let mut dataset = ParquetPairs::open(&config.dataset)?;
         if let Some(n) = config.hyperparameters.max_pairs {
             dataset.truncate(n);
         }
@@ -216,13 +255,16 @@ impl Trainer {
         super::checkpoint::save(&self.checkpoint_dir(), self.step, &self.opt, state)
     }
 
+    fn edits(&self) -> bool {
+        self.model.architecture == Architecture::InstructPix2Pix
+    }
+
     /// `n` usable pairs starting at stream position `start`; a pair whose image does not decode
-    /// is replaced by the pair at the same position of a later epoch.
-    fn pairs(
-        &mut self,
-        start: usize,
-        n: usize,
-    ) -> Result<Vec<(RawPair, Tensor, Tensor)>, TrainError> {
+    /// is replaced by the pair at the same position of a later epoch. The two images of a
+    /// text-to-image pair are flipped and cropped independently; an edit pair's source and
+    /// both edits share one draw, so they stay aligned.
+    fn pairs(&mut self, start: usize, n: usize) -> Result<Vec<PreparedPair>, TrainError> {
+        let edits = self.edits();
         let seed = self.config.hyperparameters.seed;
         let len = self.dataset.len();
         let pre = Preprocess {
@@ -244,12 +286,21 @@ impl Trainer {
                     (rng.uniform(), rng.uniform()),
                     (rng.uniform(), rng.uniform()),
                 );
+                let (f1, c1) = if edits { (f0, c0) } else { (f1, c1) };
+                let source = match (&pair.source, edits) {
+                    (Some(s), true) => match pre.apply(s, f0, c0, &self.device) {
+                        Some(t) => Some(Some(t?)),
+                        None => None,
+                    },
+                    _ => Some(None),
+                };
                 match (
                     pre.apply(&pair.winner, f0, c0, &self.device),
                     pre.apply(&pair.loser, f1, c1, &self.device),
+                    source,
                 ) {
-                    (Some(w), Some(l)) => {
-                        got = Some((pair, w?, l?));
+                    (Some(w), Some(l), Some(s)) => {
+                        got = Some((pair, w?, l?, s));
                         break;
                     }
                     _ => self.dataset.stats.undecodable_skipped += 1,
@@ -276,18 +327,22 @@ impl Trainer {
         let b = h.batch_size;
         let pairs = self.pairs(pair_start, b)?;
         let mut rng = NoiseRng::new(mix(h.seed, k as u64));
+        let edits = self.edits();
+        // One uniform draw per pair: caption dropout, or an edit pair's conditioning dropout.
+        let drops: Vec<f64> = (0..b).map(|_| rng.uniform()).collect();
         let captions: Vec<String> = pairs
             .iter()
-            .map(|(p, _, _)| {
-                if rng.uniform() < h.caption_dropout {
+            .zip(&drops)
+            .map(|((p, ..), &u)| {
+                if !edits && u < h.caption_dropout {
                     String::new()
                 } else {
                     p.caption.clone()
                 }
             })
             .collect();
-        let winners: Vec<&Tensor> = pairs.iter().map(|(_, w, _)| w).collect();
-        let losers: Vec<&Tensor> = pairs.iter().map(|(_, _, l)| l).collect();
+        let winners: Vec<&Tensor> = pairs.iter().map(|(_, w, _, _)| w).collect();
+        let losers: Vec<&Tensor> = pairs.iter().map(|(_, _, l, _)| l).collect();
         let images = Tensor::cat(
             &[Tensor::stack(&winners, 0)?, Tensor::stack(&losers, 0)?],
             0,
@@ -303,6 +358,31 @@ impl Trainer {
         let vnoise = rng.randn(post.mean.dims(), &self.device, DType::F32)?;
         let x0 = (post.sample_with(&vnoise)? * self.model.vae.config.scaling_factor)?.detach();
         let (ehs, pooled) = self.encode_text(&captions)?;
+        let (ehs, image_latents) = if edits {
+            // InstructPix2Pix training: the source's latents unscaled (the posterior's mode),
+            // as its pipeline encodes the image it edits.
+            let sources: Vec<&Tensor> = pairs
+                .iter()
+                .map(|(.., s)| s.as_ref().expect("edit pairs carry their source"))
+                .collect();
+            let latents = {
+                let _batched = crate::models::nn::training_mode();
+                self.model.vae.encode(&Tensor::stack(&sources, 0)?)?.mode().detach()
+            };
+            let (null, _) = self.encode_text(&[String::new()])?;
+            let p = h
+                .conditioning_dropout
+                .unwrap_or(DEFAULT_CONDITIONING_DROPOUT);
+            let (e, l) = apply_conditioning_dropout(
+                &ehs,
+                &null,
+                &latents,
+                &conditioning_dropout(&drops, p),
+            )?;
+            (e, Some(Tensor::cat(&[&l, &l], 0)?))
+        } else {
+            (ehs, None)
+        };
         let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
         let (_, c, lh, lw) = x0.dims4()?;
         let noise =
@@ -330,6 +410,7 @@ impl Trainer {
             timesteps,
             encoder_hidden_states: ehs,
             added,
+            image_latents,
         };
         let method = self.config.method;
         let beta = self.config.beta();
@@ -465,25 +546,57 @@ impl Trainer {
         };
         if self.drift_probe.is_none() {
             let seed = self.config.hyperparameters.seed;
+            let edits = self.edits();
+            let side = self.resolution as u32;
             let mut prompts = Vec::new();
+            let mut sources = Vec::new();
             for pos in 0..self.dataset.len() {
                 if prompts.len() == DRIFT_PROMPTS {
                     break;
                 }
-                if let Some(pair) = self.dataset.pair(seed, pos)? {
-                    prompts.push(PromptPair {
-                        prompt: pair.caption,
-                        negative_prompt: None,
-                    });
+                let Some(pair) = self.dataset.pair(seed, pos)? else {
+                    continue;
+                };
+                if edits {
+                    let Some(img) = pair
+                        .source
+                        .as_ref()
+                        .and_then(|s| image::load_from_memory(s).ok())
+                    else {
+                        continue;
+                    };
+                    sources.push(image::imageops::resize(
+                        &img.to_rgb8(),
+                        side,
+                        side,
+                        image::imageops::FilterType::Triangle,
+                    ));
                 }
+                prompts.push(PromptPair {
+                    prompt: pair.caption,
+                    negative_prompt: None,
+                });
             }
-            let base = with_adapters_off(&self.model.unet, || sample(&self.model, &prompts, &params))?;
-            self.drift_probe = Some((prompts, base));
+            let base = with_adapters_off(&self.model.unet, || {
+                sample(&self.model, &prompts, &sources, &params)
+            })?;
+            self.drift_probe = Some(DriftProbe {
+                prompts,
+                sources,
+                base,
+            });
         }
-        let Some((prompts, base)) = &self.drift_probe else {
+        let Some(DriftProbe {
+            prompts,
+            sources,
+            base,
+        }) = &self.drift_probe
+        else {
             return Ok(None);
         };
-        let tuned = with_adapters_detached(&self.model.unet, || sample(&self.model, prompts, &params))?;
+        let tuned = with_adapters_detached(&self.model.unet, || {
+            sample(&self.model, prompts, sources, &params)
+        })?;
         let (mut sum, mut count) = (0.0f64, 0usize);
         for (a, b) in tuned.iter().zip(base) {
             for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
@@ -557,10 +670,12 @@ impl Trainer {
     ) -> Result<f64, TrainError> {
         let saved = (
             self.config.hyperparameters.caption_dropout,
+            self.config.hyperparameters.conditioning_dropout,
             self.config.hyperparameters.batch_size,
             self.config.method,
         );
         self.config.hyperparameters.caption_dropout = 0.0;
+        self.config.hyperparameters.conditioning_dropout = Some(0.0);
         self.config.hyperparameters.batch_size = n;
         if self.config.method == Method::Sft {
             self.config.method = Method::DiffusionDpo;
@@ -582,6 +697,7 @@ impl Trainer {
         }
         (
             self.config.hyperparameters.caption_dropout,
+            self.config.hyperparameters.conditioning_dropout,
             self.config.hyperparameters.batch_size,
             self.config.method,
         ) = saved;

@@ -51,6 +51,8 @@ const METHODS = [
   ["diffusion_dpo", "Diffusion-DPO"],
   ["sft", "SFT (winners only)"],
   ["dspo_e", "DSPO-E (energy)"],
+  ["diffusion_kto", "Diffusion-KTO"],
+  ["dspo_sdxl", "DSPO (official SDXL branch)"],
 ];
 /** @type {ReadonlyArray<EditMode>} */
 const EDIT_MODES = ["instruct_pix2pix", "img2img"];
