@@ -98,6 +98,7 @@ pub struct JobsSection {
     pub max_steps: usize,
     pub max_pairs_per_step: usize,
     pub max_lora_rank: usize,
+    pub devices: Vec<String>,
 }
 
 /// Where job datasets may come from and how big they may be.

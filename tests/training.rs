@@ -48,6 +48,7 @@ fn config(out: &Path, method: Method) -> TrainConfig {
             ..Default::default()
         },
         device: "cpu".into(),
+        devices: Vec::new(),
         mode: Default::default(),
         pretrain: Default::default(),
     }

@@ -37,6 +37,8 @@ pub struct JobsConfig {
     /// Fine-tuning defaults per served model name; `default` for the rest.
     pub defaults: HashMap<String, FinetuneDefaults>,
     pub device: String,
+    /// Data-parallel jobs: one rank per device (empty or one: `device` alone).
+    pub devices: Vec<String>,
     /// The largest job a request may ask for: steps, pairs per optimiser step, LoRA rank.
     pub max_steps: usize,
     pub max_pairs_per_step: usize,
@@ -69,6 +71,7 @@ impl JobsConfig {
         jc.webhook_progress_interval =
             Duration::from_secs(config.jobs.webhook_progress_interval_secs);
         jc.device = config.models.device.clone();
+        jc.devices = config.jobs.devices.clone();
         jc.max_steps = config.jobs.max_steps;
         jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
         jc.max_lora_rank = config.jobs.max_lora_rank;
@@ -126,6 +129,7 @@ impl JobsConfig {
             webhook_progress_interval: Duration::from_secs(5),
             defaults: HashMap::new(),
             device: "cpu".into(),
+            devices: Vec::new(),
             max_steps: 100_000,
             max_pairs_per_step: 4096,
             max_lora_rank: 256,
@@ -338,6 +342,7 @@ impl JobManager {
             full_finetune: spec.full_finetune,
             hyperparameters: self.hyperparameters(&name, spec)?,
             device: self.cfg.device.clone(),
+            devices: self.cfg.devices.clone(),
             mode: Default::default(),
             pretrain: Default::default(),
         })

@@ -130,6 +130,12 @@ pub struct TrainConfig {
     pub hyperparameters: Hyperparameters,
     #[serde(default = "default_device")]
     pub device: String,
+    /// Data-parallel training over these devices (e.g. `["cuda:0", "cuda:1"]`), one rank
+    /// each, instead of `device`: every micro-batch of `batch_size` pairs is split evenly
+    /// between the ranks, so the run computes the same weights for any number of them.
+    /// Preference mode only.
+    #[serde(default)]
+    pub devices: Vec<String>,
     /// What is trained: preference pairs (default), or a model from image–caption rows.
     #[serde(default)]
     pub mode: TrainMode,
@@ -187,6 +193,16 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         let h = &self.hyperparameters;
         let bad = |m: String| Err(TrainError::Config(m));
+        let ranks = self.devices.len();
+        if ranks > 1 && h.batch_size % ranks != 0 {
+            return bad(format!(
+                "batch_size {} does not split evenly over {ranks} devices",
+                h.batch_size
+            ));
+        }
+        if ranks > 1 && self.mode != TrainMode::Preference {
+            return bad("data-parallel training (devices) is for preference fine-tuning".into());
+        }
         if self.method != Method::Sft && !(self.beta() > 0.0 && self.beta().is_finite()) {
             return bad(format!(
                 "beta must be a positive number, got {}",

@@ -8,6 +8,7 @@ pub mod lora;
 pub mod losses;
 pub mod noise;
 pub mod optim;
+pub mod parallel;
 pub mod pretrain;
 pub mod step;
 pub mod trainer;
@@ -36,4 +37,7 @@ pub enum TrainError {
     /// The drift guard: the tuned model moved further from its base than the job allows.
     #[error("{0}")]
     Drift(String),
+    /// Another rank of a data-parallel run failed.
+    #[error("data-parallel training: {0}")]
+    Parallel(String),
 }

@@ -11,6 +11,7 @@ use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
+use super::parallel::{shard, Collective, CollectiveError, ThreadGroup};
 use super::step::{
     apply_conditioning_dropout, batch_loss, conditioning_dropout, with_adapters_detached,
     with_adapters_off, Batch, Reference,
@@ -71,6 +72,19 @@ pub struct Trainer {
     resumed_from: Option<usize>,
     /// The drift guard's probe and the base model's images of it, drawn once.
     drift_probe: Option<DriftProbe>,
+    /// Data-parallel runs: this rank's place in the group, and (rank 0, which the caller
+    /// holds) the threads running the other ranks.
+    group: Option<Box<dyn Collective>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl From<CollectiveError> for TrainError {
+    fn from(e: CollectiveError) -> Self {
+        match e {
+            CollectiveError::Aborted(why) => TrainError::Parallel(why),
+            CollectiveError::Tensor(e) => TrainError::Tensor(e),
+        }
+    }
 }
 
 struct DriftProbe {
@@ -125,8 +139,86 @@ fn sample(
 }
 
 impl Trainer {
+    /// A run on `config.device`, or with two or more `config.devices` a data-parallel run:
+    /// the returned trainer is rank 0 (it checkpoints, samples the drift probe and writes the
+    /// result) and the other ranks run on threads of their own, in step with it.
     pub fn new(config: TrainConfig) -> Result<Self, TrainError> {
         config.validate()?;
+        if config.devices.len() <= 1 {
+            let mut config = config;
+            if let Some(d) = config.devices.first() {
+                config.device = d.clone();
+            }
+            return Self::new_rank(config);
+        }
+        let mut group = ThreadGroup::new(config.devices.len()).into_iter();
+        let first = group.next().expect("a group of two or more ranks");
+        let mut workers = Vec::new();
+        for (rank, handle) in group.enumerate().map(|(i, g)| (i + 1, g)) {
+            let mut c = config.clone();
+            c.device = config.devices[rank].clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("train-rank-{rank}"))
+                .spawn(move || {
+                    let mut t = match Self::new_rank(c) {
+                        Ok(t) => t,
+                        Err(e) => return handle.abort(&format!("rank {rank}: {e}")),
+                    };
+                    t.group = Some(Box::new(handle));
+                    while t.step < t.config.hyperparameters.max_steps {
+                        match t.train_step() {
+                            Ok(_) => {}
+                            // Another rank left first and said why.
+                            Err(TrainError::Parallel(_)) => return,
+                            Err(e) => return t.leave(&format!("rank {rank}: {e}")),
+                        }
+                    }
+                });
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    first.abort("could not start every rank");
+                    return Err(TrainError::Io(format!("starting rank {rank}: {e}")));
+                }
+            }
+        }
+        let mut c = config.clone();
+        c.device = config.devices[0].clone();
+        match Self::new_rank(c) {
+            Ok(mut t) => {
+                t.group = Some(Box::new(first));
+                t.workers = workers;
+                Ok(t)
+            }
+            Err(e) => {
+                first.abort(&format!("rank 0: {e}"));
+                for w in workers {
+                    let _ = w.join();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// (rank, ranks) of this trainer: (0, 1) outside data-parallel runs.
+    fn rank_world(&self) -> (usize, usize) {
+        self.group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
+    /// Leaves the group (releasing ranks waiting on this one) and waits for the other ranks'
+    /// threads (rank 0).
+    fn leave(&mut self, why: &str) {
+        if let Some(g) = &self.group {
+            g.abort(why);
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+
+    fn new_rank(config: TrainConfig) -> Result<Self, TrainError> {
         let device = parse_device(&config.device)?;
         let opts = LoadOptions {
             device: device.clone(),
@@ -218,6 +310,8 @@ impl Trainer {
             step: 0,
             resumed_from: None,
             drift_probe: None,
+            group: None,
+            workers: Vec::new(),
         };
         t.resume()?;
         Ok(t)
@@ -321,18 +415,28 @@ impl Trainer {
         Ok((c.embeds.detach(), c.pooled.map(|p| p.detach())))
     }
 
-    /// One micro-batch: forward, backward, and what its step reports.
-    fn micro_batch(&mut self, k: usize, pair_start: usize) -> Result<MicroBatch, TrainError> {
+    /// One micro-batch: forward, backward, and what its step reports. `part` is the share of
+    /// the micro-batch's pairs this rank computes: every random draw is made for the whole
+    /// micro-batch and cut to `part`, so the ranks together compute exactly the pairs, noise
+    /// and timesteps one rank would.
+    fn micro_batch(
+        &mut self,
+        k: usize,
+        pair_start: usize,
+        part: std::ops::Range<usize>,
+    ) -> Result<MicroBatch, TrainError> {
         let h = self.config.hyperparameters.clone();
         let b = h.batch_size;
-        let pairs = self.pairs(pair_start, b)?;
+        let n = part.len();
+        let pairs = self.pairs(pair_start + part.start, n)?;
         let mut rng = NoiseRng::new(mix(h.seed, k as u64));
         let edits = self.edits();
         // One uniform draw per pair: caption dropout, or an edit pair's conditioning dropout.
         let drops: Vec<f64> = (0..b).map(|_| rng.uniform()).collect();
+        let drops = &drops[part.clone()];
         let captions: Vec<String> = pairs
             .iter()
-            .zip(&drops)
+            .zip(drops)
             .map(|((p, ..), &u)| {
                 if !edits && u < h.caption_dropout {
                     String::new()
@@ -355,7 +459,12 @@ impl Trainer {
             let _batched = crate::models::nn::training_mode();
             self.model.vae.encode(&images)?
         };
-        let vnoise = rng.randn(post.mean.dims(), &self.device, DType::F32)?;
+        let (_, c, lh, lw) = post.mean.dims4()?;
+        let vnoise = rng.randn((2 * b, c, lh, lw), &self.device, DType::F32)?;
+        let vnoise = Tensor::cat(
+            &[vnoise.narrow(0, part.start, n)?, vnoise.narrow(0, b + part.start, n)?],
+            0,
+        )?;
         let x0 = (post.sample_with(&vnoise)? * self.model.vae.config.scaling_factor)?.detach();
         let (ehs, pooled) = self.encode_text(&captions)?;
         let (ehs, image_latents) = if edits {
@@ -377,29 +486,30 @@ impl Trainer {
                 &ehs,
                 &null,
                 &latents,
-                &conditioning_dropout(&drops, p),
+                &conditioning_dropout(drops, p),
             )?;
             (e, Some(Tensor::cat(&[&l, &l], 0)?))
         } else {
             (ehs, None)
         };
         let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
-        let (_, c, lh, lw) = x0.dims4()?;
         let noise =
-            super::noise::training_noise(&mut rng, (b, c, lh, lw), h.noise_offset, &self.device)?;
+            super::noise::training_noise(&mut rng, (b, c, lh, lw), h.noise_offset, &self.device)?
+                .narrow(0, part.start, n)?;
         let noise = Tensor::cat(&[&noise, &noise], 0)?;
         let t: Vec<usize> = (0..b)
             .map(|_| rng.below(self.schedule.num_train_timesteps()))
             .collect();
+        let t = &t[part.clone()];
         let timesteps: Vec<usize> = t.iter().chain(t.iter()).copied().collect();
         let added = match pooled {
             Some(p) => {
                 let r = self.resolution as f32;
                 // The official trainer fixes the ids at the training resolution.
-                let ids: Vec<f32> = (0..2 * b).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
+                let ids: Vec<f32> = (0..2 * n).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
                 Some((
                     Tensor::cat(&[&p, &p], 0)?,
-                    Tensor::from_vec(ids, (2 * b, 6), &self.device)?,
+                    Tensor::from_vec(ids, (2 * n, 6), &self.device)?,
                 ))
             }
             None => None,
@@ -460,6 +570,8 @@ impl Trainer {
         let mut loss_sum = 0.0;
         let mut us = Vec::new();
         let mut anchor_sum: Option<f64> = None;
+        let (rank, world) = self.rank_world();
+        let part = shard(h.batch_size, rank, world);
         for m in 0..accum {
             let k = self.step * accum + m;
             let MicroBatch {
@@ -467,7 +579,7 @@ impl Trainer {
                 grads: g,
                 u,
                 anchor_mse,
-            } = self.micro_batch(k, k * h.batch_size)?;
+            } = self.micro_batch(k, k * h.batch_size, part.clone())?;
             loss_sum += l;
             us.extend(u);
             if let Some(a) = anchor_mse {
@@ -482,7 +594,28 @@ impl Trainer {
                     .collect::<candle_core::Result<Vec<_>>>()?,
             });
         }
-        let clipped = clip(sum.unwrap_or_default(), Some(h.max_grad_norm))?;
+        let mut sum = sum.unwrap_or_default();
+        let mut accuracy = (!us.is_empty()).then(|| {
+            us.iter().filter(|&&u| u > 0.0).count() as f64 / us.len() as f64
+        });
+        if let Some(g) = &self.group {
+            // Gradients and the step's figures averaged over the ranks in one exchange, before
+            // clipping: every rank then applies the same update. Shards are equal, so the
+            // mean of the ranks' means is the whole batch's mean.
+            let figures = [
+                loss_sum,
+                accuracy.unwrap_or(0.0),
+                anchor_sum.unwrap_or(0.0),
+            ];
+            sum.push(Tensor::new(&figures, &self.device)?.to_dtype(DType::F32)?);
+            let mut reduced = g.all_reduce_mean(&sum)?;
+            let figures: Vec<f32> = reduced.pop().expect("the figures").to_vec1()?;
+            loss_sum = figures[0] as f64;
+            accuracy = accuracy.map(|_| figures[1] as f64);
+            anchor_sum = anchor_sum.map(|_| figures[2] as f64);
+            sum = reduced;
+        }
+        let clipped = clip(sum, Some(h.max_grad_norm))?;
         // diffusers' constant_with_warmup: the factor of optimiser step k (from 0) is k / warmup.
         let warm = if h.warmup_steps == 0 {
             1.0
@@ -496,11 +629,7 @@ impl Trainer {
             step: self.step,
             total_steps: h.max_steps,
             loss: loss_sum / accum as f64,
-            implicit_accuracy: if us.is_empty() {
-                None
-            } else {
-                Some(us.iter().filter(|&&u| u > 0.0).count() as f64 / us.len() as f64)
-            },
+            implicit_accuracy: accuracy,
             anchor_mse: anchor_sum.map(|a| a / accum as f64),
             learning_rate: lr,
             grad_norm: clipped.norm,
@@ -509,7 +638,8 @@ impl Trainer {
         };
         let mut metrics = metrics;
         let every = self.config.drift_every();
-        if every > 0 && (self.step % every == 0 || self.step == h.max_steps) {
+        // Rank 0 alone: the weights are the same on every rank.
+        if rank == 0 && every > 0 && (self.step % every == 0 || self.step == h.max_steps) {
             if let Some(d) = self.drift()? {
                 metrics.drift = Some(d);
                 if let Some(limit) = h.drift_limit.filter(|l| d > *l) {
@@ -616,7 +746,13 @@ impl Trainer {
             self.config.output_dir.clone(),
             self.config.hyperparameters.clone(),
         );
-        super::checkpoint::run_loop(self, &out, &h, control)
+        let result = super::checkpoint::run_loop(self, &out, &h, control);
+        self.leave(match &result {
+            Ok(_) => "the run ended",
+            Err(TrainError::Cancelled) => "the run was cancelled",
+            Err(_) => "rank 0 failed",
+        });
+        result
     }
 
     /// LoRA: `adapter.safetensors` (diffusers format); full: `unet/` in diffusers layout.
@@ -684,7 +820,7 @@ impl Trainer {
         let mut total = 0usize;
         let mut result = Ok(());
         for d in 0..draws.max(1) {
-            match self.micro_batch((1usize << 40) + d, start) {
+            match self.micro_batch((1usize << 40) + d, start, 0..n) {
                 Ok(MicroBatch { u, .. }) => {
                     positive += u.iter().filter(|&&v| v > 0.0).count();
                     total += u.len();
@@ -703,6 +839,12 @@ impl Trainer {
         ) = saved;
         result?;
         Ok(positive as f64 / total.max(1) as f64)
+    }
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        self.leave("the run was abandoned");
     }
 }
 
