@@ -155,6 +155,9 @@ pub struct ModelsConfig {
     pub serve: Vec<String>,
     pub default: String,
     pub device: String,
+    /// Placement per served model name: the devices it is served on, one worker (replica)
+    /// each. A `@DEVICE[,DEVICE...]` suffix on the model's `serve` entry wins over this.
+    pub devices: std::collections::BTreeMap<String, Vec<String>>,
     pub dtype: String,
     pub variant: String,
 }
@@ -196,17 +199,29 @@ pub struct AdaptersConfig {
     pub cache_size: usize,
 }
 
-/// One model to serve: a name clients use and where the weights come from.
+/// One model to serve: a name clients use, where the weights come from, and the devices it
+/// is served on (empty: `models.devices` or `models.device`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
     pub source: String,
+    pub devices: Vec<String>,
 }
 
 impl ModelSpec {
-    /// `NAME=SOURCE`, or a bare SOURCE named after its last path component.
+    /// `NAME=SOURCE[@DEVICE[,DEVICE...]]`, or a bare SOURCE named after its last path
+    /// component. The placement suffix is told from a hub revision (`owner/repo@main`) by
+    /// its form: every entry must read as a device.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let s = s.trim();
+        let (s, devices) = match s.rsplit_once('@') {
+            Some((head, tail))
+                if tail.split(',').all(|d| crate::models::device::looks_like_device(d.trim())) =>
+            {
+                (head, tail.split(',').map(|d| d.trim().to_string()).collect())
+            }
+            _ => (s, Vec::new()),
+        };
         let (name, source) = match s.split_once('=') {
             Some((n, src)) => (n.trim().to_string(), src.trim().to_string()),
             None => {
@@ -233,7 +248,11 @@ impl ModelSpec {
                 "model '{s}': the name '{name}' must be 1-64 characters of letters, digits, '-', '_' or '.'"
             )));
         }
-        Ok(Self { name, source })
+        Ok(Self {
+            name,
+            source,
+            devices,
+        })
     }
 }
 
@@ -417,7 +436,13 @@ impl Config {
     pub fn model_specs(&self) -> Result<Vec<ModelSpec>, ConfigError> {
         let mut specs = Vec::new();
         for s in &self.models.serve {
-            let spec = ModelSpec::parse(s)?;
+            let mut spec = ModelSpec::parse(s)?;
+            if spec.devices.is_empty() {
+                spec.devices = self.models.devices.get(&spec.name).cloned().unwrap_or_default();
+            }
+            if spec.devices.is_empty() {
+                spec.devices = vec![self.models.device.clone()];
+            }
             if specs.iter().any(|o: &ModelSpec| o.name == spec.name) {
                 return Err(ConfigError::Invalid(format!(
                     "model name '{}' is given twice",
@@ -431,11 +456,24 @@ impl Config {
                 specs.push(ModelSpec {
                     name: "shapes".into(),
                     source: DEMO_MODEL_DIR.into(),
+                    devices: self
+                        .models
+                        .devices
+                        .get("shapes")
+                        .cloned()
+                        .unwrap_or_else(|| vec![self.models.device.clone()]),
                 });
             } else {
                 return Err(ConfigError::Invalid(format!(
                     "no model to serve: pass --model NAME=DIR_OR_HUB_ID (repeatable), or set models.serve in a \
                      config file or DSPO_MODELS_SERVE (the demo model {DEMO_MODEL_DIR} is not present)"
+                )));
+            }
+        }
+        for name in self.models.devices.keys() {
+            if !specs.iter().any(|s| &s.name == name) {
+                return Err(ConfigError::Invalid(format!(
+                    "models.devices names '{name}', which is not a served model"
                 )));
             }
         }
@@ -629,9 +667,15 @@ mod tests {
             ModelSpec::parse("a=/m/x").unwrap(),
             ModelSpec {
                 name: "a".into(),
-                source: "/m/x".into()
+                source: "/m/x".into(),
+                devices: vec![],
             }
         );
+        let placed = ModelSpec::parse("a=owner/repo@main@cuda:0,cuda:1").unwrap();
+        assert_eq!(placed.source, "owner/repo@main");
+        assert_eq!(placed.devices, vec!["cuda:0", "cuda:1"]);
+        assert_eq!(ModelSpec::parse("/m/x@cpu").unwrap().name, "x");
+        assert!(ModelSpec::parse("owner/repo@main").unwrap().devices.is_empty());
         assert_eq!(ModelSpec::parse("/m/tiny-sd15/").unwrap().name, "tiny-sd15");
         assert_eq!(ModelSpec::parse("owner/repo@main").unwrap().name, "repo");
         assert!(ModelSpec::parse("a b=/x").is_err());

@@ -313,8 +313,8 @@ pub async fn samplers() -> Json<Value> {
 pub async fn sd_models(State(app): State<AppState>) -> Json<Value> {
     Json(Value::Array(
         app.pool
-            .workers()
-            .iter()
+            .models()
+            .into_iter()
             .map(|w| {
                 json!({"title": w.name(), "model_name": w.name(), "hash": null, "sha256": null,
                        "filename": w.source(), "config": null})

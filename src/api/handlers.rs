@@ -123,7 +123,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
 
 pub(crate) fn find_model<'a>(app: &'a AppState, name: Option<&str>) -> Result<&'a Arc<ModelWorker>, ApiError> {
     app.pool.get(name).ok_or_else(|| {
-        let known: Vec<&str> = app.pool.workers().iter().map(|w| w.name()).collect();
+        let known: Vec<&str> = app.pool.models().iter().map(|w| w.name()).collect();
         ApiError::ModelNotFound(format!(
             "no model named '{}'; served: {}",
             name.unwrap_or_default(),
@@ -642,8 +642,8 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
     let d = &app.config.defaults;
     let models = app
         .pool
-        .workers()
-        .iter()
+        .models()
+        .into_iter()
         .map(|w| {
             let status = w.status();
             let (info, error) = match &status {
@@ -657,6 +657,7 @@ pub async fn models(State(app): State<AppState>) -> Json<ModelsResponse> {
                 architecture: info
                     .as_ref()
                     .map(|i| i.architecture.name().to_string()),
+                devices: app.pool.devices(w.name()),
                 loaded: info.is_some(),
                 error,
                 default: w.name() == app.pool.default_model(),
@@ -705,6 +706,7 @@ pub async fn health(State(app): State<AppState>) -> Json<HealthResponse> {
             let s = w.stats().snapshot();
             ModelHealth {
                 name: w.name().to_string(),
+                device: w.device().to_string(),
                 loaded: matches!(w.status(), LoadStatus::Ready(_)),
                 queue_depth: w.queue_depth() as u32,
                 requests_computed: s.requests_computed,
@@ -747,6 +749,7 @@ pub async fn ready(State(app): State<AppState>) -> Response {
             };
             ModelReadiness {
                 name: w.name().to_string(),
+                device: w.device().to_string(),
                 status: status.into(),
                 error,
             }

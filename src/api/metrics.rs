@@ -63,10 +63,12 @@ pub async fn record(req: Request, next: Next) -> Response {
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let handle = handle();
     for w in app.pool.workers() {
-        let model = w.name().to_string();
-        metrics::gauge!("dspo_queue_size", "model" => model.clone()).set(w.queue_depth() as f64);
+        let (model, device) = (w.name().to_string(), w.device().to_string());
+        metrics::gauge!("dspo_queue_size", "model" => model.clone(), "device" => device.clone())
+            .set(w.queue_depth() as f64);
         let loaded = matches!(w.status(), crate::server::LoadStatus::Ready(_));
-        metrics::gauge!("dspo_model_loaded", "model" => model).set(if loaded { 1.0 } else { 0.0 });
+        metrics::gauge!("dspo_model_loaded", "model" => model, "device" => device)
+            .set(if loaded { 1.0 } else { 0.0 });
     }
     if let Some(jobs) = &app.jobs {
         let m = jobs.clone();

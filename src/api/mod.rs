@@ -252,8 +252,8 @@ fn start_jobs(
     pool: &Arc<ModelPool>,
 ) -> Result<Arc<crate::jobs::JobManager>, ConfigError> {
     let served: Vec<(String, String)> = pool
-        .workers()
-        .iter()
+        .models()
+        .into_iter()
         .map(|w| (w.name().to_string(), w.source().to_string()))
         .collect();
     let jc = crate::jobs::JobsConfig::from_config(config, &served)

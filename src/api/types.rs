@@ -265,6 +265,8 @@ pub struct ModelEntry {
     pub source: String,
     /// stable_diffusion, stable_diffusion_xl or instruct_pix2pix; null until loaded.
     pub architecture: Option<String>,
+    /// The devices the model is served on, one replica each (`cpu`, `cuda:0`, ...).
+    pub devices: Vec<String>,
     pub loaded: bool,
     /// Why the model could not be loaded, if it could not.
     pub error: Option<String>,
@@ -288,6 +290,8 @@ pub struct ModelsResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelHealth {
     pub name: String,
+    /// The replica's device: a model served on several devices has an entry per replica.
+    pub device: String,
     pub loaded: bool,
     /// Requests admitted and not yet computing.
     pub queue_depth: u32,
@@ -328,6 +332,8 @@ pub struct ReadyResponse {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ModelReadiness {
     pub name: String,
+    /// The replica's device: a model served on several devices has an entry per replica.
+    pub device: String,
     /// loading, ready or failed
     pub status: String,
     pub error: Option<String>,

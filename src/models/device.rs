@@ -37,6 +37,16 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
     }
 }
 
+/// Whether `name` is written like a device (`cpu`, `cuda`, `cuda:N`), without opening it:
+/// what tells a placement suffix (`DIR@cuda:1`) from a hub revision (`owner/repo@main`).
+pub fn looks_like_device(name: &str) -> bool {
+    name == "cpu"
+        || name == "cuda"
+        || name
+            .strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

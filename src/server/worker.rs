@@ -107,6 +107,8 @@ struct Queued {
     admitted: Instant,
     request_id: String,
     slot: Option<QueueSlot>,
+    /// Held until the request is answered or dropped: the worker's load.
+    _in_flight: QueueSlot,
     progress: Option<ProgressSender>,
 }
 
@@ -119,16 +121,21 @@ impl Queued {
 pub struct ModelWorker {
     name: String,
     source: String,
+    /// The device this replica runs on, as configured (`cpu`, `cuda:1`).
+    device: String,
     status: watch::Receiver<LoadStatus>,
     tx: Mutex<Option<mpsc::Sender<Queued>>>,
     queued: Arc<AtomicUsize>,
+    /// Requests admitted and not yet answered (queued or computing).
+    in_flight: Arc<AtomicUsize>,
     stats: Arc<WorkerStats>,
     settings: WorkerSettings,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ModelWorker {
-    /// Starts the thread, which loads the model and then serves its queue.
+    /// Starts the thread, which loads the model and then serves its queue. `spec` is one
+    /// replica's: its `devices` names the one device `load` opens.
     pub fn spawn(
         spec: ModelSpec,
         load: LoadOptions,
@@ -147,16 +154,19 @@ impl ModelWorker {
             hook,
         };
         let (name, source) = (spec.name.clone(), spec.source.clone());
+        let device = spec.devices.first().cloned().unwrap_or_else(|| "cpu".into());
         let thread = std::thread::Builder::new()
-            .name(format!("model-{}", spec.name))
+            .name(format!("model-{}@{device}", spec.name))
             .spawn(move || inner.run(spec, load, status_tx, rx))
             .expect("spawning a worker thread");
         Self {
             name,
             source,
+            device,
             status,
             tx: Mutex::new(Some(tx)),
             queued,
+            in_flight: Arc::new(AtomicUsize::new(0)),
             stats,
             settings,
             thread: Mutex::new(Some(thread)),
@@ -169,6 +179,10 @@ impl ModelWorker {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     pub fn status(&self) -> LoadStatus {
@@ -211,6 +225,12 @@ impl ModelWorker {
         self.queued.load(Ordering::SeqCst)
     }
 
+    /// Requests admitted and not yet answered, queued or computing: what the pool balances
+    /// replicas by.
+    pub fn load(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
     }
@@ -246,7 +266,9 @@ impl ModelWorker {
             });
         }
         let (reply, rx) = oneshot::channel();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         let job = Queued {
+            _in_flight: QueueSlot(self.in_flight.clone()),
             key: task.batch_key(),
             task,
             reply,
