@@ -99,6 +99,8 @@ pub struct JobsSection {
     pub max_pairs_per_step: usize,
     pub max_lora_rank: usize,
     pub devices: Vec<String>,
+    pub database_url: String,
+    pub lease_secs: f64,
 }
 
 /// Where job datasets may come from and how big they may be.

@@ -729,6 +729,7 @@ pub async fn health(State(app): State<AppState>) -> Json<HealthResponse> {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_s: app.started.elapsed().as_secs_f64(),
         models,
+        replica: app.jobs.as_ref().map(|j| j.replica().to_string()),
     })
 }
 

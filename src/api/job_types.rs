@@ -275,6 +275,9 @@ pub struct JobRecord {
     /// Rows read, pairs kept, ties dropped, undecodable images skipped.
     #[schema(value_type = Option<Object>)]
     pub dataset: Option<serde_json::Value>,
+    /// While it runs: the server replica running it (its `replica` in /health).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// With an `evaluation` block: its evaluation, once the job has completed and submitted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<JobEvaluationStatus>,
@@ -526,6 +529,7 @@ impl From<jobs::JobRecord> for JobRecord {
             }),
             adapter: j.adapter,
             dataset: j.dataset,
+            replica: j.replica,
             evaluation: None,
         }
     }

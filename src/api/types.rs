@@ -316,6 +316,9 @@ pub struct HealthResponse {
     pub version: String,
     pub uptime_s: f64,
     pub models: Vec<ModelHealth>,
+    /// This server's id among replicas sharing a job database (a running job's `replica`
+    /// names the server running it); null when jobs are disabled.
+    pub replica: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

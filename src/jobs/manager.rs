@@ -4,6 +4,7 @@
 //! The HTTP layer only calls the methods here; training code knows nothing about jobs.
 
 use super::fetch::{fetch_dataset, FetchConfig};
+use super::sql::Engine;
 use super::store::Store;
 use super::types::{
     AdapterInfo, FinetuneDefaults, JobError, JobErrorBody, JobRecord, JobSpec, JobStatus, Progress,
@@ -13,7 +14,7 @@ use super::webhook;
 use crate::adapters::{valid_name, AdapterDir};
 use crate::training::trainer::Trainer;
 use crate::training::{Hyperparameters, Method, StepMetrics, TrainConfig, TrainError};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,6 +38,17 @@ pub struct JobsConfig {
     /// Fine-tuning defaults per served model name; `default` for the rest.
     pub defaults: HashMap<String, FinetuneDefaults>,
     pub device: String,
+    /// Empty: jobs in `<data_dir>/jobs.sqlite`. A `postgres://` URL: jobs in that database,
+    /// shared by every replica given the same URL (and the same data directory, for
+    /// checkpoints and adapters).
+    pub database_url: String,
+    /// How long a replica's claim on a running job holds without renewal (it renews every
+    /// third of it); a job whose replica stopped renewing is taken over after this.
+    pub lease: Duration,
+    /// How often an idle replica looks for jobs queued elsewhere.
+    pub poll: Duration,
+    /// This server's id among replicas.
+    pub replica: String,
     /// Data-parallel jobs: one rank per device (empty or one: `device` alone).
     pub devices: Vec<String>,
     /// The largest job a request may ask for: steps, pairs per optimiser step, LoRA rank.
@@ -72,6 +84,12 @@ impl JobsConfig {
             Duration::from_secs(config.jobs.webhook_progress_interval_secs);
         jc.device = config.models.device.clone();
         jc.devices = config.jobs.devices.clone();
+        jc.database_url = config.jobs.database_url.clone();
+        let lease = config.jobs.lease_secs;
+        if !(lease > 0.0 && lease.is_finite()) {
+            return Err(invalid(format!("jobs.lease_secs must be a positive number, got {lease}")));
+        }
+        jc.lease = Duration::from_secs_f64(lease);
         jc.max_steps = config.jobs.max_steps;
         jc.max_pairs_per_step = config.jobs.max_pairs_per_step;
         jc.max_lora_rank = config.jobs.max_lora_rank;
@@ -129,6 +147,10 @@ impl JobsConfig {
             webhook_progress_interval: Duration::from_secs(5),
             defaults: HashMap::new(),
             device: "cpu".into(),
+            database_url: String::new(),
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(1),
+            replica: uuid::Uuid::new_v4().to_string(),
             devices: Vec::new(),
             max_steps: 100_000,
             max_pairs_per_step: 4096,
@@ -154,8 +176,10 @@ pub struct JobEvent {
     pub data: serde_json::Value,
 }
 
-struct Queue {
-    items: Mutex<VecDeque<String>>,
+/// Wakes the worker early when this replica queued a job (it also polls the store, which is
+/// where jobs queued by other replicas appear).
+struct Wake {
+    pending: Mutex<bool>,
     cv: Condvar,
 }
 
@@ -164,7 +188,8 @@ pub struct JobManager {
     store: Store,
     models: ModelResolver,
     busy: Option<BusyProbe>,
-    queue: Queue,
+    wake: Wake,
+    /// The cancel flag of the job this replica runs.
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     stop: AtomicBool,
@@ -206,13 +231,18 @@ fn train_error_body(e: &TrainError) -> JobErrorBody {
 }
 
 impl JobManager {
-    /// Opens the store, re-queues what a previous process left unfinished, starts the worker.
+    /// Opens the store, re-queues what a previous process left unfinished (a lone server;
+    /// replicas sharing a database leave that to the leases), starts the worker.
     pub fn start(
         cfg: JobsConfig,
         models: ModelResolver,
         busy: Option<BusyProbe>,
     ) -> Result<Arc<Self>, JobError> {
-        let store = Store::open(&cfg.data_dir.join("jobs.sqlite"))?;
+        let store = if cfg.database_url.is_empty() {
+            Store::open(&cfg.data_dir.join("jobs.sqlite"))?
+        } else {
+            Store::connect(&cfg.database_url)?
+        };
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let webhooks = match &cfg.webhook_secret {
             Some(s) => {
@@ -231,8 +261,8 @@ impl JobManager {
             store,
             models,
             busy,
-            queue: Queue {
-                items: Mutex::new(VecDeque::new()),
+            wake: Wake {
+                pending: Mutex::new(false),
                 cv: Condvar::new(),
             },
             cancels: Mutex::new(HashMap::new()),
@@ -241,18 +271,18 @@ impl JobManager {
             submitting: Mutex::new(()),
             webhooks,
         });
-        for job in m.store.list(None)? {
-            if !job.status.is_terminal() {
-                // Unfinished work resumes: downloads restart, training continues from its
-                // newest checkpoint (the trainer finds it in the job's output directory).
-                if let Err(e) = m.store.set_status(&job.id, JobStatus::Queued, None) {
-                    // Read-only storage: the job stays as recorded; it resumes once the
-                    // directory takes writes and the server restarts.
-                    tracing::warn!(job = %job.id, "cannot re-queue: {e}");
-                    continue;
+        if m.store.engine() == Engine::Sqlite {
+            // Unfinished work resumes: downloads restart, training continues from its newest
+            // checkpoint (the trainer finds it in the job's output directory).
+            match m.store.requeue_unfinished() {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::info!(job = %id, "re-queued after restart");
+                    }
                 }
-                m.enqueue(&job.id);
-                tracing::info!(job = %job.id, was = job.status.as_str(), "re-queued after restart");
+                // Read-only storage: the jobs stay as recorded; they resume once the
+                // directory takes writes and the server restarts.
+                Err(e) => tracing::warn!("cannot re-queue unfinished jobs: {e}"),
             }
         }
         let worker = m.clone();
@@ -270,16 +300,19 @@ impl JobManager {
         for flag in self.cancels.lock().unwrap().values() {
             flag.store(true, Ordering::SeqCst);
         }
-        self.queue.cv.notify_all();
+        self.wake.cv.notify_all();
     }
 
-    fn enqueue(&self, id: &str) {
-        self.cancels
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), Arc::new(AtomicBool::new(false)));
-        self.queue.items.lock().unwrap().push_back(id.to_string());
-        self.queue.cv.notify_one();
+    /// Tells the worker a job was queued here, so it claims it without waiting for its poll.
+    fn wake_worker(&self) {
+        *self.wake.pending.lock().unwrap() = true;
+        self.wake.cv.notify_one();
+    }
+
+    /// This server's id among replicas sharing a job database (in /health and in a running
+    /// job's record).
+    pub fn replica(&self) -> &str {
+        &self.cfg.replica
     }
 
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<JobEvent> {
@@ -475,7 +508,7 @@ impl JobManager {
             .get(&id)?
             .ok_or_else(|| JobError::NotFound(id.clone()))?;
         self.emit_status(&id);
-        self.enqueue(&id);
+        self.wake_worker();
         Ok(record)
     }
 
@@ -610,18 +643,17 @@ impl JobManager {
         if job.status.is_terminal() {
             return Ok(job);
         }
+        if self.store.cancel_if_queued(id)? {
+            // No replica had claimed it: it ends here.
+            self.finish(id, JobStatus::Cancelled, None);
+            return self.get(id);
+        }
+        // Running: here (its flag), or on another replica, which sees the request when it
+        // renews its lease.
         if let Some(flag) = self.cancels.lock().unwrap().get(id) {
             flag.store(true, Ordering::SeqCst);
         }
-        let was_queued = {
-            let mut q = self.queue.items.lock().unwrap();
-            let before = q.len();
-            q.retain(|j| j != id);
-            q.len() != before
-        };
-        if was_queued {
-            self.finish(id, JobStatus::Cancelled, None);
-        }
+        self.store.request_cancel(id)?;
         self.get(id)
     }
 
@@ -714,44 +746,89 @@ impl JobManager {
         }
     }
 
-    fn run_worker(self: Arc<Self>) {
+    /// The next job to run: claimed from the store, which is where every replica's queued
+    /// jobs and the jobs of dead replicas are. None once the manager stops.
+    fn next_job(&self) -> Option<String> {
         loop {
-            let id = {
-                let mut q = self.queue.items.lock().unwrap();
-                loop {
-                    if self.stop.load(Ordering::SeqCst) {
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            match self.store.claim(&self.cfg.replica, self.cfg.lease.as_secs_f64()) {
+                Ok(Some(id)) => return Some(id),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("claiming a job: {e}"),
+            }
+            let mut pending = self.wake.pending.lock().unwrap();
+            if !*pending {
+                pending = self
+                    .wake
+                    .cv
+                    .wait_timeout(pending, self.cfg.poll)
+                    .unwrap()
+                    .0;
+            }
+            *pending = false;
+        }
+    }
+
+    /// Renews the lease on `id` every third of its length until `done`; raises `cancel` when
+    /// someone asks for the job to be cancelled, and `lost` too when another replica has taken
+    /// the job over (this one was taken for dead, e.g. paused past its lease).
+    fn hold_lease(&self, id: &str, done: &AtomicBool, cancel: &AtomicBool, lost: &AtomicBool) {
+        let every = self.cfg.lease / 3;
+        let mut last = Instant::now();
+        while !done.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50).min(every));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = Instant::now();
+            match self.store.renew(id, &self.cfg.replica, self.cfg.lease.as_secs_f64()) {
+                Ok(lease) => {
+                    if lease.cancel_requested {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                    if !lease.held && !done.load(Ordering::SeqCst) {
+                        lost.store(true, Ordering::SeqCst);
+                        cancel.store(true, Ordering::SeqCst);
                         return;
                     }
-                    if let Some(id) = q.pop_front() {
-                        break id;
-                    }
-                    q = self
-                        .queue
-                        .cv
-                        .wait_timeout(q, Duration::from_millis(500))
-                        .unwrap()
-                        .0;
                 }
-            };
-            let flag = self
-                .cancels
+                Err(e) => tracing::warn!(job = id, "renewing the job's lease: {e}"),
+            }
+        }
+    }
+
+    fn run_worker(self: Arc<Self>) {
+        while let Some(id) = self.next_job() {
+            let flag = Arc::new(AtomicBool::new(false));
+            self.cancels
                 .lock()
                 .unwrap()
-                .get(&id)
-                .cloned()
-                .unwrap_or_default();
-            // A panic in training must fail this job, not the worker.
-            let me = self.clone();
-            let jid = id.clone();
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                me.run_job(&jid, &flag)
-            }));
+                .insert(id.clone(), flag.clone());
+            let (done, lost) = (AtomicBool::new(false), AtomicBool::new(false));
+            let outcome = std::thread::scope(|s| {
+                s.spawn(|| self.hold_lease(&id, &done, &flag, &lost));
+                // A panic in training must fail this job, not the worker.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.run_job(&id, &flag)
+                }));
+                done.store(true, Ordering::SeqCst);
+                outcome
+            });
+            if lost.load(Ordering::SeqCst) {
+                tracing::warn!(job = %id, "another replica took the job over; stopped here");
+                self.cancels.lock().unwrap().remove(&id);
+                continue;
+            }
             match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err((status, body))) => {
                     if self.stop.load(Ordering::SeqCst) && status == JobStatus::Cancelled {
-                        // Shutdown interrupted it: leave it resumable for the next start.
-                        let _ = self.store.set_status(&id, JobStatus::Queued, None);
+                        // Shutdown interrupted it: back in the queue, resumable here at the
+                        // next start or at once by another replica.
+                        let _ = self.store.release(&id, &self.cfg.replica);
+                        self.cancels.lock().unwrap().remove(&id);
                     } else {
                         self.finish(&id, status, body);
                     }

@@ -1,9 +1,10 @@
-//! Asynchronous fine-tuning jobs: queue, persistence (SQLite), progress, cancellation,
-//! dataset fetching, adapter registry, webhooks.
+//! Asynchronous fine-tuning jobs: queue, persistence (SQLite, or PostgreSQL shared by
+//! replicas), progress, cancellation, dataset fetching, adapter registry, webhooks.
 
 pub mod evaluations;
 pub mod fetch;
 pub mod manager;
+pub mod sql;
 pub mod store;
 pub mod types;
 pub mod webhook;

@@ -196,6 +196,9 @@ pub struct JobRecord {
     pub adapter: Option<String>,
     /// Rows read, pairs kept, ties dropped, undecodable images skipped.
     pub dataset: Option<serde_json::Value>,
+    /// While it runs: the server replica running it (its `replica` in /health).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// GET /adapters
