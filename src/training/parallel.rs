@@ -6,7 +6,8 @@
 //! The ranks meet in a `Collective`. `ThreadGroup` is the in-process implementation: ranks are
 //! threads, and the reduction runs on the host in rank order, so it is deterministic and
 //! works between any devices (a GPU rank's tensors go through host memory). With the `nccl`
-//! feature, `nccl::NcclGroup` reduces GPU tensors in place over NVLink/PCIe.
+//! feature, `nccl::NcclGroup` reduces GPU tensors on the GPUs (NVLink/PCIe), and `group`
+//! picks it whenever every rank is a CUDA device.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -159,6 +160,143 @@ impl Collective for ThreadGroup {
             s.aborted = Some(why.to_string());
         }
         self.shared.changed.notify_all();
+    }
+}
+
+/// One handle per rank for a run over `devices`: NCCL where every device is a GPU and the
+/// build has it, the in-process thread group otherwise.
+pub fn group(devices: &[String]) -> Result<Vec<Box<dyn Collective>>, CollectiveError> {
+    #[cfg(feature = "nccl")]
+    if devices.iter().all(|d| d.starts_with("cuda")) {
+        return Ok(nccl::NcclGroup::new(devices)?
+            .into_iter()
+            .map(|g| Box::new(g) as Box<dyn Collective>)
+            .collect());
+    }
+    Ok(ThreadGroup::new(devices.len())
+        .into_iter()
+        .map(|g| Box::new(g) as Box<dyn Collective>)
+        .collect())
+}
+
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    //! NCCL all-reduce between the GPUs of one process, one communicator per rank, created
+    //! together (`ncclCommInitAll`).
+
+    use super::{Collective, CollectiveError};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
+    use std::sync::{Arc, Mutex};
+
+    /// A communicator moved to its rank's thread. NCCL allows a communicator to be used from
+    /// any thread as long as calls on it do not overlap; each rank's thread is its only user.
+    struct RankComm(Comm);
+    // SAFETY: see above; the communicator is owned by one rank and used by one thread at a time.
+    unsafe impl Send for RankComm {}
+    // SAFETY: `&RankComm` is only used inside `all_reduce_mean`, which its one owner calls.
+    unsafe impl Sync for RankComm {}
+
+    pub struct NcclGroup {
+        comm: RankComm,
+        rank: usize,
+        world: usize,
+        aborted: Arc<Mutex<Option<String>>>,
+    }
+
+    impl NcclGroup {
+        pub fn new(devices: &[String]) -> Result<Vec<NcclGroup>, CollectiveError> {
+            let mut streams = Vec::new();
+            for d in devices {
+                match crate::models::device::parse_device(d) {
+                    Ok(candle_core::Device::Cuda(c)) => streams.push(c.cuda_stream()),
+                    Ok(_) => return Err(CollectiveError::Aborted(format!("{d} is not a GPU"))),
+                    Err(e) => return Err(CollectiveError::Aborted(e)),
+                }
+            }
+            let comms = Comm::from_devices(streams)
+                .map_err(|e| CollectiveError::Aborted(format!("NCCL initialisation: {e:?}")))?;
+            let aborted = Arc::new(Mutex::new(None));
+            let world = comms.len();
+            Ok(comms
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| NcclGroup {
+                    comm: RankComm(comm),
+                    rank,
+                    world,
+                    aborted: aborted.clone(),
+                })
+                .collect())
+        }
+    }
+
+    /// The mean over ranks of one contiguous f32 tensor, as a new tensor.
+    struct AllReduceMean<'a>(&'a Comm);
+
+    impl CustomOp1 for AllReduceMean<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-mean"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("NCCL reduces GPU tensors only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL all-reduce needs a contiguous tensor")
+            };
+            let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let dev = s.device().clone();
+            let mut dst = dev.alloc_zeros::<f32>(end - start)?;
+            self.0
+                .all_reduce(&src, &mut dst, &ReduceOp::Avg)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+        }
+    }
+
+    impl Collective for NcclGroup {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn world_size(&self) -> usize {
+            self.world
+        }
+
+        fn all_reduce_mean(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>, CollectiveError> {
+            if let Some(why) = self.aborted.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Err(CollectiveError::Aborted(why));
+            }
+            tensors
+                .iter()
+                .map(|t| {
+                    let flat = t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+                    flat.apply_op1_no_bwd(&AllReduceMean(&self.comm.0))?
+                        .reshape(t.shape())?
+                        .to_dtype(t.dtype())
+                        .map_err(CollectiveError::from)
+                })
+                .collect()
+        }
+
+        /// Marks the group aborted for later reductions. A rank already inside an NCCL
+        /// reduction waits for its peers there: a rank that fails must fail before its next
+        /// reduction, which the trainer's step structure ensures for data and model errors.
+        fn abort(&self, why: &str) {
+            let mut a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+            if a.is_none() {
+                *a = Some(why.to_string());
+            }
+        }
     }
 }
 

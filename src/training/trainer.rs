@@ -11,7 +11,7 @@ use super::lora::TrainableLora;
 use super::losses::Method;
 use super::noise::NoiseSchedule;
 use super::optim::{clip, collect, AdamW, AdamWConfig};
-use super::parallel::{shard, Collective, CollectiveError, ThreadGroup};
+use super::parallel::{shard, Collective, CollectiveError};
 use super::step::{
     apply_conditioning_dropout, batch_loss, conditioning_dropout, with_adapters_detached,
     with_adapters_off, Batch, Reference,
@@ -151,7 +151,7 @@ impl Trainer {
             }
             return Self::new_rank(config);
         }
-        let mut group = ThreadGroup::new(config.devices.len()).into_iter();
+        let mut group = super::parallel::group(&config.devices)?.into_iter();
         let first = group.next().expect("a group of two or more ranks");
         let mut workers = Vec::new();
         for (rank, handle) in group.enumerate().map(|(i, g)| (i + 1, g)) {
@@ -164,7 +164,7 @@ impl Trainer {
                         Ok(t) => t,
                         Err(e) => return handle.abort(&format!("rank {rank}: {e}")),
                     };
-                    t.group = Some(Box::new(handle));
+                    t.group = Some(handle);
                     while t.step < t.config.hyperparameters.max_steps {
                         match t.train_step() {
                             Ok(_) => {}
@@ -186,7 +186,7 @@ impl Trainer {
         c.device = config.devices[0].clone();
         match Self::new_rank(c) {
             Ok(mut t) => {
-                t.group = Some(Box::new(first));
+                t.group = Some(first);
                 t.workers = workers;
                 Ok(t)
             }
