@@ -154,14 +154,7 @@ fn a_server_with_job_devices_trains_jobs_data_parallel() {
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("split evenly"), "{:?}", r.json());
     let mut body = body;
     body["hyperparameters"]["batch_size"] = serde_json::json!(4);
-    let r = common::post_json(&server, "/finetune", &body);
-    assert_eq!(r.status, 202, "{:?}", r.json());
-    let id = r.json()["job_id"].as_str().unwrap().to_string();
-    let mut job = serde_json::Value::Null;
-    common::wait_until(300, "the job to end", || {
-        job = common::get(&server, &format!("/finetune/{id}")).json();
-        ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-    });
+    let (job, _) = common::finetune(&server, &body);
     assert_eq!(job["status"], "completed", "{job}");
     let gen = common::post_json(&server, "/generate", &serde_json::json!({"prompt": "a red circle", "adapter": "dp", "steps": 2}));
     assert_eq!(gen.status, 200);

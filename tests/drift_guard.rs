@@ -13,17 +13,8 @@ fn run(server: &dspo_server::api::running::RunningServer, url: &str, hyper: Valu
     for (k, v) in hyper.as_object().unwrap() {
         h[k] = v.clone();
     }
-    let r = common::post_json(server, "/finetune", &json!({
-        "dataset_url": url, "method": "dspo", "lora": {"rank": 2, "alpha": 2.0}, "hyperparameters": h}));
-    assert_eq!(r.status, 202, "{:?}", r.json());
-    let id = r.json()["job_id"].as_str().unwrap().to_string();
-    let mut job = Value::Null;
-    common::wait_until(300, "the job to end", || {
-        job = common::get(server, &format!("/finetune/{id}")).json();
-        ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-    });
-    let metrics = common::get(server, &format!("/finetune/{id}/metrics")).json();
-    (job, metrics.as_array().unwrap().clone())
+    common::finetune(server, &json!({
+        "dataset_url": url, "method": "dspo", "lora": {"rank": 2, "alpha": 2.0}, "hyperparameters": h}))
 }
 
 #[test]

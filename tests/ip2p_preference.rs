@@ -19,7 +19,7 @@ use dspo_server::training::noise::NoiseSchedule;
 use dspo_server::training::step::{
     apply_conditioning_dropout, batch_loss, conditioning_dropout, Batch, Reference,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
@@ -141,19 +141,6 @@ fn edit_pairs_dir() -> PathBuf {
     root
 }
 
-fn run_job(server: &dspo_server::api::running::RunningServer, body: Value) -> (Value, Vec<Value>) {
-    let r = common::post_json(server, "/finetune", &body);
-    assert_eq!(r.status, 202, "{:?}", r.json());
-    let id = r.json()["job_id"].as_str().unwrap().to_string();
-    let mut job = Value::Null;
-    common::wait_until(300, "the job to end", || {
-        job = common::get(server, &format!("/finetune/{id}")).json();
-        ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-    });
-    let metrics = common::get(server, &format!("/finetune/{id}/metrics")).json();
-    (job, metrics.as_array().cloned().unwrap_or_default())
-}
-
 #[test]
 fn edit_preference_jobs_run_over_http_and_serve_edit() {
     let root = edit_pairs_dir();
@@ -169,7 +156,7 @@ fn edit_preference_jobs_run_over_http_and_serve_edit() {
                        "warmup_steps": 0, "drift_every": 1, "conditioning_dropout": 0.1});
     for (method, file) in [("dspo", "edits.parquet"), ("diffusion_dpo", "edits.jsonl")] {
         let name = format!("edit-{method}");
-        let (job, metrics) = run_job(&server, json!({
+        let (job, metrics) = common::finetune(&server, &json!({
             "dataset_url": www.url(file), "method": method, "adapter_name": name,
             "lora": {"rank": 2, "alpha": 2.0}, "hyperparameters": hyper}));
         assert_eq!(job["status"], "completed", "{method}: {job}");
@@ -183,7 +170,7 @@ fn edit_preference_jobs_run_over_http_and_serve_edit() {
     }
 
     // Text-to-image pairs have no source image: the job fails saying so.
-    let (job, _) = run_job(&server, json!({"dataset_url": www.url("prefs.parquet"), "method": "dspo",
+    let (job, _) = common::finetune(&server, &json!({"dataset_url": www.url("prefs.parquet"), "method": "dspo",
         "hyperparameters": {"max_steps": 1, "resolution": 64}}));
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["error"]["message"].as_str().unwrap().contains("input_image"), "{job}");
@@ -202,7 +189,7 @@ fn conditioning_dropout_is_for_edit_models_and_bounded() {
         "method": "dspo", "hyperparameters": {"conditioning_dropout": 0.5}}));
     assert_eq!(r.status, 422, "{:?}", r.json());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("1/3"), "{:?}", r.json());
-    let (job, _) = run_job(&server, json!({"dataset_url": www.url("prefs.parquet"), "method": "dspo",
+    let (job, _) = common::finetune(&server, &json!({"dataset_url": www.url("prefs.parquet"), "method": "dspo",
         "hyperparameters": {"max_steps": 1, "resolution": 64, "conditioning_dropout": 0.1}}));
     assert_eq!(job["status"], "failed", "{job}");
     assert!(job["error"]["message"].as_str().unwrap().contains("caption_dropout"), "{job}");

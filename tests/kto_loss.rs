@@ -69,22 +69,14 @@ fn a_diffusion_kto_job_trains_an_adapter_over_http() {
     c.models.serve.truncate(1);
     c.datasets.allow_private_networks = true;
     let server = common::start(c);
-    let r = common::post_json(&server, "/finetune", &json!({
+    let (job, metrics) = common::finetune(&server, &json!({
         "dataset_url": www.url("prefs.parquet"), "method": "diffusion_kto", "adapter_name": "kto-tiny",
         "lora": {"rank": 2, "alpha": 2.0},
         "hyperparameters": {"max_steps": 3, "batch_size": 2, "max_pairs": 8, "learning_rate": 1e-2,
                             "resolution": 64, "warmup_steps": 0}}));
-    assert_eq!(r.status, 202, "{:?}", r.json());
-    let id = r.json()["job_id"].as_str().unwrap().to_string();
-    let mut job = serde_json::Value::Null;
-    common::wait_until(300, "the job to end", || {
-        job = common::get(&server, &format!("/finetune/{id}")).json();
-        ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-    });
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["spec"]["method"], "diffusion_kto");
-    let metrics = common::get(&server, &format!("/finetune/{id}/metrics")).json();
-    let losses: Vec<f64> = metrics.as_array().unwrap().iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = metrics.iter().map(|m| m["loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 3);
     // 1 - sigmoid(.) lies in (0, 1).
     assert!(losses.iter().all(|l| *l > 0.0 && *l < 1.0), "{losses:?}");
@@ -103,18 +95,11 @@ fn sdxl_preference_jobs_run_over_http() {
     let server = common::start(c);
     for method in ["dspo", "diffusion_dpo", "diffusion_kto", "dspo_sdxl"] {
         let name = format!("sdxl-{method}");
-        let r = common::post_json(&server, "/finetune", &json!({
+        let (job, _) = common::finetune(&server, &json!({
             "dataset_url": www.url("prefs.parquet"), "method": method, "adapter_name": name,
             "lora": {"rank": 2, "alpha": 2.0},
             "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_pairs": 4, "learning_rate": 1e-2,
                                 "resolution": 64, "warmup_steps": 0}}));
-        assert_eq!(r.status, 202, "{method}: {:?}", r.json());
-        let id = r.json()["job_id"].as_str().unwrap().to_string();
-        let mut job = serde_json::Value::Null;
-        common::wait_until(300, "the job to end", || {
-            job = common::get(&server, &format!("/finetune/{id}")).json();
-            ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-        });
         assert_eq!(job["status"], "completed", "{method}: {job}");
         let body = json!({"prompt": "a red circle", "steps": 2, "seed": 3});
         let base = common::pngs(&common::post_json(&server, "/generate", &body))[0].clone();

@@ -308,6 +308,21 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Submits a fine-tuning job, expects 202, waits (up to 300 s) for it to end, and returns the
+/// job as it ended and its metrics.
+pub fn finetune(server: &RunningServer, body: &Value) -> (Value, Vec<Value>) {
+    let r = post_json(server, "/finetune", body);
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let id = r.json()["job_id"].as_str().unwrap().to_string();
+    let mut job = Value::Null;
+    wait_until(300, "the job to end", || {
+        job = get(server, &format!("/finetune/{id}")).json();
+        ["completed", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
+    });
+    let metrics = get(server, &format!("/finetune/{id}/metrics")).json();
+    (job, metrics.as_array().cloned().unwrap_or_default())
+}
+
 /// Holds the worker inside a batch whose prompt is `hold` until released, so tests can queue
 /// requests behind a busy worker deterministically.
 #[derive(Clone, Default)]
