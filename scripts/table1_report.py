@@ -89,12 +89,13 @@ for old in load(out / "results.json") or []:
         rows.append(row)
         seen.add(old["run"])
 # An unset β is the trainer's built-in one for the method (TrainConfig::beta).
-BUILTIN_BETA = {"dspo": 0.001, "dspo_e": 0.001, "diffusion_dpo": 5000.0}
+BUILTIN_BETA = {"dspo": 0.001, "dspo_e": 0.001, "diffusion_dpo": 5000.0, "diffusion_kto": 1000.0,
+                "dspo_sdxl": 5000.0}
 for row in rows:
     if row.get("beta") is None:
         row["beta"] = BUILTIN_BETA.get(row["method"])
-# SFT first (the baseline the others must beat), then DSPO by β, DSPO-E, Diffusion-DPO.
-ORDER = ["sft", "dspo", "dspo_e", "diffusion_dpo"]
+# SFT first (the baseline the others must beat), then DSPO by β, DSPO-E, Diffusion-DPO, KTO.
+ORDER = ["sft", "dspo", "dspo_e", "diffusion_dpo", "diffusion_kto"]
 rows.sort(key=lambda r: (ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER),
                          r["beta"] if r["beta"] is not None else -1.0,
                          r["lr"] if r["lr"] is not None else -1.0,
