@@ -1,7 +1,8 @@
 //! Replicas sharing a PostgreSQL job store and a data directory: a job submitted to one is
 //! visible from both and run by one; kill -9 of the replica running it, and the other takes it
 //! over from its newest checkpoint and finishes it; a cancel given to either replica reaches
-//! the job wherever it runs; the adapter is served by every replica.
+//! the job wherever it runs; the adapter is served by every replica; a replica's event stream
+//! follows a job another replica runs.
 //!
 //! Needs a PostgreSQL server: `eval "$(scripts/test-postgres.sh)"` starts one and exports
 //! DSPO_TEST_POSTGRES_URL (what `.ci/run` does). Without it the test is skipped, except under
@@ -75,6 +76,20 @@ impl Replica {
     }
 }
 
+/// Reads a job's event stream on `replica` until it ends: its `event:` and `data:` lines.
+fn stream(replica: &Replica, path: &str) -> std::thread::JoinHandle<Vec<String>> {
+    let url = format!("{}{path}/events", replica.base);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let r = common::agent().get(&url).call().unwrap();
+        std::io::BufReader::new(r.into_reader())
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.starts_with("event:") || l.starts_with("data:"))
+            .collect()
+    })
+}
+
 /// A fresh database on the test server, for this test alone.
 fn database() -> Option<String> {
     let admin = match std::env::var("DSPO_TEST_POSTGRES_URL") {
@@ -127,6 +142,8 @@ fn replicas_share_jobs_and_take_over_a_dead_replicas_job() {
     let runner = running["replica"].as_str().expect("a running job names its replica").to_string();
     let (mut dead, survivor) = if runner == a.id() { (a, b) } else { (b, a) };
     assert_eq!(runner, dead.id());
+    // The survivor's event stream for a job the other replica runs (until it takes it over).
+    let events = stream(&survivor, &path);
 
     // kill -9 of the runner: the survivor claims the job once the lease lapses and resumes it.
     dead.child.kill().unwrap();
@@ -139,6 +156,8 @@ fn replicas_share_jobs_and_take_over_a_dead_replicas_job() {
         done["status"] == "completed"
     });
     assert!(survivor.resumed(), "the survivor resumed from a checkpoint instead of starting over");
+    let events = events.join().unwrap();
+    assert!(events.last().unwrap().contains("\"status\":\"completed\""), "{events:?}");
     let steps: Vec<u64> = survivor
         .get(&format!("{path}/metrics"))
         .unwrap()
@@ -171,11 +190,17 @@ fn replicas_share_jobs_and_take_over_a_dead_replicas_job() {
         running["status"] == "training"
     });
     let other = if running["replica"] == json!(survivor.id()) { &fresh } else { &survivor };
+    // The other replica's event stream follows the job through the store.
+    let events = stream(other, &path);
+    std::thread::sleep(Duration::from_millis(2500));
     let r = common::agent().delete(&format!("{}{path}", other.base)).call().unwrap();
     assert_eq!(r.status(), 200);
     common::wait_until(60, "the job to be cancelled", || {
         fresh.get(&path).unwrap()["status"] == "cancelled"
     });
+    let events = events.join().unwrap();
+    assert!(events.iter().any(|l| l.ends_with("progress")), "progress from the other replica: {events:?}");
+    assert!(events.last().unwrap().contains("\"status\":\"cancelled\""), "{events:?}");
     std::thread::sleep(Duration::from_millis(100));
     let _ = std::fs::remove_dir_all(&data);
 }

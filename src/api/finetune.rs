@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
+use std::sync::Arc;
 use utoipa::{IntoParams, ToSchema};
 
 impl From<JobError> for ApiError {
@@ -220,7 +221,8 @@ pub async fn metrics(
 }
 
 /// Server-Sent Events: `status` (the job object) on every state change, `progress` at most
-/// every 500 ms; the stream ends after the job's final status.
+/// every 500 ms; the stream ends after the job's final status. With a shared job database, a
+/// job another replica runs is followed through the store, once a second.
 #[utoipa::path(
     get,
     path = "/finetune/{id}/events", operation_id = "stream_job_events",
@@ -243,32 +245,46 @@ pub async fn events(
         .json_data(&current)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let done = current.status.is_terminal();
+    let follow = Follow {
+        manager: m.clone(),
+        id,
+        status: current.status,
+        step: current.progress.as_ref().map(|p| p.step),
+    };
     let stream = futures_util::stream::unfold(
-        (Some(first), rx, done, id),
-        |(first, mut rx, done, id)| async move {
+        (Some(first), rx, done, follow),
+        |(first, mut rx, done, mut follow)| async move {
             if let Some(ev) = first {
-                return Some((Ok::<Event, Infallible>(ev), (None, rx, done, id)));
+                return Some((Ok::<Event, Infallible>(ev), (None, rx, done, follow)));
             }
             if done {
                 return None;
             }
+            let shared = follow.manager.shared();
             loop {
-                match rx.recv().await {
-                    Ok(ev) if ev.job_id == id => {
-                        let terminal = ev.event == "status"
-                            && ev
-                                .data
-                                .get("status")
-                                .and_then(|s| s.as_str())
-                                .and_then(crate::jobs::JobStatus::parse)
-                                .map(|s| s.is_terminal())
-                                .unwrap_or(false);
-                        let out = Event::default().event(ev.event).data(ev.data.to_string());
-                        return Some((Ok(out), (None, rx, terminal, id)));
+                tokio::select! {
+                    got = rx.recv() => match got {
+                        Ok(ev) if ev.job_id == follow.id => {
+                            let status = (ev.event == "status")
+                                .then(|| ev.data.get("status").and_then(|s| s.as_str()))
+                                .flatten()
+                                .and_then(crate::jobs::JobStatus::parse);
+                            if let Some(s) = status {
+                                follow.status = s;
+                            }
+                            let terminal = status.is_some_and(|s| s.is_terminal());
+                            let out = Event::default().event(ev.event).data(ev.data.to_string());
+                            return Some((Ok(out), (None, rx, terminal, follow)));
+                        }
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    },
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if shared => {
+                        if let Some((out, terminal)) = follow.poll().await {
+                            return Some((Ok(out), (None, rx, terminal, follow)));
+                        }
                     }
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
                 }
             }
         },
@@ -276,6 +292,40 @@ pub async fn events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// What an event stream last told its client about a job, to follow one another replica runs.
+struct Follow {
+    manager: Arc<crate::jobs::JobManager>,
+    id: String,
+    status: crate::jobs::JobStatus,
+    step: Option<usize>,
+}
+
+impl Follow {
+    /// The job's record from the store: a `status` event if its status moved, else a
+    /// `progress` event if its step did; nothing for a job this replica runs (its own events
+    /// carry it). Returns the event and whether the job has ended.
+    async fn poll(&mut self) -> Option<(Event, bool)> {
+        let (m, id) = (self.manager.clone(), self.id.clone());
+        let job = tokio::task::spawn_blocking(move || m.get(&id)).await.ok()?.ok()?;
+        if job.replica.as_deref() == Some(self.manager.replica()) {
+            return None;
+        }
+        if job.status != self.status {
+            self.status = job.status;
+            let terminal = job.status.is_terminal();
+            let record = JobRecord::from(job);
+            return Some((Event::default().event("status").json_data(&record).ok()?, terminal));
+        }
+        let progress = job.progress?;
+        if Some(progress.step) == self.step {
+            return None;
+        }
+        self.step = Some(progress.step);
+        let progress = super::job_types::Progress::from(progress);
+        Some((Event::default().event("progress").json_data(&progress).ok()?, false))
+    }
 }
 
 /// Registered adapters (name, base model, method, hyperparameters, final metrics, created).

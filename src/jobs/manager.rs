@@ -315,6 +315,12 @@ impl JobManager {
         &self.cfg.replica
     }
 
+    /// Whether other replicas may run this store's jobs (a shared database): their progress
+    /// reaches this one through the store, not through its own events.
+    pub fn shared(&self) -> bool {
+        self.store.engine() == Engine::Postgres
+    }
+
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<JobEvent> {
         self.events.subscribe()
     }
