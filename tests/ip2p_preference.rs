@@ -74,6 +74,7 @@ fn one_edit_pair_step_matches_the_pytorch_reference() {
         encoder_hidden_states: Tensor::cat(&[&ehs, &ehs], 0).unwrap(),
         added: None,
         image_latents: Some(Tensor::cat(&[&latents, &latents], 0).unwrap()),
+        labels: None,
     };
     for (case, method) in [("dspo", Method::Dspo), ("diffusion_dpo", Method::DiffusionDpo)] {
         let get = |k: &str| t[&format!("{case}.{k}")].to_dtype(DType::F64).unwrap();

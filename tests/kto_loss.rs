@@ -84,6 +84,84 @@ fn a_diffusion_kto_job_trains_an_adapter_over_http() {
     assert_eq!(gen.status, 200);
 }
 
+/// Unpaired data (`caption`, `jpg_0`, `label`), as parquet and as a JSONL manifest: each image
+/// judged alone, labels given per image. A KTO job trains on it; another method is refused.
+#[test]
+fn unpaired_labelled_images_train_diffusion_kto() {
+    use dspo_server::training::dataset::{read_all_rows, write_unpaired_parquet};
+    let rows = read_all_rows(&common::models_dir().join("../../shapes/prefs_centered.parquet")).unwrap();
+    // Each pair's images become two rows: the preferred one desirable, the other not.
+    let mut singles = Vec::new();
+    for r in rows.iter().filter(|r| r.label_0 == 1.0 || r.label_0 == 0.0).take(6) {
+        let (good, bad) = if r.label_0 == 1.0 { (&r.jpg_0, &r.jpg_1) } else { (&r.jpg_1, &r.jpg_0) };
+        singles.push((r.caption.clone(), good.clone(), 1.0));
+        singles.push((r.caption.clone(), bad.clone(), 0.0));
+    }
+    let root = common::temp_dir("unpaired");
+    write_unpaired_parquet(&root.join("labels.parquet"), &singles, 5).unwrap();
+    std::fs::create_dir_all(root.join("img")).unwrap();
+    let mut jsonl = String::new();
+    for (i, (caption, bytes, label)) in singles.iter().enumerate() {
+        std::fs::write(root.join(format!("img/{i}.jpg")), bytes).unwrap();
+        jsonl.push_str(&json!({"caption": caption, "image": format!("img/{i}.jpg"), "label": label}).to_string());
+        jsonl.push('\n');
+    }
+    std::fs::write(root.join("labels.jsonl"), jsonl).unwrap();
+    let www = common::fileserver::FileServer::start(root.clone());
+    let mut c = common::tiny_config();
+    c.models.serve.truncate(1);
+    c.datasets.allow_private_networks = true;
+    let server = common::start(c);
+    let hyper = json!({"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "resolution": 64,
+                       "warmup_steps": 0, "drift_every": 0});
+    for file in ["labels.parquet", "labels.jsonl"] {
+        let name = format!("kto-{}", file.replace('.', "-"));
+        let (job, metrics) = common::finetune(&server, &json!({
+            "dataset_url": www.url(file), "method": "diffusion_kto", "adapter_name": name,
+            "lora": {"rank": 2, "alpha": 2.0}, "hyperparameters": hyper}));
+        assert_eq!(job["status"], "completed", "{file}: {job}");
+        assert_eq!(job["dataset"]["kept"], 12, "{job}");
+        assert_eq!(metrics.len(), 3);
+        for m in &metrics {
+            let loss = m["loss"].as_f64().unwrap();
+            assert!(loss > 0.0 && loss < 1.0, "{m}");
+            assert!(m["implicit_accuracy"].as_f64().is_some(), "{m}");
+        }
+        let gen = common::post_json(&server, "/generate", &json!({"prompt": "a red circle", "adapter": name, "steps": 2}));
+        assert_eq!(gen.status, 200);
+    }
+    let (job, _) = common::finetune(&server, &json!({"dataset_url": www.url("labels.parquet"), "method": "dspo",
+        "hyperparameters": hyper}));
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(job["error"]["message"].as_str().unwrap().contains("diffusion_kto"), "{job}");
+    let _ = std::fs::remove_dir_all(root);
+}
+
+/// Per-image labels in any order: the loss of rows and labels permuted together is the same,
+/// and the pair layout (winners desirable, losers not) is that labelling.
+#[test]
+fn kto_labels_follow_their_rows() {
+    use dspo_server::training::losses::kto;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kto/kto_loss.safetensors");
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let get = |k: &str| t[&format!("positive_kl.{k}")].clone();
+    let beta = get("beta").to_vec1::<f64>().unwrap()[0];
+    let (pred, refp, target) = (get("model_pred"), get("ref_pred"), get("target"));
+    let n = pred.dim(0).unwrap();
+    let pair_labels: Vec<bool> = (0..n).map(|i| i < n / 2).collect();
+    let as_pairs = kto(&pred, &refp, &target, beta, &pair_labels).unwrap().loss.to_scalar::<f64>().unwrap();
+    assert!((as_pairs - get("loss").to_vec1::<f64>().unwrap()[0]).abs() < 1e-12);
+    let order: Vec<u32> = (0..n as u32).rev().collect();
+    let idx = candle_core::Tensor::new(order.as_slice(), &Device::Cpu).unwrap();
+    let pick = |x: &candle_core::Tensor| x.index_select(&idx, 0).unwrap();
+    let labels: Vec<bool> = order.iter().map(|&i| pair_labels[i as usize]).collect();
+    let permuted = kto(&pick(&pred), &pick(&refp), &pick(&target), beta, &labels).unwrap().loss.to_scalar::<f64>().unwrap();
+    assert!((permuted - as_pairs).abs() < 1e-12, "{permuted} vs {as_pairs}");
+    let flipped: Vec<bool> = pair_labels.iter().map(|d| !d).collect();
+    let other = kto(&pred, &refp, &target, beta, &flipped).unwrap().loss.to_scalar::<f64>().unwrap();
+    assert!((other - as_pairs).abs() > 1e-6, "labels change the loss");
+}
+
 /// A preference job on the tiny SDXL model over HTTP (two text encoders, pooled embeddings and
 /// time ids at the training resolution), with every method; each adapter serves /generate.
 #[test]

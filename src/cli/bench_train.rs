@@ -107,6 +107,7 @@ pub fn run(a: &TrainBenchArgs) -> anyhow::Result<serde_json::Value> {
             encoder_hidden_states: ehs,
             added: None,
             image_latents: None,
+            labels: None,
         };
         let t0 = Instant::now();
         let (policy, reference) = match &policy_full {

@@ -113,6 +113,7 @@ fn train_step(lora: bool, case: &Case, device: &Device) -> Result<HashMap<String
         encoder_hidden_states: case.input("encoder_hidden_states")?.to_device(device)?,
         added: None,
         image_latents: None,
+        labels: None,
     };
     let config = UNet2DConditionModel::load_config(&unet_dir)?;
     let files = UNet2DConditionModel::weight_files(&unet_dir, None)?;

@@ -8,7 +8,7 @@
 //! between check and connect) unless the operator allows them.
 
 use super::types::JobError;
-use crate::training::dataset::{write_pairs_parquet, PairRow, SOURCE_COLUMN};
+use crate::training::dataset::{write_pairs_parquet, write_unpaired_parquet, PairRow, SOURCE_COLUMN};
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -317,8 +317,9 @@ pub fn fetch_dataset(
 }
 
 /// A JSONL manifest, one `{caption, image_0, image_1, label_0}` per line (edit pairs add
-/// `input_image`, the source image), becomes a parquet file. An image that cannot be fetched is stored empty and later skipped (and counted) by
-/// the trainer, like an undecodable JPEG.
+/// `input_image`, the source image; unpaired data is `{caption, image, label}`), becomes a
+/// parquet file. An image that cannot be fetched is stored empty and later skipped (and
+/// counted) by the trainer, like an undecodable JPEG.
 fn manifest_to_parquet(
     path: &Path,
     base: &Base,
@@ -327,6 +328,7 @@ fn manifest_to_parquet(
 ) -> Result<PathBuf, JobError> {
     let f = std::fs::File::open(path).map_err(|e| derr(e.to_string()))?;
     let mut rows = Vec::new();
+    let mut singles = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line =
             line.map_err(|_| derr("the dataset is neither parquet nor a UTF-8 JSONL manifest"))?;
@@ -344,26 +346,40 @@ fn manifest_to_parquet(
                 .ok_or_else(|| derr(format!("manifest line {}: missing field {k}", i + 1)))
         };
         let caption = field("caption")?.as_str().unwrap_or_default().to_string();
-        let label = field("label_0")?
-            .as_f64()
-            .ok_or_else(|| derr(format!("manifest line {}: label_0 must be a number", i + 1)))?;
+        let number = |k: &str| {
+            field(k)?
+                .as_f64()
+                .ok_or_else(|| derr(format!("manifest line {}: {k} must be a number", i + 1)))
+        };
         let img = |k: &str| -> Result<Vec<u8>, JobError> {
             let r = field(k)?
                 .as_str()
                 .ok_or_else(|| derr(format!("manifest line {}: {k} must be a string", i + 1)))?;
             Ok(fetch_image(r, base, work_dir, cfg).unwrap_or_default())
         };
+        if v.get("image").is_some() {
+            singles.push((caption, img("image")?, number("label")?));
+            continue;
+        }
+        let label = number("label_0")?;
         let mut row = PairRow::new(caption, img("image_0")?, img("image_1")?, label);
         if v.get(SOURCE_COLUMN).is_some() {
             row.input_image = Some(img(SOURCE_COLUMN)?);
         }
         rows.push(row);
     }
-    if rows.is_empty() {
-        return Err(derr("the manifest has no rows"));
-    }
     let out = work_dir.join("pairs.parquet");
-    write_pairs_parquet(&out, &rows, 500).map_err(|e| derr(e.to_string()))?;
+    match (rows.is_empty(), singles.is_empty()) {
+        (true, true) => return Err(derr("the manifest has no rows")),
+        (false, false) => {
+            return Err(derr(
+                "the manifest mixes pairs (image_0, image_1) and single images (image): use one",
+            ))
+        }
+        (false, true) => write_pairs_parquet(&out, &rows, 500),
+        (true, false) => write_unpaired_parquet(&out, &singles, 500),
+    }
+    .map_err(|e| derr(e.to_string()))?;
     Ok(out)
 }
 

@@ -5,6 +5,9 @@
 //! Edit pairs (InstructPix2Pix preference data) add one column, `input_image`: the source image
 //! both edits start from; `caption` then holds the edit instruction.
 //!
+//! Unpaired data (Diffusion-KTO's per-image judgements) is `caption`, `jpg_0` and `label`: 1 for
+//! a desirable image, 0 for an undesirable one.
+//!
 //! Order is a seeded block shuffle (row groups shuffled, rows shuffled within each), a pure
 //! function of (seed, epoch): a resumed run sees exactly the batches it would have seen.
 
@@ -26,6 +29,9 @@ pub const REQUIRED_COLUMNS: [&str; 4] = ["caption", "jpg_0", "jpg_1", "label_0"]
 /// The column of edit pairs that holds the source image.
 pub const SOURCE_COLUMN: &str = "input_image";
 
+/// The columns of unpaired data.
+pub const UNPAIRED_COLUMNS: [&str; 3] = ["caption", "jpg_0", "label"];
+
 /// One usable comparison, winner first.
 #[derive(Clone)]
 pub struct RawPair {
@@ -34,6 +40,8 @@ pub struct RawPair {
     pub loser: Arc<Vec<u8>>,
     /// Edit pairs: the image both edits were made from.
     pub source: Option<Arc<Vec<u8>>>,
+    /// Unpaired data: whether `winner`, the one image, is desirable (`loser` is empty).
+    pub desirable: Option<bool>,
 }
 
 /// One row of a pairs file as written (`write_pairs_parquet`) and read back (`read_all_rows`).
@@ -77,6 +85,8 @@ pub struct ParquetPairs {
     pub stats: DatasetStats,
     /// Whether rows carry a source image (edit pairs).
     pub has_source: bool,
+    /// Whether rows are single images with a desirable/undesirable `label`.
+    pub unpaired: bool,
     /// Rows of the cached groups as stored: `winner` is `jpg_0`.
     cache: HashMap<usize, Arc<Vec<Option<RawPair>>>>,
     order: Option<(usize, u64, Vec<usize>)>,
@@ -125,18 +135,24 @@ impl ParquetPairs {
             .schema_descr()
             .root_schema();
         let names: Vec<&str> = root.get_fields().iter().map(|f| f.name()).collect();
-        let missing: Vec<&str> = REQUIRED_COLUMNS
+        let unpaired = names.contains(&"label") && !names.contains(&"jpg_1");
+        let (required, schema) = if unpaired {
+            (&UNPAIRED_COLUMNS[..], "unpaired: caption, jpg_0, label")
+        } else {
+            (&REQUIRED_COLUMNS[..], "Pick-a-Pic v2 schema: caption, jpg_0, jpg_1, label_0")
+        };
+        let missing: Vec<&str> = required
             .iter()
             .copied()
             .filter(|c| !names.contains(c))
             .collect();
         if !missing.is_empty() {
             return Err(TrainError::Dataset(format!(
-                "dataset is missing required column(s) {} (Pick-a-Pic v2 schema: caption, jpg_0, jpg_1, label_0)",
+                "dataset is missing required column(s) {} ({schema})",
                 missing.join(", ")
             )));
         }
-        let proj = projection(&reader, &["label_0"])?;
+        let proj = projection(&reader, &[if unpaired { "label" } else { "label_0" }])?;
         let mut stats = DatasetStats::default();
         let mut index = Vec::new();
         let mut by_group = Vec::new();
@@ -157,14 +173,16 @@ impl ParquetPairs {
                     Field::Float(v) => Some(*v as f64),
                     Field::Long(v) => Some(*v as f64),
                     Field::Int(v) => Some(*v as f64),
+                    Field::Bool(v) => Some(if *v { 1.0 } else { 0.0 }),
                     _ => None,
                 });
+                // Pairs: whether image 0 wins; unpaired: whether the image is desirable.
                 match label {
                     Some(l) if l == 1.0 || l == 0.0 => {
                         rows.push(index.len());
                         index.push((g, i, l == 1.0));
                     }
-                    Some(l) if l == 0.5 => stats.ties_dropped += 1,
+                    Some(l) if l == 0.5 && !unpaired => stats.ties_dropped += 1,
                     _ => stats.invalid_labels += 1,
                 }
             }
@@ -174,7 +192,8 @@ impl ParquetPairs {
         let has_source = names.contains(&SOURCE_COLUMN);
         if index.is_empty() {
             return Err(TrainError::Dataset(format!(
-                "no usable pairs in {} ({} rows: {} ties, {} without a 0/1 label)",
+                "no usable {} in {} ({} rows: {} ties, {} without a 0/1 label)",
+                if unpaired { "images" } else { "pairs" },
                 path.display(),
                 stats.rows,
                 stats.ties_dropped,
@@ -188,6 +207,7 @@ impl ParquetPairs {
             by_group,
             stats,
             has_source,
+            unpaired,
             cache: HashMap::new(),
             order: None,
         })
@@ -248,12 +268,14 @@ impl ParquetPairs {
             }
             // An edit pair without its source cannot be trained on: skipped like a bad image.
             let complete = !self.has_source || source.is_some();
+            let j1 = if self.unpaired { Some(Arc::default()) } else { j1 };
             rows.push(match (caption, j0, j1) {
                 (Some(caption), Some(winner), Some(loser)) if complete => Some(RawPair {
                     caption,
                     winner,
                     loser,
                     source,
+                    desirable: None,
                 }),
                 _ => None,
             });
@@ -296,8 +318,11 @@ impl ParquetPairs {
         let idx = self.ordered(seed, n / len, n % len);
         let (g, i, zero_wins) = self.index[idx];
         let rows = self.load_group(g)?;
+        let unpaired = self.unpaired;
         Ok(rows.get(i).cloned().flatten().map(|mut p| {
-            if !zero_wins {
+            if unpaired {
+                p.desirable = Some(zero_wins);
+            } else if !zero_wins {
                 std::mem::swap(&mut p.winner, &mut p.loser);
             }
             p
@@ -441,6 +466,58 @@ pub fn write_pairs_parquet(
                 cw.typed::<ByteArrayType>()
                     .write_batch(&vals, None, None)
                     .map_err(io)?;
+            }
+            cw.close().map_err(io)?;
+        }
+        rg.close().map_err(io)?;
+    }
+    w.close().map_err(io)?;
+    Ok(())
+}
+
+/// Writes unpaired rows (`caption`, `jpg_0`, `label`: 1 desirable, 0 undesirable),
+/// snappy-compressed, `rows_per_group` rows per row group.
+pub fn write_unpaired_parquet(
+    path: &Path,
+    rows: &[(String, Vec<u8>, f64)],
+    rows_per_group: usize,
+) -> Result<(), TrainError> {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let io = |e: parquet::errors::ParquetError| TrainError::Io(e.to_string());
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
+             REQUIRED DOUBLE label; }",
+        )
+        .map_err(io)?,
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let file =
+        File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut w = SerializedFileWriter::new(file, schema, props).map_err(io)?;
+    for chunk in rows.chunks(rows_per_group.max(1)) {
+        let mut rg = w.next_row_group().map_err(io)?;
+        for col in 0..3 {
+            let mut cw = rg
+                .next_column()
+                .map_err(io)?
+                .ok_or_else(|| TrainError::Io("missing column writer".into()))?;
+            if col == 2 {
+                let vals: Vec<f64> = chunk.iter().map(|r| r.2).collect();
+                cw.typed::<DoubleType>().write_batch(&vals, None, None).map_err(io)?;
+            } else {
+                let vals: Vec<ByteArray> = chunk
+                    .iter()
+                    .map(|r| ByteArray::from(if col == 0 { r.0.as_bytes().to_vec() } else { r.1.clone() }))
+                    .collect();
+                cw.typed::<ByteArrayType>().write_batch(&vals, None, None).map_err(io)?;
             }
             cw.close().map_err(io)?;
         }

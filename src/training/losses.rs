@@ -131,17 +131,43 @@ pub fn preference(
         }
         Method::DiffusionDpo => softplus(&u.neg()?)?.mean_all()?,
         Method::DiffusionKto => {
-            // Per image: the implicit reward, shifted by the batch's reference point (not
-            // differentiated, clamped at zero as the official trainer does).
-            let g = (r - &m)?;
-            let z0 = g.mean_all()?.detach().to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.max(0.0);
-            let sign: Vec<f32> = (0..n).map(|i| if i < b { 1.0 } else { -1.0 }).collect();
-            let sign = Tensor::from_vec(sign, n, g.device())?.to_dtype(g.dtype())?;
-            let h = sigmoid(&((g - z0)? * sign)?.affine(beta, 0.0)?)?;
-            (h.neg()? + 1.0)?.mean_all()?
+            let desirable: Vec<bool> = (0..n).map(|i| i < b).collect();
+            kto(model_pred, ref_pred, target, beta, &desirable)?.loss
         }
         Method::Sft => candle_core::bail!("sft is not a pair loss; use losses::sft"),
     };
+    Ok(PreferenceLoss { loss, u })
+}
+
+/// Diffusion-KTO on images judged one by one: row `i` is desirable or not. Per image, the
+/// implicit reward `g = reference error - model error` is shifted by the batch's reference
+/// point `z0 = max(mean g, 0)` (not differentiated, as the official trainer does), and the loss
+/// is `mean(1 - sigmoid(±beta (g - z0)))`. `u` is `±beta (g - z0)` per row: positive where
+/// the model already treats the image as its label says.
+pub fn kto(
+    model_pred: &Tensor,
+    ref_pred: &Tensor,
+    target: &Tensor,
+    beta: f64,
+    desirable: &[bool],
+) -> Result<PreferenceLoss> {
+    let n = model_pred.dim(0)?;
+    if desirable.len() != n {
+        candle_core::bail!("{} labels for {n} rows", desirable.len());
+    }
+    let m = mean_chw(&(model_pred - target)?.sqr()?)?;
+    let r = mean_chw(&(ref_pred - target)?.sqr()?)?.detach();
+    let g = (r - &m)?;
+    let z0 = g
+        .mean_all()?
+        .detach()
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .max(0.0);
+    let sign: Vec<f32> = desirable.iter().map(|&d| if d { 1.0 } else { -1.0 }).collect();
+    let sign = Tensor::from_vec(sign, n, g.device())?.to_dtype(g.dtype())?;
+    let u = ((g - z0)? * sign)?.affine(beta, 0.0)?;
+    let loss = (sigmoid(&u)?.neg()? + 1.0)?.mean_all()?;
     Ok(PreferenceLoss { loss, u })
 }
 

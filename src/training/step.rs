@@ -6,7 +6,8 @@ use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use candle_core::{DType, Result, Tensor};
 
 /// A batch as the official trainers build it: for pair methods `2B` rows (winners, then
-/// losers) sharing noise, timestep and text per pair; for SFT the winner half is used.
+/// losers) sharing noise, timestep and text per pair; for SFT the winner half is used. Unpaired
+/// data (Diffusion-KTO) has one row per image and its label.
 pub struct Batch {
     pub x0: Tensor,
     pub noise: Tensor,
@@ -17,6 +18,8 @@ pub struct Batch {
     /// InstructPix2Pix: the source image's latents per row (after conditioning dropout),
     /// concatenated to the noisy latents as the UNet's extra input channels.
     pub image_latents: Option<Tensor>,
+    /// Unpaired rows: whether each image is desirable.
+    pub labels: Option<Vec<bool>>,
 }
 
 /// InstructPix2Pix's conditioning dropout (its training script's rule, drawn once per pair so
@@ -127,6 +130,9 @@ pub fn batch_loss(
     beta: f64,
     anchor_weight: f64,
 ) -> Result<StepLoss> {
+    if batch.labels.is_some() && method != Method::DiffusionKto {
+        candle_core::bail!("unpaired rows train with diffusion_kto, not {}", method.name());
+    }
     let _training = crate::models::nn::training_mode();
     let dtype = policy.dtype();
     let x0 = batch.x0.to_dtype(dtype)?;
@@ -191,14 +197,11 @@ pub fn batch_loss(
         })?,
     };
     let pred32 = model_pred.to_dtype(DType::F32)?;
-    let pl = losses::preference(
-        method,
-        &pred32,
-        &ref_pred.to_dtype(DType::F32)?,
-        &target,
-        beta,
-        1.0,
-    )?;
+    let ref32 = ref_pred.to_dtype(DType::F32)?;
+    let pl = match &batch.labels {
+        Some(labels) => losses::kto(&pred32, &ref32, &target, beta, labels)?,
+        None => losses::preference(method, &pred32, &ref32, &target, beta, 1.0)?,
+    };
     let (loss, anchor_mse) = if anchor_weight > 0.0 {
         let a = losses::sft(&pred32, &target)?;
         ((pl.loss + (&a * anchor_weight)?)?, Some(a.detach()))

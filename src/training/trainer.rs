@@ -94,8 +94,9 @@ struct DriftProbe {
     base: Vec<image::RgbImage>,
 }
 
-/// One training pair, preprocessed: winner, loser and (edit pairs) the source image.
-type PreparedPair = (RawPair, Tensor, Tensor, Option<Tensor>);
+/// One training pair, preprocessed: winner, loser (none for unpaired data) and (edit pairs)
+/// the source image.
+type PreparedPair = (RawPair, Tensor, Option<Tensor>, Option<Tensor>);
 
 /// InstructPix2Pix's recipe value of its conditioning dropout.
 const DEFAULT_CONDITIONING_DROPOUT: f64 = 0.05;
@@ -234,6 +235,13 @@ impl Trainer {
                  the dataset gives in an `{}` column (it has none)",
                 config.model,
                 super::dataset::SOURCE_COLUMN
+            )));
+        }
+        if dataset.unpaired && (edits || config.method != Method::DiffusionKto) {
+            return Err(TrainError::Config(format!(
+                "{} holds single images with a desirable/undesirable label: it trains \
+                 text-to-image models with method diffusion_kto",
+                config.dataset.display()
             )));
         }
         if !edits && config.hyperparameters.conditioning_dropout.is_some() {
@@ -388,13 +396,13 @@ impl Trainer {
                     },
                     _ => Some(None),
                 };
-                match (
-                    pre.apply(&pair.winner, f0, c0, &self.device),
-                    pre.apply(&pair.loser, f1, c1, &self.device),
-                    source,
-                ) {
+                let loser = match pair.desirable {
+                    Some(_) => Some(None),
+                    None => pre.apply(&pair.loser, f1, c1, &self.device).map(Some),
+                };
+                match (pre.apply(&pair.winner, f0, c0, &self.device), loser, source) {
                     (Some(w), Some(l), Some(s)) => {
-                        got = Some((pair, w?, l?, s));
+                        got = Some((pair, w?, l.transpose()?, s));
                         break;
                     }
                     _ => self.dataset.stats.undecodable_skipped += 1,
@@ -445,12 +453,19 @@ impl Trainer {
                 }
             })
             .collect();
+        // Unpaired data has one row per image; pairs two (winners, then losers).
+        let unpaired = self.dataset.unpaired;
+        let rows_per = if unpaired { 1 } else { 2 };
         let winners: Vec<&Tensor> = pairs.iter().map(|(_, w, _, _)| w).collect();
-        let losers: Vec<&Tensor> = pairs.iter().map(|(_, _, l, _)| l).collect();
-        let images = Tensor::cat(
-            &[Tensor::stack(&winners, 0)?, Tensor::stack(&losers, 0)?],
-            0,
-        )?;
+        let mut images = vec![Tensor::stack(&winners, 0)?];
+        if !unpaired {
+            let losers: Vec<&Tensor> = pairs
+                .iter()
+                .filter_map(|(_, _, l, _)| l.as_ref())
+                .collect();
+            images.push(Tensor::stack(&losers, 0)?);
+        }
+        let images = Tensor::cat(&images, 0)?;
         let post = {
             // The frozen VAE encodes both images of every pair at every step. In training mode
             // its convolutions and norms take the batched training kernels (nn.rs) instead of
@@ -460,11 +475,11 @@ impl Trainer {
             self.model.vae.encode(&images)?
         };
         let (_, c, lh, lw) = post.mean.dims4()?;
-        let vnoise = rng.randn((2 * b, c, lh, lw), &self.device, DType::F32)?;
-        let vnoise = Tensor::cat(
-            &[vnoise.narrow(0, part.start, n)?, vnoise.narrow(0, b + part.start, n)?],
-            0,
-        )?;
+        let vnoise = rng.randn((rows_per * b, c, lh, lw), &self.device, DType::F32)?;
+        let cut: Vec<Tensor> = (0..rows_per)
+            .map(|r| vnoise.narrow(0, r * b + part.start, n))
+            .collect::<candle_core::Result<_>>()?;
+        let vnoise = Tensor::cat(&cut, 0)?;
         let x0 = (post.sample_with(&vnoise)? * self.model.vae.config.scaling_factor)?.detach();
         let (ehs, pooled) = self.encode_text(&captions)?;
         let (ehs, image_latents) = if edits {
@@ -492,28 +507,32 @@ impl Trainer {
         } else {
             (ehs, None)
         };
-        let ehs = Tensor::cat(&[&ehs, &ehs], 0)?;
+        // Per pair (or image) draws and conditioning, repeated for a pair's two rows.
+        let rows = |x: &Tensor| Tensor::cat(&vec![x; rows_per], 0);
+        let ehs = rows(&ehs)?;
         let noise =
             super::noise::training_noise(&mut rng, (b, c, lh, lw), h.noise_offset, &self.device)?
                 .narrow(0, part.start, n)?;
-        let noise = Tensor::cat(&[&noise, &noise], 0)?;
+        let noise = rows(&noise)?;
         let t: Vec<usize> = (0..b)
             .map(|_| rng.below(self.schedule.num_train_timesteps()))
             .collect();
         let t = &t[part.clone()];
-        let timesteps: Vec<usize> = t.iter().chain(t.iter()).copied().collect();
+        let timesteps: Vec<usize> = t.iter().cycle().take(rows_per * n).copied().collect();
         let added = match pooled {
             Some(p) => {
                 let r = self.resolution as f32;
                 // The official trainer fixes the ids at the training resolution.
-                let ids: Vec<f32> = (0..2 * n).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
+                let ids: Vec<f32> =
+                    (0..rows_per * n).flat_map(|_| [r, r, 0.0, 0.0, r, r]).collect();
                 Some((
-                    Tensor::cat(&[&p, &p], 0)?,
-                    Tensor::from_vec(ids, (2 * n, 6), &self.device)?,
+                    rows(&p)?,
+                    Tensor::from_vec(ids, (rows_per * n, 6), &self.device)?,
                 ))
             }
             None => None,
         };
+        let labels = unpaired.then(|| pairs.iter().map(|(p, ..)| p.desirable == Some(true)).collect());
         let batch = Batch {
             x0,
             noise,
@@ -521,6 +540,7 @@ impl Trainer {
             encoder_hidden_states: ehs,
             added,
             image_latents,
+            labels,
         };
         let method = self.config.method;
         let beta = self.config.beta();
