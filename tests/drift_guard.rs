@@ -40,7 +40,9 @@ fn drift_is_reported_and_bounded() {
     assert_eq!(job["error"]["code"], "drift_exceeded", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains("drift_limit") && message.contains("after step 1"), "{message}");
-    assert!(metrics.is_empty(), "the job went on past the bound: {metrics:?}");
+    // The step that passed the bound is recorded with its drift, and none after it.
+    assert_eq!(metrics.len(), 1, "the job went on past the bound: {metrics:?}");
+    assert!(metrics[0]["drift"].as_f64().unwrap() > 1e-9, "{metrics:?}");
 
     // Off: no drift in the metrics.
     let (job, metrics) = run(&server, &url, json!({"drift_every": 0}));

@@ -951,6 +951,20 @@ impl JobManager {
         let outcome = match result {
             Ok(o) => o,
             Err(TrainError::Cancelled) => return Err(cancelled()),
+            Err(e @ TrainError::Drift(_)) => {
+                // The step that passed the limit is in the history too, with its drift.
+                if let Some(m) = trainer.metrics.last() {
+                    let p = Progress {
+                        step: m.step,
+                        total_steps: m.total_steps,
+                        loss: Some(m.loss),
+                        implicit_accuracy: m.implicit_accuracy,
+                        ..Default::default()
+                    };
+                    let _ = self.store.record_step(id, m, &p);
+                }
+                return Err(fail(train_error_body(&e)));
+            }
             Err(e) => return Err(fail(train_error_body(&e))),
         };
         let _ = self.store.set_dataset_stats(
