@@ -597,6 +597,7 @@ mod tests {
             }),
             adapter: None,
             dataset: Some(serde_json::json!({"rows": 4})),
+            replica: Some("r1".into()),
         };
         let mirrored = serde_json::to_value(JobRecord::from(record.clone())).unwrap();
         assert_eq!(serde_json::to_value(&record).unwrap(), mirrored);
