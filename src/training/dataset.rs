@@ -403,33 +403,27 @@ impl Preprocess {
     }
 }
 
-/// Writes pairs with the four columns trainers read (`caption`, `jpg_0`, `jpg_1`, `label_0`),
-/// and `input_image` when any row has a source image (edit pairs; a row without one is stored
-/// empty and skipped by the trainer), snappy-compressed, `rows_per_group` rows per row group.
-/// Used to export subsets, by the JSONL manifest import, and by tests.
-pub fn write_pairs_parquet(
+/// One column of a file being written: its values by row index.
+enum Column<'a> {
+    Bytes(Box<dyn Fn(usize) -> Vec<u8> + 'a>),
+    Double(Box<dyn Fn(usize) -> f64 + 'a>),
+}
+
+/// Writes `rows` rows of `columns` (in the order of `schema`, a parquet message type),
+/// snappy-compressed, `rows_per_group` rows per row group.
+fn write_parquet(
     path: &Path,
-    rows: &[PairRow],
+    schema: &str,
+    rows: usize,
     rows_per_group: usize,
+    columns: &[Column<'_>],
 ) -> Result<(), TrainError> {
     use parquet::basic::Compression;
     use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
     let io = |e: parquet::errors::ParquetError| TrainError::Io(e.to_string());
-    let with_source = rows.iter().any(|r| r.input_image.is_some());
-    let schema = Arc::new(
-        parquet::schema::parser::parse_message_type(&format!(
-            "message schema {{ REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
-             REQUIRED BYTE_ARRAY jpg_1; REQUIRED DOUBLE label_0; {}}}",
-            if with_source {
-                format!("REQUIRED BYTE_ARRAY {SOURCE_COLUMN}; ")
-            } else {
-                String::new()
-            }
-        ))
-        .map_err(io)?,
-    );
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).map_err(io)?);
     let props = Arc::new(
         WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -438,34 +432,24 @@ pub fn write_pairs_parquet(
     let file =
         File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
     let mut w = SerializedFileWriter::new(file, schema, props).map_err(io)?;
-    let columns = if with_source { 5 } else { 4 };
-    for chunk in rows.chunks(rows_per_group.max(1)) {
+    let per = rows_per_group.max(1);
+    for first in (0..rows).step_by(per) {
+        let range = first..(first + per).min(rows);
         let mut rg = w.next_row_group().map_err(io)?;
-        for col in 0..columns {
+        for column in columns {
             let mut cw = rg
                 .next_column()
                 .map_err(io)?
                 .ok_or_else(|| TrainError::Io("missing column writer".into()))?;
-            if col == 3 {
-                let vals: Vec<f64> = chunk.iter().map(|r| r.label_0).collect();
-                cw.typed::<DoubleType>()
-                    .write_batch(&vals, None, None)
-                    .map_err(io)?;
-            } else {
-                let vals: Vec<ByteArray> = chunk
-                    .iter()
-                    .map(|r| {
-                        ByteArray::from(match col {
-                            0 => r.caption.as_bytes().to_vec(),
-                            1 => r.jpg_0.clone(),
-                            2 => r.jpg_1.clone(),
-                            _ => r.input_image.clone().unwrap_or_default(),
-                        })
-                    })
-                    .collect();
-                cw.typed::<ByteArrayType>()
-                    .write_batch(&vals, None, None)
-                    .map_err(io)?;
+            match column {
+                Column::Bytes(f) => {
+                    let vals: Vec<ByteArray> = range.clone().map(|i| ByteArray::from(f(i))).collect();
+                    cw.typed::<ByteArrayType>().write_batch(&vals, None, None).map_err(io)?;
+                }
+                Column::Double(f) => {
+                    let vals: Vec<f64> = range.clone().map(f).collect();
+                    cw.typed::<DoubleType>().write_batch(&vals, None, None).map_err(io)?;
+                }
             }
             cw.close().map_err(io)?;
         }
@@ -475,6 +459,39 @@ pub fn write_pairs_parquet(
     Ok(())
 }
 
+/// Writes pairs with the four columns trainers read (`caption`, `jpg_0`, `jpg_1`, `label_0`),
+/// and `input_image` when any row has a source image (edit pairs; a row without one is stored
+/// empty and skipped by the trainer), snappy-compressed, `rows_per_group` rows per row group.
+/// Used to export subsets, by the JSONL manifest import, and by tests.
+pub fn write_pairs_parquet(
+    path: &Path,
+    rows: &[PairRow],
+    rows_per_group: usize,
+) -> Result<(), TrainError> {
+    let with_source = rows.iter().any(|r| r.input_image.is_some());
+    let mut columns = vec![
+        Column::Bytes(Box::new(|i| rows[i].caption.as_bytes().to_vec())),
+        Column::Bytes(Box::new(|i| rows[i].jpg_0.clone())),
+        Column::Bytes(Box::new(|i| rows[i].jpg_1.clone())),
+        Column::Double(Box::new(|i| rows[i].label_0)),
+    ];
+    if with_source {
+        columns.push(Column::Bytes(Box::new(|i| {
+            rows[i].input_image.clone().unwrap_or_default()
+        })));
+    }
+    let schema = format!(
+        "message schema {{ REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
+         REQUIRED BYTE_ARRAY jpg_1; REQUIRED DOUBLE label_0; {}}}",
+        if with_source {
+            format!("REQUIRED BYTE_ARRAY {SOURCE_COLUMN}; ")
+        } else {
+            String::new()
+        }
+    );
+    write_parquet(path, &schema, rows.len(), rows_per_group, &columns)
+}
+
 /// Writes unpaired rows (`caption`, `jpg_0`, `label`: 1 desirable, 0 undesirable),
 /// snappy-compressed, `rows_per_group` rows per row group.
 pub fn write_unpaired_parquet(
@@ -482,49 +499,18 @@ pub fn write_unpaired_parquet(
     rows: &[(String, Vec<u8>, f64)],
     rows_per_group: usize,
 ) -> Result<(), TrainError> {
-    use parquet::basic::Compression;
-    use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
-    use parquet::file::properties::WriterProperties;
-    use parquet::file::writer::SerializedFileWriter;
-    let io = |e: parquet::errors::ParquetError| TrainError::Io(e.to_string());
-    let schema = Arc::new(
-        parquet::schema::parser::parse_message_type(
-            "message schema { REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
-             REQUIRED DOUBLE label; }",
-        )
-        .map_err(io)?,
-    );
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build(),
-    );
-    let file =
-        File::create(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    let mut w = SerializedFileWriter::new(file, schema, props).map_err(io)?;
-    for chunk in rows.chunks(rows_per_group.max(1)) {
-        let mut rg = w.next_row_group().map_err(io)?;
-        for col in 0..3 {
-            let mut cw = rg
-                .next_column()
-                .map_err(io)?
-                .ok_or_else(|| TrainError::Io("missing column writer".into()))?;
-            if col == 2 {
-                let vals: Vec<f64> = chunk.iter().map(|r| r.2).collect();
-                cw.typed::<DoubleType>().write_batch(&vals, None, None).map_err(io)?;
-            } else {
-                let vals: Vec<ByteArray> = chunk
-                    .iter()
-                    .map(|r| ByteArray::from(if col == 0 { r.0.as_bytes().to_vec() } else { r.1.clone() }))
-                    .collect();
-                cw.typed::<ByteArrayType>().write_batch(&vals, None, None).map_err(io)?;
-            }
-            cw.close().map_err(io)?;
-        }
-        rg.close().map_err(io)?;
-    }
-    w.close().map_err(io)?;
-    Ok(())
+    write_parquet(
+        path,
+        "message schema { REQUIRED BYTE_ARRAY caption (UTF8); REQUIRED BYTE_ARRAY jpg_0; \
+         REQUIRED DOUBLE label; }",
+        rows.len(),
+        rows_per_group,
+        &[
+            Column::Bytes(Box::new(|i| rows[i].0.as_bytes().to_vec())),
+            Column::Bytes(Box::new(|i| rows[i].1.clone())),
+            Column::Double(Box::new(|i| rows[i].2)),
+        ],
+    )
 }
 
 /// Reads every row (with `input_image` where the file has it) — small files only (tests,
