@@ -755,6 +755,9 @@ impl JobManager {
     /// The next job to run: claimed from the store, which is where every replica's queued
     /// jobs and the jobs of dead replicas are. None once the manager stops.
     fn next_job(&self) -> Option<String> {
+        // A store that cannot be written (a read-only disk) fails every poll: said once a
+        // minute, not every second.
+        let mut warned: Option<Instant> = None;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return None;
@@ -762,7 +765,12 @@ impl JobManager {
             match self.store.claim(&self.cfg.replica, self.cfg.lease.as_secs_f64()) {
                 Ok(Some(id)) => return Some(id),
                 Ok(None) => {}
-                Err(e) => tracing::warn!("claiming a job: {e}"),
+                Err(e) => {
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!("claiming a job: {e}");
+                        warned = Some(Instant::now());
+                    }
+                }
             }
             let mut pending = self.wake.pending.lock().unwrap();
             if !*pending {
