@@ -5,6 +5,7 @@
 #
 #   scripts/build-cuda.sh                 # -> target/cuda/release/dspo-server (+ cuda-libs/)
 #   FEATURES=cudnn scripts/build-cuda.sh  # convolutions through cuDNN -> target/cuda-cudnn/release/
+#   FEATURES=cudnn,nccl scripts/build-cuda.sh  # + NCCL for data-parallel jobs over several GPUs
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh
 #
 # Knobs: CUDA_COMPUTE_CAP [90 = H100/H200], CUDA_TOOLKIT_VERSION [13.0: must not be newer than
@@ -72,10 +73,21 @@ if [[ $FEATURES == *cudnn* ]] && [ ! -f "$TK/nvidia/cudnn/lib/libcudnn.so.9" ]; 
         "$TK"/wheels/nvidia_cudnn_cu13-*.whl "$TK"
 fi
 
+# NCCL (only for FEATURES with nccl): data-parallel jobs reduce gradients with it. The binary
+# links libnccl.so.2 and at run time takes the GPU machine's (PyTorch carries one).
+if [[ $FEATURES == *nccl* ]] && [ ! -f "$TK/nvidia/nccl/lib/libnccl.so.2" ]; then
+    log "downloading the NCCL wheel into $TK"
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        --python-version 3.12 --implementation cp --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 -d "$TK/wheels" "nvidia-nccl-cu13==2.32.6"
+    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+        "$TK"/wheels/nvidia_nccl_cu13-*.whl "$TK"
+fi
+
 # Link-time library directory: unversioned names for the linker, the driver stub.
 LIB=$TK/link
 mkdir -p "$LIB"
-for so in "$CUDA"/lib/lib*.so.* "$TK"/nvidia/cudnn/lib/libcudnn.so.9; do
+for so in "$CUDA"/lib/lib*.so.* "$TK"/nvidia/cudnn/lib/libcudnn.so.9 "$TK"/nvidia/nccl/lib/libnccl.so.2; do
     [ -e "$so" ] || continue
     base=$(basename "$so"); ln -sf "$so" "$LIB/${base%%.so.*}.so"
 done
