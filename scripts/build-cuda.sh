@@ -60,28 +60,27 @@ if [ ! -x "$TK/nvidia/cu13/bin/nvcc" ]; then
     chmod +x "$TK"/nvidia/cu13/bin/* "$TK"/nvidia/cu13/nvvm/bin/*
 fi
 CUDA=$TK/nvidia/cu13
+# Downloads one wheel into $TK/wheels and unpacks it into $TK.
+fetch_wheel() {
+    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        --python-version 3.12 --implementation cp --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_17_x86_64 -d "$TK/wheels" "$1"
+    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+        "$TK"/wheels/"$2"-*.whl "$TK"
+}
 # cuDNN (only for FEATURES with cudnn): candle's conv2d then calls it instead of im2col + GEMM.
 # The binary links libcudnn.so.9 and at run time takes the GPU machine's (PyTorch carries one);
 # candle calls only long-standing functions, so another 9.x should do: bench/gpu.sh checks that
 # the binary starts before anything else.
 if [[ $FEATURES == *cudnn* ]] && [ ! -f "$TK/nvidia/cudnn/lib/libcudnn.so.9" ]; then
     log "downloading the cuDNN 9 wheel into $TK"
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.12 --implementation cp --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_17_x86_64 -d "$TK/wheels" "nvidia-cudnn-cu13==9.28.1.4"
-    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
-        "$TK"/wheels/nvidia_cudnn_cu13-*.whl "$TK"
+    fetch_wheel "nvidia-cudnn-cu13==9.28.1.4" nvidia_cudnn_cu13
 fi
-
 # NCCL (only for FEATURES with nccl): data-parallel jobs reduce gradients with it. The binary
 # links libnccl.so.2 and at run time takes the GPU machine's (PyTorch carries one).
 if [[ $FEATURES == *nccl* ]] && [ ! -f "$TK/nvidia/nccl/lib/libnccl.so.2" ]; then
     log "downloading the NCCL wheel into $TK"
-    "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-        --python-version 3.12 --implementation cp --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_17_x86_64 -d "$TK/wheels" "nvidia-nccl-cu13==2.32.6"
-    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
-        "$TK"/wheels/nvidia_nccl_cu13-*.whl "$TK"
+    fetch_wheel "nvidia-nccl-cu13==2.32.6" nvidia_nccl_cu13
 fi
 
 # Link-time library directory: unversioned names for the linker, the driver stub.

@@ -438,13 +438,7 @@ impl Config {
     pub fn model_specs(&self) -> Result<Vec<ModelSpec>, ConfigError> {
         let mut specs = Vec::new();
         for s in &self.models.serve {
-            let mut spec = ModelSpec::parse(s)?;
-            if spec.devices.is_empty() {
-                spec.devices = self.models.devices.get(&spec.name).cloned().unwrap_or_default();
-            }
-            if spec.devices.is_empty() {
-                spec.devices = vec![self.models.device.clone()];
-            }
+            let spec = ModelSpec::parse(s)?;
             if specs.iter().any(|o: &ModelSpec| o.name == spec.name) {
                 return Err(ConfigError::Invalid(format!(
                     "model name '{}' is given twice",
@@ -458,18 +452,24 @@ impl Config {
                 specs.push(ModelSpec {
                     name: "shapes".into(),
                     source: DEMO_MODEL_DIR.into(),
-                    devices: self
-                        .models
-                        .devices
-                        .get("shapes")
-                        .cloned()
-                        .unwrap_or_else(|| vec![self.models.device.clone()]),
+                    devices: Vec::new(),
                 });
             } else {
                 return Err(ConfigError::Invalid(format!(
                     "no model to serve: pass --model NAME=DIR_OR_HUB_ID (repeatable), or set models.serve in a \
                      config file or DSPO_MODELS_SERVE (the demo model {DEMO_MODEL_DIR} is not present)"
                 )));
+            }
+        }
+        // Placement: the entry's own suffix, else models.devices, else models.device.
+        for spec in &mut specs {
+            if spec.devices.is_empty() {
+                spec.devices = self
+                    .models
+                    .devices
+                    .get(&spec.name)
+                    .cloned()
+                    .unwrap_or_else(|| vec![self.models.device.clone()]);
             }
         }
         for name in self.models.devices.keys() {

@@ -1,6 +1,6 @@
 //! The serving backend: one worker thread per model replica (a model is served on one or
-//! more devices), each with its own bounded queue and batcher. Nothing here knows about HTTP; `crate::api` turns requests into
-//! `GenerationTask`s and worker errors into responses.
+//! more devices), each with its own bounded queue and batcher. Nothing here knows about
+//! HTTP; `crate::api` turns requests into `GenerationTask`s and worker errors into responses.
 
 pub mod compute;
 pub mod progress;

@@ -2,6 +2,7 @@
 
 use super::losses::{self, Method};
 use super::noise::NoiseSchedule;
+use crate::models::nn::LoraDelta;
 use crate::models::unet::{AddedCond, UNet2DConditionModel};
 use candle_core::{DType, Result, Tensor};
 
@@ -74,16 +75,21 @@ pub struct StepLoss {
     pub anchor_mse: Option<Tensor>,
 }
 
-/// Runs `f` with every LoRA slot of `unet` empty (the base model), then puts them back.
-pub fn with_adapters_off<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) -> T {
+/// Runs `f` with every LoRA slot of `unet` holding `swap` of its delta, then puts the deltas
+/// back.
+fn with_adapters_as<T>(
+    unet: &UNet2DConditionModel,
+    swap: impl Fn(&LoraDelta) -> Option<LoraDelta>,
+    f: impl FnOnce() -> T,
+) -> T {
     let saved: Vec<_> = unet
         .linears()
         .all()
         .into_iter()
         .map(|(_, s, _, _)| (s.clone(), s.get()))
         .collect();
-    for (s, _) in &saved {
-        s.set(None);
+    for (s, d) in &saved {
+        s.set(d.as_ref().and_then(&swap));
     }
     let out = f();
     for (s, d) in saved {
@@ -92,28 +98,26 @@ pub fn with_adapters_off<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) 
     out
 }
 
+/// Runs `f` with every LoRA slot of `unet` empty (the base model), then puts them back.
+pub fn with_adapters_off<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) -> T {
+    with_adapters_as(unet, |_| None, f)
+}
+
 /// Runs `f` with every LoRA slot of `unet` holding a detached copy of its delta: the same
 /// function, but nothing `f` computes records an autograd graph back to the trainable
 /// matrices (a sampling run would otherwise keep every step's activations alive).
 pub fn with_adapters_detached<T>(unet: &UNet2DConditionModel, f: impl FnOnce() -> T) -> T {
-    let saved: Vec<_> = unet
-        .linears()
-        .all()
-        .into_iter()
-        .map(|(_, s, _, _)| (s.clone(), s.get()))
-        .collect();
-    for (s, d) in &saved {
-        s.set(d.as_ref().map(|d| crate::models::nn::LoraDelta {
-            down: d.down.detach(),
-            up: d.up.detach(),
-            scale: d.scale,
-        }));
-    }
-    let out = f();
-    for (s, d) in saved {
-        s.set(d);
-    }
-    out
+    with_adapters_as(
+        unet,
+        |d| {
+            Some(LoraDelta {
+                down: d.down.detach(),
+                up: d.up.detach(),
+                scale: d.scale,
+            })
+        },
+        f,
+    )
 }
 
 fn t_tensor(t: &[usize], like: &Tensor) -> Result<Tensor> {

@@ -72,6 +72,9 @@ pub struct Trainer {
     resumed_from: Option<usize>,
     /// The drift guard's probe and the base model's images of it, drawn once.
     drift_probe: Option<DriftProbe>,
+    /// Edit models: the encoding of the empty instruction (what conditioning dropout puts in
+    /// place of a dropped one), computed once.
+    null_text: Option<Tensor>,
     /// Data-parallel runs: this rank's place in the group, and (rank 0, which the caller
     /// holds) the threads running the other ranks.
     group: Option<Box<dyn Collective>>,
@@ -318,6 +321,7 @@ impl Trainer {
             step: 0,
             resumed_from: None,
             drift_probe: None,
+            null_text: None,
             group: None,
             workers: Vec::new(),
         };
@@ -493,7 +497,14 @@ impl Trainer {
                 let _batched = crate::models::nn::training_mode();
                 self.model.vae.encode(&Tensor::stack(&sources, 0)?)?.mode().detach()
             };
-            let (null, _) = self.encode_text(&[String::new()])?;
+            let null = match &self.null_text {
+                Some(t) => t.clone(),
+                None => {
+                    let t = self.encode_text(&[String::new()])?.0;
+                    self.null_text = Some(t.clone());
+                    t
+                }
+            };
             let p = h
                 .conditioning_dropout
                 .unwrap_or(DEFAULT_CONDITIONING_DROPOUT);
