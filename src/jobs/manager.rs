@@ -506,13 +506,9 @@ impl JobManager {
                 }
             }
         }
-        self.store.insert(&id, &spec, owner)?;
-        // The record as submitted (queued), read before the worker can see the job: read after
-        // enqueueing, a fast worker made it "downloading" in the reply to the POST.
-        let record = self
-            .store
-            .get(&id)?
-            .ok_or_else(|| JobError::NotFound(id.clone()))?;
+        // The record as submitted (queued), returned by the insert itself: read afterwards, a
+        // worker claiming the job in between made it "downloading" in the reply to the POST.
+        let record = self.store.insert(&id, &spec, owner)?;
         self.emit_status(&id);
         self.wake_worker();
         Ok(record)

@@ -188,13 +188,24 @@ impl Store {
     }
 
     /// Records a queued job; `owner` is the submitting API key's id (None without keys).
-    pub fn insert(&self, id: &str, spec: &JobSpec, owner: Option<&str>) -> Result<(), JobError> {
+    /// Returns the record as inserted.
+    pub fn insert(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        owner: Option<&str>,
+    ) -> Result<JobRecord, JobError> {
         let spec = serde_json::to_string(spec).map_err(|e| JobError::Store(e.to_string()))?;
-        self.db.execute(
-            "INSERT INTO jobs (id, status, spec, created_at, updated_at, owner) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        let rows = self.db.query(
+            &format!(
+                "INSERT INTO jobs (id, status, spec, created_at, updated_at, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5) RETURNING {JOB_COLUMNS}"
+            ),
             &[text(id), text(JobStatus::Queued.as_str()), text(&spec), real(now()), Value::opt_text(owner)],
         )?;
-        Ok(())
+        rows.first()
+            .map(Self::row_to_job)
+            .unwrap_or_else(|| Err(JobError::Store("the insert returned no row".into())))
     }
 
     /// The owner of a job: None if there is no such job, Some(None) if it has no owner.
